@@ -47,7 +47,7 @@ def _validator_with_defaults(schema: dict[str, Any]) -> jsonschema.protocols.Val
     base = jsonschema.Draft202012Validator
     validate_properties = base.VALIDATORS["properties"]
 
-    def set_defaults(validator, properties, instance, schema):  # noqa: ANN001, ANN202
+    def set_defaults(validator, properties, instance, schema):
         if isinstance(instance, dict):
             for name, subschema in properties.items():
                 if "default" in subschema and name not in instance:
@@ -103,6 +103,12 @@ def _iter_semantic_errors(config: dict[str, Any]) -> Iterator[str]:
         yield (
             f"compute.num_processes: {compute['num_processes']} processes need as many GPUs, "
             f"but compute.gpus is {compute['gpus']}"
+        )
+    model = config["model"]
+    if model["tiny"] is not None and not model["name_or_path"].startswith("results/"):
+        yield (
+            "model.name_or_path: with model.tiny set it is the folder the tiny model is built in, "
+            f"and must lie under results/ (e.g. results/models/tiny-base), got {model['name_or_path']!r}"
         )
     if compute["eval_gpus_per_job"] > compute["gpus"]:
         yield f"compute.eval_gpus_per_job: {compute['eval_gpus_per_job']} exceeds compute.gpus ({compute['gpus']})"
@@ -213,9 +219,11 @@ def stage_settings(config: dict[str, Any], stage: str) -> dict[str, Any]:
             "wandb": config["wandb"],
         }
     if stage == "eval":
+        # ``shots`` is left out: each job gets its own shot count as a wildcard, so adding a
+        # shot count must not rerun the evaluations that already exist.
         return {
             "seed": seed,
-            "eval": config["eval"],
+            "eval": {k: v for k, v in config["eval"].items() if k != "shots"},
             "model": _model_settings(config),
             "mixed_precision": config["compute"]["mixed_precision"],
         }

@@ -1,0 +1,47 @@
+# Fresh machine: `make demo` runs the offline demo end to end; `make test` runs the test suite.
+# Both create .venv and install the pinned environment first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+CORES ?= 2
+
+.PHONY: setup demo test test-fast lint format report clean
+
+$(BIN)/.installed: requirements.txt requirements-dev.txt requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements-dev.txt -c requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	$(OFFLINE) $(BIN)/snakemake --configfile config/demo.yaml --cores $(CORES)
+	$(OFFLINE) $(BIN)/snakemake --configfile config/demo.yaml --cores $(CORES) --report results/report.html
+
+report: setup
+	$(OFFLINE) $(BIN)/snakemake --configfile config/demo.yaml --report results/report.html
+
+lint: setup
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/snakefmt --check workflow
+	$(OFFLINE) $(BIN)/snakemake --lint --configfile config/demo.yaml
+
+test: lint
+	$(OFFLINE) $(BIN)/python -m pytest
+
+test-fast: setup
+	$(OFFLINE) $(BIN)/python -m pytest -m "not slow"
+
+format: setup
+	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/snakefmt workflow
+
+clean:
+	rm -rf results/env results/data results/models results/checkpoints results/eval results/stats \
+	       results/figures results/logs results/benchmarks results/.gpu-locks results/*.md results/*.csv \
+	       results/report.html .snakemake

@@ -1,0 +1,26 @@
+"""Helpers the Snakefile imports: where the package lives, and path params derived from files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+SRC_DIR = str(Path(__file__).resolve().parents[1])
+
+
+def export_package_path() -> None:
+    """Put ``src/`` on the jobs' PYTHONPATH so ``python -m fomaml_math`` works without an install
+    (e.g. inside conda environments that Snakemake builds from envs/)."""
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if SRC_DIR not in parts:
+        os.environ["PYTHONPATH"] = os.pathsep.join([SRC_DIR, *parts])
+
+
+def tasks_dir(wildcards: object, input: object) -> str:
+    """``results/data/tasks`` from its first task file (``<dir>/<task>/<split>.parquet``)."""
+    return str(Path(input.tasks[0]).parent.parent)  # type: ignore[attr-defined]
+
+
+def output_dir(wildcards: object, output: object) -> str:
+    """The folder of a rule's first output."""
+    return str(Path(output[0]).parent)  # type: ignore[index]

@@ -1,0 +1,183 @@
+"""Config validation: every bad value stops with one line naming the key; stage settings isolate stages."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from fomaml_math.config import (
+    ConfigError,
+    load_config,
+    settings_hash,
+    sft_budget_steps,
+    stage_settings,
+    validate_config,
+)
+from fomaml_math.launch import accelerate_launch_prefix
+
+
+def _set(config: dict, dotted: str, value: object) -> dict:
+    config = copy.deepcopy(config)
+    *parents, last = dotted.split(".")
+    node = config
+    for key in parents:
+        node = node[key]
+    if value is _DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return config
+
+
+_DELETE = object()
+
+BAD_CONFIGS = [
+    ("fomaml.inner_lr", -1.0, "fomaml.inner_lr: expected a number > 0, got -1.0"),
+    ("fomaml.meta_batch_size", 0, "fomaml.meta_batch_size: expected a number >= 1, got 0"),
+    ("fomaml.total_steps", 2.5, "fomaml.total_steps: expected a value of type integer"),
+    ("tasks.split.support", 1.2, "tasks.split.support: expected a number < 1, got 1.2"),
+    ("tasks.split.query", 0, "tasks.split.query: expected a number > 0, got 0"),
+    ("tasks.split", {"support": 0.5, "query": 0.4, "test": 0.3}, "tasks.split: support + query + test must be <= 1"),
+    ("eval.shots", [0, -5], "eval.shots.1: expected a number >= 0, got -5"),
+    ("eval.shots", [0, 2.5], "eval.shots.1: expected a value of type integer"),
+    ("eval.shots", [5, 5], "eval.shots: expected a list without duplicates"),
+    ("tasks.names", ["algebra", "calculus"], "tasks.names.1: expected one of"),
+    ("data.source", "s3", "data.source: expected one of ['hub', 'local', 'synthetic'], got \"s3\""),
+    ("fomaml.lr", 0.1, "Additional properties are not allowed ('lr' was unexpected)"),
+    ("model.name_or_path", "", "model.name_or_path: expected a non-empty string"),
+    ("sft.budget", "steps", "sft.steps: required (a positive integer) when sft.budget is 'steps'"),
+    ("compute.mixed_precision", "fp8", "compute.mixed_precision: expected one of"),
+    ("eval.repeats", 0, "eval.repeats: expected a number >= 1, got 0"),
+    ("stats.ci_level", 1.0, "stats.ci_level: expected a number < 1, got 1.0"),
+    ("seed", _DELETE, "'seed' is a required property"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "message"), BAD_CONFIGS, ids=lambda v: str(v)[:30])
+def test_bad_config_is_rejected_with_one_line_naming_the_key(demo_config, key, value, message):
+    with pytest.raises(ConfigError) as info:
+        validate_config(_set(demo_config, key, value))
+    text = str(info.value)
+    assert message in text
+    assert "\n" not in text
+
+
+def test_cross_field_rules(demo_config):
+    local = _set(demo_config, "data.source", "local")
+    with pytest.raises(ConfigError, match=r"data\.local\.path: required when data\.source is 'local'"):
+        validate_config(local)
+    too_many = _set(demo_config, "tasks.meta_test", ["algebra", "geometry", "prealgebra", "precalculus"])
+    with pytest.raises(ConfigError, match=r"fomaml\.meta_batch_size: 4 tasks per step, but only 3"):
+        validate_config(too_many)
+    unknown = _set(_set(demo_config, "tasks.names", ["algebra", "prealgebra"]), "tasks.meta_test", ["geometry"])
+    unknown["fomaml"]["meta_batch_size"] = 1
+    with pytest.raises(ConfigError, match=r"tasks\.meta_test: \['geometry'\] are not in tasks\.names"):
+        validate_config(unknown)
+    gpus = _set(_set(demo_config, "compute.gpus", 2), "compute.num_processes", 4)
+    with pytest.raises(ConfigError, match=r"compute\.num_processes: 4 processes need as many GPUs"):
+        validate_config(gpus)
+    tiny_elsewhere = _set(demo_config, "model.name_or_path", "Qwen/Qwen3-4B-Instruct-2507")
+    with pytest.raises(ConfigError, match=r"model\.name_or_path: with model\.tiny set"):
+        validate_config(tiny_elsewhere)
+
+
+def test_defaults_are_filled(demo_config):
+    del demo_config["fomaml"]["warmup_steps"]
+    del demo_config["eval"]["mode"]
+    validate_config(demo_config)
+    assert demo_config["fomaml"]["warmup_steps"] == 0
+    assert demo_config["eval"]["mode"] == "finetune"
+
+
+def test_both_shipped_configs_are_valid(repo_root):
+    paper = load_config(repo_root / "config" / "config.yaml")
+    assert paper["model"]["name_or_path"] == "Qwen/Qwen3-4B-Instruct-2507"
+    assert paper["compute"]["gpus"] == 4
+    assert paper["fomaml"] | {} == paper["fomaml"]
+    seed_hyper = {k: paper["fomaml"][k] for k in ("inner_lr", "num_inner_steps", "outer_lr", "meta_batch_size")}
+    assert seed_hyper == {"inner_lr": 1e-4, "num_inner_steps": 5, "outer_lr": 3e-5, "meta_batch_size": 4}
+    assert (paper["fomaml"]["total_steps"], paper["fomaml"]["save_freq"], paper["fomaml"]["test_freq"]) == (
+        5000,
+        500,
+        100,
+    )
+    assert paper["tasks"]["split"] == {"support": 0.30, "query": 0.40, "test": 0.30}
+    assert load_config(repo_root / "config" / "demo.yaml")["data"]["source"] == "synthetic"
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("seed: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(empty)
+
+
+def test_sft_budget_matches_fomaml_example_passes(demo_config):
+    fo = demo_config["fomaml"]
+    # demo: 60 steps x 4 tasks x (2 inner steps x 8 + 8 query) = 5760 examples; / 16 per SFT step = 360
+    assert (fo["total_steps"], fo["meta_batch_size"], fo["num_inner_steps"]) == (60, 4, 2)
+    assert sft_budget_steps(demo_config) == 60 * 4 * (2 * 8 + 8) // 16 == 360
+    fixed = _set(_set(demo_config, "sft.budget", "steps"), "sft.steps", 17)
+    assert sft_budget_steps(fixed) == 17
+
+
+def test_stage_settings_isolate_unrelated_changes(demo_config):
+    changed = _set(demo_config, "fomaml.inner_lr", 0.5)
+    for stage in ("ingest", "split", "build_tiny_model", "train_sft", "eval", "stats"):
+        assert stage_settings(changed, stage) == stage_settings(demo_config, stage), stage
+    assert stage_settings(changed, "train_fomaml") != stage_settings(demo_config, "train_fomaml")
+    more_shots = _set(demo_config, "eval.shots", [0, 5, 10, 25, 50, 100])
+    assert stage_settings(more_shots, "eval") == stage_settings(demo_config, "eval")
+    # the SFT budget follows FOMAML's size, so it does rerun when total_steps changes
+    longer = _set(demo_config, "fomaml.total_steps", 120)
+    assert stage_settings(longer, "train_sft")["sft"]["steps"] == 720
+    assert settings_hash(stage_settings(longer, "train_sft")) != settings_hash(stage_settings(demo_config, "train_sft"))
+
+
+def test_accelerate_launch_prefix():
+    cpu2 = {"gpus": 0, "num_processes": 2, "mixed_precision": "no", "accelerate_config": None}
+    assert accelerate_launch_prefix(cpu2) == (
+        "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 "
+        "--dynamo_backend no --mixed_precision no"
+    )
+    gpu4 = {
+        "gpus": 4,
+        "num_processes": 4,
+        "mixed_precision": "bf16",
+        "accelerate_config": "config/accelerate/fsdp.yaml",
+    }
+    prefix = accelerate_launch_prefix(gpu4)
+    assert prefix.startswith("accelerate launch --config_file config/accelerate/fsdp.yaml --num_processes 4")
+    assert prefix.endswith("--mixed_precision bf16")
+
+
+def test_conda_env_has_the_same_pins_as_requirements(repo_root):
+    env = yaml.safe_load((repo_root / "envs" / "fomaml-math.yaml").read_text())
+    pip_pins = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    lines = (repo_root / "requirements.txt").read_text().splitlines()
+    requirements = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    assert sorted(pip_pins) == sorted(requirements)
+    assert "torch==2.13.0" in requirements
+
+
+def test_cli_reports_config_error_in_one_line(tmp_path, repo_root, demo_config):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(_set(demo_config, "tasks.split.test", 1.5)))
+    result = subprocess.run(
+        [sys.executable, "-m", "fomaml_math", "check-env", "--configfile", str(bad), "--output", "x", "--summary", "y"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: config error at tasks.split.test: expected a number < 1, got 1.5"

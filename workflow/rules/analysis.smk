@@ -1,0 +1,105 @@
+STATS_TABLES = ["accuracy", "comparisons", "across_tasks"]
+FIGURES = [
+    "accuracy_vs_shots",
+    "accuracy_vs_shots_by_task",
+    "gain_heatmap",
+    "nll_vs_shots",
+    "training_curves",
+]
+
+
+rule stats:
+    input:
+        all_eval_files(),
+    output:
+        **{
+            name: report(
+                f"results/stats/{name}.tsv",
+                caption=f"../report/{name}.rst",
+                category="Statistics",
+            )
+            for name in STATS_TABLES
+        },
+    log:
+        "results/logs/stats.log",
+    benchmark:
+        "results/benchmarks/stats.tsv"
+    conda:
+        ENV
+    params:
+        settings=settings("stats"),
+        out_dir=output_dir,
+    shell:
+        "python -m fomaml_math stats --settings {params.settings:q} --eval {input} --output-dir {params.out_dir} > {log} 2>&1"
+
+
+rule figures:
+    input:
+        stats=expand("results/stats/{name}.tsv", name=STATS_TABLES),
+        fomaml_metrics="results/models/fomaml/metrics.csv",
+        sft_metrics="results/models/sft/metrics.csv",
+    output:
+        pdf=expand("results/figures/{figure}.pdf", figure=FIGURES),
+        png=[
+            report(
+                f"results/figures/{figure}.png",
+                caption=f"../report/{figure}.rst",
+                category="Figures",
+            )
+            for figure in FIGURES
+        ],
+    log:
+        "results/logs/figures.log",
+    benchmark:
+        "results/benchmarks/figures.tsv"
+    conda:
+        ENV
+    params:
+        settings=settings("figures"),
+        stats_dir=lambda wildcards, input: str(Path(input.stats[0]).parent),
+        out_dir=output_dir,
+    shell:
+        "MPLBACKEND=Agg python -m fomaml_math figures --settings {params.settings:q} --stats-dir {params.stats_dir}"
+        " --fomaml-metrics {input.fomaml_metrics} --sft-metrics {input.sft_metrics}"
+        " --output-dir {params.out_dir} > {log} 2>&1"
+
+
+rule summary:
+    input:
+        stats=expand("results/stats/{name}.tsv", name=STATS_TABLES),
+    output:
+        report(
+            "results/summary.md", caption="../report/summary.rst", category="Summary"
+        ),
+    log:
+        "results/logs/summary.log",
+    benchmark:
+        "results/benchmarks/summary.tsv"
+    conda:
+        ENV
+    params:
+        settings=settings("report"),
+        stats_dir=lambda wildcards, input: str(Path(input.stats[0]).parent),
+    shell:
+        "python -m fomaml_math summary --settings {params.settings:q} --stats-dir {params.stats_dir} --output {output} > {log} 2>&1"
+
+
+rule experiments:
+    input:
+        expand("results/models/{method}/train_summary.json", method=["fomaml", "sft"]),
+    output:
+        csv="results/experiments.csv",
+        md=report(
+            "results/experiments.md",
+            caption="../report/experiments.rst",
+            category="Summary",
+        ),
+    log:
+        "results/logs/experiments.log",
+    benchmark:
+        "results/benchmarks/experiments.tsv"
+    conda:
+        ENV
+    shell:
+        "python -m fomaml_math experiments --run fomaml=results/models/fomaml --run sft=results/models/sft"
+        " --output-csv {output.csv} --output-md {output.md} > {log} 2>&1"
