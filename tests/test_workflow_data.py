@@ -17,7 +17,9 @@ def test_data_stages_build_then_nothing_to_do(tmp_path):
     tasks = ["algebra", "number_theory", "prealgebra"]
     assert set(tasks) <= set(stats["task"])
     for task in tasks:
-        splits = {s: pd.read_parquet(root / f"results/data/tasks/{task}/{s}.parquet") for s in ("support", "query", "test")}
+        splits = {
+            s: pd.read_parquet(root / f"results/data/tasks/{task}/{s}.parquet") for s in ("support", "query", "test")
+        }
         ids = [set(frame["id"]) for frame in splits.values()]
         assert all(ids) and not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
         row = stats.set_index("task").loc[task]
@@ -61,5 +63,5 @@ def test_bad_config_stops_before_any_job(tmp_path):
     root = make_workspace(tmp_path, tasks__split={"support": 0.6, "query": 0.4, "test": 0.3})
     result = snakemake(root, "--dry-run", check=False)
     assert result.returncode != 0
-    assert "config error at tasks.split: support + query + test must be <= 1, got 1.3" in result.stderr
+    assert "config error at tasks.split: support + query + test must be <= 1, got 1.3" in result.stdout + result.stderr
     assert not (root / "results").exists()

@@ -17,9 +17,10 @@ SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 
 
 def make_workspace(root: Path, config_name: str = "test.yaml", **overrides: object) -> Path:
-    """Copy workflow/ and config/ into ``root`` (src/ linked) and write ``config/run.yaml``."""
+    """Copy workflow/, config/ and envs/ into ``root`` (src/ linked) and write ``config/run.yaml``."""
     shutil.copytree(REPO_ROOT / "workflow", root / "workflow")
     shutil.copytree(REPO_ROOT / "config", root / "config")
+    shutil.copytree(REPO_ROOT / "envs", root / "envs")
     (root / "src").symlink_to(REPO_ROOT / "src")
     config = yaml.safe_load((REPO_ROOT / "config" / config_name).read_text())
     write_config(root, config, **overrides)
