@@ -115,6 +115,7 @@ def test_bootstrap_ci_collapses_when_all_differences_are_equal() -> None:
     assert high == pytest.approx(0.25)
 
 
+@pytest.mark.filterwarnings("ignore:Mean of empty slice")
 def test_stratified_bootstrap_matches_loop_and_ignores_block_size() -> None:
     strata = [
         np.array([[1.0, 0.2], [0.0, np.nan], [1.0, 0.4]]),
@@ -129,7 +130,10 @@ def test_stratified_bootstrap_matches_loop_and_ignores_block_size() -> None:
     for a, b in zip(per, per_small, strict=True):
         np.testing.assert_allclose(a, b)
 
-    indices = [np.random.default_rng(s).integers(0, x.shape[0], size=(n_boot, x.shape[0])) for s, x in zip((1, 2), strata, strict=True)]
+    indices = [
+        np.random.default_rng(s).integers(0, x.shape[0], size=(n_boot, x.shape[0]))
+        for s, x in zip((1, 2), strata, strict=True)
+    ]
     for b in range(n_boot):
         drawn = [x[idx[b]] for x, idx in zip(strata, indices, strict=True)]
         for k in range(2):
@@ -169,6 +173,8 @@ def test_wilcoxon_against_scipy_and_degenerate_cases() -> None:
     _, p3, note3 = stats.wilcoxon_test(np.array([0.1, 0.2, 0.3]), alpha=0.05)
     assert p3 == pytest.approx(0.25)
     assert "cannot fall below 0.25" in note3
+    large = np.random.default_rng(0).normal(0.1, 1.0, 5000)  # thousands of problems: no overflow
+    assert stats.wilcoxon_test(large, alpha=0.05)[1] == pytest.approx(scipy_stats.wilcoxon(large).pvalue)
 
 
 def test_stars_and_effect_sizes() -> None:
@@ -228,7 +234,9 @@ def test_accuracy_table_matches_direct_computation(stats_dir: Path) -> None:
 def test_comparisons_known_pattern_and_holm_family(stats_dir: Path) -> None:
     comparisons = stats.read_table(stats_dir, "comparisons.tsv")
     assert len(comparisons) == 3 * (len(TASK_SIZES) + 1) * len(SHOTS)
-    row = comparisons[(comparisons.task == "algebra") & (comparisons.shots == 0) & (comparisons.comparison == "fomaml-sft")]
+    row = comparisons[
+        (comparisons.task == "algebra") & (comparisons.shots == 0) & (comparisons.comparison == "fomaml-sft")
+    ]
     row = row.iloc[0]
     assert (row.n_a_better, row.n_b_better, row.n_tied) == (7, 1, 22)
     assert row.mcnemar_p == pytest.approx(0.0703125)
@@ -247,7 +255,9 @@ def test_pooled_comparison_pairs_problems_across_all_tasks(stats_dir: Path) -> N
     frame = synthetic_eval_frame()
     per_problem = frame.groupby(["init", "task", "shots", "problem_id"])[["correct", "nll"]].mean()
     for shots in SHOTS:
-        row = comparisons[(comparisons.task == "all") & (comparisons.shots == shots) & (comparisons.comparison == "fomaml-base")].iloc[0]
+        row = comparisons[
+            (comparisons.task == "all") & (comparisons.shots == shots) & (comparisons.comparison == "fomaml-base")
+        ].iloc[0]
         a = per_problem.xs(("fomaml", shots), level=("init", "shots"))
         b = per_problem.xs(("base", shots), level=("init", "shots"))
         diff = (a.correct - b.correct).to_numpy()
@@ -266,16 +276,16 @@ def test_across_tasks_wilcoxon(stats_dir: Path) -> None:
     across = stats.read_table(stats_dir, "across_tasks.tsv")
     assert len(across) == 3 * len(SHOTS)
     for row in across.itertuples():
-        diffs = comparisons[(comparisons.task != "all") & (comparisons.shots == row.shots) & (comparisons.comparison == row.comparison)].acc_diff
+        diffs = comparisons[
+            (comparisons.task != "all") & (comparisons.shots == row.shots) & (comparisons.comparison == row.comparison)
+        ].acc_diff
         assert row.n_tasks == len(TASK_SIZES)
         assert row.acc_mean_diff == pytest.approx(diffs.mean())
         if (diffs != 0).any():
             assert row.acc_wilcoxon_p == pytest.approx(scipy_stats.wilcoxon(diffs).pvalue)
             # three tasks: an exact two-sided p is at least 0.25, and the table says so
             assert "cannot fall below" in row.acc_note
-    np.testing.assert_allclose(
-        across.acc_wilcoxon_p_holm, multipletests(across.acc_wilcoxon_p, method="holm")[1]
-    )
+    np.testing.assert_allclose(across.acc_wilcoxon_p_holm, multipletests(across.acc_wilcoxon_p, method="holm")[1])
 
 
 def test_stage_is_reproducible(tmp_path: Path, stats_dir: Path) -> None:

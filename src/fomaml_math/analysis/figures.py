@@ -1,0 +1,386 @@
+"""Paper figures (PDF) and report figures (PNG), drawn only from the stats tables and training metrics.
+
+Each ``*_figure`` function returns a matplotlib Figure; every plotted artist carries a ``gid``
+(e.g. ``acc:fomaml``, ``sig:10``, ``fomaml:meta/loss``) so tests can read the data back and
+compare it with ``results/stats``. Nothing here computes a statistic: every number shown is a
+cell of ``accuracy.tsv`` or ``comparisons.tsv`` (or a logged training metric).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from fomaml_math.analysis import style
+from fomaml_math.analysis.stats import INIT_ORDER, POOLED, StatsSettings, ordered, read_table, task_order
+from fomaml_math.config import ConfigError, add_settings_arguments, settings_from_args
+
+FIGURES: tuple[str, ...] = (
+    "accuracy_vs_shots",
+    "accuracy_vs_shots_by_task",
+    "gain_heatmap",
+    "nll_vs_shots",
+    "training_curves",
+)
+OUTPUT_FILES: tuple[str, ...] = tuple(f"{stem}.{ext}" for stem in FIGURES for ext in ("pdf", "png"))
+# The comparison the significance marks and the heatmap show.
+HEADLINE = "fomaml-sft"
+PERCENT = 100.0
+
+# Panels of the training-curves figure: (run, title, series, x label). A series is (candidate metric
+# columns, legend label): the first candidate the run logged is plotted, so both the names of
+# ``training`` (``heldout/loss_*``) and the older ``eval/*`` names work.
+Series = tuple[tuple[str, ...], str]
+TRAINING_PANELS: tuple[tuple[str, str, tuple[Series, ...], str], ...] = (
+    (
+        "fomaml",
+        "FOMAML training losses",
+        ((("meta/loss",), "meta-loss"), (("meta/avg_support_loss",), "support"), (("meta/avg_query_loss",), "query")),
+        "meta-step",
+    ),
+    ("fomaml", "FOMAML adaptation gap (query − support)", ((("meta/avg_adaptation_gap",), "gap"),), "meta-step"),
+    (
+        "fomaml",
+        "FOMAML held-out loss",
+        (
+            (("heldout/loss_before", "eval/query_loss_before"), "before adaptation"),
+            (("heldout/loss_after", "eval/query_loss_after"), "after adaptation"),
+        ),
+        "meta-step",
+    ),
+    ("fomaml", "FOMAML meta-gradient norm", ((("meta/grad_norm",), "grad norm"),), "meta-step"),
+    (
+        "sft",
+        "SFT loss",
+        ((("sft/loss",), "train"), (("heldout/loss_before", "eval/loss"), "held-out")),
+        "SFT step",
+    ),
+    ("sft", "SFT gradient norm", ((("sft/grad_norm",), "grad norm"),), "SFT step"),
+)
+_SERIES_COLOURS = {
+    "fomaml": (style.OKABE_ITO["vermillion"], style.OKABE_ITO["sky_blue"], style.OKABE_ITO["bluish_green"]),
+    "sft": (style.OKABE_ITO["blue"], style.OKABE_ITO["orange"]),
+}
+
+
+def _inits(table: pd.DataFrame) -> list[str]:
+    return ordered(list(table["init"].unique()), INIT_ORDER)
+
+
+def _shot_ticks(ax: Axes, shots: Sequence[int]) -> None:
+    ax.set_xticks(sorted(set(int(s) for s in shots)))
+    ax.set_xlabel("Shots (k)")
+
+
+def _plot_inits(
+    ax: Axes, table: pd.DataFrame, value: str, low: str, high: str, scale: float, prefix: str, inits: Sequence[str]
+) -> None:
+    """One line per initialisation with its CI band (gids ``<prefix>:<init>`` and ``...:ci``)."""
+    for position, init in enumerate(inits):
+        rows = table[table["init"] == init].sort_values("shots")
+        if rows.empty:
+            continue
+        line_style = style.init_style(init, position)
+        x = rows["shots"].to_numpy(dtype=float)
+        ax.fill_between(
+            x,
+            rows[low].to_numpy(dtype=float) * scale,
+            rows[high].to_numpy(dtype=float) * scale,
+            color=line_style["color"],
+            alpha=0.15,
+            linewidth=0,
+            gid=f"{prefix}:{init}:ci",
+        )
+        ax.plot(x, rows[value].to_numpy(dtype=float) * scale, gid=f"{prefix}:{init}", **line_style)
+
+
+def _mark_significance(
+    ax: Axes, table: pd.DataFrame, comparisons: pd.DataFrame, task: str, stars: str, top: str, scale: float
+) -> None:
+    """Stars (Holm-adjusted, FOMAML vs SFT) above the higher CI bound of the two compared lines."""
+    compared = HEADLINE.split("-")
+    marks = comparisons[(comparisons["task"] == task) & (comparisons["comparison"] == HEADLINE)]
+    for row in marks.itertuples(index=False):
+        label = getattr(row, stars)
+        if not label:
+            continue
+        at_shots = table[(table["shots"] == row.shots) & table["init"].isin(compared)]
+        ax.annotate(
+            label,
+            xy=(row.shots, at_shots[top].max() * scale),
+            xytext=(0, 1),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize=7,
+            gid=f"sig:{row.shots}",
+        )
+
+
+def _legend(fig: Figure, ax: Axes, ci_level: float) -> None:
+    """One legend above the panels (inside an axes it would hide lines), with the marks explained."""
+    a, b = (style.init_label(i) for i in HEADLINE.split("-"))
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(
+        handles,
+        labels,
+        loc="outside upper center",
+        ncols=len(labels),
+        title=f"shaded: {ci_level:.0%} CI;  *: {a} vs {b}, Holm-adjusted",
+        title_fontsize=6,
+    )
+
+
+def _per_init_figure(
+    accuracy: pd.DataFrame,
+    comparisons: pd.DataFrame,
+    ci_level: float,
+    *,
+    value: str,
+    low: str,
+    high: str,
+    stars: str,
+    scale: float,
+    prefix: str,
+    ylabel: str,
+) -> Figure:
+    pooled = accuracy[accuracy["task"] == POOLED]
+    with style.context():
+        fig = Figure(figsize=(style.SINGLE_COLUMN_IN, 2.7), layout="constrained")
+        ax = fig.add_subplot()
+        _plot_inits(ax, pooled, value, low, high, scale, prefix, _inits(accuracy))
+        _mark_significance(ax, pooled, comparisons, POOLED, stars, high, scale)
+        _shot_ticks(ax, pooled["shots"])
+        ax.set_ylabel(ylabel)
+        ax.margins(y=0.12)
+        _legend(fig, ax, ci_level)
+    return fig
+
+
+def accuracy_vs_shots_figure(accuracy: pd.DataFrame, comparisons: pd.DataFrame, ci_level: float) -> Figure:
+    """Pooled accuracy (task ``all``) against shots, one line per initialisation."""
+    return _per_init_figure(
+        accuracy,
+        comparisons,
+        ci_level,
+        value="accuracy",
+        low="accuracy_ci_low",
+        high="accuracy_ci_high",
+        stars="acc_stars",
+        scale=PERCENT,
+        prefix="acc",
+        ylabel="Accuracy (%)",
+    )
+
+
+def nll_vs_shots_figure(accuracy: pd.DataFrame, comparisons: pd.DataFrame, ci_level: float) -> Figure:
+    """Pooled mean gold-solution NLL against shots (lower is better)."""
+    return _per_init_figure(
+        accuracy,
+        comparisons,
+        ci_level,
+        value="nll_mean",
+        low="nll_ci_low",
+        high="nll_ci_high",
+        stars="nll_stars",
+        scale=1.0,
+        prefix="nll",
+        ylabel="Gold-solution NLL (nats/token)",
+    )
+
+
+def accuracy_vs_shots_by_task_figure(accuracy: pd.DataFrame, comparisons: pd.DataFrame, ci_level: float) -> Figure:
+    """Small multiples: one panel per task (gid of each panel ``task:<task>``)."""
+    tasks = [t for t in task_order(list(accuracy["task"].unique())) if t != POOLED]
+    ncols = min(4, max(1, len(tasks)))
+    nrows = max(1, math.ceil(len(tasks) / ncols))
+    inits = _inits(accuracy)
+    with style.context():
+        fig = Figure(figsize=(style.DOUBLE_COLUMN_IN, 0.4 + 1.7 * nrows), layout="constrained")
+        axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False).ravel()
+        for ax, task in zip(axes, tasks, strict=False):
+            rows = accuracy[accuracy["task"] == task]
+            ax.set_gid(f"task:{task}")
+            _plot_inits(ax, rows, "accuracy", "accuracy_ci_low", "accuracy_ci_high", PERCENT, "acc", inits)
+            _mark_significance(ax, rows, comparisons, task, "acc_stars", "accuracy_ci_high", PERCENT)
+            ax.set_title(style.task_label(task))
+            _shot_ticks(ax, accuracy["shots"])
+            ax.margins(y=0.12)
+        for ax in axes[len(tasks) :]:
+            ax.set_visible(False)
+        for ax in axes[::ncols]:
+            ax.set_ylabel("Accuracy (%)")
+        if tasks:
+            _legend(fig, axes[0], ci_level)
+    return fig
+
+
+def gain_heatmap_figure(comparisons: pd.DataFrame, comparison: str = HEADLINE) -> Figure:
+    """Accuracy difference (percentage points) per task × shots, pooled row last, with stars.
+
+    The image array (``AxesImage`` with gid ``heatmap``) holds ``acc_diff * 100``; rows follow
+    :func:`heatmap_rows`, columns the sorted shot counts.
+    """
+    rows = comparisons[comparisons["comparison"] == comparison]
+    with style.context():
+        fig = Figure(
+            figsize=(style.SINGLE_COLUMN_IN, 0.9 + 0.28 * max(1, rows["task"].nunique())), layout="constrained"
+        )
+        ax = fig.add_subplot()
+        if rows.empty:
+            ax.text(0.5, 0.5, f"{comparison}: not available", ha="center", va="center", gid="missing")
+            ax.set_axis_off()
+            return fig
+        tasks = heatmap_rows(rows)
+        shots = sorted(int(s) for s in rows["shots"].unique())
+        grid = rows.pivot(index="task", columns="shots", values="acc_diff").reindex(index=tasks, columns=shots)
+        stars = rows.pivot(index="task", columns="shots", values="acc_stars").reindex(index=tasks, columns=shots)
+        values = grid.to_numpy(dtype=float) * PERCENT
+        finite = values[np.isfinite(values)]
+        limit = max(1.0, float(np.max(np.abs(finite)))) if finite.size else 1.0
+        cmap = matplotlib.colormaps[style.DIVERGING_CMAP].with_extremes(bad="#DDDDDD")
+        image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=-limit, vmax=limit, aspect="auto")
+        image.set_gid("heatmap")
+        for i, task in enumerate(tasks):
+            for j, shot in enumerate(shots):
+                value = values[i, j]
+                if not np.isfinite(value):
+                    continue
+                mark = stars.iloc[i, j] if isinstance(stars.iloc[i, j], str) else ""
+                ax.text(
+                    j,
+                    i,
+                    f"{value:+.1f}{mark}",
+                    ha="center",
+                    va="center",
+                    fontsize=6.5,
+                    color="white" if abs(value) > 0.6 * limit else "black",
+                    gid=f"cell:{task}:{shot}",
+                )
+        if POOLED in tasks and len(tasks) > 1:
+            ax.axhline(len(tasks) - 1.5, color="white", linewidth=2.0)
+        ax.set_xticks(range(len(shots)), [str(s) for s in shots])
+        ax.set_yticks(range(len(tasks)), [style.task_label(t) for t in tasks])
+        ax.set_xlabel("Shots (k)")
+        ax.grid(False)
+        a, _, b = comparison.partition("-")
+        colorbar = fig.colorbar(image, ax=ax, shrink=0.9)
+        colorbar.set_label(f"{style.init_label(a)} − {style.init_label(b)} accuracy (pp)")
+    return fig
+
+
+def heatmap_rows(rows: pd.DataFrame) -> list[str]:
+    return task_order(list(rows["task"].unique()))
+
+
+def load_metrics(path: str | Path | None, flag: str) -> pd.DataFrame | None:
+    """A training metrics CSV (one row per step, a ``step`` column), or None when not given."""
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{flag} {path}: file not found")
+    frame = pd.read_csv(path)
+    if "step" not in frame.columns:
+        raise ConfigError(f"{flag} {path}: no 'step' column")
+    return frame.apply(pd.to_numeric, errors="coerce")
+
+
+def _plot_series(ax: Axes, frame: pd.DataFrame, run: str, column: str, label: str, colour: str) -> None:
+    series = frame[["step", column]].dropna()
+    steps, values = series["step"].to_numpy(dtype=float), series[column].to_numpy(dtype=float)
+    if len(series) <= 50 or len(series) < len(frame) / 2:  # periodic evaluations: points joined by lines
+        ax.plot(steps, values, color=colour, marker="o", markersize=2.5, label=label, gid=f"{run}:{column}")
+        return
+    # Noisy per-step values faint, a centred rolling mean on top (window ~2% of training).
+    window = max(5, len(series) // 50)
+    smooth = series[column].rolling(window, center=True, min_periods=1).mean().to_numpy(dtype=float)
+    ax.plot(steps, values, color=colour, alpha=0.25, linewidth=0.6, gid=f"{run}:{column}")
+    ax.plot(steps, smooth, color=colour, label=label, gid=f"{run}:{column}:smooth")
+
+
+def _logged(frame: pd.DataFrame | None, candidates: tuple[str, ...]) -> str | None:
+    """The first candidate column with at least one value, if any."""
+    if frame is None:
+        return None
+    return next((c for c in candidates if c in frame.columns and frame[c].notna().any()), None)
+
+
+def training_curves_figure(fomaml: pd.DataFrame | None, sft: pd.DataFrame | None) -> Figure:
+    """FOMAML and SFT training metrics against their own steps; a panel with nothing logged says so."""
+    runs = {"fomaml": fomaml, "sft": sft}
+    with style.context():
+        fig = Figure(figsize=(style.DOUBLE_COLUMN_IN, 4.2), layout="constrained")
+        axes = fig.subplots(2, 3).ravel()
+        for ax, (run, title, series, xlabel) in zip(axes, TRAINING_PANELS, strict=True):
+            frame = runs[run]
+            ax.set_title(title)
+            # Colours follow the series' position in the panel, so they do not shift when one is missing.
+            present = [
+                (column, label, colour)
+                for (candidates, label), colour in zip(series, _SERIES_COLOURS[run], strict=False)
+                if (column := _logged(frame, candidates)) is not None
+            ]
+            if frame is None or not present:
+                ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, gid="missing")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                continue
+            for column, label, colour in present:
+                _plot_series(ax, frame, run, column, label, colour)
+            ax.set_xlabel(xlabel)
+            if len(series) > 1:
+                ax.legend()
+    return fig
+
+
+def build_figures(
+    accuracy: pd.DataFrame,
+    comparisons: pd.DataFrame,
+    fomaml_metrics: pd.DataFrame | None,
+    sft_metrics: pd.DataFrame | None,
+    ci_level: float,
+) -> dict[str, Figure]:
+    """Every figure of the study, keyed by file stem (:data:`FIGURES`)."""
+    return {
+        "accuracy_vs_shots": accuracy_vs_shots_figure(accuracy, comparisons, ci_level),
+        "accuracy_vs_shots_by_task": accuracy_vs_shots_by_task_figure(accuracy, comparisons, ci_level),
+        "gain_heatmap": gain_heatmap_figure(comparisons),
+        "nll_vs_shots": nll_vs_shots_figure(accuracy, comparisons, ci_level),
+        "training_curves": training_curves_figure(fomaml_metrics, sft_metrics),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fomaml_math figures",
+        description="Draw the study's figures (PDF + PNG) from results/stats and the training metrics.",
+    )
+    add_settings_arguments(parser)
+    parser.add_argument("--stats-dir", required=True, type=Path, help="folder with accuracy.tsv and comparisons.tsv")
+    parser.add_argument("--fomaml-metrics", type=Path, help="results/models/fomaml/metrics.csv")
+    parser.add_argument("--sft-metrics", type=Path, help="results/models/sft/metrics.csv")
+    parser.add_argument("--output-dir", required=True, type=Path, help="writes <figure>.pdf and <figure>.png")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = StatsSettings.from_settings(settings_from_args(args, "figures"))
+    accuracy = read_table(args.stats_dir, "accuracy.tsv")
+    comparisons = read_table(args.stats_dir, "comparisons.tsv")
+    fomaml = load_metrics(args.fomaml_metrics, "--fomaml-metrics")
+    sft = load_metrics(args.sft_metrics, "--sft-metrics")
+    figures = build_figures(accuracy, comparisons, fomaml, sft, settings.ci_level)
+    for stem, fig in figures.items():
+        style.save_figure(fig, args.output_dir, stem)
+    print(f"figures: {len(figures)} figures (PDF + PNG) -> {args.output_dir}")
+    return 0

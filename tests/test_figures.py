@@ -1,0 +1,208 @@
+"""Figures stage: files exist, and the data read back from each Figure equals the stats tables."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+from test_stats import SETTINGS, SHOTS, TASK_SIZES, run_stats
+
+from fomaml_math.analysis import figures, style
+from fomaml_math.analysis.stats import read_table
+from fomaml_math.config import ConfigError
+
+
+@pytest.fixture(scope="module")
+def stats_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return run_stats(tmp_path_factory.mktemp("figures"))
+
+
+@pytest.fixture(scope="module")
+def tables(stats_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    return read_table(stats_dir, "accuracy.tsv"), read_table(stats_dir, "comparisons.tsv")
+
+
+def fomaml_metrics(steps: int = 120) -> pd.DataFrame:
+    rng = np.random.default_rng(1)
+    step = np.arange(1, steps + 1)
+    frame = pd.DataFrame(
+        {
+            "step": step,
+            "meta/loss": 2.0 * np.exp(-step / 40) + 0.5 + rng.normal(0, 0.05, steps),
+            "meta/avg_support_loss": 2.0 * np.exp(-step / 40) + 0.6,
+            "meta/avg_query_loss": 2.0 * np.exp(-step / 40) + 0.5,
+            "meta/avg_adaptation_gap": rng.normal(-0.1, 0.02, steps),
+            "meta/grad_norm": rng.gamma(2.0, 1.0, steps),
+            "lr": 1e-4,
+        }
+    )
+    every = step % 20 == 0
+    # The names training.common.heldout_losses logs.
+    frame["heldout/loss_before"] = np.where(every, 2.0 * np.exp(-step / 40) + 0.7, np.nan)
+    frame["heldout/loss_after"] = np.where(every, 2.0 * np.exp(-step / 40) + 0.6, np.nan)
+    return frame
+
+
+def sft_metrics(steps: int = 30) -> pd.DataFrame:
+    # No sft/grad_norm column: an optional metric that was not logged.
+    step = np.arange(1, steps + 1)
+    frame = pd.DataFrame({"step": step, "sft/loss": 1.5 * np.exp(-step / 10) + 0.6, "lr": 3e-5})
+    frame["heldout/loss_before"] = np.where(step % 10 == 0, 1.0, np.nan)
+    return frame
+
+
+def by_gid(fig: Figure, gid: str) -> list:
+    return fig.findobj(lambda artist: artist.get_gid() == gid)
+
+
+def test_stage_writes_pdf_and_png_for_every_figure(tmp_path: Path, stats_dir: Path) -> None:
+    fomaml_csv, sft_csv = tmp_path / "fomaml.csv", tmp_path / "sft.csv"
+    fomaml_metrics().to_csv(fomaml_csv, index=False)
+    sft_metrics().to_csv(sft_csv, index=False)
+    out = tmp_path / "figures"
+    argv = ["--settings", json.dumps(SETTINGS), "--stats-dir", str(stats_dir)]
+    argv += ["--fomaml-metrics", str(fomaml_csv), "--sft-metrics", str(sft_csv), "--output-dir", str(out)]
+    assert figures.main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(figures.OUTPUT_FILES)
+    for stem in figures.FIGURES:
+        assert (out / f"{stem}.pdf").read_bytes().startswith(b"%PDF")
+        png = (out / f"{stem}.png").read_bytes()
+        assert png.startswith(b"\x89PNG")
+        width = struct.unpack(">I", png[16:20])[0]  # IHDR width: the figure width at 200 dpi
+        expected = style.SINGLE_COLUMN_IN if stem in ("accuracy_vs_shots", "gain_heatmap", "nll_vs_shots") else None
+        assert width == round((expected or style.DOUBLE_COLUMN_IN) * style.PNG_DPI)
+
+
+def test_accuracy_vs_shots_reads_back_as_the_pooled_table(tables: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+    accuracy, comparisons = tables
+    fig = figures.accuracy_vs_shots_figure(accuracy, comparisons, 0.95)
+    pooled = accuracy[accuracy.task == "all"]
+    for init in ("base", "sft", "fomaml"):
+        (line,) = by_gid(fig, f"acc:{init}")
+        rows = pooled[pooled.init == init].sort_values("shots")
+        np.testing.assert_array_equal(line.get_xdata(), rows.shots)
+        np.testing.assert_allclose(line.get_ydata(), 100 * rows.accuracy)
+        assert line.get_color() == style.INIT_STYLE[init]["color"]
+        assert len(by_gid(fig, f"acc:{init}:ci")) == 1
+    stars = comparisons[(comparisons.task == "all") & (comparisons.comparison == "fomaml-sft")]
+    for row in stars.itertuples():
+        marks = by_gid(fig, f"sig:{row.shots}")
+        assert [m.get_text() for m in marks] == ([row.acc_stars] if row.acc_stars else [])
+
+
+def test_significance_marks_follow_the_comparisons_table(tables: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+    accuracy, comparisons = tables
+    marked = comparisons.copy()
+    selected = (marked.task == "all") & (marked.comparison == "fomaml-sft")
+    marked.loc[selected, "acc_stars"] = ["", "*", "***"]
+    fig = figures.accuracy_vs_shots_figure(accuracy, marked, 0.95)
+    assert [m.get_text() for s in SHOTS for m in by_gid(fig, f"sig:{s}")] == ["*", "***"]
+    (mark,) = by_gid(fig, "sig:10")
+    at_10 = accuracy[(accuracy.task == "all") & (accuracy.shots == 10)]
+    top = at_10[at_10.init.isin(["fomaml", "sft"])].accuracy_ci_high.max()
+    assert mark.xy == pytest.approx((10, 100 * top))
+
+
+def test_by_task_panels_read_back_as_the_task_rows(tables: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+    accuracy, comparisons = tables
+    fig = figures.accuracy_vs_shots_by_task_figure(accuracy, comparisons, 0.95)
+    panels = {ax.get_gid(): ax for ax in fig.axes if ax.get_gid()}
+    assert set(panels) == {f"task:{t}" for t in TASK_SIZES}
+    for task in TASK_SIZES:
+        lines = {line.get_gid(): line for line in panels[f"task:{task}"].get_lines()}
+        for init in ("base", "sft", "fomaml"):
+            rows = accuracy[(accuracy.task == task) & (accuracy.init == init)].sort_values("shots")
+            np.testing.assert_allclose(lines[f"acc:{init}"].get_ydata(), 100 * rows.accuracy)
+
+
+def test_gain_heatmap_reads_back_as_the_differences(tables: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+    _, comparisons = tables
+    fig = figures.gain_heatmap_figure(comparisons)
+    (image,) = by_gid(fig, "heatmap")
+    rows = comparisons[comparisons.comparison == "fomaml-sft"]
+    tasks = [*TASK_SIZES, "all"]
+    expected = rows.pivot(index="task", columns="shots", values="acc_diff").reindex(index=tasks, columns=list(SHOTS))
+    np.testing.assert_allclose(np.ma.getdata(image.get_array()), 100 * expected.to_numpy())
+    for row in rows.itertuples():
+        (cell,) = by_gid(fig, f"cell:{row.task}:{row.shots}")
+        assert cell.get_text() == f"{100 * row.acc_diff:+.1f}{row.acc_stars}"
+
+
+def test_gain_heatmap_without_sft_says_so(tables: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+    _, comparisons = tables
+    fig = figures.gain_heatmap_figure(comparisons[comparisons.comparison != "fomaml-sft"])
+    assert by_gid(fig, "missing")
+
+
+def test_nll_vs_shots_reads_back_as_the_pooled_nll(tables: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+    accuracy, comparisons = tables
+    fig = figures.nll_vs_shots_figure(accuracy, comparisons, 0.95)
+    for init in ("base", "sft", "fomaml"):
+        (line,) = by_gid(fig, f"nll:{init}")
+        rows = accuracy[(accuracy.task == "all") & (accuracy.init == init)].sort_values("shots")
+        np.testing.assert_allclose(line.get_ydata(), rows.nll_mean)
+
+
+def test_training_curves_read_back_as_the_metrics_and_tolerate_gaps() -> None:
+    fomaml, sft = fomaml_metrics(), sft_metrics()
+    fig = figures.training_curves_figure(fomaml, sft)
+    for column in ("meta/loss", "meta/avg_adaptation_gap", "meta/grad_norm"):
+        (line,) = by_gid(fig, f"fomaml:{column}")
+        np.testing.assert_array_equal(line.get_xdata(), fomaml.step)
+        np.testing.assert_allclose(line.get_ydata(), fomaml[column])
+        assert by_gid(fig, f"fomaml:{column}:smooth")
+    (after,) = by_gid(fig, "fomaml:heldout/loss_after")
+    logged = fomaml.dropna(subset=["heldout/loss_after"])
+    np.testing.assert_array_equal(after.get_xdata(), logged.step)
+    np.testing.assert_allclose(after.get_ydata(), logged["heldout/loss_after"])
+    (loss,) = by_gid(fig, "sft:sft/loss")
+    np.testing.assert_allclose(loss.get_ydata(), sft["sft/loss"])
+    assert len(by_gid(fig, "missing")) == 1  # sft/grad_norm was not logged
+
+    only_fomaml = figures.training_curves_figure(fomaml, None)
+    assert len(by_gid(only_fomaml, "missing")) == 2
+
+    # The older eval/* names are read too.
+    renamed = fomaml.rename(columns={"heldout/loss_after": "eval/query_loss_after"})
+    (line,) = by_gid(figures.training_curves_figure(renamed, sft), "fomaml:eval/query_loss_after")
+    np.testing.assert_allclose(line.get_ydata(), logged["heldout/loss_after"])
+
+
+def test_missing_metrics_file_is_a_one_line_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"--sft-metrics .*not found"):
+        figures.load_metrics(tmp_path / "absent.csv", "--sft-metrics")
+
+
+def test_pdf_is_byte_reproducible(tmp_path: Path, tables: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+    accuracy, comparisons = tables
+    first = style.save_figure(figures.accuracy_vs_shots_figure(accuracy, comparisons, 0.95), tmp_path / "a", "f")
+    second = style.save_figure(figures.accuracy_vs_shots_figure(accuracy, comparisons, 0.95), tmp_path / "b", "f")
+    for a, b in zip(first, second, strict=True):
+        assert a.read_bytes() == b.read_bytes()
+
+
+def test_report_captions_render(repo_root: Path, demo_config: dict) -> None:
+    """Every figure has a caption; captions render as Snakemake does (Jinja2, then reStructuredText)."""
+    from types import SimpleNamespace
+
+    import jinja2
+    from docutils.core import publish_parts
+
+    report_dir = repo_root / "workflow" / "report"
+    captions = sorted(report_dir.glob("*.rst"))
+    assert {f"{stem}.rst" for stem in figures.FIGURES} | {"workflow.rst"} <= {p.name for p in captions}
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    snakemake = SimpleNamespace(config=demo_config, wildcards=SimpleNamespace(method="fomaml"))
+    for path in captions:
+        text = env.from_string(path.read_text()).render(snakemake=snakemake)
+        assert "{{" not in text
+        # halt_level 2: a reStructuredText warning fails the test instead of showing up in the report.
+        html = publish_parts(text, writer="html", settings_overrides={"halt_level": 2, "report_level": 2})
+        assert html["body"].strip(), path.name
+    rendered = env.from_string((report_dir / "accuracy_vs_shots.rst").read_text())
+    assert "95% percentile-bootstrap" in rendered.render(snakemake=snakemake)
