@@ -147,7 +147,7 @@ def test_stage_settings_isolate_unrelated_changes(demo_config):
 def test_accelerate_launch_prefix():
     cpu2 = {"gpus": 0, "num_processes": 2, "mixed_precision": "no", "accelerate_config": None}
     assert accelerate_launch_prefix(cpu2) == (
-        "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 "
+        "env ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 "
         "--dynamo_backend no --mixed_precision no"
     )
     gpu4 = {

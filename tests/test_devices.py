@@ -18,10 +18,11 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 @pytest.fixture(autouse=True)
 def _no_inherited_devices(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
+    env = {k: v for k, v in os.environ.items() if k not in (ENV_VAR, "SLURM_JOB_ID")}
     env["PYTHONPATH"] = os.pathsep.join([SRC, env.get("PYTHONPATH", "")])
     return env
 
@@ -48,14 +49,17 @@ def test_slots_are_distinct_and_released(tmp_path: Path) -> None:
 
 
 def test_zero_gpus_changes_nothing(tmp_path: Path) -> None:
-    with gpu_slot(0, tmp_path / "locks") as ids:
-        assert ids == []
+    with gpu_slot(0, tmp_path / "locks") as ids, gpu_slot(4, tmp_path / "locks", n=0) as none:
+        assert ids == [] and none == []
         assert ENV_VAR not in os.environ
     assert not (tmp_path / "locks").exists()
     code = f"import os; print(os.environ.get({ENV_VAR!r}, 'unset'))"
-    out = subprocess.run(_wrapper(tmp_path, 0, [sys.executable, "-c", code]), env=_env(), capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "unset"
+    for gpus, n in ((0, 1), (4, 0)):
+        command = _wrapper(tmp_path / "locks", gpus, [sys.executable, "-c", code], "-n", str(n))
+        out = subprocess.run(command, env=_env(), capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "unset"
+    assert not (tmp_path / "locks").exists()
 
 
 def test_too_many_requested(tmp_path: Path) -> None:
@@ -95,9 +99,9 @@ def test_concurrent_processes_never_share_a_device(tmp_path: Path) -> None:
     log = tmp_path / "log"
     log.mkdir()
     job = (
-        "import os, sys, time; d = os.environ[{var!r}]; t0 = time.time(); time.sleep(0.3); "
-        "open(os.path.join({log!r}, sys.argv[1]), 'w').write(f'{{d}} {{t0}} {{time.time()}}')"
-    ).format(var=ENV_VAR, log=str(log))
+        f"import os, sys, time; d = os.environ[{ENV_VAR!r}]; t0 = time.time(); time.sleep(0.3); "
+        f"open(os.path.join({str(log)!r}, sys.argv[1]), 'w').write(f'{{d}} {{t0}} {{time.time()}}')"
+    )
     procs = [
         subprocess.Popen(_wrapper(tmp_path / "locks", 2, [sys.executable, "-c", job, str(i)]), env=_env())
         for i in range(4)
@@ -115,9 +119,29 @@ def test_concurrent_processes_never_share_a_device(tmp_path: Path) -> None:
                 assert end_a <= start_b or end_b <= start_a, "two jobs ran on one device at the same time"
 
 
+def test_slurm_jobs_have_their_own_locks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV_VAR, "0")  # under SLURM with cgroups, every job may see its GPU as "0"
+    monkeypatch.setenv("SLURM_JOB_ID", "101")
+    with gpu_slot(4, tmp_path, set_env=False):
+        monkeypatch.setenv("SLURM_JOB_ID", "102")
+        with gpu_slot(4, tmp_path, set_env=False, timeout_s=0.1) as ids:
+            assert ids == [0]
+
+
 def test_cli_reports_bad_request(tmp_path: Path) -> None:
     out = subprocess.run(
-        _wrapper(tmp_path, 1, ["true"], "-n", "2"), env=_env(), capture_output=True, text=True, timeout=60
+        _wrapper(tmp_path, 1, ["true"], "--per-job", "2"), env=_env(), capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 2
     assert "only 1 device" in out.stderr
+
+
+def test_count_gpus_follows_cuda_visible_devices(monkeypatch):
+    from fomaml_math.devices import count_gpus, main
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert count_gpus() == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert count_gpus() == 0
+    # nothing to allocate: the command is not even looked up before exec, so a bad one fails clearly
+    assert main(["run", "--per-job", "0", "--", "definitely-not-a-command-xyz"]) == 127

@@ -19,7 +19,7 @@ def accelerate_launch_prefix(compute: dict[str, Any]) -> str:
     if compute.get("accelerate_config"):
         flags = ["--config_file", str(compute["accelerate_config"]), *flags]
     if compute["gpus"] == 0:
-        env = "ACCELERATE_USE_CPU=1 "
+        env = "env ACCELERATE_USE_CPU=1 "
         flags += ["--mixed_precision", "no"]
         if nproc > 1:
             flags.insert(0, "--multi_gpu")

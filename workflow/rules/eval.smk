@@ -8,7 +8,8 @@ rule evaluate:
         tasks=task_files(["support", "test"]),
         model=init_model_input,
     output:
-        "results/eval/{init}/shots-{shots}.parquet",
+        table="results/eval/{init}/shots-{shots}.parquet",
+        summary="results/eval/{init}/shots-{shots}.summary.json",
     log:
         "results/logs/eval/{init}_shots-{shots}.log",
     benchmark:
@@ -22,10 +23,8 @@ rule evaluate:
         settings=settings("eval"),
         model=init_model,
         tasks_dir=tasks_dir,
-        gpus=COMPUTE["gpus"],
-        gpus_per_job=COMPUTE["eval_gpus_per_job"],
     shell:
-        "python -m fomaml_math.devices run --gpus {params.gpus} --per-job {params.gpus_per_job}"
+        "python -m fomaml_math.devices run --per-job {resources.gpu}"
         " --lock-dir results/.gpu-locks --"
         " python -m fomaml_math evaluate --settings {params.settings:q} --init {wildcards.init} --model {params.model}"
-        " --tasks-dir {params.tasks_dir} --shots {wildcards.shots} --output {output} > {log} 2>&1"
+        " --tasks-dir {params.tasks_dir} --shots {wildcards.shots} --output {output.table} > {log} 2>&1"

@@ -32,6 +32,7 @@ rule train:
         output_dir="results/models/{method}",
         tasks_dir=tasks_dir,
     shell:
-        "{params.launch} -m fomaml_math train-{wildcards.method} --settings {params.settings:q}"
+        "python -m fomaml_math.devices run --per-job {resources.gpu}"
+        " --lock-dir results/.gpu-locks -- {params.launch} -m fomaml_math train-{wildcards.method} --settings {params.settings:q}"
         " --tasks-dir {params.tasks_dir} --output-dir {params.output_dir}"
         " --checkpoint-dir {params.checkpoint_dir} > {log} 2>&1"
