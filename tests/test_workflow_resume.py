@@ -52,6 +52,7 @@ def test_sigkill_then_rerun_resumes_to_identical_weights(tmp_path):
         (killed / "results/models/fomaml/model").glob("*.safetensors")
     )
 
+    snakemake(killed, "--unlock")  # the killed Snakemake left its lock behind
     snakemake(killed, TARGET)  # the profile sets rerun-incomplete
     log = (killed / "results/logs/train_fomaml.log").read_text().lower()
     assert "resum" in log, "the rerun did not resume from the checkpoint"

@@ -24,6 +24,8 @@ ENV = "../../envs/fomaml-math.yaml"
 TASKS = list(config["tasks"]["names"])
 SPLITS = ["support", "query", "test"]
 INITS = ["base", "sft", "fomaml"]
+STATS_TABLES = ["accuracy", "comparisons", "across_tasks"]
+FIGURES = ["accuracy_vs_shots", "accuracy_vs_shots_by_task", "gain_heatmap", "nll_vs_shots", "training_curves"]
 SHOTS = [int(k) for k in config["eval"]["shots"]]
 TINY = config["model"]["tiny"] is not None
 BASE_MODEL = config["model"]["name_or_path"]
@@ -72,11 +74,13 @@ def init_model_input(wildcards):
 
 
 def all_targets():
+    """Every final product, so a deleted figure or table is rebuilt by a plain rerun."""
     return [
         "results/env/report.json",
         "results/data/split_stats.tsv",
-        "results/stats/accuracy.tsv",
-        "results/figures/accuracy_vs_shots.pdf",
+        *expand("results/stats/{name}.tsv", name=STATS_TABLES),
+        *expand("results/figures/{figure}.{ext}", figure=FIGURES, ext=["pdf", "png"]),
         "results/summary.md",
         "results/experiments.md",
+        "results/experiments.csv",
     ]

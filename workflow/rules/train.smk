@@ -4,7 +4,7 @@
 
 rule train:
     input:
-        tasks=task_files(["support", "query"]),
+        tasks=task_files(),  # test: held-out monitoring
         base=base_model_input(),
         env=ancient("results/env/report.json"),
     output:

@@ -137,26 +137,6 @@ def repeats_for(shots: int, repeats: int) -> list[int]:
 # --------------------------------------------------------------------------- one (task, repeat)
 
 
-@dataclass(frozen=True)
-class _FullBatch:
-    """All k shots as micro-batches: one inner SGD step uses the gradient of their joint loss."""
-
-    micro_batches: list[Any]
-    num_tokens: int
-
-
-def _full_batch_loss(model: Any, full: _FullBatch) -> tuple[Any, int]:
-    from fomaml_math.batching import sft_loss
-
-    # normalizer = all shots' tokens: the summed micro-batch losses are the token-weighted mean loss
-    # of the whole support set (sft_loss's documented use of ``normalizer``).
-    total = None
-    for batch in full.micro_batches:
-        loss, _ = sft_loss(model, batch, normalizer=max(full.num_tokens, 1))
-        total = loss if total is None else total + loss
-    return total, full.num_tokens
-
-
 def precision_context(device: Any, mixed_precision: str) -> contextlib.AbstractContextManager[Any]:
     """Autocast for ``bf16``/``fp16`` on CUDA (weights stay float32, as in training); else a no-op."""
     import torch
@@ -214,7 +194,7 @@ def evaluate_task_repeat(
     """Evaluate one (task, repeat): rows in the output schema and a summary dict."""
     import torch
 
-    from fomaml_math.adapt import adapted
+    from fomaml_math.adapt import MicroBatches, adapted
     from fomaml_math.batching import encode_example, make_sft_batch
     from fomaml_math.evaluation.generate import encode_prompts, generate_greedy
     from fomaml_math.evaluation.prompts import demonstration_messages, encode_with_context, problem_messages
@@ -246,7 +226,7 @@ def evaluate_task_repeat(
         if finetune:
             micro = [make_sft_batch(ctx.tokenizer, shots[i : i + batch_size], ctx.max_seq_len)
                      for i in range(0, len(shots), batch_size)]  # fmt: skip
-            full = _FullBatch(micro, sum(b.num_target_tokens for b in micro))
+            full = MicroBatches(micro)  # each inner step: all k shots, gradients accumulated
             # Autocast only around the inner loop, then exited: its weight-cast cache must not
             # outlive the in-place updates (generation opens a fresh one on the adapted weights).
             with precision_context(ctx.device, ctx.mixed_precision):
@@ -257,7 +237,6 @@ def evaluate_task_repeat(
                         inner_lr=float(ev["inner_lr"]),
                         num_steps=int(ev["num_inner_steps"]),
                         snapshot=ctx.initialisation_snapshot(),
-                        loss_fn=_full_batch_loss,
                     )
                 )
             info["support_losses"] = adaptation.support_losses

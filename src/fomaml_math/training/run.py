@@ -1,0 +1,187 @@
+"""Book-keeping shared by both trainers: resume, metrics log, wandb, checkpoints, final outputs."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fomaml_math.config import add_settings_arguments, settings_from_args, settings_hash
+from fomaml_math.training import checkpoint as ckpt
+from fomaml_math.training.common import (
+    MetricsLog,
+    Runtime,
+    TrainingDivergedError,
+    WandbLogger,
+    progress_bar,
+    save_final_model,
+    versions,
+    write_metrics_outputs,
+    write_summary,
+)
+
+
+class TrainingRun:
+    """Resumes from the latest complete checkpoint in ``checkpoint_dir`` and keeps the records.
+
+    ``state`` holds the counters that survive resume: tokens, examples, truncated rows, wall time.
+    """
+
+    def __init__(
+        self,
+        *,
+        method: str,
+        runtime: Runtime,
+        settings: dict[str, Any],
+        key: str,
+        checkpoint_dir: Path,
+        model: Any,
+        optimizer: Any,
+        scheduler: Any,
+        total_steps: int,
+    ) -> None:
+        self.method = method
+        self.runtime = runtime
+        self.settings = settings
+        self.key = key
+        self.root = Path(checkpoint_dir)
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.total_steps = total_steps
+        self.state: dict[str, Any] = {
+            "tokens": 0,
+            "examples": 0,
+            "truncated_rows": 0,
+            "wall_time_s": 0.0,
+            "resumed_from": [],
+        }
+        self.start_step = 0
+        if runtime.is_main:
+            ckpt.remove_partial(self.root)
+        ckpt.discard_stale(self.root, key, is_main=runtime.is_main)
+        runtime.barrier()
+        latest = ckpt.latest_checkpoint(self.root)
+        if latest is None and runtime.is_main:
+            print(f"{method}: starting fresh (no checkpoint in {self.root})", file=sys.stderr)
+        if latest is not None:
+            loaded = ckpt.load_checkpoint(
+                latest, runtime=runtime, model=model, optimizer=optimizer, scheduler=scheduler, expected_key=key
+            )
+            self.state.update({k: loaded[k] for k in self.state if k in loaded})
+            self.start_step = int(loaded["step"])
+            self.state["resumed_from"] = [*self.state["resumed_from"], self.start_step]
+            if runtime.is_main:
+                print(f"{method}: resuming from checkpoint {latest} (step {self.start_step})", file=sys.stderr)
+        self.metrics = MetricsLog(
+            self.root / ".metrics.jsonl",
+            active=runtime.is_main,
+            resume_step=self.start_step if latest is not None else None,
+        )
+        self.wandb = WandbLogger(
+            settings.get("wandb", {}),
+            name=f"{method}-{key}",
+            config=settings,
+            run_dir=self.root / ".wandb",
+            active=runtime.is_main,
+        )
+        self.last: dict[str, Any] = self.metrics.records[-1] if self.metrics.records else {}
+        self._clock = time.perf_counter()
+        self._wall_before = float(self.state["wall_time_s"])
+        self.bar = progress_bar(
+            total=total_steps, initial=self.start_step, desc=f"{method} steps", active=runtime.is_main
+        )
+
+    def wall_time(self) -> float:
+        return self._wall_before + time.perf_counter() - self._clock
+
+    def checkpoint_hint(self) -> str:
+        done = ckpt.latest_checkpoint(self.root)
+        return f"the last good checkpoint is {done}" if done else "no checkpoint was written yet"
+
+    def log(self, record: dict[str, Any], *, postfix: dict[str, str] | None = None) -> None:
+        self.metrics.log(record)
+        self.wandb.log(record, step=int(record["step"]))
+        if int(record["step"]) > 0:
+            self.last = record
+        if postfix is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(postfix, refresh=False)
+
+    def maybe_save(self, step: int, save_freq: int, keep: int) -> None:
+        if step % save_freq and step != self.total_steps:
+            return
+        self.state["wall_time_s"] = self.wall_time()
+        ckpt.save_checkpoint(
+            self.root,
+            step,
+            runtime=self.runtime,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            state={**self.state, "resume_key": self.key, "settings_hash": settings_hash(self.settings)},
+            keep=keep,
+        )
+
+    def close(self) -> None:
+        self.bar.close()
+        self.metrics.close()
+
+    def finish(self, output_dir: Path, tokenizer: Any, extra: dict[str, Any]) -> dict[str, Any]:
+        """Write ``model/``, ``metrics.jsonl``, ``metrics.csv`` and (last) ``train_summary.json``."""
+        self.close()
+        output_dir = Path(output_dir)
+        save_final_model(self.runtime, self.model, tokenizer, output_dir / "model")
+        summary = {
+            "method": self.method,
+            "steps": self.total_steps,
+            "settings": self.settings,
+            "settings_hash": settings_hash(self.settings),
+            "resume_key": self.key,
+            "num_processes": self.runtime.world,
+            "work_split": self.runtime.mode,
+            "tokens": int(self.state["tokens"]),
+            "examples": int(self.state["examples"]),
+            "truncated_rows": int(self.state["truncated_rows"]),
+            "wall_time_s": self.wall_time(),
+            "resumed_from": self.state["resumed_from"],
+            "final_metrics": {
+                k: v for k, v in self.last.items() if isinstance(v, int | float) and math.isfinite(float(v))
+            },
+            "versions": versions(),
+            **extra,
+        }
+        if self.runtime.is_main:
+            write_metrics_outputs(self.metrics.records, output_dir)
+            write_summary(output_dir / "train_summary.json", summary)
+        self.wandb.finish(summary["final_metrics"])
+        self.runtime.barrier()
+        return summary
+
+
+def run_main(argv: list[str] | None, *, stage: str, train_fn: Callable[..., Any], prog: str) -> int:
+    """The command line both trainers share: settings, ``--tasks-dir``, ``--output-dir``, ``--checkpoint-dir``."""
+    parser = argparse.ArgumentParser(prog=prog)
+    add_settings_arguments(parser)
+    parser.add_argument("--tasks-dir", required=True, type=Path, help="results/data/tasks")
+    parser.add_argument(
+        "--output-dir", required=True, type=Path, help="gets model/, metrics.jsonl, metrics.csv, train_summary.json"
+    )
+    parser.add_argument(
+        "--checkpoint-dir", required=True, type=Path, help="resumable checkpoints (kept outside Snakemake outputs)"
+    )
+    args = parser.parse_args(argv)
+    settings = settings_from_args(args, stage)
+    try:
+        train_fn(settings, args.tasks_dir, args.output_dir, args.checkpoint_dir)
+    except TrainingDivergedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0

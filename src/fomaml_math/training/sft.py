@@ -1,0 +1,224 @@
+"""The SFT baseline (stage ``train-sft``): the same model and data as FOMAML, plain supervised fine-tuning.
+
+Training data: the support and query splits of the training tasks, pooled.  Each step takes the
+next ``sft.batch_size`` examples of a seeded per-epoch permutation, computes the token-weighted
+SFT loss, clips the gradient and takes one AdamW step with warm-up and decay.  ``sft.steps`` is the
+budget ``config.stage_settings`` computed (matched to FOMAML's example forward/backward passes
+unless ``sft.budget`` is ``steps``).  With several processes each takes a share of every batch's
+rows; the loss is normalised by the whole batch's token count, so the update equals the
+single-process one.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fomaml_math.batching import EncodedExample, collate, sft_loss
+from fomaml_math.config import ConfigError
+from fomaml_math.training.common import (
+    Runtime,
+    TrainingDivergedError,
+    build_heldout_sets,
+    check_finite,
+    clip_and_norm,
+    data_fingerprint,
+    encode_rows,
+    heldout_losses,
+    load_task_split,
+    make_runtime,
+    model_fingerprint,
+    prepare_training,
+    require_rows,
+    resume_key,
+    rng_for,
+)
+from fomaml_math.training.run import TrainingRun, run_main
+
+TAG_EPOCH = 0x5F70
+HELDOUT_MAX_EXAMPLES = 32
+
+
+class EpochSampler:
+    """Example indices of step ``s``: positions ``(s-1)*B .. s*B-1`` of the concatenated per-epoch permutations.
+
+    Epoch ``e``'s permutation comes from ``rng_for(seed, TAG_EPOCH, e)``, so the position (the step)
+    is the sampler's whole state: resuming at step ``s`` continues exactly where the run stopped.
+    """
+
+    def __init__(self, seed: int, num_examples: int, batch_size: int) -> None:
+        self.seed, self.n, self.batch_size = seed, num_examples, batch_size
+        self._cache: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._cache:
+            self._cache = {e: o for e, o in self._cache.items() if e >= epoch - 1}  # a batch spans <= 2 epochs
+            self._cache[epoch] = rng_for(self.seed, TAG_EPOCH, epoch).permutation(self.n).tolist()
+        return self._cache[epoch]
+
+    def indices(self, step: int) -> list[int]:
+        first = (step - 1) * self.batch_size
+        return [self._order(q // self.n)[q % self.n] for q in range(first, first + self.batch_size)]
+
+
+def sft_step(
+    runtime: Runtime,
+    model: Any,
+    params: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    batch: Any,
+    *,
+    max_grad_norm: float,
+    step: int = 0,
+    checkpoint_hint: str = "no checkpoint was written",
+) -> tuple[float, float]:
+    """One SFT update on ``batch`` (every process passes the whole batch); returns (loss, pre-clip grad norm)."""
+    local, normalizer = runtime.split_rows(batch)
+    with runtime.autocast():
+        loss, _ = sft_loss(model, local.to(runtime.device), normalizer=normalizer)
+    loss.backward()
+    runtime.reduce_grads(params)
+    grad_norm = clip_and_norm(runtime, model, params, max_grad_norm)
+    value = runtime.all_reduce_sum(loss.detach().double().reshape(1).to(runtime.device)).cpu()
+    if runtime.mode == "fsdp":
+        value /= runtime.world
+    loss_value = float(value[0])
+    try:
+        check_finite({"sft/loss": loss_value, "sft/grad_norm": grad_norm}, step=step, checkpoint_hint=checkpoint_hint)
+    except TrainingDivergedError:
+        optimizer.zero_grad(set_to_none=True)
+        raise
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, grad_norm
+
+
+def train(settings: dict[str, Any], tasks_dir: Path, output_dir: Path, checkpoint_dir: Path) -> dict[str, Any]:
+    """Run (or resume) SFT and write the outputs; returns the summary."""
+    from fomaml_math.modeling import load_model_and_tokenizer
+
+    started = time.perf_counter()
+    sft = settings["sft"]
+    model_cfg = settings["model"]
+    tasks = list(settings["train_tasks"])
+    seed = int(settings["seed"])
+    total = int(sft["steps"])
+    batch_size = int(sft["batch_size"])
+    runtime = make_runtime(settings["compute"])
+    if not tasks:
+        raise ConfigError("train_tasks: no training tasks (tasks.names minus tasks.meta_test is empty)")
+    if runtime.world > 1 and batch_size % runtime.world:
+        raise ConfigError(f"sft.batch_size: {batch_size} must be divisible by compute.num_processes ({runtime.world})")
+
+    model, tokenizer = load_model_and_tokenizer(
+        model_cfg["name_or_path"], revision=model_cfg.get("revision"), trust_remote_code=model_cfg["trust_remote_code"]
+    )
+    max_len = int(model_cfg["max_seq_len"])
+    examples: list[EncodedExample] = []
+    support: dict[str, list[EncodedExample]] = {}
+    test: dict[str, list[EncodedExample]] = {}
+    for task in tasks:
+        support[task] = encode_rows(tokenizer, load_task_split(tasks_dir, task, "support"), max_len)
+        examples.extend(support[task])
+        examples.extend(encode_rows(tokenizer, load_task_split(tasks_dir, task, "query"), max_len))
+        test[task] = encode_rows(tokenizer, load_task_split(tasks_dir, task, "test"), max_len)
+    require_rows(examples, batch_size, setting="sft.batch_size", what="the pooled support+query training data")
+    pad = int(tokenizer.pad_token_id)
+    heldout_sets = build_heldout_sets(
+        tasks,
+        test,
+        support,
+        seed=seed,
+        pad_token_id=pad,
+        chunk_size=batch_size,
+        max_examples=max(HELDOUT_MAX_EXAMPLES, batch_size),
+        multiple_of=runtime.world if runtime.mode == "fsdp" else 1,
+    )
+    key = resume_key(
+        settings,
+        data=data_fingerprint(tasks_dir, tasks, ("support", "query", "test")),
+        model=model_fingerprint(model_cfg["name_or_path"]),
+    )
+    model, optimizer, scheduler, params = prepare_training(
+        runtime,
+        model,
+        settings["compute"],
+        lr=float(sft["lr"]),
+        weight_decay=float(sft.get("weight_decay", 0.0)),
+        schedule=sft.get("lr_schedule", "cosine"),
+        warmup=int(sft.get("warmup_steps", 0)),
+        total=total,
+    )
+    run = TrainingRun(
+        method="sft",
+        runtime=runtime,
+        settings=settings,
+        key=key,
+        checkpoint_dir=checkpoint_dir,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        total_steps=total,
+    )
+    sampler = EpochSampler(seed, len(examples), batch_size)
+    try:
+        if run.start_step == 0:
+            run.log({"step": 0, **heldout_losses(runtime, model, heldout_sets)})
+        for step in range(run.start_step + 1, total + 1):
+            t0 = time.perf_counter()
+            batch = collate([examples[i] for i in sampler.indices(step)], pad)
+            lr = float(scheduler.get_last_lr()[0])
+            try:
+                loss, grad_norm = sft_step(
+                    runtime,
+                    model,
+                    params,
+                    optimizer,
+                    scheduler,
+                    batch,
+                    max_grad_norm=float(sft.get("max_grad_norm", 1.0)),
+                    step=step,
+                    checkpoint_hint=run.checkpoint_hint(),
+                )
+            except TrainingDivergedError:
+                run.log({"step": step, "diverged": 1})
+                raise
+            elapsed = time.perf_counter() - t0
+            run.state["tokens"] += batch.num_tokens
+            run.state["examples"] += batch.num_examples
+            run.state["truncated_rows"] += batch.num_truncated
+            record = {
+                "step": step,
+                "sft/loss": loss,
+                "sft/grad_norm": grad_norm,
+                "lr": lr,
+                "epoch": (step * batch_size) / len(examples),
+                "perf/step_time_s": elapsed,
+                "perf/tokens_per_s": batch.num_tokens / max(elapsed, 1e-9),
+                "perf/tokens_total": run.state["tokens"],
+                "data/truncated_rows": batch.num_truncated,
+            }
+            if step % int(sft.get("test_freq", 100)) == 0 or step == total:
+                record.update(heldout_losses(runtime, model, heldout_sets))
+            run.log(record, postfix={"loss": f"{loss:.4f}", "gnorm": f"{grad_norm:.3f}"})
+            run.maybe_save(step, int(sft.get("save_freq", 500)), int(sft.get("keep_checkpoints", 3)))
+    finally:
+        run.close()
+    return run.finish(
+        output_dir,
+        tokenizer,
+        {
+            "num_train_examples": len(examples),
+            "num_truncated_examples": sum(e.truncated for e in examples),
+            "this_run_wall_time_s": time.perf_counter() - started,
+        },
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(argv, stage="train_sft", train_fn=train, prog="fomaml_math train-sft")

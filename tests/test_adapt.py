@@ -1,0 +1,159 @@
+"""Adapt-then-restore: plain SGD in place, ``.grad`` untouched, the meta-weights restored bitwise."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from fomaml_math.adapt import MicroBatches, WeightSnapshot, adapted, trainable_parameters
+from fomaml_math.batching import make_sft_batch, sft_loss
+from tests.fixtures_tiny import make_rows, tiny_model_and_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple:
+    model, tok = tiny_model_and_tokenizer(seed=1)
+    rows = make_rows("algebra", "support", 8)
+    batches = [make_sft_batch(tok, rows[:4], 64), make_sft_batch(tok, rows[4:], 64)]
+    return model, tok, batches
+
+
+def _weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("device", ["cpu", "same"])
+def test_weights_are_restored_bitwise_and_grad_untouched(tiny: tuple, device: str) -> None:
+    model, _, batches = tiny
+    before = _weights(model)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    with adapted(model, batches, inner_lr=0.1, num_steps=3, snapshot_device=device) as result:
+        assert not _same(before, _weights(model))  # adapted in place
+        assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in model.parameters())
+    assert _same(before, _weights(model))
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in model.parameters())
+    assert len(result.support_losses) == 3 and result.finite
+    for p in model.parameters():
+        p.grad = None
+
+
+def test_restored_when_the_body_raises(tiny: tuple) -> None:
+    model, _, batches = tiny
+    before = _weights(model)
+    with pytest.raises(RuntimeError, match="boom"), adapted(model, batches, inner_lr=0.1, num_steps=2):
+        raise RuntimeError("boom")
+    assert _same(before, _weights(model))
+
+
+def test_restored_when_the_inner_loop_raises(tiny: tuple) -> None:
+    model, _, batches = tiny
+    before = _weights(model)
+    calls = []
+
+    def failing_loss(m: torch.nn.Module, batch: object) -> tuple[torch.Tensor, int]:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("inner failure")
+        return sft_loss(m, batch)
+
+    with (
+        pytest.raises(RuntimeError, match="inner failure"),
+        adapted(model, batches, inner_lr=0.1, num_steps=3, loss_fn=failing_loss),
+    ):
+        pass
+    assert _same(before, _weights(model))
+
+
+def test_inner_loop_is_plain_sgd_cycling_through_batches(tiny: tuple) -> None:
+    model, _, batches = tiny
+    manual = copy.deepcopy(model)
+    losses = []
+    for step in range(3):
+        loss, _ = sft_loss(manual, batches[step % 2])
+        losses.append(float(loss.detach()))
+        grads = torch.autograd.grad(loss, list(manual.parameters()))
+        with torch.no_grad():
+            for p, g in zip(manual.parameters(), grads, strict=True):
+                p -= 0.1 * g
+    with adapted(model, batches, inner_lr=0.1, num_steps=3) as result:
+        for a, b in zip(model.parameters(), manual.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert result.support_losses == pytest.approx(losses, abs=1e-6)
+    with torch.no_grad():
+        assert result.loss_before == pytest.approx(float(sft_loss(model, batches[0])[0]), abs=1e-6)
+    assert result.final_loss == result.support_losses[-1]
+
+
+def test_backward_mode_matches_autograd_mode_and_restores_grad(tiny: tuple) -> None:
+    model, _, batches = tiny
+    sentinel = [torch.randn_like(p) for p in model.parameters()]
+    for p, s in zip(model.parameters(), sentinel, strict=True):
+        p.grad = s.clone()
+    with adapted(model, batches, inner_lr=0.1, num_steps=2) as a:
+        adapted_autograd = _weights(model)
+    with adapted(model, batches, inner_lr=0.1, num_steps=2, grad_mode="backward") as b:
+        assert _same(adapted_autograd, _weights(model))
+        assert all(torch.equal(p.grad, s) for p, s in zip(model.parameters(), sentinel, strict=True))
+    assert a.support_losses == b.support_losses
+    for p in model.parameters():
+        p.grad = None
+
+
+def test_shared_snapshot_and_zero_steps(tiny: tuple) -> None:
+    model, _, batches = tiny
+    before = _weights(model)
+    snapshot = WeightSnapshot(model, "cpu")
+    assert snapshot.matches() and len(snapshot.params) == len(trainable_parameters(model))
+    for _ in range(2):
+        with adapted(model, batches, inner_lr=0.1, num_steps=1, snapshot=snapshot):
+            assert not snapshot.matches()
+        assert snapshot.matches()
+    with adapted(model, batches, inner_lr=0.1, num_steps=0) as result:
+        assert _same(before, _weights(model)) and result.support_losses == []
+    assert _same(before, _weights(model))
+
+
+def test_non_finite_losses_are_reported_not_raised(tiny: tuple) -> None:
+    model, _, batches = tiny
+    before = _weights(model)
+    with adapted(model, batches, inner_lr=1e30, num_steps=3) as result:
+        pass
+    assert not result.finite
+    assert _same(before, _weights(model))
+
+
+def test_gradient_checkpointing_gives_the_same_adaptation(tiny: tuple) -> None:
+    model, _, batches = tiny
+    with adapted(model, batches, inner_lr=0.1, num_steps=2) as plain:
+        expected = _weights(model)
+    checkpointed = copy.deepcopy(model)
+    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed.train()
+    assert checkpointed.model.gradient_checkpointing
+    with adapted(checkpointed, batches, inner_lr=0.1, num_steps=2) as result:
+        for a, b in zip(_weights(checkpointed), expected, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert result.support_losses == pytest.approx(plain.support_losses, abs=1e-6)
+
+
+def test_micro_batches_step_equals_one_step_on_the_whole_batch(tiny: tuple) -> None:
+    """Accumulated micro-batch gradients give the same SGD step as the concatenated batch."""
+    model, tok, _ = tiny
+    rows = make_rows("algebra", "support", 6)
+    whole = make_sft_batch(tok, rows, 64)
+    micro = MicroBatches([make_sft_batch(tok, rows[:2], 64), make_sft_batch(tok, rows[2:], 64)])
+    assert micro.num_tokens == whole.num_target_tokens
+    with adapted(model, [whole], inner_lr=0.5, num_steps=2) as expected_result:
+        expected = _weights(model)
+    with adapted(model, [micro], inner_lr=0.5, num_steps=2) as result:
+        got = _weights(model)
+    for a, b in zip(expected, got, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert result.support_losses == pytest.approx(expected_result.support_losses, rel=1e-5)
