@@ -5,6 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 CORES ?= 2
+# Rules run `python -m fomaml_math ...` and `accelerate launch`: the venv's, as if it were activated.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: setup demo test test-fast lint format report clean
 

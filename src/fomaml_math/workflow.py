@@ -24,3 +24,23 @@ def tasks_dir(wildcards: object, input: object) -> str:
 def output_dir(wildcards: object, output: object) -> str:
     """The folder of a rule's first output."""
     return str(Path(output[0]).parent)  # type: ignore[index]
+
+
+def job_interpreter_warning() -> str | None:
+    """A warning when jobs would run another Python than the one running Snakemake.
+
+    Rules call ``python -m fomaml_math`` and ``accelerate`` from the PATH; run Snakemake from an
+    environment that is not activated and the jobs fail with ``No module named ...``.
+    """
+    import shutil
+    import sys
+
+    found = shutil.which("python")
+    ours = Path(sys.executable).parent
+    if found is not None and Path(found).parent.resolve() == ours.resolve():
+        return None
+    return (
+        f"`python` on the PATH is {found or 'missing'}, not {sys.executable} (the interpreter running "
+        f"Snakemake): jobs may not find the packages; activate the environment first "
+        f"(source {ours.parent}/bin/activate), unless you use --software-deployment-method conda"
+    )

@@ -68,9 +68,7 @@ rule summary:
     input:
         stats=expand("results/stats/{name}.tsv", name=STATS_TABLES),
     output:
-        report(
-            "results/summary.md", caption="../report/summary.rst", category="Summary"
-        ),
+        report("results/summary.md", caption="../report/summary.rst", category="Summary"),
     log:
         "results/logs/summary.log",
     benchmark:

@@ -9,10 +9,12 @@ if SRC not in sys.path:
 
 from fomaml_math.config import ConfigError, stage_settings, validate_config
 from fomaml_math.launch import accelerate_launch_prefix
-from fomaml_math.workflow import export_package_path, output_dir, tasks_dir
+from fomaml_math.workflow import export_package_path, job_interpreter_warning, output_dir, tasks_dir
 
 # Jobs run `python -m fomaml_math ...` and find the package without an install (e.g. in conda envs).
 export_package_path()
+if (warning := job_interpreter_warning()) is not None:
+    logger.warning(f"warning: {warning}")
 
 try:
     validate_config(config)
@@ -62,11 +64,7 @@ def all_eval_files():
 
 
 def init_model(wildcards):
-    return (
-        BASE_MODEL
-        if wildcards.init == "base"
-        else f"results/models/{wildcards.init}/model"
-    )
+    return BASE_MODEL if wildcards.init == "base" else f"results/models/{wildcards.init}/model"
 
 
 def init_model_input(wildcards):
