@@ -16,7 +16,7 @@ rule stats:
             name: report(
                 f"results/stats/{name}.tsv",
                 caption=f"../report/{name}.rst",
-                category="Statistics",
+                category="Significance tests",
             )
             for name in STATS_TABLES
         },
