@@ -124,9 +124,9 @@ def test_missing_and_malformed_files(tmp_path):
 
 def test_sft_budget_matches_fomaml_example_passes(demo_config):
     fo = demo_config["fomaml"]
-    # demo: 60 steps x 4 tasks x (2 inner steps x 8 + 8 query) = 5760 examples; / 16 per SFT step = 360
-    assert (fo["total_steps"], fo["meta_batch_size"], fo["num_inner_steps"]) == (60, 4, 2)
-    assert sft_budget_steps(demo_config) == 60 * 4 * (2 * 8 + 8) // 16 == 360
+    # demo: 150 steps x 4 tasks x (2 inner steps x 8 + 8 query) = 14400 examples; / 16 per SFT step = 900
+    assert (fo["total_steps"], fo["meta_batch_size"], fo["num_inner_steps"]) == (150, 4, 2)
+    assert sft_budget_steps(demo_config) == 150 * 4 * (2 * 8 + 8) // 16 == 900
     fixed = _set(_set(demo_config, "sft.budget", "steps"), "sft.steps", 17)
     assert sft_budget_steps(fixed) == 17
 
