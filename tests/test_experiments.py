@@ -85,7 +85,11 @@ def test_table_shows_only_differing_settings(tmp_path: Path, runs: list[str]) ->
     text = md.read_text()
     assert "| run | method | steps | wall_time_s |" in text
     assert "seed" not in text and "max_seq_len" not in text and "train_tasks" not in text
-    assert "| fomaml-lr | fomaml | 100 | 13 | 0.79 | -0.07 |" in text
+    # headline metrics only (meta/avg_adaptation_gap stays in the CSV), settings transposed
+    assert "| fomaml-lr | fomaml | 100 | 13 | 0.79 |" in text
+    assert "avg_adaptation_gap" not in text
+    assert "| `fomaml.inner_lr` | 0.01 | 0.03 |  |" in text
+    assert "| `sft.lr` |  |  | 3e-05 |" in text
 
 
 def test_identical_settings_leave_no_setting_column(tmp_path: Path) -> None:

@@ -107,21 +107,48 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|")
 
 
+# The Markdown shows these (when logged); every metric stays in the CSV.
+HEADLINE_METRICS = (
+    "method",
+    "steps",
+    "examples",
+    "tokens",
+    "wall_time_s",
+    "meta/loss",
+    "sft/loss",
+    "heldout/loss_before",
+    "heldout/loss_after",
+)
+
+
 def to_markdown(table: pd.DataFrame) -> str:
-    columns = list(table.columns)
+    """Headline metrics (one row per run), then the differing settings transposed (one row per key)."""
+    headline = ["run", *(c for c in HEADLINE_METRICS if c in table.columns and table[c].notna().any())]
+    settings = [c for c in table.columns if c.startswith(SETTING_PREFIX)]
     lines = [
         "# Trained models",
         "",
-        "Final metrics of every run and the settings that differ between runs "
-        f"(columns `{SETTING_PREFIX}<key>`; settings shared by all runs are left out).",
+        "Headline final metrics of every run (all metrics: the CSV beside this file).",
         "",
-        "| " + " | ".join(columns) + " |",
-        "|" + "|".join("---" for _ in columns) + "|",
+        "| " + " | ".join(headline) + " |",
+        "|" + "|".join("---" for _ in headline) + "|",
     ]
-    for row in table.itertuples(index=False):
+    for row in table[headline].itertuples(index=False):
         lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
-    if not any(c.startswith(SETTING_PREFIX) for c in columns):
-        lines += ["", "No setting differs between the runs." if len(table) > 1 else "Only one run: nothing to compare."]
+    lines.append("")
+    if settings:
+        runs = [str(r) for r in table["run"]]
+        lines += [
+            "Settings that differ between the runs (empty: the run has no such setting).",
+            "",
+            "| setting | " + " | ".join(runs) + " |",
+            "|---|" + "|".join("---" for _ in runs) + "|",
+        ]
+        for column in settings:
+            values = " | ".join(_cell(v) for v in table[column])
+            lines.append(f"| `{column.removeprefix(SETTING_PREFIX)}` | {values} |")
+    else:
+        lines.append("No setting differs between the runs." if len(table) > 1 else "Only one run: nothing to compare.")
     return "\n".join(lines) + "\n"
 
 
