@@ -139,11 +139,22 @@ def _buckets(tensors: Sequence[torch.Tensor], limit: int) -> Iterable[list[torch
         yield bucket
 
 
+def threads_per_process(local_world: int, omp_num_threads: str | None, cpu_count: int | None) -> int:
+    """CPU threads for each of ``local_world`` processes on this machine.
+
+    Snakemake exports ``OMP_NUM_THREADS`` = the job's ``threads``, and every process that
+    ``accelerate launch`` starts inherits it: read as the whole job's budget, it is shared out,
+    so 2 processes of a 2-thread job use 1 thread each instead of 2 (4 on 2 cores).
+    """
+    budget = int(omp_num_threads) if omp_num_threads and omp_num_threads.isdigit() else (cpu_count or 1)
+    return max(1, budget // max(1, local_world))
+
+
 def configure_threads(local_world: int) -> None:
-    """Avoid CPU oversubscription: cores / local processes threads each, unless OMP_NUM_THREADS is set."""
-    if os.environ.get("OMP_NUM_THREADS"):
-        return
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    """Avoid CPU oversubscription (see :func:`threads_per_process`)."""
+    threads = threads_per_process(local_world, os.environ.get("OMP_NUM_THREADS"), os.cpu_count())
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # for anything started later (tokenizer pools, workers)
+    torch.set_num_threads(threads)
 
 
 def make_runtime(compute: dict[str, Any]) -> Runtime:
