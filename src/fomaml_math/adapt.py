@@ -73,15 +73,14 @@ class WeightSnapshot:
     @torch.no_grad()
     def refresh(self) -> None:
         """Copy the current live weights into the snapshot."""
-        for buffer, param in zip(self.buffers, self.params, strict=True):
-            buffer.copy_(_local(param), non_blocking=True)
+        # foreach: a few fused copy kernels on a GPU instead of one launch per parameter (per-tensor across devices)
+        torch._foreach_copy_(self.buffers, [_local(p) for p in self.params], non_blocking=True)
         self._synchronize()
 
     @torch.no_grad()
     def restore(self) -> None:
         """Copy the snapshot back into the live weights (bitwise)."""
-        for buffer, param in zip(self.buffers, self.params, strict=True):
-            _local(param).copy_(buffer, non_blocking=True)
+        torch._foreach_copy_([_local(p) for p in self.params], self.buffers, non_blocking=True)
         self._synchronize()
 
     @torch.no_grad()
@@ -100,12 +99,21 @@ class AdaptationResult:
 
     ``support_losses[0]`` is therefore the loss at the initial (meta-)weights on the first support
     batch (:attr:`loss_before`), and ``support_losses[-1]`` the loss of the final inner step
-    (:attr:`final_loss`).
+    (:attr:`final_loss`).  The losses stay on their device (:attr:`losses`) until
+    :attr:`support_losses` is first read, because reading them waits for the GPU: FOMAML copies
+    :attr:`losses` into a device tensor instead and syncs once per meta-step, not once per task.
     """
 
-    support_losses: list[float] = field(default_factory=list)
     support_tokens: list[int] = field(default_factory=list)
     num_steps: int = 0
+    losses: torch.Tensor | None = None  # [num_steps] float32, on the device the losses were computed on
+    _support_losses: list[float] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def support_losses(self) -> list[float]:
+        if self._support_losses is None:
+            self._support_losses = [] if self.losses is None else [float(x) for x in self.losses.cpu()]
+        return self._support_losses
 
     @property
     def loss_before(self) -> float:
@@ -146,7 +154,7 @@ def _step_gradients(
     """Loss, token count and gradient of one inner step (a batch, or accumulated micro-batches)."""
     parts = list(batch.batches) if isinstance(batch, MicroBatches) else [batch]
     total_tokens = max(batch.num_tokens, 1) if isinstance(batch, MicroBatches) else None
-    step_loss = torch.zeros(())
+    step_loss: torch.Tensor | None = None
     step_count = 0
     grads: list[torch.Tensor | None] | None = None
     for part in parts:
@@ -163,11 +171,12 @@ def _step_gradients(
                         grads[i] = g if grads[i] is None else grads[i].add_(g)
         else:
             loss.backward()  # accumulates into .grad across micro-batches
-        step_loss = step_loss.to(loss.device) + loss.detach()
+        # Start from the first loss: a CPU zero moved to the GPU would be a blocking copy (a sync) every step.
+        step_loss = loss.detach().float() if step_loss is None else step_loss + loss.detach()
         step_count += count
     if grad_mode == "backward":
         grads = [p.grad for p in params]
-    assert grads is not None
+    assert grads is not None and step_loss is not None
     return step_loss, step_count, grads
 
 
@@ -208,7 +217,7 @@ def _inner_loop(
         if stashed is not None:
             for p, g in zip(params, stashed, strict=True):
                 p.grad = g
-    result.support_losses = [float(x) for x in torch.stack(losses).float().cpu()] if losses else []
+    result.losses = torch.stack(losses).float() if losses else None  # no host sync here (see AdaptationResult)
     result.num_steps = num_steps
 
 

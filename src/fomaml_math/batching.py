@@ -111,11 +111,14 @@ class SFTBatch:
         return int(self.attention_mask.sum())
 
     def to(self, device: torch.device | str) -> SFTBatch:
+        # A blocking host-to-GPU copy waits for all queued GPU work (a sync per batch); copies to the host
+        # stay blocking, so their values are there when read.
+        non_blocking = torch.device(device).type != "cpu"
         return replace(
             self,
-            input_ids=self.input_ids.to(device),
-            attention_mask=self.attention_mask.to(device),
-            labels=self.labels.to(device),
+            input_ids=self.input_ids.to(device, non_blocking=non_blocking),
+            attention_mask=self.attention_mask.to(device, non_blocking=non_blocking),
+            labels=self.labels.to(device, non_blocking=non_blocking),
         )
 
     def select(self, rows: Sequence[int] | slice) -> SFTBatch:
@@ -159,10 +162,10 @@ def _target_logits_and_labels(model: Any, batch: SFTBatch) -> tuple[torch.Tensor
         batch = batch.to(device)  # convenience; callers with CPU-offloaded weights move batches themselves
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
     labels = batch.labels[:, 1:]
-    keep = labels != IGNORE_INDEX
+    # One nonzero (a host sync on a GPU) shared by both selections; boolean-mask indexing syncs once per use.
+    rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)
     # Select before upcasting: only assistant positions are turned into float32 (memory at 150k vocab).
-    rows = keep.nonzero(as_tuple=True)[0]
-    return logits[:, :-1][keep].float(), labels[keep], rows
+    return logits[:, :-1][rows, cols].float(), labels[rows, cols], rows
 
 
 def sft_loss(model: Any, batch: SFTBatch, *, normalizer: float | None = None) -> tuple[torch.Tensor, int]:

@@ -136,7 +136,8 @@ def accumulate_meta_gradient(
     split = runtime.mode == "fsdp"
     loss_fn = loss_fn_for(runtime, split_rows=split)
     mine = range(len(episodes)) if split else range(runtime.rank, len(episodes), runtime.world)
-    values = torch.zeros((len(episodes), num_inner_steps + 1), dtype=torch.float64)
+    # Losses are gathered on the device: one host sync per meta-step (below), not two per task.
+    values = torch.zeros((len(episodes), num_inner_steps + 1), dtype=torch.float64, device=runtime.device)
     for i in mine:
         episode = episodes[i]
         with adapted(
@@ -150,9 +151,10 @@ def accumulate_meta_gradient(
         ) as result:
             query_loss, _ = loss_fn(model, episode.query)
             query_loss.backward()  # first-order: the gradient at the adapted weights is the task's meta-gradient
-        values[i, :num_inner_steps] = torch.tensor(result.support_losses, dtype=torch.float64)
-        values[i, num_inner_steps] = float(query_loss.detach())
-    reduced = runtime.all_reduce_sum(values.to(runtime.device)).cpu()
+        if result.losses is not None:
+            values[i, :num_inner_steps] = result.losses
+        values[i, num_inner_steps] = query_loss.detach()
+    reduced = runtime.all_reduce_sum(values).cpu()
     if split:
         reduced /= runtime.world  # each process held the loss of its rows, scaled to the whole batch
     return reduced[:, :num_inner_steps].numpy(), reduced[:, num_inner_steps].numpy()
