@@ -5,6 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from fomaml_math.config import MATH_TASKS
+from tests.test_ingest import SAMPLE_COUNTS
 from tests.workflow_utils import make_workspace, planned_jobs, snakemake
 
 pytestmark = pytest.mark.slow
@@ -34,28 +36,12 @@ def test_local_math_sample_gives_1000_problems(tmp_path, math_sample_dir):
         tmp_path,
         data__source="local",
         data__local={"path": str(math_sample_dir)},
-        tasks__names=[
-            "algebra",
-            "counting_and_probability",
-            "geometry",
-            "intermediate_algebra",
-            "number_theory",
-            "prealgebra",
-            "precalculus",
-        ],
+        tasks__names=list(MATH_TASKS),
     )
     snakemake(root, "results/data/split_stats.tsv")
     stats = pd.read_csv(root / "results/data/split_stats.tsv", sep="\t").set_index("task")
     per_task = stats.drop(index="all")["total"].to_dict()
-    assert per_task == {
-        "algebra": 237,
-        "counting_and_probability": 95,
-        "geometry": 96,
-        "intermediate_algebra": 181,
-        "number_theory": 108,
-        "prealgebra": 174,
-        "precalculus": 109,
-    }
+    assert per_task == SAMPLE_COUNTS  # the sample's documented per-subject counts
     assert stats.loc["all", "total"] == 1000
 
 
