@@ -45,5 +45,6 @@ format: setup
 
 clean:
 	rm -rf results/env results/data results/models results/checkpoints results/eval results/stats \
-	       results/figures results/logs results/benchmarks results/.gpu-locks results/*.md results/*.csv \
+	       results/figures results/logs results/benchmarks results/.gpu-locks results/summary.md \
+	       results/experiments.md results/experiments.csv \
 	       results/report.html .snakemake

@@ -33,9 +33,12 @@ def chat_messages(problem: str, solution: str | None = None) -> list[dict[str, s
     return messages
 
 
-def chat_prompt(tokenizer: Any, problem: str) -> str:
-    """The chat-formatted prompt for ``problem``, ending with the opened assistant turn (for generation)."""
-    return tokenizer.apply_chat_template(chat_messages(problem), tokenize=False, add_generation_prompt=True)
+def chat_prompt(tokenizer: Any, problem: str, context: Sequence[Mapping[str, str]] = ()) -> str:
+    """The chat-formatted prompt for ``problem`` after the ``context`` turns (if any), ending with the
+    opened assistant turn (for generation)."""
+    return tokenizer.apply_chat_template(
+        [*context, *chat_messages(problem)], tokenize=False, add_generation_prompt=True
+    )
 
 
 def end_of_turn_id(tokenizer: Any) -> int | None:
@@ -44,9 +47,6 @@ def end_of_turn_id(tokenizer: Any) -> int | None:
         if token is not None and token in tokenizer.get_vocab():
             return int(tokenizer.convert_tokens_to_ids(token))
     return None
-
-
-_end_of_turn_id = end_of_turn_id  # old private name, imported by evaluation.prompts
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,16 @@ class EncodedExample:
         return len(self.input_ids) - self.prompt_len
 
 
-def encode_example(tokenizer: Any, problem: str, solution: str, max_seq_len: int) -> EncodedExample:
-    """Tokenize one (problem, solution) pair as a user/assistant chat; see the module docstring."""
-    prompt = chat_prompt(tokenizer, problem)
-    full = tokenizer.apply_chat_template(chat_messages(problem, solution), tokenize=False)
+def encode_example(
+    tokenizer: Any, problem: str, solution: str, max_seq_len: int, context: Sequence[Mapping[str, str]] = ()
+) -> EncodedExample:
+    """Tokenize one (problem, solution) pair as a user/assistant chat; see the module docstring.
+
+    ``context``: chat turns before the problem (in-context demonstrations); they are part of the
+    prompt, so only the final assistant turn is a target.
+    """
+    prompt = chat_prompt(tokenizer, problem, context)
+    full = tokenizer.apply_chat_template([*context, *chat_messages(problem, solution)], tokenize=False)
     if not full.startswith(prompt):
         raise ValueError(
             "chat template: the rendered conversation does not start with the rendered prompt "

@@ -197,7 +197,7 @@ def evaluate_task_repeat(
     from fomaml_math.adapt import MicroBatches, adapted
     from fomaml_math.batching import encode_example, make_sft_batch
     from fomaml_math.evaluation.generate import encode_prompts, generate_greedy
-    from fomaml_math.evaluation.prompts import demonstration_messages, encode_with_context, problem_messages
+    from fomaml_math.evaluation.prompts import demonstration_messages, problem_messages
 
     ev = ctx.eval_settings
     shot_ids = draw_shots(task.support["id"].tolist(), ctx.shots, seed=ctx.seed, task=task.name, repeat=repeat)
@@ -208,16 +208,10 @@ def evaluate_task_repeat(
     in_context = ctx.mode == "in_context" and ctx.shots > 0
     context = demonstration_messages(shots) if in_context else []
     prompt_ids = encode_prompts(ctx.tokenizer, [problem_messages(p, context) for p in problems])
-    if in_context:
-        nll_limit = ctx.context_limit or ctx.max_seq_len
-        encoded = [
-            encode_with_context(ctx.tokenizer, context, p, s, nll_limit)
-            for p, s in zip(problems, solutions, strict=True)
-        ]
-    else:
-        encoded = [
-            encode_example(ctx.tokenizer, p, s, ctx.max_seq_len) for p, s in zip(problems, solutions, strict=True)
-        ]
+    nll_limit = (ctx.context_limit or ctx.max_seq_len) if in_context else ctx.max_seq_len
+    encoded = [
+        encode_example(ctx.tokenizer, p, s, nll_limit, context) for p, s in zip(problems, solutions, strict=True)
+    ]
     batch_size = int(ev["inner_batch_size"])
     finetune = ctx.mode == "finetune" and ctx.shots > 0
     info: dict[str, Any] = {"task": task.name, "repeat": repeat, "shot_ids": shot_ids}

@@ -29,19 +29,15 @@ from fomaml_math.training.common import (
     build_heldout_sets,
     check_finite,
     clip_and_norm,
-    data_fingerprint,
     encode_rows,
     heldout_losses,
     load_task_split,
     loss_fn_for,
     make_runtime,
-    model_fingerprint,
-    prepare_training,
     require_rows,
-    resume_key,
     rng_for,
 )
-from fomaml_math.training.run import TrainingRun, run_main
+from fomaml_math.training.run import run_main, start_run
 
 TAG_TASKS = 0x7A5C  # rng stream ids: meta-batch task draw, per-task episode draw
 TAG_EPISODE = 0xE915
@@ -265,32 +261,18 @@ def train(settings: dict[str, Any], tasks_dir: Path, output_dir: Path, checkpoin
         multiple_of=runtime.world if runtime.mode == "fsdp" else 1,
     )
 
-    key = resume_key(
-        settings,
-        data=data_fingerprint(tasks_dir, tasks, ("support", "query", "test")),
-        model=model_fingerprint(model_cfg["name_or_path"]),
-    )
-    model, optimizer, scheduler, params = prepare_training(
+    run, params = start_run(
+        "fomaml",
         runtime,
+        settings,
         model,
-        settings["compute"],
-        lr=float(fo["outer_lr"]),
-        weight_decay=float(fo.get("weight_decay", 0.0)),
-        schedule=fo.get("lr_schedule", "cosine"),
-        warmup=int(fo.get("warmup_steps", 0)),
-        total=total,
-    )
-    run = TrainingRun(
-        method="fomaml",
-        runtime=runtime,
-        settings=settings,
-        key=key,
+        tasks_dir=tasks_dir,
+        tasks=tasks,
         checkpoint_dir=checkpoint_dir,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
+        lr=float(fo["outer_lr"]),
         total_steps=total,
     )
+    model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
     snapshot = WeightSnapshot(model, settings["compute"].get("snapshot_device", "cpu"))
     inner_lr, inner_steps = float(fo["inner_lr"]), int(fo["num_inner_steps"])
 
@@ -326,35 +308,20 @@ def train(settings: dict[str, Any], tasks_dir: Path, output_dir: Path, checkpoin
                 run.log({"step": step, "diverged": 1})
                 raise
             elapsed = time.perf_counter() - t0
-            tokens = sum(e.num_tokens for e in episodes)
-            truncated = sum(e.num_truncated for e in episodes)
-            run.state["tokens"] += tokens
-            run.state["examples"] += sum(b.num_examples for e in episodes for b in (*e.support, e.query))
-            run.state["truncated_rows"] += truncated
-            record = {
-                "step": step,
-                **result.metrics(),
-                "lr": lr,
-                "perf/step_time_s": elapsed,
-                "perf/tokens_per_s": tokens / max(elapsed, 1e-9),
-                "perf/tokens_total": run.state["tokens"],
-                "data/truncated_rows": truncated,
-            }
-            if step % int(fo.get("test_freq", 100)) == 0 or step == total:
+            perf = run.count_step(
+                elapsed=elapsed,
+                tokens=sum(e.num_tokens for e in episodes),
+                examples=sum(b.num_examples for e in episodes for b in (*e.support, e.query)),
+                truncated=sum(e.num_truncated for e in episodes),
+            )
+            record = {"step": step, **result.metrics(), "lr": lr, **perf}
+            if run.heldout_due(step):
                 record.update(heldout())
             run.log(record, postfix={"loss": f"{record['meta/loss']:.4f}", "gnorm": f"{result.grad_norm:.3f}"})
-            run.maybe_save(step, int(fo.get("save_freq", 500)), int(fo.get("keep_checkpoints", 3)))
+            run.maybe_save(step)
     finally:
         run.close()
-    return run.finish(
-        output_dir,
-        tokenizer,
-        {
-            "num_train_examples": len(train_examples),
-            "num_truncated_examples": sum(e.truncated for e in train_examples),
-            "this_run_wall_time_s": time.perf_counter() - started,
-        },
-    )
+    return run.finish(output_dir, tokenizer, train_examples=train_examples, started=started)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,12 +6,13 @@ import argparse
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fomaml_math.batching import EncodedExample
 from fomaml_math.config import add_settings_arguments, settings_from_args, settings_hash
 from fomaml_math.training import checkpoint as ckpt
 from fomaml_math.training.common import (
@@ -19,7 +20,11 @@ from fomaml_math.training.common import (
     Runtime,
     TrainingDivergedError,
     WandbLogger,
+    data_fingerprint,
+    model_fingerprint,
+    prepare_training,
     progress_bar,
+    resume_key,
     save_final_model,
     versions,
     write_metrics_outputs,
@@ -31,6 +36,7 @@ class TrainingRun:
     """Resumes from the latest complete checkpoint in ``checkpoint_dir`` and keeps the records.
 
     ``state`` holds the counters that survive resume: tokens, examples, truncated rows, wall time.
+    How often to evaluate and save comes from the trainer's settings section, ``settings[method]``.
     """
 
     def __init__(
@@ -53,6 +59,10 @@ class TrainingRun:
         self.root = Path(checkpoint_dir)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.total_steps = total_steps
+        section = settings[method]
+        self.test_freq = int(section.get("test_freq", 100))
+        self.save_freq = int(section.get("save_freq", 500))
+        self.keep_checkpoints = int(section.get("keep_checkpoints", 3))
         self.state: dict[str, Any] = {
             "tokens": 0,
             "examples": 0,
@@ -112,8 +122,25 @@ class TrainingRun:
             self.bar.update(1)
             self.bar.set_postfix(postfix, refresh=False)
 
-    def maybe_save(self, step: int, save_freq: int, keep: int) -> None:
-        if step % save_freq and step != self.total_steps:
+    def count_step(self, *, elapsed: float, tokens: int, examples: int, truncated: int) -> dict[str, Any]:
+        """Add one step's data to the counters that survive resume; returns the step's perf/ and data/ metrics."""
+        self.state["tokens"] += tokens
+        self.state["examples"] += examples
+        self.state["truncated_rows"] += truncated
+        return {
+            "perf/step_time_s": elapsed,
+            "perf/tokens_per_s": tokens / max(elapsed, 1e-9),
+            "perf/tokens_total": self.state["tokens"],
+            "data/truncated_rows": truncated,
+        }
+
+    def heldout_due(self, step: int) -> bool:
+        """Whether step ``step`` logs the held-out losses (every ``test_freq`` steps, and the last)."""
+        return step % self.test_freq == 0 or step == self.total_steps
+
+    def maybe_save(self, step: int) -> None:
+        """Checkpoint every ``save_freq`` steps and at the last step, keeping ``keep_checkpoints``."""
+        if step % self.save_freq and step != self.total_steps:
             return
         self.state["wall_time_s"] = self.wall_time()
         ckpt.save_checkpoint(
@@ -124,15 +151,22 @@ class TrainingRun:
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             state={**self.state, "resume_key": self.key, "settings_hash": settings_hash(self.settings)},
-            keep=keep,
+            keep=self.keep_checkpoints,
         )
 
     def close(self) -> None:
         self.bar.close()
         self.metrics.close()
 
-    def finish(self, output_dir: Path, tokenizer: Any, extra: dict[str, Any]) -> dict[str, Any]:
-        """Write ``model/``, ``metrics.jsonl``, ``metrics.csv`` and (last) ``train_summary.json``."""
+    def finish(
+        self, output_dir: Path, tokenizer: Any, *, train_examples: Sequence[EncodedExample], started: float
+    ) -> dict[str, Any]:
+        """Write ``model/``, ``metrics.jsonl``, ``metrics.csv`` and (last) ``train_summary.json``.
+
+        ``train_examples``: every example training draws from; ``started``: ``perf_counter()`` when
+        this process's ``train`` began.
+        """
+        this_run_wall_time = time.perf_counter() - started  # before the final save, as the trainers measured it
         self.close()
         output_dir = Path(output_dir)
         save_final_model(self.runtime, self.model, tokenizer, output_dir / "model")
@@ -153,7 +187,9 @@ class TrainingRun:
                 k: v for k, v in self.last.items() if isinstance(v, int | float) and math.isfinite(float(v))
             },
             "versions": versions(),
-            **extra,
+            "num_train_examples": len(train_examples),
+            "num_truncated_examples": sum(e.truncated for e in train_examples),
+            "this_run_wall_time_s": this_run_wall_time,
         }
         if self.runtime.is_main:
             write_metrics_outputs(self.metrics.records, output_dir)
@@ -161,6 +197,55 @@ class TrainingRun:
         self.wandb.finish(summary["final_metrics"])
         self.runtime.barrier()
         return summary
+
+
+def start_run(
+    method: str,
+    runtime: Runtime,
+    settings: dict[str, Any],
+    model: Any,
+    *,
+    tasks_dir: Path,
+    tasks: Sequence[str],
+    checkpoint_dir: Path,
+    lr: float,
+    total_steps: int,
+) -> tuple[TrainingRun, list[torch.nn.Parameter]]:
+    """What both trainers do before their first step: resume key, optimizer and schedule, the run.
+
+    The optimizer settings (``weight_decay``, ``lr_schedule``, ``warmup_steps``) come from
+    ``settings[method]``.  Returns the run (its ``model`` is the prepared, possibly FSDP-wrapped,
+    model, with ``optimizer`` and ``scheduler``; all resumed from the latest checkpoint if any) and
+    the trainable parameters to update.
+    """
+    section = settings[method]
+    key = resume_key(
+        settings,
+        data=data_fingerprint(tasks_dir, tasks, ("support", "query", "test")),
+        model=model_fingerprint(settings["model"]["name_or_path"]),
+    )
+    model, optimizer, scheduler, params = prepare_training(
+        runtime,
+        model,
+        settings["compute"],
+        lr=lr,
+        weight_decay=float(section.get("weight_decay", 0.0)),
+        schedule=section.get("lr_schedule", "cosine"),
+        warmup=int(section.get("warmup_steps", 0)),
+        total=total_steps,
+    )
+    run = TrainingRun(
+        method=method,
+        runtime=runtime,
+        settings=settings,
+        key=key,
+        checkpoint_dir=checkpoint_dir,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        total_steps=total_steps,
+    )
+    return run, params
 
 
 def run_main(argv: list[str] | None, *, stage: str, train_fn: Callable[..., Any], prog: str) -> int:

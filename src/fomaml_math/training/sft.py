@@ -25,18 +25,14 @@ from fomaml_math.training.common import (
     build_heldout_sets,
     check_finite,
     clip_and_norm,
-    data_fingerprint,
     encode_rows,
     heldout_losses,
     load_task_split,
     make_runtime,
-    model_fingerprint,
-    prepare_training,
     require_rows,
-    resume_key,
     rng_for,
 )
-from fomaml_math.training.run import TrainingRun, run_main
+from fomaml_math.training.run import run_main, start_run
 
 TAG_EPOCH = 0x5F70
 HELDOUT_MAX_EXAMPLES = 32
@@ -139,32 +135,18 @@ def train(settings: dict[str, Any], tasks_dir: Path, output_dir: Path, checkpoin
         max_examples=max(HELDOUT_MAX_EXAMPLES, batch_size),
         multiple_of=runtime.world if runtime.mode == "fsdp" else 1,
     )
-    key = resume_key(
-        settings,
-        data=data_fingerprint(tasks_dir, tasks, ("support", "query", "test")),
-        model=model_fingerprint(model_cfg["name_or_path"]),
-    )
-    model, optimizer, scheduler, params = prepare_training(
+    run, params = start_run(
+        "sft",
         runtime,
+        settings,
         model,
-        settings["compute"],
-        lr=float(sft["lr"]),
-        weight_decay=float(sft.get("weight_decay", 0.0)),
-        schedule=sft.get("lr_schedule", "cosine"),
-        warmup=int(sft.get("warmup_steps", 0)),
-        total=total,
-    )
-    run = TrainingRun(
-        method="sft",
-        runtime=runtime,
-        settings=settings,
-        key=key,
+        tasks_dir=tasks_dir,
+        tasks=tasks,
         checkpoint_dir=checkpoint_dir,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
+        lr=float(sft["lr"]),
         total_steps=total,
     )
+    model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
     sampler = EpochSampler(seed, len(examples), batch_size)
     try:
         if run.start_step == 0:
@@ -189,35 +171,24 @@ def train(settings: dict[str, Any], tasks_dir: Path, output_dir: Path, checkpoin
                 run.log({"step": step, "diverged": 1})
                 raise
             elapsed = time.perf_counter() - t0
-            run.state["tokens"] += batch.num_tokens
-            run.state["examples"] += batch.num_examples
-            run.state["truncated_rows"] += batch.num_truncated
+            perf = run.count_step(
+                elapsed=elapsed, tokens=batch.num_tokens, examples=batch.num_examples, truncated=batch.num_truncated
+            )
             record = {
                 "step": step,
                 "sft/loss": loss,
                 "sft/grad_norm": grad_norm,
                 "lr": lr,
                 "epoch": (step * batch_size) / len(examples),
-                "perf/step_time_s": elapsed,
-                "perf/tokens_per_s": batch.num_tokens / max(elapsed, 1e-9),
-                "perf/tokens_total": run.state["tokens"],
-                "data/truncated_rows": batch.num_truncated,
+                **perf,
             }
-            if step % int(sft.get("test_freq", 100)) == 0 or step == total:
+            if run.heldout_due(step):
                 record.update(heldout_losses(runtime, model, heldout_sets))
             run.log(record, postfix={"loss": f"{loss:.4f}", "gnorm": f"{grad_norm:.3f}"})
-            run.maybe_save(step, int(sft.get("save_freq", 500)), int(sft.get("keep_checkpoints", 3)))
+            run.maybe_save(step)
     finally:
         run.close()
-    return run.finish(
-        output_dir,
-        tokenizer,
-        {
-            "num_train_examples": len(examples),
-            "num_truncated_examples": sum(e.truncated for e in examples),
-            "this_run_wall_time_s": time.perf_counter() - started,
-        },
-    )
+    return run.finish(output_dir, tokenizer, train_examples=examples, started=started)
 
 
 def main(argv: list[str] | None = None) -> int:
