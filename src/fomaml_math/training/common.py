@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import time
+import uuid
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -418,7 +419,7 @@ class WandbLogger:
 
         run_dir.mkdir(parents=True, exist_ok=True)
         id_file = run_dir / f"run_id-{name}.txt"  # a resumed run continues the same wandb run
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]  # wandb: [a-z0-9]
         id_file.write_text(run_id + "\n")
         self.run = wandb.init(
             project=settings.get("project", "fomaml-math"),
