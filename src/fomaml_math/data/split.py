@@ -57,6 +57,24 @@ class SplitValidationError(ConfigError):
     """The splits break an invariant (empty split, bad schema, leakage); the message names the task."""
 
 
+def read_task_split(path: Path, columns: Sequence[str], *, missing_hint: str = "") -> pd.DataFrame:
+    """One ``<task>/<split>.parquet`` as written here: checked, ids as strings, sorted by id.
+
+    The order is independent of how the file was written; training batches, shot draws and
+    test cuts all depend on it.
+    """
+    if not path.is_file():
+        raise ConfigError(f"--tasks-dir: {path} not found{missing_hint}")
+    frame = pd.read_parquet(path)
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ConfigError(f"{path}: missing column(s) {missing}")
+    frame = frame.assign(id=frame["id"].astype(str))
+    if frame["id"].duplicated().any():
+        raise ConfigError(f"{path}: duplicate ids, e.g. {frame['id'][frame['id'].duplicated()].iloc[0]!r}")
+    return frame.sort_values("id", kind="stable").reset_index(drop=True)
+
+
 def normalise_problem_text(text: str) -> str:
     """What counts as "the same problem": Unicode-normalised, case-folded, whitespace collapsed."""
     return " ".join(unicodedata.normalize("NFKC", text).casefold().split())

@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from fomaml_math.config import ConfigError, add_settings_arguments, settings_from_args
+from fomaml_math.data.split import read_task_split
 from fomaml_math.io import write_json, write_parquet
 
 INITS: tuple[str, ...] = ("base", "sft", "fomaml")
@@ -75,20 +76,6 @@ class TaskData:
     test: pd.DataFrame  # sorted by id, cut to eval.max_test_problems
 
 
-def _read_split(path: Path, columns: Sequence[str]) -> pd.DataFrame:
-    if not path.is_file():
-        raise ConfigError(f"--tasks-dir: {path} not found")
-    frame = pd.read_parquet(path)
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise ConfigError(f"{path}: missing column(s) {missing}")
-    frame = frame.assign(id=frame["id"].astype(str))
-    if frame["id"].duplicated().any():
-        raise ConfigError(f"{path}: duplicate ids, e.g. {frame['id'][frame['id'].duplicated()].iloc[0]!r}")
-    # A stable order independent of how the file was written: draws and test cuts depend on it.
-    return frame.sort_values("id", kind="stable").reset_index(drop=True)
-
-
 def discover_tasks(tasks_dir: str | Path, only: Sequence[str] | None = None) -> list[str]:
     """Task folders under ``tasks_dir`` that hold a ``test.parquet`` (sorted), or the ``only`` subset."""
     tasks_dir = Path(tasks_dir)
@@ -107,8 +94,8 @@ def discover_tasks(tasks_dir: str | Path, only: Sequence[str] | None = None) -> 
 
 def load_task(tasks_dir: str | Path, task: str, max_test_problems: int | None) -> TaskData:
     folder = Path(tasks_dir) / task
-    support = _read_split(folder / "support.parquet", SUPPORT_COLUMNS)
-    test = _read_split(folder / "test.parquet", TEST_COLUMNS)
+    support = read_task_split(folder / "support.parquet", SUPPORT_COLUMNS)
+    test = read_task_split(folder / "test.parquet", TEST_COLUMNS)
     if max_test_problems is not None:
         test = test.iloc[: int(max_test_problems)].reset_index(drop=True)
     return TaskData(task, support, test)

@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import pandas as pd
 import torch
 
 from fomaml_math.batching import EncodedExample, SFTBatch, encode_example
 from fomaml_math.config import ConfigError, settings_hash
+from fomaml_math.data.split import read_task_split
 from fomaml_math.io import atomic_path, write_json
 
 TASK_COLUMNS: tuple[str, ...] = ("id", "task", "problem", "solution")
@@ -203,13 +203,7 @@ def make_runtime(compute: dict[str, Any]) -> Runtime:
 def load_task_split(tasks_dir: str | Path, task: str, split: str) -> list[dict[str, Any]]:
     """Rows of ``<tasks_dir>/<task>/<split>.parquet`` (sorted by id, so input order never matters)."""
     path = Path(tasks_dir) / task / f"{split}.parquet"
-    if not path.is_file():
-        raise ConfigError(f"--tasks-dir: {path} not found (run split-tasks, or check train_tasks)")
-    frame = pd.read_parquet(path)
-    missing = [c for c in TASK_COLUMNS if c not in frame.columns]
-    if missing:
-        raise ConfigError(f"{path}: missing columns {missing}")
-    frame = frame.sort_values("id", kind="stable").reset_index(drop=True)
+    frame = read_task_split(path, TASK_COLUMNS, missing_hint=" (run split-tasks, or check train_tasks)")
     return [{c: frame.at[i, c] for c in TASK_COLUMNS} for i in range(len(frame))]
 
 
