@@ -43,7 +43,8 @@ from fomaml_math.config import MATH_TASKS
 from fomaml_math.data.synthetic import generate_synthetic
 from fomaml_math.modeling import build_tiny_model
 from fomaml_math.training import fomaml
-from fomaml_math.training.common import Runtime, clip_and_norm, loss_fn_for, make_optimizer
+from fomaml_math.training.optim import clip_and_norm, make_optimizer
+from fomaml_math.training.runtime import Runtime, loss_fn_for
 
 MiB = 1 << 20
 

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from fomaml_math.adapt import WeightSnapshot
 from fomaml_math.modeling import load_model_and_tokenizer
 from fomaml_math.training import fomaml, sft
-from fomaml_math.training.common import Runtime, encode_rows, load_task_split
+from fomaml_math.training.data import encode_rows, load_task_split
+from fomaml_math.training.runtime import Runtime
 from tests.fixtures_tiny import TASKS, shared_workspace, train_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +35,7 @@ SCRIPT = textwrap.dedent(
     from safetensors.torch import save_file
 
     from fomaml_math.training import fomaml, sft
-    from fomaml_math.training.common import make_runtime
+    from fomaml_math.training.runtime import make_runtime
     from tests.test_accelerate_launch import meta_gradient
 
     work = Path(sys.argv[1])
@@ -127,7 +128,7 @@ FSDP_SCRIPT = textwrap.dedent(
     from torch.distributed.fsdp import fully_shard
 
     from fomaml_math.modeling import load_model_and_tokenizer
-    from fomaml_math.training.common import Runtime
+    from fomaml_math.training.runtime import Runtime
     from tests.test_accelerate_launch import _full, meta_gradient, one_meta_step
 
     dist.init_process_group("gloo")

@@ -42,7 +42,7 @@ def fomaml_metrics(steps: int = 120) -> pd.DataFrame:
         }
     )
     every = step % 20 == 0
-    # The names training.common.heldout_losses logs.
+    # The names training.monitor.heldout_losses logs.
     frame["heldout/loss_before"] = np.where(every, 2.0 * np.exp(-step / 40) + 0.7, np.nan)
     frame["heldout/loss_after"] = np.where(every, 2.0 * np.exp(-step / 40) + 0.6, np.nan)
     return frame

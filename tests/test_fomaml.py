@@ -16,7 +16,8 @@ from fomaml_math.adapt import WeightSnapshot
 from fomaml_math.batching import IGNORE_INDEX, collate, encode_example
 from fomaml_math.config import ConfigError
 from fomaml_math.training import fomaml
-from fomaml_math.training.common import LRSchedule, Runtime, TrainingDivergedError, make_optimizer
+from fomaml_math.training.optim import LRSchedule, TrainingDivergedError, make_optimizer
+from fomaml_math.training.runtime import Runtime
 from tests.fixtures_tiny import TASKS, make_rows, shared_workspace, tiny_model_and_tokenizer, train_settings
 
 INNER_LR, OUTER_LR, STEPS, MAX_NORM = 0.05, 0.01, 2, 0.5

@@ -12,7 +12,8 @@ import torch
 from fomaml_math.batching import make_sft_batch, sft_loss
 from fomaml_math.config import ConfigError, load_config, stage_settings
 from fomaml_math.training import sft
-from fomaml_math.training.common import LRSchedule, Runtime
+from fomaml_math.training.optim import LRSchedule
+from fomaml_math.training.runtime import Runtime
 from tests.fixtures_tiny import make_rows, shared_workspace, tiny_model_and_tokenizer, train_settings
 
 

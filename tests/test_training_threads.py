@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fomaml_math.training.common import threads_per_process
+from fomaml_math.training.runtime import threads_per_process
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fomaml_math.training.common import wandb_mode
+from fomaml_math.training.logs import wandb_mode
 from tests.fixtures_tiny import shared_workspace, train_settings
 
 SECRET = "wandb-secret-0123456789abcdef0123456789abcdef"

@@ -7,7 +7,7 @@ counter-based, so the step is their position).  It is written to a hidden tempor
 renamed, so a visible ``step-*`` folder is always complete; the oldest ones beyond ``keep`` are
 deleted after a new one is written.  The live metrics log is ``<checkpoint-dir>/.metrics.jsonl``.
 
-The resume key (``training.common.resume_key``) covers the settings (minus ``wandb``), the task
+The resume key (``training.data.resume_key``) covers the settings (minus ``wandb``), the task
 files and the base model.  A run resumes only from checkpoints with its own key; checkpoints of
 another key (a setting, the data or the base model changed) are deleted with a warning and the
 run starts fresh, so "change a setting, rerun" never continues a stale run and never needs a

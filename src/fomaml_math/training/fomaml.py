@@ -6,7 +6,7 @@ support batches (gradients by ``torch.autograd.grad``, ``.grad`` untouched), com
 loss at the adapted weights and ``backward()`` it, so ``.grad`` accumulates the first-order
 meta-gradient; the context manager restores the meta-weights before the next task.  Then
 ``.grad /= meta_batch_size``, clip to ``max_grad_norm``, one AdamW step at the scheduled
-``outer_lr``, zero ``.grad``.  How processes share the work: :mod:`fomaml_math.training.common`.
+``outer_lr``, zero ``.grad``.  How processes share the work: :mod:`fomaml_math.training.runtime`.
 """
 
 from __future__ import annotations
@@ -23,21 +23,11 @@ import torch
 from fomaml_math.adapt import WeightSnapshot, adapted
 from fomaml_math.batching import EncodedExample, SFTBatch, collate
 from fomaml_math.config import ConfigError
-from fomaml_math.training.common import (
-    Runtime,
-    TrainingDivergedError,
-    build_heldout_sets,
-    check_finite,
-    clip_and_norm,
-    encode_rows,
-    heldout_losses,
-    load_task_split,
-    loss_fn_for,
-    make_runtime,
-    require_rows,
-    rng_for,
-)
+from fomaml_math.training.data import encode_rows, load_task_split, require_rows, rng_for
+from fomaml_math.training.monitor import build_heldout_sets, heldout_losses
+from fomaml_math.training.optim import TrainingDivergedError, check_finite, clip_and_norm
 from fomaml_math.training.run import run_main, start_run
+from fomaml_math.training.runtime import Runtime, loss_fn_for, make_runtime
 
 TAG_TASKS = 0x7A5C  # rng stream ids: meta-batch task draw, per-task episode draw
 TAG_EPISODE = 0xE915

@@ -14,22 +14,37 @@ import torch
 
 from fomaml_math.batching import EncodedExample
 from fomaml_math.config import add_settings_arguments, settings_from_args, settings_hash
+from fomaml_math.io import write_json
 from fomaml_math.training import checkpoint as ckpt
-from fomaml_math.training.common import (
-    MetricsLog,
-    Runtime,
-    TrainingDivergedError,
-    WandbLogger,
-    data_fingerprint,
-    model_fingerprint,
-    prepare_training,
-    progress_bar,
-    resume_key,
-    save_final_model,
-    versions,
-    write_metrics_outputs,
-    write_summary,
-)
+from fomaml_math.training.data import data_fingerprint, model_fingerprint, resume_key
+from fomaml_math.training.logs import MetricsLog, WandbLogger, progress_bar, write_metrics_outputs
+from fomaml_math.training.optim import TrainingDivergedError, prepare_training
+from fomaml_math.training.runtime import Runtime
+
+
+def save_final_model(runtime: Runtime, model: Any, tokenizer: Any, path: Path) -> None:
+    """The trained weights as a Hugging Face folder (``from_pretrained`` loads it), written atomically."""
+    from fomaml_math.io import atomic_dir
+
+    if runtime.mode == "fsdp":
+        state = runtime.accelerator.get_state_dict(model)  # collective: every process takes part
+        unwrapped = runtime.accelerator.unwrap_model(model)
+    else:
+        state, unwrapped = None, model
+    if runtime.is_main:
+        config = unwrapped.config
+        config.use_cache = True
+        with atomic_dir(path) as tmp:
+            unwrapped.save_pretrained(tmp, state_dict=state)
+            tokenizer.save_pretrained(tmp)
+    runtime.barrier()
+
+
+def versions() -> dict[str, str]:
+    import accelerate
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "accelerate": accelerate.__version__}
 
 
 class TrainingRun:
@@ -193,7 +208,7 @@ class TrainingRun:
         }
         if self.runtime.is_main:
             write_metrics_outputs(self.metrics.records, output_dir)
-            write_summary(output_dir / "train_summary.json", summary)
+            write_json(output_dir / "train_summary.json", summary)
         self.wandb.finish(summary["final_metrics"])
         self.runtime.barrier()
         return summary

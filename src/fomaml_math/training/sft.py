@@ -19,20 +19,11 @@ import torch
 
 from fomaml_math.batching import EncodedExample, collate, sft_loss
 from fomaml_math.config import ConfigError
-from fomaml_math.training.common import (
-    Runtime,
-    TrainingDivergedError,
-    build_heldout_sets,
-    check_finite,
-    clip_and_norm,
-    encode_rows,
-    heldout_losses,
-    load_task_split,
-    make_runtime,
-    require_rows,
-    rng_for,
-)
+from fomaml_math.training.data import encode_rows, load_task_split, require_rows, rng_for
+from fomaml_math.training.monitor import build_heldout_sets, heldout_losses
+from fomaml_math.training.optim import TrainingDivergedError, check_finite, clip_and_norm
 from fomaml_math.training.run import run_main, start_run
+from fomaml_math.training.runtime import Runtime, make_runtime
 
 TAG_EPOCH = 0x5F70
 HELDOUT_MAX_EXAMPLES = 32

@@ -1,0 +1,74 @@
+"""Training data: task split rows, their encoding, and the fingerprints that key checkpoint resumes."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fomaml_math.batching import EncodedExample, encode_example
+from fomaml_math.config import ConfigError, settings_hash
+from fomaml_math.data.split import read_task_split
+
+TASK_COLUMNS: tuple[str, ...] = ("id", "task", "problem", "solution")
+
+
+def load_task_split(tasks_dir: str | Path, task: str, split: str) -> list[dict[str, Any]]:
+    """Rows of ``<tasks_dir>/<task>/<split>.parquet`` (sorted by id, so input order never matters)."""
+    path = Path(tasks_dir) / task / f"{split}.parquet"
+    frame = read_task_split(path, TASK_COLUMNS, missing_hint=" (run split-tasks, or check train_tasks)")
+    return [{c: frame.at[i, c] for c in TASK_COLUMNS} for i in range(len(frame))]
+
+
+def encode_rows(tokenizer: Any, rows: Sequence[dict[str, Any]], max_seq_len: int) -> list[EncodedExample]:
+    return [encode_example(tokenizer, r["problem"], r["solution"], max_seq_len) for r in rows]
+
+
+def require_rows(rows: Sequence[Any], needed: int, *, setting: str, what: str) -> None:
+    """A batch size larger than a split is a configuration error, reported before training starts."""
+    if len(rows) < needed:
+        raise ConfigError(f"{setting}: {needed} examples per batch, but {what} has only {len(rows)}")
+
+
+def data_fingerprint(tasks_dir: str | Path, tasks: Sequence[str], splits: Sequence[str]) -> str:
+    """Content hash of the task files training reads (a re-split data set must not resume old checkpoints)."""
+    digest = hashlib.sha256()
+    for task in tasks:
+        for split in splits:
+            path = Path(tasks_dir) / task / f"{split}.parquet"
+            digest.update(f"{task}/{split}:".encode())
+            digest.update(path.read_bytes() if path.is_file() else b"<missing>")
+    return digest.hexdigest()[:16]
+
+
+def model_fingerprint(name_or_path: str) -> str:
+    """Identity of the base model: for a local folder its json files and weight file sizes/mtimes."""
+    path = Path(name_or_path)
+    if not path.is_dir():
+        return f"hub:{name_or_path}"
+    digest = hashlib.sha256()
+    for file in sorted(path.iterdir()):
+        if not file.is_file():
+            continue
+        digest.update(file.name.encode())
+        if file.suffix == ".json":
+            digest.update(file.read_bytes())
+        else:
+            stat = file.stat()
+            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def resume_key(settings: dict[str, Any], *, data: str, model: str) -> str:
+    """Checkpoints resume only under the same key: settings (minus wandb), data and base model."""
+    relevant = {k: v for k, v in settings.items() if k != "wandb"}
+    return settings_hash({"settings": relevant, "data": data, "model": model})
+
+
+def rng_for(*key: int) -> np.random.Generator:
+    """A generator derived from integers only: the draws of step ``s`` do not depend on earlier steps,
+    on the number of processes, or on where a run was resumed."""
+    return np.random.default_rng([int(k) for k in key])
