@@ -1,8 +1,9 @@
 """Tiny offline models and task files for tests (importable as ``tests.fixtures_tiny``).
 
-``make_task_files`` writes ``<root>/<task>/{support,query,test}.parquet`` with the columns of
-docs/architecture.md; ``tiny_model_and_tokenizer`` builds an in-memory tiny Qwen3 model (hidden 32,
-2 layers) with a BPE tokenizer trained on those problems; ``tiny_model_dir`` saves one as a Hugging
+``make_task_files`` writes ``<root>/<task>/{support,query,dev_pool,dev_monitor,test}.parquet`` with
+the columns of docs/architecture.md and the role index ``<root>/roles.parquet``;
+``tiny_model_and_tokenizer`` builds an in-memory tiny Qwen3 model (hidden 32, 2 layers) with a BPE
+tokenizer trained on those problems; ``tiny_model_dir`` saves one as a Hugging
 Face folder that ``fomaml_math.modeling.load_model_and_tokenizer`` loads like a real model.
 """
 
@@ -30,7 +31,7 @@ TINY: dict[str, int] = {
     "head_dim": 8,
 }
 TASKS: tuple[str, ...] = ("algebra", "geometry", "number_theory")
-SPLIT_SIZES: dict[str, int] = {"support": 12, "query": 12, "test": 8}
+SPLIT_SIZES: dict[str, int] = {"support": 12, "query": 12, "dev_pool": 10, "dev_monitor": 6, "test": 8}
 _OPS = {"algebra": "+", "geometry": "*", "number_theory": "-", "prealgebra": "+", "precalculus": "*"}
 
 
@@ -60,12 +61,16 @@ def make_rows(task: str, split: str, n: int, *, seed: int = 0) -> list[dict[str,
 def make_task_files(
     root: str | Path, tasks: Sequence[str] = TASKS, sizes: dict[str, int] | None = None, *, seed: int = 0
 ) -> Path:
-    """Write tiny ``<root>/<task>/{support,query,test}.parquet`` files; returns ``root``."""
+    """Write tiny ``<root>/<task>/<split>.parquet`` files and ``<root>/roles.parquet``; returns ``root``."""
     root = Path(root)
+    roles = []
     for task in tasks:
         for split, n in (sizes or SPLIT_SIZES).items():
             (root / task).mkdir(parents=True, exist_ok=True)
-            pd.DataFrame(make_rows(task, split, n, seed=seed)).to_parquet(root / task / f"{split}.parquet", index=False)
+            rows = make_rows(task, split, n, seed=seed)
+            pd.DataFrame(rows).to_parquet(root / task / f"{split}.parquet", index=False)
+            roles.extend({"id": r["id"], "task": task, "split": split} for r in rows)
+    pd.DataFrame(roles, columns=["id", "task", "split"]).to_parquet(root / "roles.parquet", index=False)
     return root
 
 
@@ -107,6 +112,9 @@ def train_settings(model_dir: str | Path, *, method: str = "fomaml", tasks: Sequ
         },
         "train_tasks": list(tasks),
         "wandb": {"mode": "disabled", "project": "fomaml-math", "entity": None},
+        "prompt": {"instruction": ""},
+        "select": {"criterion": "last", "shots": 4, "draws": 1, "max_monitor_examples": 32},
+        "adaptation": {"optimizer": "sgd", "inner_lr": 0.05, "num_inner_steps": 2, "inner_batch_size": 4},
     }
     optim = {
         "weight_decay": 0.0,

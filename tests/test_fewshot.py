@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,6 @@ from fomaml_math.evaluation.fewshot import (
     OUTPUT_COLUMNS,
     EvalContext,
     check_in_context_lengths,
-    draw_shots,
     evaluate_task_repeat,
     load_task,
     main,
@@ -24,12 +24,13 @@ from fomaml_math.evaluation.fewshot import (
 )
 from fomaml_math.evaluation.generate import ContextLengthError
 from fomaml_math.evaluation.grade import GradeResult, grade_unlimited
+from fomaml_math.kshot import STREAM_CALIBRATION, draw_shots
 from tests.fixtures_tiny import TASKS, shared_workspace
 
 
 @pytest.fixture(scope="module")
 def workspace() -> dict[str, Path]:
-    """The shared tiny task files (3 tasks; support 12, test 8 per task) and saved tiny model. Read-only."""
+    """The shared tiny task files (3 tasks; dev_pool 10, test 8 per task) and saved tiny model. Read-only."""
     root = shared_workspace()
     return {"tasks": root / "tasks", "model": root / "model"}
 
@@ -67,7 +68,9 @@ def test_draws_are_nested_reproducible_and_paired() -> None:
     assert draw_shots(ids, 10, seed=1, task="geometry", repeat=0) != draws[10]
     assert draw_shots(ids, 10, seed=2, task="algebra", repeat=0) != draws[10]
     assert draw_shots(ids, 0, seed=1, task="algebra", repeat=0) == []
-    with pytest.raises(ConfigError, match="only 60 support"):
+    # Calibration draws its own shots: not the evaluation's.
+    assert draw_shots(ids, 10, seed=1, task="algebra", repeat=0, stream=STREAM_CALIBRATION) != draws[10]
+    with pytest.raises(ConfigError, match="only 60 dev_pool"):
         draw_shots(ids, 61, seed=1, task="algebra", repeat=0)
 
 
@@ -123,7 +126,13 @@ def test_main_end_to_end_and_schema(workspace: dict[str, Path], settings: dict[s
     assert frame.groupby(["task", "repeat"])["shot_ids"].nunique().eq(1).all()
     first = frame[(frame["task"] == "algebra") & (frame["repeat"] == 0)]
     shot_ids = first["shot_ids"].iloc[0].split(",")
-    assert len(shot_ids) == 3 and all(s.startswith("algebra-support-") for s in shot_ids)
+    # Shots come only from dev_pool, never from the training splits (support/query).
+    assert len(shot_ids) == 3 and all(s.startswith("algebra-dev_pool-") for s in shot_ids)
+    adapted = frame[frame["shots"] > 0]
+    assert (adapted["support_loss_after"] < adapted["support_loss_before"]).all()
+    assert (adapted["weight_change"] > 0).all() and set(adapted["adapt_optimizer"]) == {"sgd"}
+    assert set(frame["task_role"]) == {"train"} and set(frame["train_seed"]) == {-1}
+    assert frame["truncated"].eq(frame["gen_tokens"] == 6).all()  # no stop token within the 6-token budget
     assert first["problem_id"].tolist() == [f"algebra-test-{i:04d}" for i in range(4)]  # stable order, cut at 4
     summary = json.loads(summary_path(out).read_text())
     assert summary["rows"] == len(frame) and summary["timeouts"] == 0
@@ -135,6 +144,7 @@ def test_main_end_to_end_and_schema(workspace: dict[str, Path], settings: dict[s
     frame0 = pd.read_parquet(zero)
     assert set(frame0["repeat"]) == {0} and set(frame0["task"]) == {"geometry"}
     assert (frame0["shot_ids"] == "").all()
+    assert (frame0["weight_change"] == 0).all() and frame0["support_loss_before"].isna().all()
 
 
 def test_resume_after_a_crash(
@@ -181,8 +191,8 @@ def test_in_context_prompt_over_the_context_length(
     model, tokenizer = load_model_and_tokenizer(workspace["model"])
     tasks = [load_task(workspace["tasks"], t, 4) for t in TASKS]
     check_in_context_lengths(_context(model, tokenizer, settings, 1, "in_context", limit=256), tasks)
-    with pytest.raises(ContextLengthError, match=r"in_context, 12 shots, task algebra repeat 0: a prompt of \d+"):
-        check_in_context_lengths(_context(model, tokenizer, settings, 12, "in_context", limit=256), tasks)
+    with pytest.raises(ContextLengthError, match=r"in_context, 10 shots, task algebra repeat 0: a prompt of \d+"):
+        check_in_context_lengths(_context(model, tokenizer, settings, 10, "in_context", limit=256), tasks)
     # Through main(): a one-line settings error before any generation.
     settings["eval"]["max_new_tokens"] = 2048
     with pytest.raises(ConfigError, match=r"eval.max_new_tokens 2048 exceeds the model's context length of 2048"):
@@ -190,7 +200,79 @@ def test_in_context_prompt_over_the_context_length(
 
 
 def test_user_errors(workspace: dict[str, Path], settings: dict[str, Any], tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"--shots 13: task 'algebra' has only 12 support examples"):
-        _run(settings, workspace, tmp_path / "x.parquet", 13)
+    with pytest.raises(ConfigError, match=r"--shots 11: task 'algebra' has only 10 dev_pool examples"):
+        _run(settings, workspace, tmp_path / "x.parquet", 11)
     with pytest.raises(ConfigError, match=r"--tasks: \['nope'\] not found"):
         _run(settings, workspace, tmp_path / "x.parquet", 1, "--tasks", "nope")
+
+
+def _adapted_weights(ctx: EvalContext, task: Any, k: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Support losses and the adapted weights of the evaluation's k-shot adaptation (then restored)."""
+    from fomaml_math.kshot import adapted_on_shots, shot_batches
+
+    ids = draw_shots(task.pool["id"].tolist(), k, seed=ctx.seed, task=task.name, repeat=0)
+    by_id = task.pool.set_index("id")
+    shots = [{"problem": by_id.at[i, "problem"], "solution": by_id.at[i, "solution"]} for i in ids]
+    batches = shot_batches(ctx.tokenizer, shots, max_seq_len=ctx.max_seq_len, batch_size=2, instruction="")
+    with adapted_on_shots(
+        ctx.model, batches, ctx.adapt_spec(), loss_fn=ctx.loss_fn(), snapshot=ctx.initialisation_snapshot()
+    ) as result:
+        weights = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
+    return result.support_losses, weights
+
+
+def test_bf16_adaptation_takes_every_step_at_the_current_weights(
+    workspace: dict[str, Path], settings: dict[str, Any]
+) -> None:
+    """Under bf16 autocast each inner step sees the weights the previous step left (not the initial ones).
+
+    One autocast region around the whole adaptation (the old evaluation) caches bf16 copies of the
+    initial weights: every step then has the same loss, and k steps equal one step at k times the lr.
+    """
+    from fomaml_math.modeling import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(workspace["model"])
+    model.eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    task = load_task(workspace["tasks"], "algebra", 4)
+    settings["eval"].update(num_inner_steps=4, inner_lr=0.5)
+    reference_ctx = _context(model, tokenizer, settings, 6)
+    reference_ctx.eval_settings = settings["eval"]
+    bf16_ctx = _context(model, tokenizer, settings, 6)
+    bf16_ctx.eval_settings = settings["eval"]
+    bf16_ctx.mixed_precision = "bf16"
+    ref_losses, ref_weights = _adapted_weights(reference_ctx, task, 6)
+    losses, weights = _adapted_weights(bf16_ctx, task, 6)
+    assert len(losses) == 4 and all(b < a for a, b in itertools.pairwise(losses)), losses
+    assert losses == pytest.approx(ref_losses, rel=3e-2)
+    for name, ref in ref_weights.items():
+        moved = (ref - before[name]).norm()
+        if moved > 0:  # the bf16 update follows the float32 one within bf16 rounding
+            assert (weights[name] - ref).norm() <= 0.05 * moved, name
+    for name, value in model.named_parameters():
+        assert torch.equal(value, before[name]), f"{name} not restored"
+
+
+def test_training_and_evaluation_inner_loops_agree(workspace: dict[str, Path], settings: dict[str, Any]) -> None:
+    """FOMAML's inner loop (training's loss function) and the evaluation's give the same adapted weights."""
+    from fomaml_math.adapt import adapted
+    from fomaml_math.batching import make_sft_batch
+    from fomaml_math.modeling import load_model_and_tokenizer
+    from fomaml_math.training.runtime import Runtime, loss_fn_for
+
+    model, tokenizer = load_model_and_tokenizer(workspace["model"])
+    model.eval()
+    task = load_task(workspace["tasks"], "geometry", 4)
+    settings["eval"].update(num_inner_steps=3, inner_lr=0.2, inner_batch_size=8)
+    ctx = _context(model, tokenizer, settings, 6)
+    ctx.eval_settings = settings["eval"]
+    _, evaluation = _adapted_weights(ctx, task, 6)  # micro-batches of 2: accumulated gradients
+    ids = draw_shots(task.pool["id"].tolist(), 6, seed=ctx.seed, task=task.name, repeat=0)
+    by_id = task.pool.set_index("id")
+    batch = make_sft_batch(tokenizer, [{"problem": by_id.at[i, "problem"], "solution": by_id.at[i, "solution"]}
+                                       for i in ids], ctx.max_seq_len)  # fmt: skip
+    loss_fn = loss_fn_for(Runtime.local(), split_rows=False)
+    with adapted(model, [batch], inner_lr=0.2, num_steps=3, loss_fn=loss_fn):
+        training = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for name, value in training.items():
+        torch.testing.assert_close(evaluation[name], value, rtol=1e-5, atol=1e-6)

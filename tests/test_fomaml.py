@@ -144,7 +144,7 @@ def test_main_writes_outputs(tmp_path: Path) -> None:
     assert summary["num_truncated_examples"] == 0 and summary["resumed_from"] == []
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(7))
-    assert "heldout/loss_after" in records[0] and "heldout/loss_before" in records[3]
+    assert "dev/loss_after" in records[0] and "dev/loss_before" in records[3]
     for key in ("meta/loss", "meta/grad_norm", "meta/avg_adaptation_gap", "meta/task_loss_variance", "lr"):
         assert all(math.isfinite(r[key]) for r in records[1:])
     header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
@@ -226,7 +226,7 @@ def test_bf16_autocast_path_runs(tmp_path: Path) -> None:
         AcceleratorState._reset_state(reset_partial_state=True)
     records = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["meta/loss"]) for r in records[1:])
-    assert records[0]["heldout/loss_after"] < records[0]["heldout/loss_before"] + 1.0
+    assert records[0]["dev/loss_after"] < records[0]["dev/loss_before"] + 1.0
     from safetensors.torch import load_file
 
     assert all(t.dtype == torch.float32 for t in load_file(tmp_path / "out" / "model" / "model.safetensors").values())

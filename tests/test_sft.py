@@ -70,7 +70,7 @@ def test_main_writes_outputs(tmp_path: Path) -> None:
     assert summary["num_train_examples"] == 3 * (12 + 12)
     records = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(7))
-    assert "heldout/loss_before" in records[0] and "heldout/loss_before" in records[6]
+    assert "dev/loss_before" in records[0] and "dev/loss_before" in records[6]
     assert records[6]["sft/loss"] < records[1]["sft/loss"]
     header = (tmp_path / "out" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"step", "sft/loss", "sft/grad_norm", "lr", "perf/tokens_per_s"} <= set(header)

@@ -12,16 +12,21 @@ parameters are not in the autograd graph), so ``grad_mode="backward"`` moves ``.
 lets FSDP reduce-scatter each inner gradient into ``.grad``, applies it, and puts the original
 ``.grad`` back before the body runs: from the caller's side ``.grad`` is again untouched.
 
-Mixed precision: open autocast per forward pass (inside ``loss_fn``), not around the ``with``
-block.  Autocast caches its low-precision copies of the weights until its outermost context exits,
-so in-place updates inside one autocast region would be computed against stale copies.
+Mixed precision: open autocast per forward pass (inside ``loss_fn``; :func:`sft_loss_fn` builds
+such a loss for training and evaluation alike), not around the ``with`` block.  Autocast caches
+its low-precision copies of the weights until its outermost context exits, so in-place updates
+inside one autocast region would be computed against stale copies (every inner step would see the
+initial weights: k steps would be one step at k times the learning rate).
+
+The inner optimizer is plain SGD (FOMAML's inner loop, the seed's) or Adam (``optimizer="adam"``,
+the seed study plan's evaluation adaptation; its two moment buffers live only inside the block).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -31,6 +36,32 @@ from fomaml_math.batching import SFTBatch, sft_loss
 
 LossFn = Callable[[Any, Any], tuple[torch.Tensor, int]]
 GradMode = Literal["autograd", "backward"]
+InnerOptimizer = Literal["sgd", "adam"]
+INNER_OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
+ADAM_BETAS = (0.9, 0.999)  # torch defaults
+ADAM_EPS = 1e-8
+
+
+def sft_loss_fn(
+    device: torch.device | str,
+    autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    rows: Callable[[SFTBatch], tuple[SFTBatch, float | None]] | None = None,
+) -> LossFn:
+    """``loss_fn(model, batch)`` for :func:`adapted`: the SFT loss with autocast opened per forward pass.
+
+    ``autocast`` makes a fresh mixed-precision context for every call (training: accelerate's,
+    evaluation: ``torch.autocast``); ``rows`` optionally picks this process's rows of a batch and
+    the normaliser that keeps the reduced gradient exact (training's multi-process split).
+    """
+
+    def loss_fn(model: Any, batch: SFTBatch) -> tuple[torch.Tensor, int]:
+        normalizer = None
+        if rows is not None:
+            batch, normalizer = rows(batch)
+        with autocast():
+            return sft_loss(model, batch.to(device), normalizer=normalizer)
+
+    return loss_fn
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -84,6 +115,18 @@ class WeightSnapshot:
         self._synchronize()
 
     @torch.no_grad()
+    def relative_change(self) -> float:
+        """‖w − w₀‖ / ‖w₀‖ over all trainable weights: how far the live weights moved from the snapshot."""
+        moved = torch.zeros((), dtype=torch.float64)
+        base = torch.zeros((), dtype=torch.float64)
+        for p, b in zip(self.params, self.buffers, strict=True):
+            live = _local(p)
+            ref = b.to(live.device, non_blocking=False)
+            moved += float(torch.linalg.vector_norm((live - ref).double()) ** 2)
+            base += float(torch.linalg.vector_norm(ref.double()) ** 2)
+        return float(moved.sqrt() / base.sqrt()) if base > 0 else math.nan
+
+    @torch.no_grad()
     def matches(self) -> bool:
         """Whether the live weights equal the snapshot bitwise (for tests and debugging)."""
         return all(torch.equal(_local(p).cpu(), b.cpu()) for p, b in zip(self.params, self.buffers, strict=True))
@@ -106,6 +149,7 @@ class AdaptationResult:
 
     support_tokens: list[int] = field(default_factory=list)
     num_steps: int = 0
+    weight_change: float = 0.0  # ‖Δw‖/‖w‖ after the last step (measured only with ``measure_change=True``)
     losses: torch.Tensor | None = None  # [num_steps] float32, on the device the losses were computed on
     _support_losses: list[float] | None = field(default=None, init=False, repr=False)
 
@@ -153,7 +197,8 @@ def _step_gradients(
 ) -> tuple[torch.Tensor, int, Sequence[torch.Tensor | None]]:
     """Loss, token count and gradient of one inner step (a batch, or accumulated micro-batches)."""
     parts = list(batch.batches) if isinstance(batch, MicroBatches) else [batch]
-    total_tokens = max(batch.num_tokens, 1) if isinstance(batch, MicroBatches) else None
+    # One part is a plain batch: no rescaling (the loss function may normalise a row split itself).
+    total_tokens = max(batch.num_tokens, 1) if isinstance(batch, MicroBatches) and len(parts) > 1 else None
     step_loss: torch.Tensor | None = None
     step_count = 0
     grads: list[torch.Tensor | None] | None = None
@@ -187,6 +232,36 @@ def _sgd_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | Non
             torch._foreach_add_([p for p, _ in pairs], [g for _, g in pairs], alpha=-lr)
 
 
+class _Adam:
+    """Adam (no weight decay, torch's default betas and eps) on the local weights, state kept only here.
+
+    Written out rather than ``torch.optim.Adam`` because that reads ``.grad``, which the inner loop
+    must leave alone.  Matches ``torch.optim.Adam(foreach=False)`` step for step (tests/test_adapt.py).
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], lr: float) -> None:
+        self.lr = lr
+        self.step_count = 0
+        with torch.no_grad():
+            self.m = [torch.zeros_like(_local(p)) for p in params]
+            self.v = [torch.zeros_like(_local(p)) for p in params]
+
+    @torch.no_grad()
+    def step(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
+        self.step_count += 1
+        beta1, beta2 = ADAM_BETAS
+        correction1 = 1 - beta1**self.step_count
+        correction2 = 1 - beta2**self.step_count
+        for p, g, m, v in zip(params, grads, self.m, self.v, strict=True):
+            if g is None:
+                continue
+            grad = _local(g)
+            m.mul_(beta1).add_(grad, alpha=1 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (v.sqrt() / math.sqrt(correction2)).add_(ADAM_EPS)
+            _local(p).addcdiv_(m, denom, value=-self.lr / correction1)
+
+
 def _inner_loop(
     model: torch.nn.Module,
     params: list[torch.nn.Parameter],
@@ -196,8 +271,11 @@ def _inner_loop(
     loss_fn: LossFn,
     grad_mode: GradMode,
     result: AdaptationResult,
+    optimizer: InnerOptimizer = "sgd",
+    on_step: Callable[[int], None] | None = None,
 ) -> None:
     losses: list[torch.Tensor] = []
+    adam = _Adam(params, inner_lr) if optimizer == "adam" else None
     stashed = [p.grad for p in params] if grad_mode == "backward" else None
     try:
         if stashed is not None:
@@ -206,13 +284,18 @@ def _inner_loop(
         for step in range(num_steps):
             batch = support_batches[step % len(support_batches)]
             loss, count, grads = _step_gradients(model, params, batch, loss_fn, grad_mode)
-            _sgd_step(params, grads, inner_lr)
+            if adam is not None:
+                adam.step(params, grads)
+            else:
+                _sgd_step(params, grads, inner_lr)
             if stashed is not None:
                 for p in params:
                     p.grad = None
             losses.append(loss)
             result.support_tokens.append(count)
             del loss, grads
+            if on_step is not None:
+                on_step(step + 1)  # e.g. a held-out loss after each update (adaptation speed)
     finally:
         if stashed is not None:
             for p, g in zip(params, stashed, strict=True):
@@ -232,13 +315,19 @@ def adapted(
     snapshot: WeightSnapshot | None = None,
     loss_fn: LossFn = sft_loss,
     grad_mode: GradMode = "autograd",
+    optimizer: InnerOptimizer = "sgd",
+    measure_change: bool = False,
+    on_step: Callable[[int], None] | None = None,
 ) -> Iterator[AdaptationResult]:
-    """Adapt ``model`` in place with ``num_steps`` plain SGD steps, yield, then restore its weights.
+    """Adapt ``model`` in place with ``num_steps`` SGD (or Adam) steps, yield, then restore its weights.
 
     Step ``i`` uses ``support_batches[i % len(support_batches)]`` and ``loss_fn(model, batch) ->
     (loss, num_tokens)`` (default: :func:`fomaml_math.batching.sft_loss`); a :class:`MicroBatches`
     item makes one step over several micro-batches with accumulated gradients.  The update is
-    ``w <- w - inner_lr * grad``.  ``num_steps=0`` adapts nothing (0-shot).  The weights are
+    ``w <- w - inner_lr * grad`` (``optimizer="sgd"``) or an Adam step at ``inner_lr`` with fresh
+    moments (``"adam"``).  ``measure_change`` records ``‖Δw‖/‖w‖`` in the result before the body runs;
+    ``on_step(i)`` is called after the i-th update (1-based).
+    ``num_steps=0`` adapts nothing (0-shot).  The weights are
     snapshotted on entry (``snapshot_device``: ``"cpu"`` or ``"same"``) unless ``snapshot`` is given,
     which must then hold the current weights (FOMAML takes one per meta-step for all its tasks).
     The weights are restored bitwise on exit, also when the inner loop or the body raises.
@@ -249,6 +338,8 @@ def adapted(
         raise ValueError(f"num_inner_steps: expected >= 0, got {num_steps}")
     if num_steps > 0 and not support_batches:
         raise ValueError("adapted: num_steps > 0 needs at least one support batch")
+    if optimizer not in INNER_OPTIMIZERS:
+        raise ValueError(f"adaptation optimizer: expected one of {list(INNER_OPTIMIZERS)}, got {optimizer!r}")
     result = AdaptationResult()
     if num_steps == 0:
         yield result
@@ -256,7 +347,9 @@ def adapted(
     params = trainable_parameters(model)
     snap = snapshot if snapshot is not None else WeightSnapshot(model, snapshot_device)
     try:
-        _inner_loop(model, params, support_batches, inner_lr, num_steps, loss_fn, grad_mode, result)
+        _inner_loop(model, params, support_batches, inner_lr, num_steps, loss_fn, grad_mode, result, optimizer, on_step)
+        if measure_change:
+            result.weight_change = snap.relative_change()
         yield result
     finally:
         snap.restore()

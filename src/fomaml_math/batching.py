@@ -1,8 +1,10 @@
 """Chat-formatted SFT batches and their losses (used by FOMAML, SFT and the few-shot evaluation).
 
 An example is a dict with ``problem`` and ``solution``.  It is rendered with the tokenizer's chat
-template: the problem is the user turn, the solution the assistant turn.  Only the assistant turn
-is trained on: its content and the end-of-turn token (``<|im_end|>`` for Qwen); the prompt (user
+template: the problem, followed by the configured ``prompt.instruction`` (:func:`user_turn`), is the
+user turn, the solution the assistant turn.  Training batches, k-shot adaptation, in-context
+demonstrations and evaluation prompts all go through :func:`chat_messages`, so they render alike.
+Only the assistant turn is trained on: its content and the end-of-turn token (``<|im_end|>`` for Qwen); the prompt (user
 turn and the assistant header) and the padding get label ``-100``.  Anything the template writes
 after the end-of-turn token (Qwen writes a newline) is dropped.
 
@@ -26,18 +28,26 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def chat_messages(problem: str, solution: str | None = None) -> list[dict[str, str]]:
-    messages = [{"role": "user", "content": str(problem)}]
+def user_turn(problem: str, instruction: str = "") -> str:
+    """The user turn's text: the problem, then the instruction (e.g. to answer in ``\\boxed{}``) after a blank line."""
+    problem = str(problem)
+    return f"{problem}\n\n{instruction}" if instruction else problem
+
+
+def chat_messages(problem: str, solution: str | None = None, *, instruction: str = "") -> list[dict[str, str]]:
+    messages = [{"role": "user", "content": user_turn(problem, instruction)}]
     if solution is not None:
         messages.append({"role": "assistant", "content": str(solution)})
     return messages
 
 
-def chat_prompt(tokenizer: Any, problem: str, context: Sequence[Mapping[str, str]] = ()) -> str:
+def chat_prompt(
+    tokenizer: Any, problem: str, context: Sequence[Mapping[str, str]] = (), *, instruction: str = ""
+) -> str:
     """The chat-formatted prompt for ``problem`` after the ``context`` turns (if any), ending with the
     opened assistant turn (for generation)."""
     return tokenizer.apply_chat_template(
-        [*context, *chat_messages(problem)], tokenize=False, add_generation_prompt=True
+        [*context, *chat_messages(problem, instruction=instruction)], tokenize=False, add_generation_prompt=True
     )
 
 
@@ -63,15 +73,23 @@ class EncodedExample:
 
 
 def encode_example(
-    tokenizer: Any, problem: str, solution: str, max_seq_len: int, context: Sequence[Mapping[str, str]] = ()
+    tokenizer: Any,
+    problem: str,
+    solution: str,
+    max_seq_len: int,
+    context: Sequence[Mapping[str, str]] = (),
+    *,
+    instruction: str = "",
 ) -> EncodedExample:
     """Tokenize one (problem, solution) pair as a user/assistant chat; see the module docstring.
 
     ``context``: chat turns before the problem (in-context demonstrations); they are part of the
     prompt, so only the final assistant turn is a target.
     """
-    prompt = chat_prompt(tokenizer, problem, context)
-    full = tokenizer.apply_chat_template([*context, *chat_messages(problem, solution)], tokenize=False)
+    prompt = chat_prompt(tokenizer, problem, context, instruction=instruction)
+    full = tokenizer.apply_chat_template(
+        [*context, *chat_messages(problem, solution, instruction=instruction)], tokenize=False
+    )
     if not full.startswith(prompt):
         raise ValueError(
             "chat template: the rendered conversation does not start with the rendered prompt "
@@ -89,8 +107,12 @@ def encode_example(
     return EncodedExample(tuple(ids), min(len(prompt_ids), len(ids)), truncated)
 
 
-def encode_examples(tokenizer: Any, examples: Iterable[Mapping[str, Any]], max_seq_len: int) -> list[EncodedExample]:
-    return [encode_example(tokenizer, ex["problem"], ex["solution"], max_seq_len) for ex in examples]
+def encode_examples(
+    tokenizer: Any, examples: Iterable[Mapping[str, Any]], max_seq_len: int, *, instruction: str = ""
+) -> list[EncodedExample]:
+    return [
+        encode_example(tokenizer, e["problem"], e["solution"], max_seq_len, instruction=instruction) for e in examples
+    ]
 
 
 @dataclass(frozen=True)
@@ -156,9 +178,11 @@ def collate(encoded: Sequence[EncodedExample], pad_token_id: int) -> SFTBatch:
     return SFTBatch(input_ids, attention_mask, labels, num_truncated=sum(e.truncated for e in encoded))
 
 
-def make_sft_batch(tokenizer: Any, examples: Sequence[Mapping[str, Any]], max_seq_len: int) -> SFTBatch:
+def make_sft_batch(
+    tokenizer: Any, examples: Sequence[Mapping[str, Any]], max_seq_len: int, *, instruction: str = ""
+) -> SFTBatch:
     """Chat-format, tokenize and right-pad ``examples`` (dicts with ``problem`` and ``solution``)."""
-    return collate(encode_examples(tokenizer, examples, max_seq_len), tokenizer.pad_token_id)
+    return collate(encode_examples(tokenizer, examples, max_seq_len, instruction=instruction), tokenizer.pad_token_id)
 
 
 def _target_logits_and_labels(model: Any, batch: SFTBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

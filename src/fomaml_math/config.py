@@ -110,6 +110,9 @@ def _iter_semantic_errors(config: dict[str, Any]) -> Iterator[str]:
             "model.name_or_path: with model.tiny set it is the folder the tiny model is built in, "
             f"and must lie under results/ (e.g. results/models/tiny-base), got {model['name_or_path']!r}"
         )
+    accelerate_config = compute.get("accelerate_config")
+    if accelerate_config and not (REPO_ROOT / accelerate_config).is_file() and not Path(accelerate_config).is_file():
+        yield f"compute.accelerate_config: {accelerate_config} not found (expected e.g. config/accelerate/ddp.yaml)"
     if compute["eval_gpus_per_job"] > compute["gpus"]:
         yield f"compute.eval_gpus_per_job: {compute['eval_gpus_per_job']} exceeds compute.gpus ({compute['gpus']})"
     if config["fomaml"]["meta_batch_size"] > len(training_tasks(config)):
@@ -179,6 +182,17 @@ def _model_settings(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def instruction(config: dict[str, Any]) -> str:
+    """The user-turn instruction every stage renders (training, adaptation, evaluation)."""
+    return str(config.get("prompt", {}).get("instruction", ""))
+
+
+def adaptation_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation's k-shot adaptation (before calibration), which model selection also uses."""
+    ev = config["eval"]
+    return {k: ev[k] for k in ("optimizer", "inner_lr", "num_inner_steps", "inner_batch_size")}
+
+
 def _train_compute(config: dict[str, Any]) -> dict[str, Any]:
     compute = config["compute"]
     keys = ("num_processes", "mixed_precision", "gradient_checkpointing", "snapshot_device")
@@ -199,7 +213,12 @@ def stage_settings(config: dict[str, Any], stage: str) -> dict[str, Any]:
     if stage == "split":
         return {"seed": seed, "tasks": config["tasks"]}
     if stage == "build_tiny_model":
-        return {"seed": seed, "tiny": config["model"]["tiny"], "max_seq_len": config["model"]["max_seq_len"]}
+        return {
+            "seed": seed,
+            "tiny": config["model"]["tiny"],
+            "max_seq_len": config["model"]["max_seq_len"],
+            "instruction": instruction(config),
+        }
     if stage == "train_fomaml":
         return {
             "seed": seed,
@@ -208,6 +227,9 @@ def stage_settings(config: dict[str, Any], stage: str) -> dict[str, Any]:
             "fomaml": config["fomaml"],
             "train_tasks": training_tasks(config),
             "wandb": config["wandb"],
+            "prompt": {"instruction": instruction(config)},
+            "select": config["select"],
+            "adaptation": adaptation_settings(config),
         }
     if stage == "train_sft":
         return {
@@ -217,6 +239,9 @@ def stage_settings(config: dict[str, Any], stage: str) -> dict[str, Any]:
             "sft": config["sft"] | {"steps": sft_budget_steps(config)},
             "train_tasks": training_tasks(config),
             "wandb": config["wandb"],
+            "prompt": {"instruction": instruction(config)},
+            "select": config["select"],
+            "adaptation": adaptation_settings(config),
         }
     if stage == "eval":
         # ``shots`` is left out: each job gets its own shot count as a wildcard, so adding a
@@ -226,6 +251,16 @@ def stage_settings(config: dict[str, Any], stage: str) -> dict[str, Any]:
             "eval": {k: v for k, v in config["eval"].items() if k != "shots"},
             "model": _model_settings(config),
             "mixed_precision": config["compute"]["mixed_precision"],
+            "prompt": {"instruction": instruction(config)},
+        }
+    if stage == "calibrate":
+        return {
+            "seed": seed,
+            "calibration": config["calibration"],
+            "adaptation": adaptation_settings(config),
+            "model": _model_settings(config),
+            "mixed_precision": config["compute"]["mixed_precision"],
+            "prompt": {"instruction": instruction(config)},
         }
     if stage in ("stats", "figures", "report"):
         return {"seed": seed, "stats": config["stats"]}

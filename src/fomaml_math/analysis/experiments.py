@@ -116,8 +116,8 @@ HEADLINE_METRICS = (
     "wall_time_s",
     "meta/loss",
     "sft/loss",
-    "heldout/loss_before",
-    "heldout/loss_after",
+    "dev/loss_before",
+    "dev/loss_after",
 )
 
 

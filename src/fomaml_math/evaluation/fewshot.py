@@ -1,13 +1,14 @@
 """Stage ``evaluate``: k-shot evaluation of one initialisation (base, SFT or FOMAML) on every task.
 
-One job is one (init, k). For each task and repeat it draws k examples from the task's support
-split (a seeded permutation per (seed, task, repeat), so the 5 shots are among the 10, the 10
-among the 25, and every init sees the same shots), then
+One job is one (init, k). For each task and repeat it draws k examples from the task's ``dev_pool``
+split, which no method trains on (:func:`fomaml_math.kshot.draw_shots`: nested in k, the same for
+every init), then
 
-* ``finetune`` mode: adapts the initialisation on them inside :func:`fomaml_math.adapt.adapted`
-  (``eval.num_inner_steps`` SGD steps at ``eval.inner_lr``, each on the token-weighted loss of all
-  k shots, accumulated over micro-batches of ``eval.inner_batch_size``), answers the task's test
-  problems greedily, computes the gold solutions' NLL, and leaves the ``with`` block, which
+* ``finetune`` mode: adapts the initialisation on them (:func:`fomaml_math.kshot.adapted_on_shots`:
+  ``eval.optimizer`` sgd or adam, the learning rate chosen by the calibration stage or
+  ``eval.inner_lr``, ``eval.num_inner_steps`` steps on all k shots; autocast per forward pass),
+  records the adaptation's effect (support loss before/after, ``‖Δw‖/‖w‖``), answers the task's
+  test problems greedily, computes the gold solutions' NLL, and leaves the ``with`` block, which
   restores the initialisation bitwise before the next task/repeat;
 * ``in_context`` mode: puts the k examples in the prompt as worked user/assistant turns.
 
@@ -28,13 +29,11 @@ import math
 import shutil
 import sys
 import time
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from fomaml_math.config import ConfigError, add_settings_arguments, settings_from_args
@@ -61,8 +60,19 @@ OUTPUT_COLUMNS: dict[str, str] = {
     "nll_tokens": "int64",
     "gen_tokens": "int64",
     "shot_ids": "str",
+    "truncated": "bool",  # generation cut at eval.max_new_tokens (no stop token)
+    "experiment": "str",
+    "train_seed": "int64",  # -1: the untrained base model
+    "shot_seed": "int64",
+    "task_role": "str",  # train (meta-trained on in this experiment) | meta_test (held out)
+    "support_loss_before": "float64",  # k-shot loss at the initialisation (NaN at 0 shots)
+    "support_loss_after": "float64",  # the same loss after adaptation
+    "weight_change": "float64",  # ‖Δw‖/‖w‖ of the adaptation (0 at 0 shots)
+    "adapt_lr": "float64",
+    "adapt_steps": "int64",
+    "adapt_optimizer": "str",
 }
-SUPPORT_COLUMNS = ("id", "problem", "solution")
+POOL_COLUMNS = ("id", "problem", "solution")
 TEST_COLUMNS = ("id", "level", "problem", "solution", "answer")
 
 
@@ -72,8 +82,9 @@ TEST_COLUMNS = ("id", "level", "problem", "solution", "answer")
 @dataclass(frozen=True)
 class TaskData:
     name: str
-    support: pd.DataFrame  # sorted by id
+    pool: pd.DataFrame  # dev_pool: where the shots come from; sorted by id
     test: pd.DataFrame  # sorted by id, cut to eval.max_test_problems
+    role: str = "train"  # train | meta_test
 
 
 def discover_tasks(tasks_dir: str | Path, only: Sequence[str] | None = None) -> list[str]:
@@ -92,29 +103,13 @@ def discover_tasks(tasks_dir: str | Path, only: Sequence[str] | None = None) -> 
     return found
 
 
-def load_task(tasks_dir: str | Path, task: str, max_test_problems: int | None) -> TaskData:
+def load_task(tasks_dir: str | Path, task: str, max_test_problems: int | None, role: str = "train") -> TaskData:
     folder = Path(tasks_dir) / task
-    support = read_task_split(folder / "support.parquet", SUPPORT_COLUMNS)
+    pool = read_task_split(folder / "dev_pool.parquet", POOL_COLUMNS)
     test = read_task_split(folder / "test.parquet", TEST_COLUMNS)
     if max_test_problems is not None:
         test = test.iloc[: int(max_test_problems)].reset_index(drop=True)
-    return TaskData(task, support, test)
-
-
-def draw_shots(support_ids: Sequence[str], k: int, *, seed: int, task: str, repeat: int) -> list[str]:
-    """The k shot ids of (task, repeat): the first k of a permutation seeded by (seed, task, repeat).
-
-    The permutation does not depend on k, so draws are nested (the 5 are the first 5 of the 10), and
-    it does not depend on the init, so base/SFT/FOMAML are evaluated on the same shots.
-    """
-    ids = sorted(str(i) for i in support_ids)
-    if k > len(ids):
-        raise ConfigError(f"--shots {k}: task {task!r} has only {len(ids)} support examples")
-    if k <= 0:
-        return []
-    # crc32, not hash(): Python's string hash is salted per process.
-    rng = np.random.default_rng([int(seed), zlib.crc32(task.encode()), int(repeat)])
-    return [ids[i] for i in rng.permutation(len(ids))[:k]]
+    return TaskData(task, pool, test, role)
 
 
 def repeats_for(shots: int, repeats: int) -> list[int]:
@@ -125,10 +120,14 @@ def repeats_for(shots: int, repeats: int) -> list[int]:
 
 
 def precision_context(device: Any, mixed_precision: str) -> contextlib.AbstractContextManager[Any]:
-    """Autocast for ``bf16``/``fp16`` on CUDA (weights stay float32, as in training); else a no-op."""
+    """A fresh autocast context for ``bf16``/``fp16`` (weights stay float32, as in training); else a no-op.
+
+    Open it per forward pass (generation, NLL, and inside the adaptation's loss function), never
+    around an adaptation: see :mod:`fomaml_math.adapt`.
+    """
     import torch
 
-    if mixed_precision == "no" or device.type != "cuda":
+    if mixed_precision == "no":
         return contextlib.nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -164,6 +163,25 @@ class EvalContext:
     mixed_precision: str = "no"
     snapshot_device: str = "cpu"
     snapshot: Any = None  # one copy of the initialisation for the whole job, taken before the first adaptation
+    spec: Any = None  # the AdaptSpec (eval settings, calibrated lr); None: from eval settings
+    instruction: str = ""
+    shot_seed: int | None = None  # None: the global seed
+    experiment: str = "default"
+    train_seed: int = -1
+
+    def adapt_spec(self) -> Any:
+        from fomaml_math.kshot import AdaptSpec
+
+        return self.spec if self.spec is not None else AdaptSpec.from_eval(self.eval_settings)
+
+    def draw_seed(self) -> int:
+        return int(self.seed if self.shot_seed is None else self.shot_seed)
+
+    def loss_fn(self) -> Any:
+        """The adaptation loss: autocast opened per forward pass, exactly as training's."""
+        from fomaml_math.adapt import sft_loss_fn
+
+        return sft_loss_fn(self.device, lambda: precision_context(self.device, self.mixed_precision))
 
     def initialisation_snapshot(self) -> Any:
         """The job's :class:`~fomaml_math.adapt.WeightSnapshot` (every adaptation restores to it)."""
@@ -181,50 +199,55 @@ def evaluate_task_repeat(
     """Evaluate one (task, repeat): rows in the output schema and a summary dict."""
     import torch
 
-    from fomaml_math.adapt import MicroBatches, adapted
-    from fomaml_math.batching import encode_example, make_sft_batch
+    from fomaml_math.batching import encode_example
     from fomaml_math.evaluation.generate import encode_prompts, generate_greedy
     from fomaml_math.evaluation.prompts import demonstration_messages, problem_messages
+    from fomaml_math.kshot import adapted_on_shots, draw_shots, mean_loss, shot_batches
 
     ev = ctx.eval_settings
-    shot_ids = draw_shots(task.support["id"].tolist(), ctx.shots, seed=ctx.seed, task=task.name, repeat=repeat)
-    by_id = task.support.set_index("id")
+    spec = ctx.adapt_spec()
+    shot_ids = draw_shots(task.pool["id"].tolist(), ctx.shots, seed=ctx.draw_seed(), task=task.name, repeat=repeat)
+    by_id = task.pool.set_index("id")
     shots = [{"problem": by_id.at[i, "problem"], "solution": by_id.at[i, "solution"]} for i in shot_ids]
     problems = task.test["problem"].astype(str).tolist()
     solutions = task.test["solution"].astype(str).tolist()
     in_context = ctx.mode == "in_context" and ctx.shots > 0
-    context = demonstration_messages(shots) if in_context else []
-    prompt_ids = encode_prompts(ctx.tokenizer, [problem_messages(p, context) for p in problems])
+    context = demonstration_messages(shots, instruction=ctx.instruction) if in_context else []
+    prompt_ids = encode_prompts(
+        ctx.tokenizer, [problem_messages(p, context, instruction=ctx.instruction) for p in problems]
+    )
     nll_limit = (ctx.context_limit or ctx.max_seq_len) if in_context else ctx.max_seq_len
     encoded = [
-        encode_example(ctx.tokenizer, p, s, nll_limit, context) for p, s in zip(problems, solutions, strict=True)
+        encode_example(ctx.tokenizer, p, s, nll_limit, context, instruction=ctx.instruction)
+        for p, s in zip(problems, solutions, strict=True)
     ]
     batch_size = int(ev["inner_batch_size"])
     finetune = ctx.mode == "finetune" and ctx.shots > 0
     info: dict[str, Any] = {"task": task.name, "repeat": repeat, "shot_ids": shot_ids}
+    effect = {"support_loss_before": math.nan, "support_loss_after": math.nan, "weight_change": 0.0}
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if finetune:
-            micro = [make_sft_batch(ctx.tokenizer, shots[i : i + batch_size], ctx.max_seq_len)
-                     for i in range(0, len(shots), batch_size)]  # fmt: skip
-            full = MicroBatches(micro)  # each inner step: all k shots, gradients accumulated
-            # Autocast only around the inner loop, then exited: its weight-cast cache must not
-            # outlive the in-place updates (generation opens a fresh one on the adapted weights).
-            with precision_context(ctx.device, ctx.mixed_precision):
-                adaptation = stack.enter_context(
-                    adapted(
-                        ctx.model,
-                        [full],
-                        inner_lr=float(ev["inner_lr"]),
-                        num_steps=int(ev["num_inner_steps"]),
-                        snapshot=ctx.initialisation_snapshot(),
-                    )
-                )
+            full = shot_batches(
+                ctx.tokenizer, shots, max_seq_len=ctx.max_seq_len, batch_size=batch_size, instruction=ctx.instruction
+            )
+            loss_fn = ctx.loss_fn()
+            # The loss opens autocast per forward pass: an autocast region around the inner loop would
+            # keep stale low-precision weights, so every step would see the initialisation.
+            adaptation = stack.enter_context(
+                adapted_on_shots(ctx.model, full, spec, loss_fn=loss_fn, snapshot=ctx.initialisation_snapshot())
+            )
+            effect = {
+                "support_loss_before": adaptation.loss_before,
+                "support_loss_after": mean_loss(ctx.model, full, loss_fn),
+                "weight_change": adaptation.weight_change,
+            }
             info["support_losses"] = adaptation.support_losses
             info["support_tokens"] = full.num_tokens
-            info["support_truncated"] = sum(b.num_truncated for b in micro)
+            info["support_truncated"] = sum(b.num_truncated for b in full.batches)
             if not adaptation.finite:
                 print(f"warning: {task.name} repeat {repeat}: non-finite support loss", file=sys.stderr)
+        info.update(effect)
         info["adapt_s"] = time.perf_counter() - started
         started = time.perf_counter()
         with precision_context(ctx.device, ctx.mixed_precision):
@@ -264,6 +287,13 @@ def evaluate_task_repeat(
             "nll_tokens": nll_tokens,
             "gen_tokens": generations.num_tokens,
             "shot_ids": ",".join(shot_ids),
+            "truncated": generations.truncated,
+            "experiment": ctx.experiment,
+            "train_seed": ctx.train_seed,
+            "shot_seed": ctx.draw_seed(),
+            "task_role": task.role,
+            **effect,
+            **(spec.describe() if finetune else {"adapt_optimizer": spec.optimizer, "adapt_lr": 0.0, "adapt_steps": 0}),
         }
     )
     rows = to_output_schema(rows)
@@ -273,6 +303,7 @@ def evaluate_task_repeat(
         accuracy=float(rows["correct"].mean()) if len(rows) else math.nan,
         mean_nll=float(rows["nll"].mean()) if len(rows) else math.nan,
         gen_tokens=int(rows["gen_tokens"].sum()),
+        truncated=int(rows["truncated"].sum()),
         **{status: int(statuses.get(status, 0)) for status in ("timeout", "no_answer", "error")},
     )
     return rows, info
@@ -299,19 +330,23 @@ def _file_stamp(path: Path) -> list[Any]:
 
 
 def job_fingerprint(
-    settings: Mapping[str, Any], args: argparse.Namespace, tasks: Sequence[str], device: str = "cpu"
+    settings: Mapping[str, Any],
+    args: argparse.Namespace,
+    tasks: Sequence[str],
+    device: str = "cpu",
+    extra: Mapping[str, Any] | None = None,
 ) -> str:
     """What a finished piece depends on: settings, init, k, model files, task files and the device type."""
     model = Path(args.model)
     model_files = sorted(_file_stamp(p) for p in model.rglob("*") if p.is_file()) if model.is_dir() else []
     task_hashes = {}
     for task in tasks:
-        for split in ("support", "test"):
+        for split in ("dev_pool", "test"):
             path = Path(args.tasks_dir) / task / f"{split}.parquet"
             task_hashes[f"{task}/{split}"] = hashlib.sha256(path.read_bytes()).hexdigest()
     blob = json.dumps(
         {"settings": settings, "init": args.init, "shots": args.shots, "model": args.model,
-         "model_files": model_files, "tasks": task_hashes, "device": device},
+         "model_files": model_files, "tasks": task_hashes, "device": device, "extra": extra or {}},
         sort_keys=True, default=str,
     )  # fmt: skip
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -377,6 +412,7 @@ def check_in_context_lengths(ctx: EvalContext, tasks: Sequence[TaskData]) -> Non
     """
     from fomaml_math.evaluation.generate import check_context, encode_prompts
     from fomaml_math.evaluation.prompts import demonstration_messages, problem_messages
+    from fomaml_math.kshot import draw_shots
 
     if ctx.mode != "in_context" or ctx.shots == 0:
         return
@@ -384,11 +420,12 @@ def check_in_context_lengths(ctx: EvalContext, tasks: Sequence[TaskData]) -> Non
         if task.test.empty:
             continue
         longest = max(task.test["problem"].astype(str), key=len)
-        by_id = task.support.set_index("id")
+        by_id = task.pool.set_index("id")
         for repeat in repeats_for(ctx.shots, ctx.eval_settings["repeats"]):
-            ids = draw_shots(task.support["id"].tolist(), ctx.shots, seed=ctx.seed, task=task.name, repeat=repeat)
+            ids = draw_shots(task.pool["id"].tolist(), ctx.shots, seed=ctx.draw_seed(), task=task.name, repeat=repeat)
             demos = [{"problem": by_id.at[i, "problem"], "solution": by_id.at[i, "solution"]} for i in ids]
-            prompt = encode_prompts(ctx.tokenizer, [problem_messages(longest, demonstration_messages(demos))])
+            context = demonstration_messages(demos, instruction=ctx.instruction)
+            prompt = encode_prompts(ctx.tokenizer, [problem_messages(longest, context, instruction=ctx.instruction)])
             check_context(
                 prompt,
                 int(ctx.eval_settings["max_new_tokens"]),
@@ -448,6 +485,9 @@ def build_summary(
         "no_answer": int((frame["grade_status"] == "no_answer").sum()),
         "errors": int((frame["grade_status"] == "error").sum()),
         "gen_tokens": int(frame["gen_tokens"].sum()),
+        "mean_gen_tokens": float(frame["gen_tokens"].mean()) if len(frame) else math.nan,
+        "no_answer_rate": float((frame["grade_status"] == "no_answer").mean()) if len(frame) else math.nan,
+        "truncation_rate": float(frame["truncated"].mean()) if len(frame) else math.nan,
         "per_task_repeat": list(infos),
         **extra,
     }
@@ -471,6 +511,14 @@ def main(argv: list[str] | None = None) -> int:
         help="where the copy of the initialisation lives (restores are bitwise either way)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--adapt-lr", type=float, default=None, help="the calibrated learning rate (default eval.inner_lr)"
+    )
+    parser.add_argument("--adapt-steps", type=int, default=None, help="calibrated steps (default eval.num_inner_steps)")
+    parser.add_argument("--experiment", default="default", help="the experiment these rows belong to")
+    parser.add_argument("--train-seed", type=int, default=-1, help="training seed of --model (-1: untrained base)")
+    parser.add_argument("--shot-seed", type=int, default=None, help="seed of the shot draws (default: the seed)")
+    parser.add_argument("--meta-test", nargs="*", default=[], help="tasks held out of this experiment's training")
     args = parser.parse_args(argv)
     settings = settings_from_args(args, "eval")
     started = time.perf_counter()
@@ -486,13 +534,22 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--output: expected a .parquet path, got {output}")
 
     task_names = discover_tasks(args.tasks_dir, args.tasks)
-    tasks = [load_task(args.tasks_dir, t, ev.get("max_test_problems")) for t in task_names]
-    for task in tasks:  # before loading a model: a too-small support split is a settings error
-        if args.shots > len(task.support):
+    held_out = set(args.meta_test)
+    tasks = [
+        load_task(args.tasks_dir, t, ev.get("max_test_problems"), "meta_test" if t in held_out else "train")
+        for t in task_names
+    ]
+    for task in tasks:  # before loading a model: a too-small shot pool is a settings error
+        if args.shots > len(task.pool):
             raise ConfigError(
-                f"--shots {args.shots}: task {task.name!r} has only {len(task.support)} support examples "
-                f"({Path(args.tasks_dir) / task.name / 'support.parquet'})"
+                f"--shots {args.shots}: task {task.name!r} has only {len(task.pool)} dev_pool examples "
+                f"({Path(args.tasks_dir) / task.name / 'dev_pool.parquet'}; raise tasks.split.dev_pool)"
             )
+    from fomaml_math.kshot import AdaptSpec
+
+    spec = AdaptSpec.from_eval(ev, lr=args.adapt_lr, num_steps=args.adapt_steps)
+    if spec.optimizer not in ("sgd", "adam"):
+        raise ConfigError(f"eval.optimizer: expected sgd or adam, got {spec.optimizer!r}")
 
     import torch
 
@@ -523,10 +580,17 @@ def main(argv: list[str] | None = None) -> int:
         eval_settings=ev,
         max_seq_len=int(model_settings["max_seq_len"]),
         context_limit=context_length(model) or int(model_settings["max_seq_len"]),
-        mixed_precision=str(settings.get("mixed_precision", "no")),
+        mixed_precision=str(settings.get("mixed_precision", "no")) if device.type == "cuda" else "no",
         snapshot_device=args.snapshot_device,
+        spec=spec,
+        instruction=str(settings.get("prompt", {}).get("instruction", "")),
+        shot_seed=args.shot_seed,
+        experiment=args.experiment,
+        train_seed=args.train_seed,
     )
-    pieces = PieceStore(output, job_fingerprint(settings, args, task_names, device.type))
+    job = {"spec": spec.describe(), "experiment": args.experiment, "train_seed": args.train_seed,
+           "shot_seed": ctx.draw_seed(), "meta_test": sorted(held_out)}  # fmt: skip
+    pieces = PieceStore(output, job_fingerprint(settings, args, task_names, device.type, job))
     with Grader(timeout_s=float(ev["grade_timeout_s"]), workers=args.grade_workers) as grader:
         frame, infos = run_job(ctx, tasks, grader, pieces=pieces, show_progress=not args.no_progress)
     wall = time.perf_counter() - started
@@ -538,7 +602,8 @@ def main(argv: list[str] | None = None) -> int:
             "model": args.model,
             "tasks": task_names,
             "device": str(device),
-            "precision": ctx.mixed_precision if device.type == "cuda" else "no",
+            "precision": ctx.mixed_precision,
+            **job,
             "wall_time_s": round(wall, 3),
             "resumed_pieces": sum(bool(i.get("resumed")) for i in infos),
             "settings": settings,

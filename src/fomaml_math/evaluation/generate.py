@@ -39,6 +39,7 @@ class Generations:
     token_ids: list[list[int]]
     num_tokens: list[int]
     prompt_tokens: list[int]
+    truncated: list[bool]  # cut at max_new_tokens: no stop token was produced
 
 
 def context_length(model: Any) -> int | None:
@@ -195,4 +196,5 @@ def generate_greedy(
     texts = [
         tokenizer.decode([t for t in ids if t not in stop_set], skip_special_tokens=True).strip() for ids in generated
     ]
-    return Generations(texts, generated, [len(ids) for ids in generated], [len(ids) for ids in prompt_ids])
+    truncated = [not ids or ids[-1] not in stop_set for ids in generated]
+    return Generations(texts, generated, [len(ids) for ids in generated], [len(ids) for ids in prompt_ids], truncated)

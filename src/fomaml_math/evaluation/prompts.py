@@ -16,14 +16,14 @@ from fomaml_math.batching import chat_messages
 Message = dict[str, str]
 
 
-def demonstration_messages(demos: Sequence[Mapping[str, Any]]) -> list[Message]:
+def demonstration_messages(demos: Sequence[Mapping[str, Any]], *, instruction: str = "") -> list[Message]:
     """User/assistant turns for worked examples (dicts with ``problem`` and ``solution``)."""
     messages: list[Message] = []
     for demo in demos:
-        messages.extend(chat_messages(demo["problem"], demo["solution"]))
+        messages.extend(chat_messages(demo["problem"], demo["solution"], instruction=instruction))
     return messages
 
 
-def problem_messages(problem: str, context: Sequence[Message] = ()) -> list[Message]:
+def problem_messages(problem: str, context: Sequence[Message] = (), *, instruction: str = "") -> list[Message]:
     """The chat for answering ``problem``, after the ``context`` turns (demonstrations), if any."""
-    return [*context, *chat_messages(problem)]
+    return [*context, *chat_messages(problem, instruction=instruction)]

@@ -89,18 +89,27 @@ def _optimizer_state(runtime: Any, model: Any, optimizer: Any) -> dict[str, Any]
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The RNG states in plain types and tensors only, so ``torch.load(weights_only=True)`` reads them."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)]
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate(_as_tuples(state["python"]))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def _as_tuples(value: Any) -> Any:
+    """``random.setstate`` wants tuples; a round trip through ``torch.load`` may hand back lists."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, list | tuple) else value
 
 
 def save_checkpoint(
@@ -160,6 +169,54 @@ def discard_stale(root: Path, key: str, *, is_main: bool) -> list[Path]:
     return stale
 
 
+BEST_DIR = "best"  # the best-so-far weights by the dev criterion: outside the keep_checkpoints rotation
+
+
+def save_best(root: Path, step: int, *, runtime: Any, model: Any, state: dict[str, Any]) -> Path:
+    """Write the current weights to ``<root>/best`` atomically (every process must call this)."""
+    weights = _model_state(runtime, model)
+    target = root / BEST_DIR
+    if runtime.is_main:
+        assert weights is not None
+        unique, aliases = _dedup_state(weights)
+        with atomic_dir(target) as tmp:
+            save_file(unique, str(tmp / "model.safetensors"), metadata={"aliases": json.dumps(aliases)})
+            (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2, sort_keys=True) + "\n")
+    runtime.barrier()
+    return target
+
+
+def read_best(root: Path, key: str) -> dict[str, Any] | None:
+    """The best slot's state if it exists and was written under resume key ``key`` (else None)."""
+    path = root / BEST_DIR / "state.json"
+    if not path.is_file():
+        return None
+    state = json.loads(path.read_text())
+    return state if state.get("resume_key") == key else None
+
+
+def _load_weights(path: Path, *, runtime: Any, model: Any) -> None:
+    """Load ``model.safetensors`` of a checkpoint or best slot into ``model`` (FSDP: broadcast from rank 0)."""
+    weights: dict[str, torch.Tensor] = {}
+    if runtime.is_main or runtime.mode != "fsdp":
+        with safe_open(str(path / "model.safetensors"), framework="pt") as reader:
+            aliases = json.loads((reader.metadata() or {}).get("aliases", "{}"))
+        weights = load_file(str(path / "model.safetensors"))
+        for name, source in aliases.items():
+            weights[name] = weights[source]
+    if runtime.mode == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    else:
+        device = next(model.parameters()).device
+        model.load_state_dict({k: v.to(device) for k, v in weights.items()}, strict=True)
+
+
+def load_best(root: Path, *, runtime: Any, model: Any) -> None:
+    _load_weights(root / BEST_DIR, runtime=runtime, model=model)
+
+
 def load_checkpoint(
     path: Path, *, runtime: Any, model: Any, optimizer: Any, scheduler: Any, expected_key: str
 ) -> dict[str, Any]:
@@ -180,7 +237,8 @@ def load_checkpoint(
         weights = load_file(str(path / "model.safetensors"))
         for name, source in aliases.items():
             weights[name] = weights[source]
-        optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+        # weights_only: a checkpoint folder from elsewhere cannot run code when it is loaded.
+        optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     if runtime.mode == "fsdp":
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -195,8 +253,8 @@ def load_checkpoint(
         device = next(model.parameters()).device
         model.load_state_dict({k: v.to(device) for k, v in weights.items()}, strict=True)
         optimizer.load_state_dict(optim)
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    rngs = torch.load(path / "rng.pt", weights_only=False)
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rngs = torch.load(path / "rng.pt", weights_only=True)
     if runtime.rank < len(rngs):
         set_rng_state(rngs[runtime.rank])
     return state

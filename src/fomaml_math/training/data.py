@@ -23,8 +23,11 @@ def load_task_split(tasks_dir: str | Path, task: str, split: str) -> list[dict[s
     return [{c: frame.at[i, c] for c in TASK_COLUMNS} for i in range(len(frame))]
 
 
-def encode_rows(tokenizer: Any, rows: Sequence[dict[str, Any]], max_seq_len: int) -> list[EncodedExample]:
-    return [encode_example(tokenizer, r["problem"], r["solution"], max_seq_len) for r in rows]
+def encode_rows(
+    tokenizer: Any, rows: Sequence[dict[str, Any]], max_seq_len: int, *, instruction: str = ""
+) -> list[EncodedExample]:
+    """Chat-encode split rows with the configured user-turn instruction (the evaluation renders alike)."""
+    return [encode_example(tokenizer, r["problem"], r["solution"], max_seq_len, instruction=instruction) for r in rows]
 
 
 def require_rows(rows: Sequence[Any], needed: int, *, setting: str, what: str) -> None:
@@ -72,3 +75,45 @@ def rng_for(*key: int) -> np.random.Generator:
     """A generator derived from integers only: the draws of step ``s`` do not depend on earlier steps,
     on the number of processes, or on where a run was resumed."""
     return np.random.default_rng([int(k) for k in key])
+
+
+ROLES_FILE = "roles.parquet"  # written by split-tasks: one row per problem id with its role (split)
+TRAINING_ROLES = ("support", "query")
+
+
+def check_training_ids(tasks_dir: str | Path, rows: Sequence[dict[str, Any]], *, what: str) -> None:
+    """Assert by id that every training row is a support/query problem: no dev or test problem is trained on.
+
+    The split stage's role index (``roles.parquet``: id, task, split) says where each id belongs; a
+    training row whose id it lists in another role stops the run before any step.
+    """
+    import pandas as pd
+
+    path = Path(tasks_dir) / ROLES_FILE
+    if not path.is_file():
+        raise ConfigError(f"--tasks-dir: {path} not found (rerun split-tasks)")
+    roles = pd.read_parquet(path, columns=["id", "split"])
+    role_of = dict(zip(roles["id"].astype(str), roles["split"].astype(str), strict=True))
+    leaked = [
+        (str(r["id"]), role_of[str(r["id"])])
+        for r in rows
+        if role_of.get(str(r["id"]), "support") not in TRAINING_ROLES
+    ]
+    if leaked:
+        first_id, role = leaked[0]
+        raise ConfigError(
+            f"{what}: {len(leaked)} training example(s) belong to a held-out role, e.g. {first_id!r} is {role}; "
+            "dev and test problems must never be trained on (rerun split-tasks)"
+        )
+
+
+def load_dev(
+    tasks_dir: str | Path, tasks: Sequence[str], tokenizer: Any, max_seq_len: int, *, instruction: str
+) -> tuple[dict[str, list[EncodedExample]], dict[str, list[dict[str, Any]]]]:
+    """Per task: the encoded ``dev_monitor`` examples and the ``dev_pool`` rows (monitoring and selection)."""
+    monitor = {
+        t: encode_rows(tokenizer, load_task_split(tasks_dir, t, "dev_monitor"), max_seq_len, instruction=instruction)
+        for t in tasks
+    }
+    pools = {t: load_task_split(tasks_dir, t, "dev_pool") for t in tasks}
+    return monitor, pools

@@ -23,15 +23,14 @@ import torch
 from fomaml_math.adapt import WeightSnapshot, adapted
 from fomaml_math.batching import EncodedExample, SFTBatch, collate
 from fomaml_math.config import ConfigError
-from fomaml_math.training.data import encode_rows, load_task_split, require_rows, rng_for
-from fomaml_math.training.monitor import build_heldout_sets, heldout_losses
+from fomaml_math.training.data import check_training_ids, encode_rows, load_dev, load_task_split, require_rows, rng_for
+from fomaml_math.training.monitor import build_monitor_sets, dev_losses
 from fomaml_math.training.optim import TrainingDivergedError, check_finite, clip_and_norm
 from fomaml_math.training.run import run_main, start_run
 from fomaml_math.training.runtime import Runtime, loss_fn_for, make_runtime
 
 TAG_TASKS = 0x7A5C  # rng stream ids: meta-batch task draw, per-task episode draw
 TAG_EPISODE = 0xE915
-HELDOUT_MAX_EXAMPLES = 32
 
 
 @dataclass
@@ -227,27 +226,31 @@ def train(settings: dict[str, Any], tasks_dir: Path, output_dir: Path, checkpoin
         model_cfg["name_or_path"], revision=model_cfg.get("revision"), trust_remote_code=model_cfg["trust_remote_code"]
     )
     max_len = int(model_cfg["max_seq_len"])
+    instruction = str(settings.get("prompt", {}).get("instruction", ""))
     data: dict[str, TaskData] = {}
-    test: dict[str, list[EncodedExample]] = {}
     for task in tasks:
         support = load_task_split(tasks_dir, task, "support")
         query = load_task_split(tasks_dir, task, "query")
+        check_training_ids(tasks_dir, [*support, *query], what=f"task {task}")
         require_rows(support, int(fo["inner_batch_size"]), setting="fomaml.inner_batch_size", what=f"{task}/support")
         require_rows(query, int(fo["query_batch_size"]), setting="fomaml.query_batch_size", what=f"{task}/query")
-        data[task] = TaskData(encode_rows(tokenizer, support, max_len), encode_rows(tokenizer, query, max_len))
-        test[task] = encode_rows(tokenizer, load_task_split(tasks_dir, task, "test"), max_len)
+        data[task] = TaskData(
+            encode_rows(tokenizer, support, max_len, instruction=instruction),
+            encode_rows(tokenizer, query, max_len, instruction=instruction),
+        )
     train_examples = [e for d in data.values() for e in (*d.support, *d.query)]
     pad = int(tokenizer.pad_token_id)
-    heldout_sets = build_heldout_sets(
+    monitor_sets = build_monitor_sets(
         tasks,
-        test,
-        {t: d.support for t, d in data.items()},
+        *load_dev(tasks_dir, tasks, tokenizer, max_len, instruction=instruction),
+        tokenizer=tokenizer,
         seed=seed,
-        pad_token_id=pad,
         chunk_size=int(fo["query_batch_size"]),
-        max_examples=max(HELDOUT_MAX_EXAMPLES, int(fo["query_batch_size"])),
-        support_batch_size=int(fo["inner_batch_size"]),
-        support_steps=int(fo["num_inner_steps"]),
+        max_examples=int(settings["select"].get("max_monitor_examples", 32)),
+        select=settings["select"],
+        adaptation=settings["adaptation"],
+        max_seq_len=max_len,
+        instruction=instruction,
         multiple_of=runtime.world if runtime.mode == "fsdp" else 1,
     )
 
@@ -266,14 +269,12 @@ def train(settings: dict[str, Any], tasks_dir: Path, output_dir: Path, checkpoin
     snapshot = WeightSnapshot(model, settings["compute"].get("snapshot_device", "cpu"))
     inner_lr, inner_steps = float(fo["inner_lr"]), int(fo["num_inner_steps"])
 
-    def heldout() -> dict[str, float]:
-        return heldout_losses(
-            runtime, model, heldout_sets, inner_lr=inner_lr, num_inner_steps=inner_steps, snapshot=snapshot
-        )
+    def monitor() -> dict[str, float]:
+        return dev_losses(runtime, model, monitor_sets, adaptation=settings["adaptation"], snapshot=snapshot)
 
     try:
         if run.start_step == 0:
-            run.log({"step": 0, **heldout()})
+            run.log({"step": 0, **monitor()})
         for step in range(run.start_step + 1, total + 1):
             t0 = time.perf_counter()
             names = sample_tasks(seed, step, tasks, int(fo["meta_batch_size"]))
@@ -305,10 +306,11 @@ def train(settings: dict[str, Any], tasks_dir: Path, output_dir: Path, checkpoin
                 truncated=sum(e.num_truncated for e in episodes),
             )
             record = {"step": step, **result.metrics(), "lr": lr, **perf}
-            if run.heldout_due(step):
-                record.update(heldout())
+            if run.monitor_due(step):
+                record.update(monitor())
             run.log(record, postfix={"loss": f"{record['meta/loss']:.4f}", "gnorm": f"{result.grad_norm:.3f}"})
             run.maybe_save(step)
+            run.observe_dev(step, record)
     finally:
         run.close()
     return run.finish(output_dir, tokenizer, train_examples=train_examples, started=started)

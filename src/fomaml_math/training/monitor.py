@@ -1,8 +1,17 @@
-"""Held-out monitoring during training: NLL on fixed dev examples, before and after adaptation."""
+"""Dev monitoring during training, and the dev criterion that selects the kept model.
+
+Both trainers measure the same quantity every ``test_freq`` steps, on data no method trains on:
+per training task, the token-weighted NLL of fixed ``dev_monitor`` examples at the current weights
+(``dev/<task>/loss_before``) and after the evaluation's k-shot adaptation (``settings.adaptation``:
+optimizer, lr, steps) on ``select.shots`` shots drawn from ``dev_pool`` (``dev/<task>/loss_after``;
+the draws are seeded by (seed, task, draw) in a stream of their own, so FOMAML and SFT see the same
+shots, and the evaluation's draws are different ones).  ``dev/loss_after``, the mean over tasks, is
+the selection criterion of ``select.criterion: best_dev``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,49 +22,64 @@ from fomaml_math.batching import EncodedExample, SFTBatch
 from fomaml_math.training.data import rng_for
 from fomaml_math.training.runtime import Runtime, loss_fn_for
 
+SELECTION_METRIC = "dev/loss_after"
+TAG_MONITOR = 0x4E1D
+
 
 @dataclass
-class HeldoutSet:
-    """Fixed held-out examples of one task (``chunks``) and fixed support batches to adapt on (``support``)."""
+class MonitorSet:
+    """Fixed dev_monitor examples of one task (``chunks``) and fixed k-shot draws to adapt on (``shots``)."""
 
     task: str
     chunks: list[SFTBatch]
-    support: list[SFTBatch]
+    shots: list[Any]  # one MicroBatches per draw (all k shots per inner step)
 
 
-def build_heldout_sets(
+def build_monitor_sets(
     tasks: Sequence[str],
-    heldout: dict[str, list[EncodedExample]],
-    support: dict[str, list[EncodedExample]],
+    monitor: Mapping[str, list[EncodedExample]],
+    pools: Mapping[str, list[dict[str, Any]]],
     *,
+    tokenizer: Any,
     seed: int,
-    pad_token_id: int,
     chunk_size: int,
     max_examples: int,
-    support_batch_size: int = 0,
-    support_steps: int = 0,
+    select: Mapping[str, Any],
+    adaptation: Mapping[str, Any],
+    max_seq_len: int,
+    instruction: str,
     multiple_of: int = 1,
-) -> list[HeldoutSet]:
-    """Draw once (seeded) up to ``max_examples`` held-out examples and ``support_steps`` support batches per task."""
+) -> list[MonitorSet]:
+    """Draw once (seeded) up to ``max_examples`` dev_monitor examples and the selection's shots per task."""
     from fomaml_math.batching import collate
+    from fomaml_math.kshot import STREAM_SELECTION, draw_shots, shot_batches
 
     sets = []
+    k = int(select.get("shots", 0))
+    # Under FSDP every process runs every forward: one micro-batch of all k shots (its rows split).
+    batch_size = k if multiple_of > 1 else int(adaptation["inner_batch_size"])
     for index, task in enumerate(tasks):
-        rng = rng_for(seed, 0x4E1D, index)
-        pool = heldout.get(task, [])
+        rng = rng_for(seed, TAG_MONITOR, index)
+        pool = monitor.get(task, [])
         n = min(len(pool), max_examples)
         n -= n % multiple_of
         if n == 0:
             continue
         rows = [pool[i] for i in sorted(rng.choice(len(pool), size=n, replace=False))]
-        chunks = [collate(rows[i : i + chunk_size], pad_token_id) for i in range(0, n, chunk_size)]
-        batches = []
-        if support_steps and support_batch_size <= len(support.get(task, [])):
-            order = rng.permutation(len(support[task]))
-            for step in range(support_steps):
-                idx = [order[(step * support_batch_size + j) % len(order)] for j in range(support_batch_size)]
-                batches.append(collate([support[task][i] for i in idx], pad_token_id))
-        sets.append(HeldoutSet(task, chunks, batches))
+        chunks = [collate(rows[i : i + chunk_size], tokenizer.pad_token_id) for i in range(0, n, chunk_size)]
+        draws = []
+        shots_pool = pools.get(task, [])
+        if k and k <= len(shots_pool):
+            by_id = {str(r["id"]): r for r in shots_pool}
+            for draw in range(int(select.get("draws", 1))):
+                ids = draw_shots(list(by_id), k, seed=seed, task=task, repeat=draw, stream=STREAM_SELECTION)
+                shots = [by_id[i] for i in ids]
+                draws.append(
+                    shot_batches(
+                        tokenizer, shots, max_seq_len=max_seq_len, batch_size=batch_size, instruction=instruction
+                    )
+                )
+        sets.append(MonitorSet(task, chunks, draws))
     return sets
 
 
@@ -72,54 +96,53 @@ def _nll_sum_count(runtime: Runtime, model: Any, chunks: Sequence[SFTBatch], spl
     return total, count
 
 
-def heldout_losses(
+def dev_losses(
     runtime: Runtime,
     model: Any,
-    sets: Sequence[HeldoutSet],
+    sets: Sequence[MonitorSet],
     *,
-    inner_lr: float | None = None,
-    num_inner_steps: int = 0,
+    adaptation: Mapping[str, Any] | None = None,
     snapshot: Any = None,
 ) -> dict[str, float]:
-    """Token-weighted held-out NLL per task at the current weights and, with ``num_inner_steps``, after
-    adapting on the task's fixed support batches (restored afterwards).  Every process must call it."""
-    from fomaml_math.adapt import adapted
+    """Token-weighted dev_monitor NLL per task at the current weights and, with ``adaptation``, after the
+    evaluation's k-shot adaptation on each draw (restored afterwards).  Every process must call it."""
+    from fomaml_math.adapt import WeightSnapshot
+    from fomaml_math.kshot import AdaptSpec, adapted_on_shots
 
     split = runtime.mode == "fsdp"
     values = torch.zeros((len(sets), 4), dtype=torch.float64)
     mine = range(len(sets)) if split else range(runtime.rank, len(sets), runtime.world)
     loss_fn = loss_fn_for(runtime, split_rows=split)
-    if snapshot is not None and num_inner_steps:
+    spec = AdaptSpec.from_eval(adaptation) if adaptation else None
+    if spec is not None and snapshot is None:
+        snapshot = WeightSnapshot(model, "cpu")
+    elif spec is not None:
         snapshot.refresh()  # once: every adaptation below restores the weights it started from
     for i in mine:
         item = sets[i]
         values[i, 0], values[i, 1] = _nll_sum_count(runtime, model, item.chunks, split)
-        if num_inner_steps and item.support:
-            with adapted(
-                model,
-                item.support,
-                inner_lr=float(inner_lr or 0.0),
-                num_steps=num_inner_steps,
-                snapshot=snapshot,
-                loss_fn=loss_fn,
-                grad_mode=runtime.grad_mode,
-            ):
-                values[i, 2], values[i, 3] = _nll_sum_count(runtime, model, item.chunks, split)
+        if spec is None:
+            continue
+        for shots in item.shots:
+            with adapted_on_shots(model, shots, spec, loss_fn=loss_fn, snapshot=snapshot, grad_mode=runtime.grad_mode):
+                total, count = _nll_sum_count(runtime, model, item.chunks, split)
+            values[i, 2] += total
+            values[i, 3] += count
     reduced = runtime.all_reduce_sum(values.to(runtime.device)).cpu()
     out: dict[str, float] = {}
     before, after, gains = [], [], []
     for i, item in enumerate(sets):
         b = float(reduced[i, 0] / max(reduced[i, 1], 1.0))
-        out[f"heldout/{item.task}/loss_before"] = b
+        out[f"dev/{item.task}/loss_before"] = b
         before.append(b)
         if reduced[i, 3] > 0:
             a = float(reduced[i, 2] / reduced[i, 3])
-            out[f"heldout/{item.task}/loss_after"] = a
+            out[f"dev/{item.task}/loss_after"] = a
             after.append(a)
             gains.append(b - a)
     if before:
-        out["heldout/loss_before"] = float(np.mean(before))
+        out["dev/loss_before"] = float(np.mean(before))
     if after:
-        out["heldout/loss_after"] = float(np.mean(after))
-        out["heldout/adaptation_gain"] = float(np.mean(gains))
+        out[SELECTION_METRIC] = float(np.mean(after))
+        out["dev/adaptation_gain"] = float(np.mean(gains))
     return out

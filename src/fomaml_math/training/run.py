@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from fomaml_math.batching import EncodedExample
-from fomaml_math.config import add_settings_arguments, settings_from_args, settings_hash
+from fomaml_math.config import ConfigError, add_settings_arguments, settings_from_args, settings_hash
 from fomaml_math.io import write_json
 from fomaml_math.training import checkpoint as ckpt
 from fomaml_math.training.data import data_fingerprint, model_fingerprint, resume_key
@@ -78,6 +78,7 @@ class TrainingRun:
         self.test_freq = int(section.get("test_freq", 100))
         self.save_freq = int(section.get("save_freq", 500))
         self.keep_checkpoints = int(section.get("keep_checkpoints", 3))
+        self.criterion = str(settings.get("select", {}).get("criterion", "last"))
         self.state: dict[str, Any] = {
             "tokens": 0,
             "examples": 0,
@@ -115,6 +116,11 @@ class TrainingRun:
             active=runtime.is_main,
         )
         self.last: dict[str, Any] = self.metrics.records[-1] if self.metrics.records else {}
+        # The best-so-far dev step survives resume (its slot is keyed like the checkpoints).
+        best = ckpt.read_best(self.root, key) if latest is not None else None
+        if best is not None and int(best["step"]) > self.start_step:
+            best = None  # written after the checkpoint we resume from: that step will be redone
+        self.best: dict[str, Any] | None = best
         self._clock = time.perf_counter()
         self._wall_before = float(self.state["wall_time_s"])
         self.bar = progress_bar(
@@ -149,8 +155,8 @@ class TrainingRun:
             "data/truncated_rows": truncated,
         }
 
-    def heldout_due(self, step: int) -> bool:
-        """Whether step ``step`` logs the held-out losses (every ``test_freq`` steps, and the last)."""
+    def monitor_due(self, step: int) -> bool:
+        """Whether step ``step`` logs the dev monitoring losses (every ``test_freq`` steps, and the last)."""
         return step % self.test_freq == 0 or step == self.total_steps
 
     def maybe_save(self, step: int) -> None:
@@ -169,6 +175,21 @@ class TrainingRun:
             keep=self.keep_checkpoints,
         )
 
+    def observe_dev(self, step: int, record: dict[str, Any]) -> None:
+        """With ``select.criterion: best_dev``, keep the weights of the lowest dev criterion so far.
+
+        Only trained steps compete (not step 0); ties keep the earlier step.
+        """
+        from fomaml_math.training.monitor import SELECTION_METRIC
+
+        value = record.get(SELECTION_METRIC)
+        if self.criterion != "best_dev" or step < 1 or value is None or not math.isfinite(float(value)):
+            return
+        if self.best is not None and float(value) >= float(self.best["dev_loss"]):
+            return
+        self.best = {"step": step, "dev_loss": float(value), "metric": SELECTION_METRIC, "resume_key": self.key}
+        ckpt.save_best(self.root, step, runtime=self.runtime, model=self.model, state=self.best)
+
     def close(self) -> None:
         self.bar.close()
         self.metrics.close()
@@ -184,6 +205,16 @@ class TrainingRun:
         this_run_wall_time = time.perf_counter() - started  # before the final save, as the trainers measured it
         self.close()
         output_dir = Path(output_dir)
+        selected_step = self.total_steps
+        if self.criterion == "best_dev":
+            if self.best is None:
+                raise ConfigError(
+                    "select.criterion: best_dev, but no dev criterion was logged (select.shots must not exceed "
+                    "tasks.split.dev_pool, and test_freq must divide into the training steps)"
+                )
+            selected_step = int(self.best["step"])
+            if selected_step != self.total_steps:
+                ckpt.load_best(self.root, runtime=self.runtime, model=self.model)
         save_final_model(self.runtime, self.model, tokenizer, output_dir / "model")
         summary = {
             "method": self.method,
@@ -198,6 +229,13 @@ class TrainingRun:
             "truncated_rows": int(self.state["truncated_rows"]),
             "wall_time_s": self.wall_time(),
             "resumed_from": self.state["resumed_from"],
+            "selection": {
+                "criterion": self.criterion,
+                "selected_step": selected_step,
+                "dev_loss": None if self.best is None else self.best["dev_loss"],
+                "metric": None if self.best is None else self.best["metric"],
+            },
+            "selected_step": selected_step,
             "final_metrics": {
                 k: v for k, v in self.last.items() if isinstance(v, int | float) and math.isfinite(float(v))
             },
@@ -236,7 +274,7 @@ def start_run(
     section = settings[method]
     key = resume_key(
         settings,
-        data=data_fingerprint(tasks_dir, tasks, ("support", "query", "test")),
+        data=data_fingerprint(tasks_dir, tasks, ("support", "query", "dev_pool", "dev_monitor")),
         model=model_fingerprint(settings["model"]["name_or_path"]),
     )
     model, optimizer, scheduler, params = prepare_training(

@@ -180,17 +180,10 @@ def make_runtime(compute: dict[str, Any]) -> Runtime:
 def loss_fn_for(runtime: Runtime, *, split_rows: bool) -> Any:
     """``loss_fn(model, batch)`` for :func:`adapted` and the trainers: whole batches, or this process's rows.
 
-    Autocast is opened per forward pass, never around the inner loop: autocast caches the low-precision
-    copies of the weights until its outermost context exits, and in-place SGD updates would otherwise
-    be computed against stale copies.
+    Autocast is opened per forward pass (:func:`fomaml_math.adapt.sft_loss_fn`), never around the
+    inner loop; the evaluation builds its loss the same way.
     """
-    from fomaml_math.batching import sft_loss
+    from fomaml_math.adapt import sft_loss_fn
 
-    def loss_fn(model: Any, batch: SFTBatch) -> tuple[torch.Tensor, int]:
-        normalizer = None
-        if split_rows and runtime.world > 1:
-            batch, normalizer = runtime.split_rows(batch)
-        with runtime.autocast():
-            return sft_loss(model, batch.to(runtime.device), normalizer=normalizer)
-
-    return loss_fn
+    rows = runtime.split_rows if split_rows and runtime.world > 1 else None
+    return sft_loss_fn(runtime.device, runtime.autocast, rows)

@@ -17,16 +17,16 @@ from typing import Any
 
 import torch
 
+from fomaml_math.adapt import WeightSnapshot
 from fomaml_math.batching import EncodedExample, collate, sft_loss
 from fomaml_math.config import ConfigError
-from fomaml_math.training.data import encode_rows, load_task_split, require_rows, rng_for
-from fomaml_math.training.monitor import build_heldout_sets, heldout_losses
+from fomaml_math.training.data import check_training_ids, encode_rows, load_dev, load_task_split, require_rows, rng_for
+from fomaml_math.training.monitor import build_monitor_sets, dev_losses
 from fomaml_math.training.optim import TrainingDivergedError, check_finite, clip_and_norm
 from fomaml_math.training.run import run_main, start_run
 from fomaml_math.training.runtime import Runtime, make_runtime
 
 TAG_EPOCH = 0x5F70
-HELDOUT_MAX_EXAMPLES = 32
 
 
 class EpochSampler:
@@ -106,24 +106,26 @@ def train(settings: dict[str, Any], tasks_dir: Path, output_dir: Path, checkpoin
         model_cfg["name_or_path"], revision=model_cfg.get("revision"), trust_remote_code=model_cfg["trust_remote_code"]
     )
     max_len = int(model_cfg["max_seq_len"])
+    instruction = str(settings.get("prompt", {}).get("instruction", ""))
     examples: list[EncodedExample] = []
-    support: dict[str, list[EncodedExample]] = {}
-    test: dict[str, list[EncodedExample]] = {}
     for task in tasks:
-        support[task] = encode_rows(tokenizer, load_task_split(tasks_dir, task, "support"), max_len)
-        examples.extend(support[task])
-        examples.extend(encode_rows(tokenizer, load_task_split(tasks_dir, task, "query"), max_len))
-        test[task] = encode_rows(tokenizer, load_task_split(tasks_dir, task, "test"), max_len)
+        rows = [*load_task_split(tasks_dir, task, "support"), *load_task_split(tasks_dir, task, "query")]
+        check_training_ids(tasks_dir, rows, what=f"task {task}")
+        examples.extend(encode_rows(tokenizer, rows, max_len, instruction=instruction))
     require_rows(examples, batch_size, setting="sft.batch_size", what="the pooled support+query training data")
     pad = int(tokenizer.pad_token_id)
-    heldout_sets = build_heldout_sets(
+    # The same dev criterion as FOMAML: dev_monitor loss after the evaluation's adaptation on the same draws.
+    monitor_sets = build_monitor_sets(
         tasks,
-        test,
-        support,
+        *load_dev(tasks_dir, tasks, tokenizer, max_len, instruction=instruction),
+        tokenizer=tokenizer,
         seed=seed,
-        pad_token_id=pad,
         chunk_size=batch_size,
-        max_examples=max(HELDOUT_MAX_EXAMPLES, batch_size),
+        max_examples=int(settings["select"].get("max_monitor_examples", 32)),
+        select=settings["select"],
+        adaptation=settings["adaptation"],
+        max_seq_len=max_len,
+        instruction=instruction,
         multiple_of=runtime.world if runtime.mode == "fsdp" else 1,
     )
     run, params = start_run(
@@ -139,9 +141,14 @@ def train(settings: dict[str, Any], tasks_dir: Path, output_dir: Path, checkpoin
     )
     model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
     sampler = EpochSampler(seed, len(examples), batch_size)
+    snapshot = WeightSnapshot(model, settings["compute"].get("snapshot_device", "cpu"))
+
+    def monitor() -> dict[str, float]:
+        return dev_losses(runtime, model, monitor_sets, adaptation=settings["adaptation"], snapshot=snapshot)
+
     try:
         if run.start_step == 0:
-            run.log({"step": 0, **heldout_losses(runtime, model, heldout_sets)})
+            run.log({"step": 0, **monitor()})
         for step in range(run.start_step + 1, total + 1):
             t0 = time.perf_counter()
             batch = collate([examples[i] for i in sampler.indices(step)], pad)
@@ -173,10 +180,11 @@ def train(settings: dict[str, Any], tasks_dir: Path, output_dir: Path, checkpoin
                 "epoch": (step * batch_size) / len(examples),
                 **perf,
             }
-            if run.heldout_due(step):
-                record.update(heldout_losses(runtime, model, heldout_sets))
+            if run.monitor_due(step):
+                record.update(monitor())
             run.log(record, postfix={"loss": f"{loss:.4f}", "gnorm": f"{grad_norm:.3f}"})
             run.maybe_save(step)
+            run.observe_dev(step, record)
     finally:
         run.close()
     return run.finish(output_dir, tokenizer, train_examples=examples, started=started)

@@ -1,0 +1,126 @@
+"""k-shot adaptation as the evaluation does it, shared by evaluation, calibration and model selection.
+
+Shots are drawn from a task's ``dev_pool`` split (never trained on by any method): the first k of a
+permutation seeded by (shot seed, task, repeat, stream), so draws are nested in k (the 5 shots are
+the first 5 of the 10) and identical for every initialisation.  Separate ``stream`` values keep the
+evaluation's draws, calibration's and checkpoint selection's apart.  Each inner step takes the
+token-weighted loss of all k shots, accumulated over micro-batches of ``batch_size``; the optimizer
+(``sgd`` or ``adam``), learning rate and number of steps form an :class:`AdaptSpec`.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fomaml_math.config import ConfigError
+
+STREAM_EVAL = 0
+STREAM_CALIBRATION = 1
+STREAM_SELECTION = 2
+
+
+@dataclass(frozen=True)
+class AdaptSpec:
+    """How an initialisation is adapted to k shots."""
+
+    optimizer: str  # sgd | adam
+    lr: float
+    num_steps: int
+    batch_size: int  # micro-batch size of one inner step's accumulated gradient
+
+    @classmethod
+    def from_eval(cls, ev: Mapping[str, Any], *, lr: float | None = None, num_steps: int | None = None) -> AdaptSpec:
+        """The ``eval`` settings' spec, with a calibrated ``lr``/``num_steps`` where given."""
+        return cls(
+            optimizer=str(ev.get("optimizer", "sgd")),
+            lr=float(ev["inner_lr"] if lr is None else lr),
+            num_steps=int(ev["num_inner_steps"] if num_steps is None else num_steps),
+            batch_size=int(ev["inner_batch_size"]),
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {"adapt_optimizer": self.optimizer, "adapt_lr": self.lr, "adapt_steps": self.num_steps}
+
+
+def draw_shots(
+    pool_ids: Sequence[str], k: int, *, seed: int, task: str, repeat: int, stream: int = STREAM_EVAL
+) -> list[str]:
+    """The k shot ids of (task, repeat): the first k of a permutation of the sorted pool ids.
+
+    The permutation does not depend on k (nested draws) nor on the initialisation (same shots for
+    base, SFT and FOMAML); crc32, not ``hash()``, because Python's string hash is salted per process.
+    """
+    ids = sorted(str(i) for i in pool_ids)
+    if k > len(ids):
+        raise ConfigError(f"--shots {k}: task {task!r} has only {len(ids)} dev_pool examples")
+    if k <= 0:
+        return []
+    rng = np.random.default_rng([int(seed), zlib.crc32(task.encode()), int(repeat), int(stream)])
+    return [ids[i] for i in rng.permutation(len(ids))[:k]]
+
+
+def shot_batches(
+    tokenizer: Any, shots: Sequence[Mapping[str, Any]], *, max_seq_len: int, batch_size: int, instruction: str
+) -> Any:
+    """The k shots as one inner step's :class:`~fomaml_math.adapt.MicroBatches` (rendered like training)."""
+    from fomaml_math.adapt import MicroBatches
+    from fomaml_math.batching import make_sft_batch
+
+    micro = [
+        make_sft_batch(tokenizer, shots[i : i + batch_size], max_seq_len, instruction=instruction)
+        for i in range(0, len(shots), batch_size)
+    ]
+    return MicroBatches(micro)
+
+
+@contextmanager
+def adapted_on_shots(
+    model: Any,
+    batches: Any,
+    spec: AdaptSpec,
+    *,
+    loss_fn: Any,
+    snapshot: Any,
+    grad_mode: str = "autograd",
+    on_step: Callable[[int], None] | None = None,
+) -> Iterator[Any]:
+    """Adapt ``model`` on ``batches`` (all k shots per step) by ``spec`` inside :func:`~fomaml_math.adapt.adapted`.
+
+    ``loss_fn`` must open autocast per forward pass (:func:`fomaml_math.adapt.sft_loss_fn`).  Yields
+    the :class:`~fomaml_math.adapt.AdaptationResult` with ``weight_change`` measured; the
+    initialisation is restored bitwise when the block ends.
+    """
+    from fomaml_math.adapt import adapted
+
+    with adapted(
+        model,
+        [batches],
+        inner_lr=spec.lr,
+        num_steps=spec.num_steps,
+        snapshot=snapshot,
+        loss_fn=loss_fn,
+        grad_mode=grad_mode,  # type: ignore[arg-type]
+        optimizer=spec.optimizer,  # type: ignore[arg-type]
+        measure_change=True,
+        on_step=on_step,
+    ) as result:
+        yield result
+
+
+def mean_loss(model: Any, batches: Any, loss_fn: Any) -> float:
+    """Token-weighted mean loss of ``batches`` (a MicroBatches) at the current weights, without gradients."""
+    import torch
+
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for part in batches.batches:
+            loss, count = loss_fn(model, part)
+            total += float(loss) * count
+            tokens += count
+    return total / tokens if tokens else float("nan")
