@@ -15,6 +15,7 @@ STAGES: dict[str, str] = {
     "build-tiny-model": "fomaml_math.modeling",
     "train-fomaml": "fomaml_math.training.fomaml",
     "train-sft": "fomaml_math.training.sft",
+    "calibrate": "fomaml_math.evaluation.calibrate",
     "evaluate": "fomaml_math.evaluation.fewshot",
     "stats": "fomaml_math.analysis.stats",
     "figures": "fomaml_math.analysis.figures",

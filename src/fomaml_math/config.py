@@ -258,6 +258,7 @@ def stage_settings(config: dict[str, Any], stage: str) -> dict[str, Any]:
             "seed": seed,
             "calibration": config["calibration"],
             "adaptation": adaptation_settings(config),
+            "fomaml_inner_lr": config["fomaml"]["inner_lr"],  # always a candidate (see evaluation.calibrate)
             "model": _model_settings(config),
             "mixed_precision": config["compute"]["mixed_precision"],
             "prompt": {"instruction": instruction(config)},

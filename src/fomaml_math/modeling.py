@@ -179,8 +179,14 @@ def save_model(model: Any, tokenizer: Any, output: str | Path, *, extra: dict[st
             (tmp / "build_info.json").write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
 
 
-def read_task_texts(tasks_dir: str | Path, splits: tuple[str, ...] = ("support", "query")) -> list[str]:
-    """Problems and solutions of ``<tasks_dir>/<task>/<split>.parquet`` in a stable order (by task, split, id)."""
+def read_task_texts(
+    tasks_dir: str | Path, splits: tuple[str, ...] = ("support", "query"), *, instruction: str = ""
+) -> list[str]:
+    """User turns (problem + ``instruction``) and solutions of ``<tasks_dir>/<task>/<split>.parquet``, in a stable
+    order (by task, split, id).  The instruction is in every user turn, so the tokenizer learns it as a few
+    tokens instead of spending a short context on byte fallbacks."""
+    from fomaml_math.batching import user_turn
+
     tasks_dir = Path(tasks_dir)
     files = sorted(p for split in splits for p in tasks_dir.glob(f"*/{split}.parquet"))
     if not files:
@@ -189,7 +195,7 @@ def read_task_texts(tasks_dir: str | Path, splits: tuple[str, ...] = ("support",
     for path in files:
         frame = pd.read_parquet(path, columns=["id", "problem", "solution"]).sort_values("id", kind="stable")
         for problem, solution in zip(frame["problem"], frame["solution"], strict=True):
-            texts.extend((str(problem), str(solution)))
+            texts.extend((user_turn(str(problem), instruction), str(solution)))
     return texts
 
 
@@ -203,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     tiny = settings.get("tiny")
     if not tiny:
         raise ConfigError("model.tiny: must be a mapping to build a tiny model (it is null in this config)")
-    texts = read_task_texts(args.tasks_dir)
+    texts = read_task_texts(args.tasks_dir, instruction=str(settings.get("instruction", "")))
     seed, max_seq_len = int(settings["seed"]), int(settings["max_seq_len"])
     model, tokenizer = build_tiny_model(tiny, texts, seed=seed, max_seq_len=max_seq_len)
     info = {
