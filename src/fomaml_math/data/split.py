@@ -338,12 +338,17 @@ def _assign_source_test(
 
 
 def make_splits(
-    table: pd.DataFrame, settings: Mapping[str, Any], *, source: str = "the input table"
+    table: pd.DataFrame,
+    settings: Mapping[str, Any],
+    *,
+    source: str = "the input table",
+    math500_reference: pd.DataFrame | None = None,
 ) -> tuple[dict[str, dict[str, pd.DataFrame]], pd.DataFrame]:
     """Deduplicate, split and validate; returns ``{task: {split: frame}}`` and the stats table.
 
-    ``source`` names the table in error messages (its file, when read from one). Every error a
-    configuration or data set can cause is raised here, before anything is written.
+    ``source`` names the table in error messages (its file, when read from one);
+    ``math500_reference`` replaces the shipped MATH-500 table (``test_subset: math500``). Every
+    error a configuration or data set can cause is raised here, before anything is written.
     """
     _check_input(table, source)
     tasks_settings = settings["tasks"]
@@ -362,7 +367,7 @@ def make_splits(
     math500 = None
     if split["scheme"] == "source_test" and split["test_subset"] == "math500":
         test_rows = table.loc[table["source_split"] == "test"]
-        math500 = select_math500(test_rows, task_names)
+        math500 = select_math500(test_rows, task_names, math500_reference)
         logger.info("MATH-500: %d test problem(s) kept, %d unused", int(math500.sum()), int((~math500).sum()))
 
     splits: dict[str, dict[str, pd.DataFrame]] = {}
