@@ -52,25 +52,6 @@ from fomaml_math.data.math500 import select_math500
 from fomaml_math.data.text import normalise_problem_text
 from fomaml_math.io import atomic_dir, write_tsv
 
-__all__ = [
-    "DEV_SPLITS",
-    "HELD_OUT_SPLITS",
-    "SPLITS",
-    "STATS_COLUMNS",
-    "TRAIN_SPLITS",
-    "LeakageError",
-    "SplitValidationError",
-    "assert_disjoint",
-    "assign_splits",
-    "held_out_ids",
-    "make_splits",
-    "normalise_problem_text",
-    "read_task_split",
-    "split_sizes",
-    "split_tasks",
-    "validate_splits",
-]
-
 logger = logging.getLogger(__name__)
 
 SPLITS: tuple[str, ...] = ("support", "query", "dev_pool", "dev_monitor", "test")
