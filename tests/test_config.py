@@ -14,6 +14,7 @@ from fomaml_math.config import (
     load_config,
     settings_hash,
     sft_budget_steps,
+    split_settings,
     stage_settings,
     validate_config,
 )
@@ -41,7 +42,25 @@ BAD_CONFIGS = [
     ("fomaml.total_steps", 2.5, "fomaml.total_steps: expected a value of type integer"),
     ("tasks.split.support", 1.2, "tasks.split.support: expected a number < 1, got 1.2"),
     ("tasks.split.query", 0, "tasks.split.query: expected a number > 0, got 0"),
-    ("tasks.split", {"support": 0.5, "query": 0.4, "test": 0.3}, "tasks.split: support + query + test must be <= 1"),
+    (
+        "tasks.split",
+        {"scheme": "pooled", "support": 0.5, "query": 0.3, "dev": 0.1, "test": 0.2},
+        "tasks.split: with scheme pooled, support + query + dev + test must be <= 1, got 1.1",
+    ),
+    ("tasks.split.scheme", "mixed", "tasks.split.scheme: expected one of ['source_test', 'pooled']"),
+    ("tasks.split.test_subset", "math5000", "tasks.split.test_subset: expected one of ['all', 'math500']"),
+    ("tasks.split.dev_monitor", 0, "tasks.split.dev_monitor: expected a number >= 1, got 0"),
+    (
+        "tasks.split.dev_pool",
+        99,
+        "tasks.split.dev_pool: 99 problems per task, but eval.shots goes up to 50; the shot pool must hold "
+        "at least 2 x 50 = 100",
+    ),
+    (
+        "tasks.split.test_subset",
+        "math500",
+        "tasks.split.test_subset: math500 needs MATH itself (data.source hub or local), not synthetic problems",
+    ),
     ("eval.shots", [0, -5], "eval.shots.1: expected a number >= 0, got -5"),
     ("eval.shots", [0, 2.5], "eval.shots.1: expected a value of type integer"),
     ("eval.shots", [5, 5], "eval.shots: expected a list without duplicates"),
@@ -85,6 +104,36 @@ def test_cross_field_rules(demo_config):
         validate_config(tiny_elsewhere)
 
 
+def test_split_rules(demo_config):
+    pooled_math500 = _set(
+        _set(_set(demo_config, "tasks.split.scheme", "pooled"), "tasks.split.test_subset", "math500"),
+        "data.source",
+        "hub",
+    )
+    with pytest.raises(
+        ConfigError, match=r"tasks\.split\.test_subset: math500 needs tasks\.split\.scheme: source_test"
+    ):
+        validate_config(pooled_math500)
+    # the split stage holds hand-written --settings to the same rules, and fills the same defaults
+    assert split_settings({"dev_pool": 12}) == {
+        "dev_pool": 12,
+        "scheme": "source_test",
+        "test_subset": "all",
+        "dev_monitor": 40,
+        "support": 0.30,
+        "query": 0.40,
+        "dev": 0.15,
+        "test": 0.15,
+    }
+    with pytest.raises(ConfigError, match=r"^config error at tasks\.split\.dev_pool: expected a number >= 1, got 0$"):
+        split_settings({"dev_pool": 0})
+    with pytest.raises(ConfigError, match=r"^config error at tasks\.split: with scheme pooled"):
+        split_settings({"scheme": "pooled", "support": 0.5, "query": 0.5, "dev": 0.1, "test": 0.1})
+    # an old config with the seed's three ratios still validates: the default scheme ignores test
+    old = _set(demo_config, "tasks.split", {"support": 0.3, "query": 0.4, "test": 0.3})
+    assert validate_config(old)["tasks"]["split"]["scheme"] == "source_test"
+
+
 def test_defaults_are_filled(demo_config):
     del demo_config["fomaml"]["warmup_steps"]
     del demo_config["eval"]["mode"]
@@ -105,7 +154,19 @@ def test_both_shipped_configs_are_valid(repo_root):
         500,
         100,
     )
-    assert paper["tasks"]["split"] == {"support": 0.30, "query": 0.40, "test": 0.30}
+    assert paper["tasks"]["split"] == {
+        "scheme": "source_test",
+        "test_subset": "all",
+        "dev_pool": 100,
+        "dev_monitor": 40,
+        "support": 0.30,
+        "query": 0.40,
+        "dev": 0.15,
+        "test": 0.15,
+    }
+    for name in ("config", "demo", "test"):  # every shipped config's shot pool holds two draws of its largest k
+        config = load_config(repo_root / "config" / f"{name}.yaml")
+        assert config["tasks"]["split"]["dev_pool"] >= 2 * max(config["eval"]["shots"]), name
     assert load_config(repo_root / "config" / "demo.yaml")["data"]["source"] == "synthetic"
 
 

@@ -295,6 +295,13 @@ def test_synthetic_source() -> None:
     assert frame["task"].value_counts().to_dict() == {"algebra": 20, "precalculus": 20}
     assert report.to_dict()["skipped_total"] == 0
     assert frame["answer"].str.fullmatch(r"-?\d+").all()
+    # every source keeps the split of origin; the synthetic one marks round(0.3 x 20) = 6 test problems per task
+    assert frame.groupby(["task", "source_split"]).size().to_dict() == {
+        ("algebra", "test"): 6,
+        ("algebra", "train"): 14,
+        ("precalculus", "test"): 6,
+        ("precalculus", "train"): 14,
+    }
     pd.testing.assert_frame_equal(build_table(settings)[0], frame)
 
 

@@ -80,12 +80,31 @@ def _describe(error: jsonschema.ValidationError) -> str:
     return error.message
 
 
+def _iter_split_errors(split: dict[str, Any]) -> Iterator[str]:
+    """Rules of ``tasks.split`` alone (defaults filled in); the split stage checks them too."""
+    if split["scheme"] == "pooled":
+        total = split["support"] + split["query"] + split["dev"] + split["test"]
+        if total > 1 + 1e-9:
+            yield f"tasks.split: with scheme pooled, support + query + dev + test must be <= 1, got {total:g}"
+        if split["test_subset"] != "all":
+            yield (
+                f"tasks.split.test_subset: {split['test_subset']} needs tasks.split.scheme: source_test "
+                "(MATH-500 is a subset of MATH's own test split)"
+            )
+
+
 def _iter_semantic_errors(config: dict[str, Any]) -> Iterator[str]:
     """Rules a JSON schema cannot express well, each as a one-line message."""
     split = config["tasks"]["split"]
-    total = split["support"] + split["query"] + split["test"]
-    if total > 1 + 1e-9:
-        yield f"tasks.split: support + query + test must be <= 1, got {total:g}"
+    yield from _iter_split_errors(split)
+    max_shots = max(config["eval"]["shots"])
+    if split["dev_pool"] < 2 * max_shots:
+        yield (
+            f"tasks.split.dev_pool: {split['dev_pool']} problems per task, but eval.shots goes up to {max_shots}; "
+            f"the shot pool must hold at least 2 x {max_shots} = {2 * max_shots} so that repeats draw different shots"
+        )
+    if split["test_subset"] == "math500" and config["data"]["source"] == "synthetic":
+        yield "tasks.split.test_subset: math500 needs MATH itself (data.source hub or local), not synthetic problems"
     names = config["tasks"]["names"]
     unknown = [t for t in config["tasks"]["meta_test"] if t not in names]
     if unknown:
@@ -137,6 +156,25 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     for message in _iter_semantic_errors(config):
         raise ConfigError(f"config error at {message}")
     return config
+
+
+def split_settings(raw: dict[str, Any] | None) -> dict[str, Any]:
+    """``tasks.split`` checked against its schema, defaults filled in (a copy).
+
+    The split stage calls this, so settings passed by hand as ``--settings`` JSON are held to
+    the same rules as a validated config file.
+    """
+    schema = load_schema()
+    split_schema = schema["properties"]["tasks"]["properties"]["split"] | {"$defs": schema["$defs"]}
+    split = copy.deepcopy(raw) if raw is not None else {}
+    errors = sorted(_validator_with_defaults(split_schema).iter_errors(split), key=lambda e: list(e.absolute_path))
+    if errors:
+        error = jsonschema.exceptions.best_match(errors)
+        key = ".".join(["tasks.split", *(str(part) for part in error.absolute_path)])
+        raise ConfigError(f"config error at {key}: {_describe(error)}")
+    for message in _iter_split_errors(split):
+        raise ConfigError(f"config error at {message}")
+    return split
 
 
 def load_config(path: str | Path) -> dict[str, Any]:

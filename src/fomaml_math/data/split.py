@@ -1,21 +1,37 @@
-"""Split the normalised table into per-task support / query / test sets.
+"""Split the normalised table into five data roles per task (docs/data.md explains why).
 
-For every task in ``tasks.names`` (``tasks.meta_test`` tasks too: they need support examples for
-few-shot adaptation and a test split for evaluation), this writes
-``<out-dir>/<task>/{support,query,test}.parquet`` (the table's columns plus ``split``) and a stats
-TSV, the seed's printed count table. The split is:
+For every task in ``tasks.names`` (``tasks.meta_test`` tasks too: they are evaluated, so they
+need shots and a test split), this writes ``<out-dir>/<task>/<split>.parquet`` for each split in
+:data:`SPLITS` (the table's columns plus ``split``, the file's name) and a stats TSV:
 
-- **deduplicated**: problems with the same normalised text (within a task or across tasks) are
-  kept once (the smallest id), so no problem sits in two splits;
-- **independent of the input order** and deterministic for a seed: within a task, problems are
-  ordered by level, then by a seeded hash of their id;
-- **stratified by level** and **exact**: that order is dealt out to the splits systematically, so
-  each level is spread over the splits in proportion and each split holds its ratio x the task's
-  total within one problem. When the ratios sum to less than 1 the rest is left unused.
+- ``support``, ``query`` (:data:`TRAIN_SPLITS`): meta-training; SFT trains on both;
+- ``dev_pool``, ``dev_monitor`` (:data:`DEV_SPLITS`): never trained on; the pool the k shots are
+  drawn from, and the slice for monitoring, checkpoint selection and calibration;
+- ``test``: read only by the final evaluation.
 
-Validation (always on) checks non-empty splits, the schema and that no id or problem text is in
-two splits; a failure raises :class:`SplitValidationError` naming the task, before anything is
-written (the tasks folder is replaced atomically).
+``tasks.split.scheme`` decides where each problem goes:
+
+- ``source_test`` (default): ``test`` = the task's problems from MATH's own test split
+  (``source_split == "test"``; with ``test_subset: math500`` only the MATH-500 ones, the rest
+  unused); ``dev_pool`` and ``dev_monitor`` are fixed counts carved from MATH train, and
+  ``support``/``query`` share the rest of train in proportion ``support : query``.
+- ``pooled`` (the seed's scheme): train and test pooled; ``support``/``query``/``dev``/``test``
+  ratios of all problems (sum <= 1, the rest unused); dev is cut into ``dev_monitor`` (its count)
+  and ``dev_pool`` (the rest, which must hold at least ``dev_pool``).
+
+In both, the split is **deduplicated** (one row per normalised problem text, within and across
+tasks; a MATH-test copy wins over a train copy, so the test set stays whole and its problems are
+not trained on), **independent of the input order** and deterministic for a seed (problems are
+ordered by level, then by a seeded hash of their id), and **stratified by level** and **exact**
+(that order is dealt out so each level spreads over the splits in proportion and each split gets
+its size exactly).
+
+Validation (always on, before anything is written; the tasks folder is replaced atomically)
+checks non-empty splits, the schema, that no id or problem text is in two roles (which also keeps
+every dev and test id out of support/query) and, under ``source_test``, that test rows come from
+MATH test and every other role from MATH train. A failure raises :class:`SplitValidationError`
+naming the task. :func:`assert_disjoint` and :func:`held_out_ids` let the trainers check the same
+by id for every training batch.
 """
 
 from __future__ import annotations
@@ -24,37 +40,46 @@ import argparse
 import hashlib
 import logging
 import math
-import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from fomaml_math.config import MATH_TASKS, ConfigError, add_settings_arguments, settings_from_args
+from fomaml_math.config import MATH_TASKS, ConfigError, add_settings_arguments, settings_from_args, split_settings
 from fomaml_math.data.ingest import COLUMNS
+from fomaml_math.data.math500 import select_math500
+from fomaml_math.data.text import normalise_problem_text
 from fomaml_math.io import atomic_dir, write_tsv
 
 logger = logging.getLogger(__name__)
 
-SPLITS: tuple[str, ...] = ("support", "query", "test")
-UNUSED = "unused"  # the share left over when the ratios sum to less than 1
+SPLITS: tuple[str, ...] = ("support", "query", "dev_pool", "dev_monitor", "test")
+TRAIN_SPLITS: tuple[str, ...] = ("support", "query")
+DEV_SPLITS: tuple[str, ...] = ("dev_pool", "dev_monitor")
+HELD_OUT_SPLITS: tuple[str, ...] = (*DEV_SPLITS, "test")  # no training batch may hold one of their ids
+UNUSED = "unused"  # problems no role takes: ratios summing to < 1, MATH test outside MATH-500
 STATS_COLUMNS: tuple[str, ...] = (
     "task",
     "role",
-    "support",
-    "query",
-    "test",
-    "unused",
+    *SPLITS,
+    UNUSED,
     "total",
+    "source_train",
+    "source_test",
     "duplicates_removed",
 )
 _TEXT_COLUMNS = ("id", "task", "source_split", "problem", "solution", "answer", "split")
 _RATIO_DECIMALS = 9  # ratio x total is rounded here first, so 0.3 x 10 counts as exactly 3
+_POOLED_TIE_ORDER = ("support", "query", "dev", "test")
 
 
 class SplitValidationError(ConfigError):
     """The splits break an invariant (empty split, bad schema, leakage); the message names the task."""
+
+
+class LeakageError(SplitValidationError):
+    """A held-out (dev or test) problem id is in training data."""
 
 
 def read_task_split(path: Path, columns: Sequence[str], *, missing_hint: str = "") -> pd.DataFrame:
@@ -75,27 +100,46 @@ def read_task_split(path: Path, columns: Sequence[str], *, missing_hint: str = "
     return frame.sort_values("id", kind="stable").reset_index(drop=True)
 
 
-def normalise_problem_text(text: str) -> str:
-    """What counts as "the same problem": Unicode-normalised, case-folded, whitespace collapsed."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+def assert_disjoint(train_ids: Iterable[Any], held_out: Iterable[Any], what: str) -> None:
+    """Raise :class:`LeakageError` naming ``what`` when any id of ``train_ids`` is in ``held_out``.
+
+    The trainers call it for every batch with :func:`held_out_ids`, so no dev or test problem can
+    reach a gradient even if a split file was edited by hand.
+    """
+    held_out_set = held_out if isinstance(held_out, set | frozenset) else {str(i) for i in held_out}
+    leaked = sorted({str(i) for i in train_ids} & held_out_set)
+    if leaked:
+        raise LeakageError(f"{what}: {len(leaked)} dev/test problem id(s) in training data, e.g. {leaked[:3]}")
+
+
+def held_out_ids(tasks_dir: str | Path, tasks: Sequence[str]) -> frozenset[str]:
+    """The ids of every ``dev_pool``, ``dev_monitor`` and ``test`` row of ``tasks``, for :func:`assert_disjoint`."""
+    ids: set[str] = set()
+    for task in tasks:
+        for split in HELD_OUT_SPLITS:
+            path = Path(tasks_dir) / task / f"{split}.parquet"
+            ids.update(read_task_split(path, ("id",), missing_hint=" (run split-tasks)")["id"])
+    return frozenset(ids)
 
 
 def remove_duplicates(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Keep one row (the smallest id) per normalised problem text; also returns the removed count per task."""
-    keyed = frame.assign(_key=frame["problem"].map(normalise_problem_text)).sort_values("id", kind="stable")
+    """One row per normalised problem text (a MATH-test row first, then the smallest id); removed count per task."""
+    keyed = frame.assign(
+        _key=frame["problem"].map(normalise_problem_text), _train=frame["source_split"].ne("test")
+    ).sort_values(["_train", "id"], kind="stable")
     duplicated = keyed["_key"].duplicated(keep="first")
     removed = keyed.loc[duplicated, "task"].value_counts().to_dict()
-    kept = keyed.loc[~duplicated].drop(columns="_key").sort_values(["task", "id"], ignore_index=True)
+    kept = keyed.loc[~duplicated].drop(columns=["_key", "_train"]).sort_values(["task", "id"], ignore_index=True)
     return kept, {str(task): int(count) for task, count in removed.items()}
 
 
 def split_sizes(total: int, ratios: Mapping[str, float]) -> dict[str, int]:
-    """Sizes per split (and ``unused``) summing to ``total``, each within one of its ratio x total.
+    """Sizes per name of ``ratios`` (and ``unused``) summing to ``total``, each within one of its ratio x total.
 
     Largest remainder: floors first, then the leftover problems go to the largest fractional
-    parts (ties in the order support, query, test, unused).
+    parts (ties in the order of ``ratios``, then ``unused``).
     """
-    shares = {split: float(ratios[split]) for split in SPLITS}
+    shares = {name: float(share) for name, share in ratios.items()}
     shares[UNUSED] = max(0.0, 1.0 - sum(shares.values()))
     exact = {name: round(share * total, _RATIO_DECIMALS) for name, share in shares.items()}
     sizes = {name: math.floor(value) for name, value in exact.items()}
@@ -109,14 +153,15 @@ def _seeded_rank(seed: int, record_id: str) -> str:
     return hashlib.sha256(f"{seed}\0{record_id}".encode()).hexdigest()
 
 
-def assign_splits(task_frame: pd.DataFrame, ratios: Mapping[str, float], seed: int) -> pd.Series:
-    """The split of each row of one task (``support``/``query``/``test``/``unused``), indexed like the frame.
+def assign_splits(task_frame: pd.DataFrame, sizes: Mapping[str, int], seed: int) -> pd.Series:
+    """Deal the rows of one task out to ``sizes`` (name -> count, summing to the row count); indexed like the frame.
 
     Rows are ordered by level, then by a seeded hash of the id (so the input order does not
     matter), then dealt out one by one to the split furthest behind its share of the rows dealt
     so far. Each level, a contiguous block of that order, is thereby spread in proportion.
     """
-    sizes = split_sizes(len(task_frame), ratios)
+    if sum(sizes.values()) != len(task_frame):
+        raise ValueError(f"sizes {dict(sizes)} do not add up to {len(task_frame)} rows")
     order = sorted(
         task_frame.index, key=lambda i: (task_frame.at[i, "level"], _seeded_rank(seed, task_frame.at[i, "id"]))
     )
@@ -128,6 +173,49 @@ def assign_splits(task_frame: pd.DataFrame, ratios: Mapping[str, float], seed: i
         dealt[name] += 1
         assignment[index] = name
     return pd.Series(assignment, dtype="str").reindex(task_frame.index)
+
+
+def _source_test_sizes(task: str, n_train: int, split: Mapping[str, Any]) -> dict[str, int]:
+    """Sizes of the four roles carved from one task's MATH-train problems."""
+    dev_pool, dev_monitor = int(split["dev_pool"]), int(split["dev_monitor"])
+    needed = dev_pool + dev_monitor + 2
+    if n_train < needed:
+        raise ConfigError(
+            f"task {task}: {n_train} MATH-train problem(s) after removing duplicates, but tasks.split.dev_pool "
+            f"({dev_pool}) + tasks.split.dev_monitor ({dev_monitor}) + one support and one query need {needed}; "
+            "lower those counts or add problems"
+        )
+    share = split["support"] / (split["support"] + split["query"])
+    rest = split_sizes(n_train - dev_pool - dev_monitor, {"support": share, "query": 1.0 - share})
+    # a rounding corner (e.g. 3 problems at 0.01 : 0.99) could leave one of them empty
+    if rest["support"] == 0 or rest["query"] == 0:
+        raise ConfigError(
+            f"task {task}: tasks.split.support : tasks.split.query leaves {rest} of the "
+            f"{n_train - dev_pool - dev_monitor} MATH-train problems after dev; change the ratios or the dev counts"
+        )
+    return {"dev_pool": dev_pool, "dev_monitor": dev_monitor, "support": rest["support"], "query": rest["query"]}
+
+
+def _pooled_sizes(task: str, total: int, split: Mapping[str, Any]) -> dict[str, int]:
+    """Sizes of all five roles (and unused) over one task's pooled problems."""
+    sizes = split_sizes(total, {name: split[name] for name in _POOLED_TIE_ORDER})
+    dev = sizes.pop("dev")
+    least_pool, dev_monitor = int(split["dev_pool"]), int(split["dev_monitor"])
+    dev_pool = dev - dev_monitor
+    if dev_pool < least_pool:
+        raise ConfigError(
+            f"task {task}: tasks.split.dev ({split['dev']:g}) of {total} problems gives {dev} dev problems, but "
+            f"tasks.split.dev_monitor ({dev_monitor}) + tasks.split.dev_pool ({least_pool}, the least pool) "
+            f"need {dev_monitor + least_pool}; raise tasks.split.dev or lower the counts"
+        )
+    return {
+        "support": sizes["support"],
+        "query": sizes["query"],
+        "dev_pool": dev_pool,
+        "dev_monitor": dev_monitor,
+        "test": sizes["test"],
+        UNUSED: sizes[UNUSED],
+    }
 
 
 def _check_input(frame: pd.DataFrame, source: str) -> None:
@@ -154,8 +242,13 @@ def _schema_problems(frame: pd.DataFrame) -> list[str]:
     return problems
 
 
-def validate_splits(splits: Mapping[str, Mapping[str, pd.DataFrame]]) -> None:
-    """Non-empty splits with the right schema and no id or problem text in two splits; raises otherwise."""
+def validate_splits(splits: Mapping[str, Mapping[str, pd.DataFrame]], *, scheme: str = "source_test") -> None:
+    """Non-empty splits with the right schema, no id or problem text in two roles, the scheme's sources; raises.
+
+    Ids and texts are checked across all five roles of all tasks, which covers "no dev or test
+    id in support/query". Under ``source_test`` test rows must come from MATH test and the
+    other roles from MATH train (no MATH-test problem is trained on or used for selection).
+    """
     first_seen_id: dict[str, str] = {}
     first_seen_text: dict[str, tuple[str, str]] = {}
     for task, task_splits in splits.items():
@@ -172,6 +265,14 @@ def validate_splits(splits: Mapping[str, Mapping[str, pd.DataFrame]]) -> None:
                 raise SplitValidationError(f"task {task}: {split} split has {'; '.join(problems)}")
             if not frame["split"].eq(split).all() or not frame["task"].eq(task).all():
                 raise SplitValidationError(f"task {task}: {split} split holds rows of another task or split")
+            if scheme == "source_test":
+                expected_source = "test" if split == "test" else "train"
+                wrong = frame.loc[frame["source_split"] != expected_source, "id"]
+                if not wrong.empty:
+                    raise SplitValidationError(
+                        f"task {task}: {split} split holds {len(wrong)} problem(s) that are not from MATH "
+                        f"{expected_source} (e.g. {wrong.iloc[0]!r}) under tasks.split.scheme source_test"
+                    )
             where = f"{task}/{split}"
             for record_id, problem in zip(frame["id"], frame["problem"], strict=True):
                 if record_id in first_seen_id:
@@ -188,50 +289,97 @@ def validate_splits(splits: Mapping[str, Mapping[str, pd.DataFrame]]) -> None:
                 first_seen_text[key] = (where, record_id)
 
 
+def _check_sources(table: pd.DataFrame, task_names: Sequence[str]) -> None:
+    """``source_test`` needs both MATH splits for every task; say which setting pools them instead."""
+    for task in task_names:
+        sources = set(table.loc[table["task"] == task, "source_split"])
+        if "train" not in sources:
+            raise ConfigError(
+                f"task {task}: no MATH-train problems (source_split 'train') in the data, which tasks.split.scheme "
+                "source_test carves support, query and dev from; set tasks.split.scheme: pooled to split train and "
+                "test together"
+            )
+        if "test" not in sources:
+            raise ConfigError(
+                f"task {task}: no MATH-test problems (source_split 'test') in the data for tasks.split.scheme "
+                "source_test; ingest MATH's test split too, or set tasks.split.scheme: pooled"
+            )
+
+
+def _assign_source_test(
+    task: str, task_frame: pd.DataFrame, split: Mapping[str, Any], seed: int, math500: pd.Series | None
+) -> pd.Series:
+    is_test = task_frame["source_split"].eq("test")
+    train, test = task_frame.loc[~is_test], task_frame.loc[is_test]
+    assigned = assign_splits(train, _source_test_sizes(task, len(train), split), seed)
+    in_test = pd.Series("test", index=test.index, dtype="str")
+    if math500 is not None:
+        in_test = in_test.where(math500.reindex(test.index, fill_value=False), UNUSED)
+    return pd.concat([assigned, in_test]).reindex(task_frame.index)
+
+
 def make_splits(
-    table: pd.DataFrame, settings: Mapping[str, Any], *, source: str = "the input table"
+    table: pd.DataFrame,
+    settings: Mapping[str, Any],
+    *,
+    source: str = "the input table",
+    math500_reference: pd.DataFrame | None = None,
 ) -> tuple[dict[str, dict[str, pd.DataFrame]], pd.DataFrame]:
     """Deduplicate, split and validate; returns ``{task: {split: frame}}`` and the stats table.
 
-    ``source`` names the table in error messages (its file, when read from one).
+    ``source`` names the table in error messages (its file, when read from one);
+    ``math500_reference`` replaces the shipped MATH-500 table (``test_subset: math500``). Every
+    error a configuration or data set can cause is raised here, before anything is written.
     """
     _check_input(table, source)
     tasks_settings = settings["tasks"]
     task_names: Sequence[str] = tasks_settings["names"]
     meta_test = set(tasks_settings.get("meta_test", []))
-    ratios = tasks_settings.get("split", {"support": 0.30, "query": 0.40, "test": 0.30})
+    split = split_settings(tasks_settings.get("split"))
     seed = int(settings["seed"])
     unknown = [task for task in task_names if task not in MATH_TASKS]
     if unknown:
         raise ConfigError(f"tasks.names: unknown task(s) {unknown}; expected names from {list(MATH_TASKS)}")
-    if sum(ratios[split] for split in SPLITS) > 1 + 1e-9:
-        raise ConfigError(f"tasks.split: support + query + test must be <= 1, got {dict(ratios)}")
 
     table = table.loc[table["task"].isin(task_names), list(COLUMNS)]
     table, duplicates_removed = remove_duplicates(table)
+    if split["scheme"] == "source_test":
+        _check_sources(table, task_names)
+    math500 = None
+    if split["scheme"] == "source_test" and split["test_subset"] == "math500":
+        test_rows = table.loc[table["source_split"] == "test"]
+        math500 = select_math500(test_rows, task_names, math500_reference)
+        logger.info("MATH-500: %d test problem(s) kept, %d unused", int(math500.sum()), int((~math500).sum()))
 
     splits: dict[str, dict[str, pd.DataFrame]] = {}
     stats_rows = []
     for task in task_names:
         task_frame = table.loc[table["task"] == task]
-        assigned = task_frame.assign(split=assign_splits(task_frame, ratios, seed))
+        if split["scheme"] == "source_test":
+            roles = _assign_source_test(task, task_frame, split, seed, math500)
+        else:
+            roles = assign_splits(task_frame, _pooled_sizes(task, len(task_frame), split), seed)
+        assigned = task_frame.assign(split=roles)
         splits[task] = {
-            split: assigned.loc[assigned["split"] == split].sort_values("id", ignore_index=True) for split in SPLITS
+            name: assigned.loc[assigned["split"] == name].sort_values("id", ignore_index=True) for name in SPLITS
         }
         counts = assigned["split"].value_counts()
+        sources = task_frame["source_split"].value_counts()
         stats_rows.append(
             {
                 "task": task,
                 "role": "meta_test" if task in meta_test else "train",
                 **{name: int(counts.get(name, 0)) for name in (*SPLITS, UNUSED)},
                 "total": len(task_frame),
+                "source_train": int(sources.get("train", 0)),
+                "source_test": int(sources.get("test", 0)),
                 "duplicates_removed": duplicates_removed.get(task, 0),
             }
         )
     stats = pd.DataFrame(stats_rows, columns=list(STATS_COLUMNS))
     all_row = {"task": "all", "role": "all", **stats[list(STATS_COLUMNS[2:])].sum().astype(int).to_dict()}
     stats = pd.concat([stats, pd.DataFrame([all_row])], ignore_index=True)
-    validate_splits(splits)
+    validate_splits(splits, scheme=split["scheme"])
     return splits, stats
 
 
@@ -262,11 +410,11 @@ def split_tasks(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fomaml_math split-tasks",
-        description="Split the normalised MATH table into per-task support/query/test parquet files.",
+        description="Split the normalised MATH table into per-task support/query/dev_pool/dev_monitor/test files.",
     )
     add_settings_arguments(parser)
     parser.add_argument("--input", required=True, help="the ingest table, e.g. results/data/math.parquet")
-    parser.add_argument("--out-dir", required=True, help="folder of <task>/{support,query,test}.parquet")
+    parser.add_argument("--out-dir", required=True, help=f"folder of <task>/{{{','.join(SPLITS)}}}.parquet")
     parser.add_argument("--stats", required=True, help="TSV of problems per task and split")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
