@@ -270,15 +270,12 @@ def test_assert_disjoint_and_held_out_ids_from_the_written_files(result: tuple, 
 
     splits = result[0]
     write_splits(splits, tmp_path / "tasks")
-    held_out = held_out_ids(tmp_path / "tasks", ["algebra", "geometry"])
-    expected = {
-        i
-        for task in ("algebra", "geometry")
-        for name in ("dev_pool", "dev_monitor", "test")
-        for i in splits[task][name]["id"]
-    }
-    assert held_out == expected and len(held_out) == 2 * (8 + 5) + sum(
-        len(splits[t]["test"]) for t in ("algebra", "geometry")
+    held_out = held_out_ids(tmp_path / "tasks")
+    roles = pd.read_parquet(tmp_path / "tasks" / "roles.parquet")
+    assert len(roles) == sum(len(f) for t in splits.values() for f in t.values()) and not roles["id"].duplicated().any()
+    expected = {i for task in splits for name in ("dev_pool", "dev_monitor", "test") for i in splits[task][name]["id"]}
+    assert held_out == expected and len(held_out) == len(splits) * (8 + 5) + sum(
+        len(t["test"]) for t in splits.values()
     )
     assert_disjoint(splits["algebra"]["support"]["id"], held_out, "algebra support batch")  # passes
     dev_id = splits["geometry"]["dev_monitor"]["id"].iloc[0]
@@ -286,8 +283,8 @@ def test_assert_disjoint_and_held_out_ids_from_the_written_files(result: tuple, 
         LeakageError, match=rf"^train-sft batch 7: 1 dev/test problem id\(s\) in training data, e\.g\. \['{dev_id}'\]"
     ):
         assert_disjoint([*splits["algebra"]["query"]["id"][:3], dev_id], held_out, "train-sft batch 7")
-    with pytest.raises(ConfigError, match=r"algebra/dev_pool\.parquet not found \(run split-tasks\)"):
-        held_out_ids(tmp_path / "missing", ["algebra"])
+    with pytest.raises(ConfigError, match=r"roles\.parquet not found \(run split-tasks\)"):
+        held_out_ids(tmp_path / "missing")
 
 
 def test_input_errors_name_the_file(tmp_path: Path, table: pd.DataFrame) -> None:
@@ -315,7 +312,7 @@ def test_cli_end_to_end(table: pd.DataFrame, tmp_path: Path) -> None:
     out_dir, stats_path = tmp_path / "data" / "tasks", tmp_path / "data" / "split_stats.tsv"
     argv = ["--settings", json.dumps(settings), "--input", str(input_path), "--out-dir", str(out_dir)]
     assert main([*argv, "--stats", str(stats_path)]) == 0
-    assert sorted(p.name for p in out_dir.iterdir()) == ["algebra", "geometry", "precalculus"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["algebra", "geometry", "precalculus", "roles.parquet"]
     for task in ("algebra", "geometry", "precalculus"):
         assert sorted(p.name for p in (out_dir / task).iterdir()) == sorted(f"{name}.parquet" for name in SPLITS)
         for name in SPLITS:

@@ -112,14 +112,19 @@ def assert_disjoint(train_ids: Iterable[Any], held_out: Iterable[Any], what: str
         raise LeakageError(f"{what}: {len(leaked)} dev/test problem id(s) in training data, e.g. {leaked[:3]}")
 
 
-def held_out_ids(tasks_dir: str | Path, tasks: Sequence[str]) -> frozenset[str]:
-    """The ids of every ``dev_pool``, ``dev_monitor`` and ``test`` row of ``tasks``, for :func:`assert_disjoint`."""
-    ids: set[str] = set()
-    for task in tasks:
-        for split in HELD_OUT_SPLITS:
-            path = Path(tasks_dir) / task / f"{split}.parquet"
-            ids.update(read_task_split(path, ("id",), missing_hint=" (run split-tasks)")["id"])
-    return frozenset(ids)
+ROLES_FILE = "roles.parquet"  # the role index: one row (id, task, split) per problem of every task
+
+
+def held_out_ids(tasks_dir: str | Path) -> frozenset[str]:
+    """The ids of every ``dev_pool``, ``dev_monitor`` and ``test`` problem (all tasks), for :func:`assert_disjoint`.
+
+    Read from the role index ``<tasks_dir>/roles.parquet``, so the trainers never open a test file.
+    """
+    path = Path(tasks_dir) / ROLES_FILE
+    if not path.is_file():
+        raise ConfigError(f"--tasks-dir: {path} not found (run split-tasks)")
+    roles = pd.read_parquet(path, columns=["id", "split"])
+    return frozenset(roles.loc[roles["split"].isin(HELD_OUT_SPLITS), "id"].astype(str))
 
 
 def remove_duplicates(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
@@ -385,11 +390,15 @@ def make_splits(
 
 def write_splits(splits: Mapping[str, Mapping[str, pd.DataFrame]], out_dir: str | Path) -> None:
     """Write every task's splits into a temporary folder that then replaces ``out_dir`` whole."""
+    roles = []
     with atomic_dir(out_dir) as staging:
         for task, task_splits in splits.items():
             (staging / task).mkdir()
             for split, frame in task_splits.items():
                 frame.to_parquet(staging / task / f"{split}.parquet", index=False)
+                roles.append(pd.DataFrame({"id": frame["id"].astype(str), "task": task, "split": split}))
+        index = pd.concat(roles, ignore_index=True) if roles else pd.DataFrame(columns=["id", "task", "split"])
+        index.to_parquet(staging / ROLES_FILE, index=False)
 
 
 def split_tasks(

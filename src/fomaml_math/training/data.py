@@ -77,34 +77,11 @@ def rng_for(*key: int) -> np.random.Generator:
     return np.random.default_rng([int(k) for k in key])
 
 
-ROLES_FILE = "roles.parquet"  # written by split-tasks: one row per problem id with its role (split)
-TRAINING_ROLES = ("support", "query")
-
-
 def check_training_ids(tasks_dir: str | Path, rows: Sequence[dict[str, Any]], *, what: str) -> None:
-    """Assert by id that every training row is a support/query problem: no dev or test problem is trained on.
+    """Assert by id that no training row is a dev or test problem (the split's role index says where each id is)."""
+    from fomaml_math.data.split import assert_disjoint, held_out_ids
 
-    The split stage's role index (``roles.parquet``: id, task, split) says where each id belongs; a
-    training row whose id it lists in another role stops the run before any step.
-    """
-    import pandas as pd
-
-    path = Path(tasks_dir) / ROLES_FILE
-    if not path.is_file():
-        raise ConfigError(f"--tasks-dir: {path} not found (rerun split-tasks)")
-    roles = pd.read_parquet(path, columns=["id", "split"])
-    role_of = dict(zip(roles["id"].astype(str), roles["split"].astype(str), strict=True))
-    leaked = [
-        (str(r["id"]), role_of[str(r["id"])])
-        for r in rows
-        if role_of.get(str(r["id"]), "support") not in TRAINING_ROLES
-    ]
-    if leaked:
-        first_id, role = leaked[0]
-        raise ConfigError(
-            f"{what}: {len(leaked)} training example(s) belong to a held-out role, e.g. {first_id!r} is {role}; "
-            "dev and test problems must never be trained on (rerun split-tasks)"
-        )
+    assert_disjoint((r["id"] for r in rows), held_out_ids(tasks_dir), what)
 
 
 def load_dev(
