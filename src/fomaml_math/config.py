@@ -106,11 +106,16 @@ def _iter_semantic_errors(config: dict[str, Any]) -> Iterator[str]:
     if split["test_subset"] == "math500" and config["data"]["source"] == "synthetic":
         yield "tasks.split.test_subset: math500 needs MATH itself (data.source hub or local), not synthetic problems"
     names = config["tasks"]["names"]
-    unknown = [t for t in config["tasks"]["meta_test"] if t not in names]
-    if unknown:
-        yield f"tasks.meta_test: {unknown} are not in tasks.names {names}"
-    if set(names) == set(config["tasks"]["meta_test"]):
-        yield "tasks.meta_test: at least one task must stay in meta-training"
+    names_seen = [e["name"] for e in config["experiments"]]
+    if len(set(names_seen)) != len(names_seen):
+        yield f"experiments: names must be unique, got {names_seen}"
+    for experiment in config["experiments"]:
+        name = experiment["name"]
+        unknown = [t for t in experiment["meta_test"] if t not in names]
+        if unknown:
+            yield f"experiments.{name}.meta_test: {unknown} are not in tasks.names {names}"
+        if set(names) <= set(experiment["meta_test"]):
+            yield f"experiments.{name}.meta_test: at least one task must stay in meta-training"
     data = config["data"]
     if data["source"] == "local" and not data["local"].get("path"):
         yield "data.local.path: required when data.source is 'local' (MATH archive folder, .jsonl or .parquet)"
@@ -134,11 +139,12 @@ def _iter_semantic_errors(config: dict[str, Any]) -> Iterator[str]:
         yield f"compute.accelerate_config: {accelerate_config} not found (expected e.g. config/accelerate/ddp.yaml)"
     if compute["eval_gpus_per_job"] > compute["gpus"]:
         yield f"compute.eval_gpus_per_job: {compute['eval_gpus_per_job']} exceeds compute.gpus ({compute['gpus']})"
-    if config["fomaml"]["meta_batch_size"] > len(training_tasks(config)):
-        yield (
-            f"fomaml.meta_batch_size: {config['fomaml']['meta_batch_size']} tasks per step, "
-            f"but only {len(training_tasks(config))} training task(s) remain after tasks.meta_test"
-        )
+    for name in experiment_names(config):
+        if config["fomaml"]["meta_batch_size"] > len(training_tasks(config, name)):
+            yield (
+                f"fomaml.meta_batch_size: {config['fomaml']['meta_batch_size']} tasks per step, but only "
+                f"{len(training_tasks(config, name))} training task(s) remain after experiments.{name}.meta_test"
+            )
 
 
 def validate_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -148,6 +154,10 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     """
     if not isinstance(config, dict):
         raise ConfigError("config: expected a mapping of settings (is the YAML file empty?)")
+    if isinstance(config.get("tasks"), dict) and "meta_test" in config["tasks"]:
+        raise ConfigError(
+            "config error at tasks.meta_test: moved to experiments.<name>.meta_test (one held-out list per experiment)"
+        )
     validator = _validator_with_defaults(load_schema())
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
@@ -190,10 +200,27 @@ def load_config(path: str | Path) -> dict[str, Any]:
     return validate_config(config)
 
 
-def training_tasks(config: dict[str, Any]) -> list[str]:
-    """Tasks used for (meta-)training: ``tasks.names`` minus ``tasks.meta_test``."""
-    held_out = set(config["tasks"].get("meta_test", []))
+def experiment_names(config: dict[str, Any]) -> list[str]:
+    return [e["name"] for e in config["experiments"]]
+
+
+def meta_test_tasks(config: dict[str, Any], experiment: str) -> list[str]:
+    """The tasks experiment ``experiment`` holds out of training (evaluated only)."""
+    for entry in config["experiments"]:
+        if entry["name"] == experiment:
+            return list(entry.get("meta_test", []))
+    raise ConfigError(f"experiments: no experiment named {experiment!r} (have {experiment_names(config)})")
+
+
+def training_tasks(config: dict[str, Any], experiment: str | None = None) -> list[str]:
+    """Tasks used for (meta-)training in ``experiment`` (default: the first): ``tasks.names`` minus its meta_test."""
+    held_out = set(meta_test_tasks(config, experiment or experiment_names(config)[0]))
     return [t for t in config["tasks"]["names"] if t not in held_out]
+
+
+def control_shot_seed(config: dict[str, Any]) -> int:
+    """The negative control's shot-draw seed: independent of the evaluation's (``seed``)."""
+    return int(config["seed"]) + 1_000_003
 
 
 def sft_budget_steps(config: dict[str, Any]) -> int:
@@ -237,9 +264,17 @@ def _train_compute(config: dict[str, Any]) -> dict[str, Any]:
     return {k: compute[k] for k in keys}
 
 
-def stage_settings(config: dict[str, Any], stage: str) -> dict[str, Any]:
-    """The settings one stage uses, and nothing else (so unrelated changes do not rerun it)."""
+def stage_settings(
+    config: dict[str, Any], stage: str, *, experiment: str | None = None, train_seed: int | None = None
+) -> dict[str, Any]:
+    """The settings one stage uses, and nothing else (so unrelated changes do not rerun it).
+
+    Training stages take the ``experiment`` (its training tasks) and the ``train_seed`` (default: the
+    first of ``replicates.seeds``); the data split and every shot draw keep the global ``seed``.
+    """
     seed = config["seed"]
+    if train_seed is None:
+        train_seed = int(config["replicates"]["seeds"][0])
     if stage == "check_env":
         return {
             "compute": config["compute"],
@@ -249,7 +284,7 @@ def stage_settings(config: dict[str, Any], stage: str) -> dict[str, Any]:
     if stage == "ingest":
         return {"seed": seed, "data": config["data"], "tasks": config["tasks"]["names"]}
     if stage == "split":
-        return {"seed": seed, "tasks": config["tasks"]}
+        return {"seed": seed, "tasks": config["tasks"]}  # experiments split nothing: the roles are shared
     if stage == "build_tiny_model":
         return {
             "seed": seed,
@@ -263,7 +298,8 @@ def stage_settings(config: dict[str, Any], stage: str) -> dict[str, Any]:
             "model": _model_settings(config),
             "compute": _train_compute(config),
             "fomaml": config["fomaml"],
-            "train_tasks": training_tasks(config),
+            "train_tasks": training_tasks(config, experiment),
+            "train_seed": train_seed,
             "wandb": config["wandb"],
             "prompt": {"instruction": instruction(config)},
             "select": config["select"],
@@ -275,7 +311,8 @@ def stage_settings(config: dict[str, Any], stage: str) -> dict[str, Any]:
             "model": _model_settings(config),
             "compute": _train_compute(config),
             "sft": config["sft"] | {"steps": sft_budget_steps(config)},
-            "train_tasks": training_tasks(config),
+            "train_tasks": training_tasks(config, experiment),
+            "train_seed": train_seed,
             "wandb": config["wandb"],
             "prompt": {"instruction": instruction(config)},
             "select": config["select"],

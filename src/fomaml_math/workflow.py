@@ -44,3 +44,19 @@ def job_interpreter_warning() -> str | None:
         f"Snakemake): jobs may not find the packages; activate the environment first "
         f"(source {ours.parent}/bin/activate), unless you use --software-deployment-method conda"
     )
+
+
+def parse_run(run: str) -> tuple[str | None, str, int | None]:
+    """``base`` -> (None, "base", None); ``<experiment>/<method>/seed-<s>`` -> (experiment, method, s)."""
+    if run == "base":
+        return None, "base", None
+    experiment, method, seed = run.split("/")
+    return experiment, method, int(seed.removeprefix("seed-"))
+
+
+def adaptation_choice(calibration_json: str | Path) -> tuple[float, int]:
+    """The (learning rate, steps) a calibration file chose."""
+    import json
+
+    chosen = json.loads(Path(calibration_json).read_text())["chosen"]
+    return float(chosen["lr"]), int(chosen["num_steps"])

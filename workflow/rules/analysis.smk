@@ -1,13 +1,3 @@
-STATS_TABLES = ["accuracy", "comparisons", "across_tasks"]
-FIGURES = [
-    "accuracy_vs_shots",
-    "accuracy_vs_shots_by_task",
-    "gain_heatmap",
-    "nll_vs_shots",
-    "training_curves",
-]
-
-
 rule stats:
     input:
         all_eval_files(),
@@ -36,8 +26,8 @@ rule stats:
 rule figures:
     input:
         stats=expand("results/stats/{name}.tsv", name=STATS_TABLES),
-        fomaml_metrics="results/models/fomaml/metrics.csv",
-        sft_metrics="results/models/sft/metrics.csv",
+        fomaml_metrics=f"results/{EXPERIMENTS[0]}/fomaml/seed-{SEEDS[0]}/metrics.csv",
+        sft_metrics=f"results/{EXPERIMENTS[0]}/sft/seed-{SEEDS[0]}/metrics.csv",
     output:
         pdf=expand("results/figures/{figure}.pdf", figure=FIGURES),
         png=[
@@ -84,7 +74,7 @@ rule summary:
 
 rule experiments:
     input:
-        expand("results/models/{method}/train_summary.json", method=["fomaml", "sft"]),
+        [f"results/{run}/train_summary.json" for run in trained_runs()],
     output:
         csv="results/experiments.csv",
         md=report(
@@ -98,6 +88,9 @@ rule experiments:
         "results/benchmarks/experiments.tsv"
     conda:
         ENV
+    params:
+        runs=lambda wildcards, input: " ".join(
+            f"--run {Path(f).parent.relative_to('results')}={Path(f).parent}" for f in input
+        ),
     shell:
-        "python -m fomaml_math experiments --run fomaml=results/models/fomaml --run sft=results/models/sft"
-        " --output-csv {output.csv} --output-md {output.md} > {log} 2>&1"
+        "python -m fomaml_math experiments {params.runs} --output-csv {output.csv} --output-md {output.md} > {log} 2>&1"

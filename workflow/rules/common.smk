@@ -1,4 +1,4 @@
-# Shared setup: config validation, the package on the path, and the settings each rule passes.
+# Shared setup: config validation, the package on the path, the settings each rule passes, and paths.
 import json
 import sys
 from pathlib import Path
@@ -7,9 +7,16 @@ SRC = str(Path(workflow.basedir).parent / "src")
 if SRC not in sys.path:
     sys.path.insert(0, SRC)
 
-from fomaml_math.config import ConfigError, stage_settings, validate_config
+from fomaml_math.config import ConfigError, control_shot_seed, meta_test_tasks, stage_settings, validate_config
 from fomaml_math.launch import accelerate_launch_prefix
-from fomaml_math.workflow import export_package_path, job_interpreter_warning, output_dir, tasks_dir
+from fomaml_math.workflow import (
+    adaptation_choice,
+    export_package_path,
+    job_interpreter_warning,
+    output_dir,
+    parse_run,
+    tasks_dir,
+)
 
 # Jobs run `python -m fomaml_math ...` and find the package without an install (e.g. in conda envs).
 export_package_path()
@@ -24,8 +31,10 @@ validate(config, "../schemas/config.schema.yaml")
 
 ENV = "../../envs/fomaml-math.yaml"
 TASKS = list(config["tasks"]["names"])
-SPLITS = ["support", "query", "test"]
-INITS = ["base", "sft", "fomaml"]
+SPLITS = ["support", "query", "dev_pool", "dev_monitor", "test"]
+METHODS = ["sft", "fomaml"]
+EXPERIMENTS = [e["name"] for e in config["experiments"]]
+SEEDS = [int(s) for s in config["replicates"]["seeds"]]
 STATS_TABLES = ["accuracy", "comparisons", "across_tasks"]
 FIGURES = ["accuracy_vs_shots", "accuracy_vs_shots_by_task", "gain_heatmap", "nll_vs_shots", "training_curves"]
 SHOTS = [int(k) for k in config["eval"]["shots"]]
@@ -33,21 +42,31 @@ TINY = config["model"]["tiny"] is not None
 BASE_MODEL = config["model"]["name_or_path"]
 COMPUTE = config["compute"]
 TRAIN_GPUS = COMPUTE["num_processes"] if COMPUTE["gpus"] > 0 else 0
+# The evaluation's learning rate comes from the calibration stage (finetune mode only).
+CALIBRATED = config["calibration"]["enabled"] and config["eval"]["mode"] == "finetune"
+CONTROL = config["replicates"]["negative_control"]
 
 
 wildcard_constraints:
-    init="base|sft|fomaml",
     shots=r"\d+",
     method="sft|fomaml",
+    seed=r"\d+",
+    experiment="|".join(EXPERIMENTS),
+    # base (shared), or <experiment>/<method>/seed-<seed>: one initialisation that is calibrated and evaluated
+    run=r"base|(" + "|".join(EXPERIMENTS) + r")/(sft|fomaml)/seed-\d+",
+    kind="eval|eval-control",
 
 
-def settings(stage):
+def settings(stage, **kwargs):
     """This stage's settings as JSON: a param, so changing any of them reruns the stage."""
-    return json.dumps(stage_settings(config, stage), sort_keys=True)
+    return json.dumps(stage_settings(config, stage, **kwargs), sort_keys=True)
 
 
 def task_files(splits=SPLITS):
     return expand("results/data/tasks/{task}/{split}.parquet", task=TASKS, split=splits)
+
+
+ROLES = "results/data/tasks/roles.parquet"
 
 
 def base_model_input():
@@ -55,20 +74,76 @@ def base_model_input():
     return [BASE_MODEL] if TINY else []
 
 
-def eval_file(init, shots):
-    return f"results/eval/{init}/shots-{shots}.parquet"
+def trained_runs():
+    return [f"{e}/{m}/seed-{s}" for e in EXPERIMENTS for m in METHODS for s in SEEDS]
+
+
+def run_model(wildcards):
+    return BASE_MODEL if wildcards.run == "base" else f"results/{wildcards.run}/model"
+
+
+def run_model_input(wildcards):
+    return base_model_input() if wildcards.run == "base" else [run_model(wildcards)]
+
+
+def train_settings(wildcards):
+    return settings(f"train_{wildcards.method}", experiment=wildcards.experiment, train_seed=int(wildcards.seed))
+
+
+def eval_args(wildcards):
+    """--experiment/--train-seed/--meta-test (and the control's --shot-seed) of one evaluation job."""
+    experiment, _, seed = parse_run(wildcards.run)
+    args = []
+    if experiment is not None:
+        args += ["--experiment", experiment, "--train-seed", str(seed)]
+        held_out = meta_test_tasks(config, experiment)
+        if held_out:
+            args += ["--meta-test", *held_out]
+    else:
+        args += ["--experiment", "shared"]
+    if wildcards.kind == "eval-control":
+        args += ["--shot-seed", str(control_shot_seed(config))]
+    return " ".join(args)
+
+
+def calibration_file(wildcards):
+    return f"results/{wildcards.run}/calibration.json"
+
+
+def chosen_adaptation(wildcards):
+    """(lr, steps) the calibration chose for this run; read once the checkpoint has run."""
+    if not CALIBRATED:
+        return float(config["eval"]["inner_lr"]), int(config["eval"]["num_inner_steps"])
+    return adaptation_choice(checkpoints.calibrate.get(run=wildcards.run).output[0])
+
+
+def choice_flag(wildcards):
+    """A file named by the chosen value: an evaluation depends on the value, not on the calibration's mtime,
+    so a recalibration that chooses the same value reruns no evaluation."""
+    if not CALIBRATED:
+        return []
+    lr, steps = chosen_adaptation(wildcards)
+    return [f"results/calibration-choices/{config['eval']['optimizer']}-lr{lr!r}-steps{steps}.flag"]
+
+
+def eval_file(run, shots, kind="eval"):
+    return f"results/{run}/{kind}/shots-{shots}.parquet"
 
 
 def all_eval_files():
-    return [eval_file(init, k) for init in INITS for k in SHOTS]
+    return [eval_file(run, k) for run in ["base", *trained_runs()] for k in SHOTS]
 
 
-def init_model(wildcards):
-    return BASE_MODEL if wildcards.init == "base" else f"results/models/{wildcards.init}/model"
+def control_runs():
+    return [f"{EXPERIMENTS[0]}/fomaml/seed-{SEEDS[0]}"] if CONTROL else []
 
 
-def init_model_input(wildcards):
-    return base_model_input() if wildcards.init == "base" else [init_model(wildcards)]
+def control_eval_files():
+    return [eval_file(run, k, "eval-control") for run in control_runs() for k in SHOTS if k > 0]
+
+
+def calibration_files():
+    return [f"results/{run}/calibration.json" for run in ["base", *trained_runs()]] if CALIBRATED else []
 
 
 def all_targets():

@@ -19,6 +19,7 @@ rule split_tasks:
         table="results/data/math.parquet",
     output:
         tasks=task_files(),
+        roles=ROLES,
         stats="results/data/split_stats.tsv",
     log:
         "results/logs/split_tasks.log",

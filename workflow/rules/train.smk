@@ -1,35 +1,38 @@
-# Both trainings run under `accelerate launch`. Checkpoints live in a params directory, not in
-# the outputs: Snakemake deletes a failed job's outputs, and a rerun must find them to resume.
+# Both trainings run under `accelerate launch`, once per (experiment, method, training seed). Checkpoints
+# live in a params directory, not in the outputs: Snakemake deletes a failed job's outputs, and a rerun
+# must find them to resume. Training reads support/query (data) and dev (monitoring, selection), never test.
 
 
 rule train:
     input:
-        tasks=task_files(),  # test: held-out monitoring
+        tasks=task_files(["support", "query", "dev_pool", "dev_monitor"]),
+        roles=ROLES,
         base=base_model_input(),
         env=ancient("results/env/report.json"),
     output:
-        model=directory("results/models/{method}/model"),
-        metrics_jsonl="results/models/{method}/metrics.jsonl",
+        model=directory("results/{experiment}/{method}/seed-{seed}/model"),
+        metrics_jsonl="results/{experiment}/{method}/seed-{seed}/metrics.jsonl",
         metrics_csv=report(
-            "results/models/{method}/metrics.csv",
+            "results/{experiment}/{method}/seed-{seed}/metrics.csv",
             caption="../report/training_metrics.rst",
             category="Training",
+            subcategory="{experiment}",
         ),
-        summary="results/models/{method}/train_summary.json",
+        summary="results/{experiment}/{method}/seed-{seed}/train_summary.json",
     log:
-        "results/logs/train_{method}.log",
+        "results/logs/train/{experiment}_{method}_seed-{seed}.log",
     benchmark:
-        "results/benchmarks/train_{method}.tsv"
+        "results/benchmarks/train/{experiment}_{method}_seed-{seed}.tsv"
     conda:
         ENV
     threads: workflow.cores
     resources:
         gpu=TRAIN_GPUS,
     params:
-        settings=lambda wildcards: settings(f"train_{wildcards.method}"),
+        settings=train_settings,
         launch=accelerate_launch_prefix(COMPUTE),
-        checkpoint_dir="results/checkpoints/{method}",
-        output_dir="results/models/{method}",
+        checkpoint_dir="results/checkpoints/{experiment}/{method}/seed-{seed}",
+        output_dir="results/{experiment}/{method}/seed-{seed}",
         tasks_dir=tasks_dir,
     shell:
         "python -m fomaml_math.devices run --per-job {resources.gpu}"

@@ -217,7 +217,8 @@ def train(settings: dict[str, Any], tasks_dir: Path, output_dir: Path, checkpoin
     fo = settings["fomaml"]
     model_cfg = settings["model"]
     tasks = list(settings["train_tasks"])
-    seed = int(settings["seed"])
+    seed = int(settings["seed"])  # dev monitoring draws: the same for every training seed and method
+    train_seed = int(settings.get("train_seed", seed))  # what a replicate changes: the order of the training data
     total = int(fo["total_steps"])
     runtime = make_runtime(settings["compute"])
     _check_settings(runtime, fo, tasks)
@@ -277,8 +278,8 @@ def train(settings: dict[str, Any], tasks_dir: Path, output_dir: Path, checkpoin
             run.log({"step": 0, **monitor()})
         for step in range(run.start_step + 1, total + 1):
             t0 = time.perf_counter()
-            names = sample_tasks(seed, step, tasks, int(fo["meta_batch_size"]))
-            episodes = [sample_episode(seed, step, slot, t, data[t], fo, pad) for slot, t in enumerate(names)]
+            names = sample_tasks(train_seed, step, tasks, int(fo["meta_batch_size"]))
+            episodes = [sample_episode(train_seed, step, slot, t, data[t], fo, pad) for slot, t in enumerate(names)]
             lr = float(scheduler.get_last_lr()[0])
             try:
                 result = meta_step(

@@ -93,7 +93,8 @@ def train(settings: dict[str, Any], tasks_dir: Path, output_dir: Path, checkpoin
     sft = settings["sft"]
     model_cfg = settings["model"]
     tasks = list(settings["train_tasks"])
-    seed = int(settings["seed"])
+    seed = int(settings["seed"])  # dev monitoring draws: the same for every training seed and method
+    train_seed = int(settings.get("train_seed", seed))  # what a replicate changes: the order of the training data
     total = int(sft["steps"])
     batch_size = int(sft["batch_size"])
     runtime = make_runtime(settings["compute"])
@@ -140,7 +141,7 @@ def train(settings: dict[str, Any], tasks_dir: Path, output_dir: Path, checkpoin
         total_steps=total,
     )
     model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
-    sampler = EpochSampler(seed, len(examples), batch_size)
+    sampler = EpochSampler(train_seed, len(examples), batch_size)
     snapshot = WeightSnapshot(model, settings["compute"].get("snapshot_device", "cpu"))
 
     def monitor() -> dict[str, float]:
