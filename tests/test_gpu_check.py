@@ -79,7 +79,7 @@ def test_the_hiding_works(tmp_path: Path) -> None:
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, subprocess.CompletedProcess]:
     tmp = tmp_path_factory.mktemp("gpu-check")
     out = tmp / "out"
-    command = [sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--out", str(out), "--threads", "2"]
+    command = [sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--out", str(out), "--threads", "1"]
     done = subprocess.run(command, env=_env(tmp), capture_output=True, text=True, timeout=240, cwd=tmp, check=False)
     assert (out / "gpu_check.json").is_file(), done.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
@@ -153,6 +153,9 @@ def test_estimate_fsdp_and_slots_sections(quick_run) -> None:
     flop = estimate["qwen3_4b"]["meta_step_model_pflop"]["625 tokens/row"] * 1e15
     assert hours["s_per_meta_step"] == pytest.approx(flop / (4 * 312e12 * 0.4))
     assert hours["hours_for_5000"] == pytest.approx(5000 * hours["s_per_meta_step"] / 3600)
+    stand_in = estimate["stand_in_run (tiny shape, CPU)"]  # the GPU-only 4B run's code, on the tiny shape
+    assert len(stand_in["meta_step_s"]) == 1 and len(stand_in["query_losses"]) == 4
+    assert all(math.isfinite(x) for x in stand_in["query_losses"])
     fsdp = sections["5_fsdp2_single"]
     assert fsdp["results"]["sharded_parameter_type"] == "DTensor"
     assert all(c["passed"] for c in fsdp["checks"]) and len(fsdp["checks"]) == 5
