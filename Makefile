@@ -8,7 +8,7 @@ CORES ?= 2
 # Rules run `python -m fomaml_math ...` and `accelerate launch`: the venv's, as if it were activated.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup demo test test-fast lint format report clean
+.PHONY: setup demo test test-fast lint format report clean gpu-check
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,13 @@ test: lint
 test-fast: setup
 	$(OFFLINE) $(BIN)/python -m pytest -m "not slow"
 
+# The prepared GPU check (bench/gpu_check.py; README "Performance: the GPU check"). Uses whatever python3 has
+# torch (on the lent GPU machine: its preinstalled stack; no venv needed). ARGS: e.g. --budget-s 200, --device cpu --quick.
+OUT ?= results/gpu-check
+GPU_PYTHON ?= $(PYTHON)
+gpu-check:
+	PYTHONUNBUFFERED=1 $(OFFLINE) $(GPU_PYTHON) bench/gpu_check.py --out $(OUT) $(ARGS)
+
 format: setup
 	$(BIN)/ruff format src tests bench
 	$(BIN)/ruff check --fix src tests bench
@@ -45,6 +52,6 @@ format: setup
 
 clean:
 	rm -rf results/env results/data results/models results/checkpoints results/eval results/stats \
-	       results/figures results/logs results/benchmarks results/.gpu-locks results/summary.md \
+	       results/figures results/logs results/benchmarks results/.gpu-locks results/gpu-check results/summary.md \
 	       results/experiments.md results/experiments.csv \
 	       results/report.html .snakemake

@@ -14,10 +14,12 @@ import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jsonschema
 import yaml
+
+if TYPE_CHECKING:  # imported where it validates: `from fomaml_math.config import ConfigError` works without it
+    import jsonschema
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
@@ -44,6 +46,8 @@ def load_schema() -> dict[str, Any]:
 
 def _validator_with_defaults(schema: dict[str, Any]) -> jsonschema.protocols.Validator:
     """A Draft 2020-12 validator that also fills in ``default`` values (jsonschema's FAQ recipe)."""
+    import jsonschema
+
     base = jsonschema.Draft202012Validator
     validate_properties = base.VALIDATORS["properties"]
 
@@ -161,6 +165,8 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     validator = _validator_with_defaults(load_schema())
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
+        import jsonschema
+
         error = jsonschema.exceptions.best_match(errors)
         raise ConfigError(f"config error at {_key_of(error)}: {_describe(error)}")
     for message in _iter_semantic_errors(config):
