@@ -84,12 +84,8 @@ from fomaml_math.training import checkpoint  # noqa: E402
 from fomaml_math.training.fomaml import Episode, accumulate_meta_gradient, meta_step  # noqa: E402
 from fomaml_math.training.sft import sft_step  # noqa: E402
 
-# The training names that are moving out of training/common.py: imported here only, so the merge is one line.
-try:
-    from fomaml_math.training.runtime import Runtime
-except ImportError:
-    from fomaml_math.training.common import Runtime
-from fomaml_math.training.common import clip_and_norm, loss_fn_for, make_optimizer, prepare_training  # noqa: E402
+from fomaml_math.training.optim import clip_and_norm, make_optimizer, prepare_training  # noqa: E402
+from fomaml_math.training.runtime import Runtime, loss_fn_for  # noqa: E402
 
 BenchRuntime = bench_fomaml.BenchRuntime
 GiB = 1 << 30
@@ -332,15 +328,6 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def enable_checkpointing(model: Any) -> None:
-    """Gradient checkpointing (non-reentrant) under both names: transformers 5.17 has no activation_checkpointing_*."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def corpus_texts() -> list[str]:
@@ -618,13 +605,11 @@ def _perf_setup(ctx: Context) -> dict[str, Any]:
 def _make_step(ctx: Context, kind: str, model: Any, gc_on: bool) -> tuple[Callable[[Any], Any], Any]:
     """A step function on a fresh copy of the base model (set up through ``prepare_training``)."""
     runtime = ctx.runtime(ctx.amp)
-    if gc_on:
-        enable_checkpointing(model)
-    # gradient checkpointing enabled above: prepare_training's activation_checkpointing_enable is transformers >= 5.2x
+    # prepare_training enables checkpointing under either transformers name (5.17 has only gradient_checkpointing_*)
     model, optimizer, scheduler, params = prepare_training(
         runtime,
         model,
-        {"gradient_checkpointing": False},
+        {"gradient_checkpointing": gc_on},
         lr=1e-5,
         weight_decay=0.0,
         schedule="constant",
@@ -1303,7 +1288,7 @@ def metadata(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         },
         "absent_packages": absent_packages(),
         "compat": {
-            # prepare_training calls activation_checkpointing_enable: missing in transformers 5.17 (the lent machine)
+            # which name prepare_training uses (activation_checkpointing_enable is missing in transformers 5.17)
             "transformers_has_activation_checkpointing_enable": hasattr(
                 PreTrainedModel, "activation_checkpointing_enable"
             ),

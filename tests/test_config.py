@@ -89,13 +89,31 @@ def test_cross_field_rules(demo_config):
     local = _set(demo_config, "data.source", "local")
     with pytest.raises(ConfigError, match=r"data\.local\.path: required when data\.source is 'local'"):
         validate_config(local)
-    too_many = _set(demo_config, "tasks.meta_test", ["algebra", "geometry", "prealgebra", "precalculus"])
-    with pytest.raises(ConfigError, match=r"fomaml\.meta_batch_size: 4 tasks per step, but only 3"):
+    held_out = [
+        {"name": "in_domain"},
+        {"name": "lots", "meta_test": ["algebra", "geometry", "prealgebra", "precalculus"]},
+    ]
+    too_many = _set(demo_config, "experiments", held_out)
+    with pytest.raises(
+        ConfigError, match=r"fomaml\.meta_batch_size: 4 tasks per step, but only 3 .* experiments\.lots"
+    ):
         validate_config(too_many)
-    unknown = _set(_set(demo_config, "tasks.names", ["algebra", "prealgebra"]), "tasks.meta_test", ["geometry"])
+    unknown = _set(_set(demo_config, "tasks.names", ["algebra", "prealgebra"]), "experiments",
+                   [{"name": "fold", "meta_test": ["geometry"]}])  # fmt: skip
     unknown["fomaml"]["meta_batch_size"] = 1
-    with pytest.raises(ConfigError, match=r"tasks\.meta_test: \['geometry'\] are not in tasks\.names"):
+    with pytest.raises(ConfigError, match=r"experiments\.fold\.meta_test: \['geometry'\] are not in tasks\.names"):
         validate_config(unknown)
+    with pytest.raises(ConfigError, match=r"tasks\.meta_test: moved to experiments\.<name>\.meta_test"):
+        validate_config(_set(demo_config, "tasks.meta_test", ["geometry"]))
+    twice = _set(demo_config, "experiments", [{"name": "a"}, {"name": "a"}])
+    with pytest.raises(ConfigError, match=r"experiments: names must be unique"):
+        validate_config(twice)
+    reserved = _set(demo_config, "experiments", [{"name": "stats"}])
+    with pytest.raises(ConfigError, match=r"experiments\.0\.name"):
+        validate_config(reserved)
+    missing = _set(demo_config, "compute.accelerate_config", "config/accelerate/nope.yaml")
+    with pytest.raises(ConfigError, match=r"compute\.accelerate_config: config/accelerate/nope\.yaml not found"):
+        validate_config(missing)
     gpus = _set(_set(demo_config, "compute.gpus", 2), "compute.num_processes", 4)
     with pytest.raises(ConfigError, match=r"compute\.num_processes: 4 processes need as many GPUs"):
         validate_config(gpus)

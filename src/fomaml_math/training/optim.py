@@ -62,6 +62,14 @@ def clip_and_norm(runtime: Runtime, model: Any, params: Sequence[torch.nn.Parame
     return float(value)
 
 
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Non-reentrant activation checkpointing; transformers renamed the method (``activation_...`` in 5.18+)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # transformers <= 5.17 (e.g. a lent GPU machine's preinstalled stack)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def prepare_training(
     runtime: Runtime,
     model: Any,
@@ -81,7 +89,7 @@ def prepare_training(
 
     model.config.use_cache = False
     if compute.get("gradient_checkpointing"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     model.train()
     if runtime.mode == "fsdp":
         # accelerate's FSDP2 path shards the model and swaps the optimizer's parameters in one prepare call
