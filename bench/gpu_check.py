@@ -73,19 +73,19 @@ import bench_fomaml  # noqa: E402  (BenchRuntime, the seed-style loop, memory me
 import torch  # noqa: E402
 
 from fomaml_math import devices  # noqa: E402
-from fomaml_math.adapt import MicroBatches, WeightSnapshot, adapted, trainable_parameters  # noqa: E402
-from fomaml_math.batching import EncodedExample, SFTBatch, collate, sft_loss  # noqa: E402
+from fomaml_math.adapt import MicroBatches, WeightSnapshot, adapted, sft_loss_fn, trainable_parameters  # noqa: E402
+from fomaml_math.batching import EncodedExample, SFTBatch, collate  # noqa: E402
 from fomaml_math.config import MATH_TASKS  # noqa: E402
 from fomaml_math.data.synthetic import generate_synthetic  # noqa: E402
+from fomaml_math.evaluation.fewshot import precision_context  # noqa: E402
 from fomaml_math.evaluation.generate import generate_greedy, stop_token_ids  # noqa: E402
 from fomaml_math.io import write_json, write_text  # noqa: E402
 from fomaml_math.modeling import build_tiny_model  # noqa: E402
 from fomaml_math.training import checkpoint  # noqa: E402
 from fomaml_math.training.fomaml import Episode, accumulate_meta_gradient, meta_step  # noqa: E402
-from fomaml_math.training.sft import sft_step  # noqa: E402
-
 from fomaml_math.training.optim import clip_and_norm, make_optimizer, prepare_training  # noqa: E402
 from fomaml_math.training.runtime import Runtime, loss_fn_for  # noqa: E402
+from fomaml_math.training.sft import sft_step  # noqa: E402
 
 BenchRuntime = bench_fomaml.BenchRuntime
 GiB = 1 << 30
@@ -505,12 +505,9 @@ def section_bf16(ctx: Context, sec: Section, deadline: Deadline) -> None:
     bf16 = ctx.runtime(torch.bfloat16)
     fp32 = ctx.runtime(None)
 
-    def eval_loss(m: Any, b: Any) -> tuple[torch.Tensor, int]:
-        with torch.autocast(device_type, dtype=torch.bfloat16):  # per forward pass, as the evaluation's fix does
-            return sft_loss(m, b.to(ctx.device))
-
-    def eval_loss_fp32(m: Any, b: Any) -> tuple[torch.Tensor, int]:
-        return sft_loss(m, b.to(ctx.device))
+    # The evaluation's own loss: autocast opened per forward pass (EvalContext.loss_fn builds exactly this).
+    eval_loss = sft_loss_fn(ctx.device, lambda: precision_context(ctx.device, "bf16"))
+    eval_loss_fp32 = sft_loss_fn(ctx.device, lambda: precision_context(ctx.device, "no"))
 
     micro = [MicroBatches([batch, other])]  # the evaluation's k-shot step: gradients accumulated over micro-batches
     loops = {
@@ -940,11 +937,11 @@ def _run_shape(
     model, _tokenizer = build_model(shape, ctx.device, 2048)
     built = time.perf_counter() - started
     runtime = ctx.runtime(ctx.amp)
-    enable_checkpointing(model)  # the paper config: gradient_checkpointing true, snapshot_device cpu
+    # the paper config: gradient_checkpointing true, snapshot_device cpu
     model, optimizer, scheduler, params = prepare_training(
         runtime,
         model,
-        {"gradient_checkpointing": False},
+        {"gradient_checkpointing": True},
         lr=1e-5,
         weight_decay=0.0,
         schedule="constant",
