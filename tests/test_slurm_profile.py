@@ -71,7 +71,7 @@ def dry_run_jobs(root: Path, *args: str) -> list[dict]:
     result = snakemake(root, "--workflow-profile", PROFILE, "--dry-run", *args)
     jobs: list[dict] = []
     for line in (result.stdout + result.stderr).splitlines():
-        if match := re.match(r"^(?:local)?rule (\w+):$", line):
+        if match := re.match(r"^(?:local)?(?:rule|checkpoint) (\w+):$", line):
             jobs.append({"rule": match.group(1), "wildcards": {}, "resources": {}, "shell": ""})
         elif jobs and (match := re.match(r"^\s+(wildcards|resources): (.*)$", line)):
             pairs = (item.split("=", 1) for item in match.group(2).split(", "))
@@ -158,7 +158,15 @@ def test_paper_config_asks_slurm_for_the_gpus_accelerate_uses(tmp_path):
     by_rule: dict[str, list[dict]] = {}
     for job in jobs:
         by_rule.setdefault(job["rule"], []).append(job)
-    assert len(by_rule["train"]) == 2 and len(by_rule["evaluate"]) == 15
+    config = read_config(root)
+    runs = len(config["experiments"]) * 2 * len(config["replicates"]["seeds"])
+    shots = len(config["eval"]["shots"])
+    assert len(by_rule["train"]) == runs and len(by_rule["calibrate"]) == runs + 1  # + the shared base
+    # The evaluations wait for their calibration (a checkpoint); the dry run plans them all.
+    assert len(by_rule["evaluate"]) == (runs + 1) * shots + (shots - 1)  # + the negative control (k > 0)
+    for job in by_rule["calibrate"]:
+        command = sbatch_command(job)
+        assert job["resources"]["gpu"] == 1 and " --gpus=1" in command and " -t 240" in command, command
 
     for job in by_rule["train"]:
         nproc = compute["num_processes"]

@@ -156,4 +156,5 @@ def all_targets():
         "results/summary.md",
         "results/experiments.md",
         "results/experiments.csv",
+        *control_eval_files(),
     ]
