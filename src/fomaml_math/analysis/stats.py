@@ -794,7 +794,7 @@ def read_table(stats_dir: str | Path, name: str) -> pd.DataFrame:
     with open(path) as handle:
         header = handle.readline().rstrip("\n").split("\t")
     text = ("_stars", "_note", "_method", "_test", "verdict", "family", "task_role", "experiment")
-    text_columns = {c: str for c in header if c.endswith(text) or c in ("task", "init", "pool", "comparison")}
+    text_columns = {c: str for c in header if c.endswith(text) or c in ("task", "init", "pool", "comparison", "note")}
     if "train_seed" in header and name == "accuracy.tsv":
         text_columns["train_seed"] = str  # "all" or a seed number
     frame = pd.read_csv(path, sep="\t", dtype=text_columns)

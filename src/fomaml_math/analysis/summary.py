@@ -307,7 +307,12 @@ def _efficiency_lines(efficiency: pd.DataFrame | None) -> list[str]:
         lines.append(
             f"- `{row.experiment}`: {style.init_label(row.learner)} reaches {style.init_label(row.reference)}'s "
             f"{row.reference_shots}-shot accuracy ({fmt_percent(row.target_accuracy)}%) at "
-            f"{fmt_shots(row.shots_to_match)} shots [{fmt_shots(row.ci_low)}, {fmt_shots(row.ci_high)}] "
+            + (
+                f"{fmt_shots(row.shots_to_match)} shots"
+                if math.isfinite(row.shots_to_match)
+                else f"no measured shot count (> {row.learner_max_shots})"
+            )
+            + f" [{fmt_shots(row.ci_low)}, {fmt_shots(row.ci_high)}] "
             f"(measured up to {row.learner_max_shots}; not reached in {100 * row.share_not_reached:.0f}% of bootstrap "
             "replicates)"
         )
