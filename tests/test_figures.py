@@ -10,9 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.figure import Figure
-from test_stats import SETTINGS, SHOTS, TASK_SIZES, run_stats
+from test_stats import SEEDS, SETTINGS, SHOTS, TASK_SIZES, run_stats
+from test_summary import write_calibration
 
 from fomaml_math.analysis import figures, style
+from fomaml_math.analysis.calibration import load_calibration
 from fomaml_math.analysis.stats import read_table
 from fomaml_math.config import ConfigError
 
@@ -67,6 +69,7 @@ def test_stage_writes_pdf_and_png_for_every_figure(tmp_path: Path, stats_dir: Pa
     out = tmp_path / "figures"
     argv = ["--settings", json.dumps(SETTINGS), "--stats-dir", str(stats_dir)]
     argv += ["--fomaml-metrics", str(fomaml_csv), "--sft-metrics", str(sft_csv), "--output-dir", str(out)]
+    argv += ["--calibration", *map(str, write_calibration(tmp_path / "cal"))]
     assert figures.main(argv) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(figures.OUTPUT_FILES)
     for stem in figures.FIGURES:
@@ -74,36 +77,65 @@ def test_stage_writes_pdf_and_png_for_every_figure(tmp_path: Path, stats_dir: Pa
         png = (out / f"{stem}.png").read_bytes()
         assert png.startswith(b"\x89PNG")
         width = struct.unpack(">I", png[16:20])[0]  # IHDR width: the figure width at 200 dpi
-        expected = style.SINGLE_COLUMN_IN if stem in ("accuracy_vs_shots", "gain_heatmap", "nll_vs_shots") else None
+        # Two experiments: the pooled figures have a panel each (double column).
+        expected = style.SINGLE_COLUMN_IN if stem == "gain_heatmap" else None
         assert width == round((expected or style.DOUBLE_COLUMN_IN) * style.PNG_DPI)
 
 
-def test_accuracy_vs_shots_reads_back_as_the_pooled_table(tables: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+def _panel(fig: Figure, experiment: str):
+    (ax,) = [ax for ax in fig.axes if ax.get_gid() == f"experiment:{experiment}"]
+    return ax
+
+
+def _lines(ax) -> dict:
+    return {line.get_gid(): line for line in ax.get_lines()}
+
+
+def test_accuracy_vs_shots_reads_back_as_the_primary_pool_per_experiment(
+    tables: tuple[pd.DataFrame, pd.DataFrame],
+) -> None:
     accuracy, comparisons = tables
     fig = figures.accuracy_vs_shots_figure(accuracy, comparisons, 0.95)
-    pooled = accuracy[accuracy.task == "all"]
-    for init in ("base", "sft", "fomaml"):
-        (line,) = by_gid(fig, f"acc:{init}")
-        rows = pooled[pooled.init == init].sort_values("shots")
-        np.testing.assert_array_equal(line.get_xdata(), rows.shots)
-        np.testing.assert_allclose(line.get_ydata(), 100 * rows.accuracy)
-        assert line.get_color() == style.INIT_STYLE[init]["color"]
-        assert len(by_gid(fig, f"acc:{init}:ci")) == 1
-    stars = comparisons[(comparisons.task == "all") & (comparisons.comparison == "fomaml-sft")]
-    for row in stars.itertuples():
-        marks = by_gid(fig, f"sig:{row.shots}")
-        assert [m.get_text() for m in marks] == ([row.acc_stars] if row.acc_stars else [])
+    for experiment, pool in (("in_domain", "all"), ("heldout_geometry", "meta_test")):
+        lines = _lines(_panel(fig, experiment))
+        rows = accuracy[(accuracy.experiment == experiment) & (accuracy.task == pool)]
+        for init in ("base", "sft", "fomaml"):
+            mean = rows[(rows.init == init) & (rows.train_seed == "all")].sort_values("shots")
+            np.testing.assert_array_equal(lines[f"acc:{init}"].get_xdata(), mean.shots)
+            np.testing.assert_allclose(lines[f"acc:{init}"].get_ydata(), 100 * mean.accuracy)
+            assert lines[f"acc:{init}"].get_color() == style.INIT_STYLE[init]["color"]
+            # One thin line per training seed beside the mean (base: one untrained model, no seed lines).
+            seeds = [g for g in lines if g.startswith(f"acc:{init}:seed:")]
+            assert len(seeds) == (0 if init == "base" else len(SEEDS))
+            for seed in seeds:
+                per_seed = rows[(rows.init == init) & (rows.train_seed == seed.rsplit(":", 1)[1])].sort_values("shots")
+                np.testing.assert_allclose(lines[seed].get_ydata(), 100 * per_seed.accuracy)
+                assert lines[seed].get_linewidth() < lines[f"acc:{init}"].get_linewidth()
+        marks = comparisons[
+            (comparisons.experiment == experiment)
+            & (comparisons.task == pool)
+            & (comparisons.comparison == "fomaml-sft")
+        ]
+        texts = {a.get_gid(): a.get_text() for a in _panel(fig, experiment).texts}
+        for row in marks.itertuples():
+            assert texts.get(f"sig:{row.shots}", "") == row.acc_stars
 
 
 def test_significance_marks_follow_the_comparisons_table(tables: tuple[pd.DataFrame, pd.DataFrame]) -> None:
     accuracy, comparisons = tables
     marked = comparisons.copy()
-    selected = (marked.task == "all") & (marked.comparison == "fomaml-sft")
+    selected = (marked.experiment == "in_domain") & (marked.task == "all") & (marked.comparison == "fomaml-sft")
     marked.loc[selected, "acc_stars"] = ["", "*", "***"]
     fig = figures.accuracy_vs_shots_figure(accuracy, marked, 0.95)
-    assert [m.get_text() for s in SHOTS for m in by_gid(fig, f"sig:{s}")] == ["*", "***"]
-    (mark,) = by_gid(fig, "sig:10")
-    at_10 = accuracy[(accuracy.task == "all") & (accuracy.shots == 10)]
+    ax = _panel(fig, "in_domain")
+    assert [t.get_text() for s in SHOTS for t in ax.texts if t.get_gid() == f"sig:{s}"] == ["*", "***"]
+    (mark,) = [t for t in ax.texts if t.get_gid() == "sig:10"]
+    at_10 = accuracy[
+        (accuracy.experiment == "in_domain")
+        & (accuracy.task == "all")
+        & (accuracy.shots == 10)
+        & (accuracy.train_seed == "all")
+    ]
     top = at_10[at_10.init.isin(["fomaml", "sft"])].accuracy_ci_high.max()
     assert mark.xy == pytest.approx((10, 100 * top))
 
@@ -116,7 +148,12 @@ def test_by_task_panels_read_back_as_the_task_rows(tables: tuple[pd.DataFrame, p
     for task in TASK_SIZES:
         lines = {line.get_gid(): line for line in panels[f"task:{task}"].get_lines()}
         for init in ("base", "sft", "fomaml"):
-            rows = accuracy[(accuracy.task == task) & (accuracy.init == init)].sort_values("shots")
+            rows = accuracy[
+                (accuracy.experiment == "in_domain")
+                & (accuracy.task == task)
+                & (accuracy.init == init)
+                & (accuracy.train_seed == "all")
+            ].sort_values("shots")
             np.testing.assert_allclose(lines[f"acc:{init}"].get_ydata(), 100 * rows.accuracy)
 
 
@@ -124,7 +161,7 @@ def test_gain_heatmap_reads_back_as_the_differences(tables: tuple[pd.DataFrame, 
     _, comparisons = tables
     fig = figures.gain_heatmap_figure(comparisons)
     (image,) = by_gid(fig, "heatmap")
-    rows = comparisons[comparisons.comparison == "fomaml-sft"]
+    rows = comparisons[(comparisons.comparison == "fomaml-sft") & (comparisons.experiment == "in_domain")]
     tasks = [*TASK_SIZES, "all"]
     expected = rows.pivot(index="task", columns="shots", values="acc_diff").reindex(index=tasks, columns=list(SHOTS))
     np.testing.assert_allclose(np.ma.getdata(image.get_array()), 100 * expected.to_numpy())
@@ -143,8 +180,13 @@ def test_nll_vs_shots_reads_back_as_the_pooled_nll(tables: tuple[pd.DataFrame, p
     accuracy, comparisons = tables
     fig = figures.nll_vs_shots_figure(accuracy, comparisons, 0.95)
     for init in ("base", "sft", "fomaml"):
-        (line,) = by_gid(fig, f"nll:{init}")
-        rows = accuracy[(accuracy.task == "all") & (accuracy.init == init)].sort_values("shots")
+        line = _lines(_panel(fig, "in_domain"))[f"nll:{init}"]
+        rows = accuracy[
+            (accuracy.experiment == "in_domain")
+            & (accuracy.task == "all")
+            & (accuracy.init == init)
+            & (accuracy.train_seed == "all")
+        ].sort_values("shots")
         np.testing.assert_allclose(line.get_ydata(), rows.nll_mean)
 
 
@@ -173,6 +215,23 @@ def test_training_curves_read_back_as_the_metrics_and_tolerate_gaps() -> None:
     np.testing.assert_allclose(line.get_ydata(), logged["heldout/loss_after"])
 
 
+def test_calibration_figure_reads_back_as_the_files(tmp_path: Path) -> None:
+    calibration = load_calibration(write_calibration(tmp_path))
+    fig = figures.calibration_figure(calibration)
+    for row in calibration["chosen"].itertuples():
+        tag = f"{row.init}:{row.train_seed}"
+        (line,) = by_gid(fig, f"lr:{tag}")
+        grid = calibration["grid"]
+        points = grid[(grid.init == row.init) & (grid.num_steps == row.num_steps)].sort_values("lr")
+        np.testing.assert_allclose(line.get_xdata(), points.lr)
+        np.testing.assert_allclose(line.get_ydata(), points.dev_loss)
+        (chosen,) = by_gid(fig, f"chosen:{tag}")
+        assert chosen.get_xdata()[0] == row.lr
+        (curve,) = by_gid(fig, f"curve:{tag}")
+        assert list(curve.get_xdata()) == list(range(6))
+    assert by_gid(figures.calibration_figure(None), "missing")
+
+
 def test_missing_metrics_file_is_a_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"--sft-metrics .*not found"):
         figures.load_metrics(tmp_path / "absent.csv", "--sft-metrics")
@@ -195,7 +254,10 @@ def test_report_captions_render(repo_root: Path, demo_config: dict) -> None:
 
     report_dir = repo_root / "workflow" / "report"
     captions = sorted(report_dir.glob("*.rst"))
-    assert {f"{stem}.rst" for stem in figures.FIGURES} | {"workflow.rst"} <= {p.name for p in captions}
+    from fomaml_math.analysis.stats import OUTPUT_FILES
+
+    tables = {name.replace(".tsv", ".rst") for name in OUTPUT_FILES}
+    assert {f"{stem}.rst" for stem in figures.FIGURES} | tables | {"workflow.rst"} <= {p.name for p in captions}
     env = jinja2.Environment(undefined=jinja2.StrictUndefined)
     snakemake = SimpleNamespace(config=demo_config, wildcards=SimpleNamespace(method="fomaml"))
     for path in captions:
@@ -205,4 +267,4 @@ def test_report_captions_render(repo_root: Path, demo_config: dict) -> None:
         html = publish_parts(text, writer="html", settings_overrides={"halt_level": 2, "report_level": 2})
         assert html["body"].strip(), path.name
     rendered = env.from_string((report_dir / "accuracy_vs_shots.rst").read_text())
-    assert "95% percentile-bootstrap" in rendered.render(snakemake=snakemake)
+    assert "95% confidence band (t-interval over training" in rendered.render(snakemake=snakemake)

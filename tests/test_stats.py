@@ -1,6 +1,8 @@
 """Statistics stage: building blocks against hand computations, and the tables on synthetic evaluations.
 
-``write_synthetic_eval`` is imported by the figures and summary tests too.
+``write_synthetic_eval`` and ``run_stats`` are imported by the figures and summary tests too. The synthetic
+study: 3 tasks, 3 training seeds, two experiments (``in_domain``; ``heldout_geometry`` with geometry held out),
+the base model evaluated once for both (as the shared base evaluation writes it).
 """
 
 from __future__ import annotations
@@ -16,41 +18,64 @@ from scipy import stats as scipy_stats
 from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 
-from fomaml_math.analysis import stats
+from fomaml_math.analysis import efficiency, inference, stats
 from fomaml_math.config import ConfigError
 
 TASK_SIZES = {"algebra": 30, "geometry": 24, "number_theory": 20}
 SHOTS = (0, 5, 10)
 REPEATS = 2
 INITS = ("base", "sft", "fomaml")
+SEEDS = (0, 1, 2)
+EXPERIMENTS = {"in_domain": (), "heldout_geometry": ("geometry",)}
 SETTINGS = {"seed": 1234, "stats": {"bootstrap_samples": 200, "ci_level": 0.95, "alpha": 0.05}}
 
 
-def _correct(init: str, task: str, shots: int, repeat: int, index: int, rng: np.random.Generator) -> bool:
-    if task == "algebra" and shots == 0:
+def _correct(init: str, task: str, shots: int, seed: int, index: int, rng: np.random.Generator) -> bool:
+    if task == "algebra" and shots == 0 and seed <= 0:
         # A known 0-shot pattern: FOMAML alone solves problems 8..14 (b = 7), SFT alone problem 29 (c = 1).
         return {"fomaml": index < 15, "sft": index < 8 or index == 29, "base": index < 5}[init]
-    rate = {"base": 0.25, "sft": 0.35, "fomaml": 0.45}[init] + 0.015 * shots
+    rate = {"base": 0.25, "sft": 0.35, "fomaml": 0.45}[init] + 0.015 * shots + 0.04 * (seed - 1) * (init != "base")
     difficulty = (index % 10) / 10.0 - 0.45  # shared by all inits: makes the comparisons paired
     return bool(rng.random() < min(0.95, max(0.02, rate - 0.5 * difficulty)))
 
 
-def synthetic_eval_frame(inits: tuple[str, ...] = INITS, seed: int = 0) -> pd.DataFrame:
-    """3 inits x 3 tasks x shots 0/5/10 x 2 repeats (0-shot: repeat 0 only), in the eval parquet schema."""
+def synthetic_eval_frame(
+    inits: tuple[str, ...] = INITS,
+    seed: int = 0,
+    seeds: tuple[int, ...] = SEEDS,
+    experiments: dict[str, tuple[str, ...]] = EXPERIMENTS,
+    shot_seed: int = 0,
+    shared_base: bool = True,
+) -> pd.DataFrame:
+    """inits x seeds x experiments x 3 tasks x shots 0/5/10 x 2 repeats (0-shot: repeat 0 only), in the eval
+    parquet schema; base (train_seed -1) once for all experiments (``shared_base``) or once per experiment."""
     rng = np.random.default_rng(seed)
     rows = []
-    for init in inits:
+    runs = []
+    for experiment, held_out in experiments.items():
+        for init in inits:
+            if init == "base":
+                if not shared_base or not any(r[1] == "base" for r in runs):
+                    runs.append((experiment if not shared_base else "shared", "base", -1, held_out))
+                continue
+            runs += [(experiment, init, s, held_out) for s in seeds]
+    for experiment, init, train_seed, held_out in runs:
         for task, size in TASK_SIZES.items():
             for shots in SHOTS:
                 for repeat in range(1 if shots == 0 else REPEATS):
-                    shot_ids = ",".join(f"{task}-s{repeat}-{j}" for j in range(shots))
+                    shot_ids = ",".join(f"{task}-s{shot_seed}-{repeat}-{j}" for j in range(shots))
                     for index in range(size):
-                        correct = _correct(init, task, shots, repeat, index, rng)
+                        correct = _correct(init, task, shots, train_seed, index, rng)
                         nll = {"base": 1.6, "sft": 1.3, "fomaml": 1.2}[init] - 0.01 * shots + 0.02 * (index % 7)
+                        gen_tokens = 20 + index % 5
                         rows.append(
                             {
+                                "experiment": experiment,
+                                "train_seed": train_seed,
+                                "shot_seed": shot_seed,
                                 "init": init,
                                 "task": task,
+                                "task_role": "meta_test" if task in held_out else "train",
                                 "shots": shots,
                                 "repeat": repeat,
                                 "problem_id": f"{task}-{index:03d}",
@@ -60,38 +85,69 @@ def synthetic_eval_frame(inits: tuple[str, ...] = INITS, seed: int = 0) -> pd.Da
                                 "extracted": "1" if correct else None,
                                 "correct": correct,
                                 "grade_status": "ok" if correct or index % 3 else "no_answer",
+                                "truncated": gen_tokens == 24,
                                 "nll": nll + rng.normal(0.0, 0.05),
                                 "nll_tokens": 40,
-                                "gen_tokens": 20 + index % 5,
+                                "gen_tokens": gen_tokens,
                                 "shot_ids": shot_ids,
+                                "support_loss_before": np.nan if shots == 0 else 1.5 + 0.01 * repeat,
+                                "support_loss_after": np.nan if shots == 0 else 1.2 - 0.01 * shots,
+                                "weight_change": 0.0 if shots == 0 else 1e-4 * shots,
+                                "adapt_lr": 1e-4,
+                                "adapt_steps": 0 if shots == 0 else 5,
+                                "adapt_optimizer": "sgd",
                             }
                         )
     return pd.DataFrame(rows)
 
 
-def write_synthetic_eval(directory: Path, inits: tuple[str, ...] = INITS) -> list[Path]:
-    """Write ``<directory>/<init>/shots-<K>.parquet`` files; returns their paths."""
-    frame = synthetic_eval_frame(inits)
+def write_synthetic_eval(directory: Path, inits: tuple[str, ...] = INITS, **kwargs) -> list[Path]:
+    """Write ``<directory>/<experiment>/<init>/seed-<s>/shots-<K>.parquet`` files; returns their paths."""
+    frame = synthetic_eval_frame(inits, **kwargs)
     paths = []
-    for (init, shots), group in frame.groupby(["init", "shots"]):
-        path = directory / init / f"shots-{shots}.parquet"
+    for (experiment, init, seed, shots), group in frame.groupby(["experiment", "init", "train_seed", "shots"]):
+        path = directory / experiment / init / f"seed-{seed}" / f"shots-{shots}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         group.to_parquet(path, index=False)
         paths.append(path)
     return paths
 
 
-def run_stats(tmp_path: Path, inits: tuple[str, ...] = INITS, settings: dict = SETTINGS) -> Path:
-    paths = write_synthetic_eval(tmp_path / "eval", inits)
+def run_stats(
+    tmp_path: Path,
+    inits: tuple[str, ...] = INITS,
+    settings: dict = SETTINGS,
+    control: list[Path] | None = None,
+    **kwargs,
+) -> Path:
+    paths = write_synthetic_eval(tmp_path / "eval", inits, **kwargs)
     out = tmp_path / "stats"
     argv = ["--settings", json.dumps(settings), "--eval", *map(str, paths), "--output-dir", str(out)]
+    if control:
+        argv += ["--control-eval", *map(str, control)]
     assert stats.main(argv) == 0
     return out
 
 
+def write_control(directory: Path) -> list[Path]:
+    """FOMAML seed 0 of in_domain, re-evaluated under shot_seed 1 (another random stream: other outcomes)."""
+    frame = synthetic_eval_frame(("fomaml",), seed=99, seeds=(0,), experiments={"in_domain": ()}, shot_seed=1)
+    path = directory / "control.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(path, index=False)
+    return [path]
+
+
 @pytest.fixture(scope="module")
 def stats_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return run_stats(tmp_path_factory.mktemp("stats"))
+    tmp = tmp_path_factory.mktemp("stats")
+    return run_stats(tmp, control=write_control(tmp / "control"))
+
+
+def _per_problem(frame: pd.DataFrame) -> pd.DataFrame:
+    """Repeat- then seed-averaged correctness per (init, task, shots, problem), computed directly."""
+    by_seed = frame.groupby(["init", "train_seed", "task", "shots", "problem_id"])[["correct", "nll"]].mean()
+    return by_seed.groupby(["init", "task", "shots", "problem_id"]).mean().reset_index()
 
 
 # --- building blocks -----------------------------------------------------------------------------
@@ -197,6 +253,17 @@ def test_stars_and_effect_sizes() -> None:
         ({"seed": 1}, "missing"),
         ({"seed": 1, "stats": {"bootstrap_samples": 0, "ci_level": 0.95, "alpha": 0.05}}, "bootstrap_samples"),
         ({"seed": 1, "stats": {"bootstrap_samples": 10, "ci_level": 1.5, "alpha": 0.05}}, "ci_level"),
+        (
+            {"seed": 1, "stats": {"bootstrap_samples": 10, "ci_level": 0.9, "alpha": 0.05, "equivalence_margin_pp": 0}},
+            "equivalence_margin_pp",
+        ),
+        (
+            {
+                "seed": 1,
+                "stats": {"bootstrap_samples": 10, "ci_level": 0.9, "alpha": 0.05, "primary": {"comparisons": ["a-b"]}},
+            },
+            "stats.primary.comparisons",
+        ),
     ],
 )
 def test_settings_errors_are_one_line(stats_settings: dict, message: str) -> None:
@@ -208,88 +275,261 @@ def test_settings_errors_are_one_line(stats_settings: dict, message: str) -> Non
 # --- the stage on synthetic evaluations ----------------------------------------------------------
 
 
-def test_stage_writes_the_three_tables(stats_dir: Path) -> None:
+def test_stage_writes_every_table(stats_dir: Path) -> None:
     assert sorted(p.name for p in stats_dir.iterdir()) == sorted(stats.OUTPUT_FILES)
 
 
-def test_accuracy_table_matches_direct_computation(stats_dir: Path) -> None:
+def test_accuracy_rows_match_direct_computation(stats_dir: Path) -> None:
     accuracy = stats.read_table(stats_dir, "accuracy.tsv")
     frame = synthetic_eval_frame()
-    per_problem = frame.groupby(["init", "task", "shots", "problem_id"])[["correct", "nll"]].mean().reset_index()
-    assert len(accuracy) == len(INITS) * (len(TASK_SIZES) + 1) * len(SHOTS)
-    for row in accuracy.itertuples():
-        subset = per_problem[(per_problem.init == row.init) & (per_problem.shots == row.shots)]
+    frame = frame[(frame.experiment == "in_domain") | (frame.init == "base")]
+    direct = _per_problem(frame)
+    rows = accuracy[(accuracy.experiment == "in_domain") & (accuracy.train_seed == "all")]
+    assert len(rows) == len(INITS) * (len(TASK_SIZES) + 1) * len(SHOTS)
+    for row in rows.itertuples():
+        subset = direct[(direct.init == row.init) & (direct.shots == row.shots)]
         if row.task != "all":
             subset = subset[subset.task == row.task]
         assert row.n_problems == len(subset)
         assert row.accuracy == pytest.approx(subset.correct.mean())
         assert row.nll_mean == pytest.approx(subset.nll.mean())
         assert row.accuracy_ci_low <= row.accuracy <= row.accuracy_ci_high
-        assert row.nll_ci_low <= row.nll_mean <= row.nll_ci_high
         assert row.n_repeats == (1 if row.shots == 0 else REPEATS)
-    # 0-shot has one repeat, so no spread across repeats.
+        # Trained models: 3 seeds, seed-aware t-interval; the untrained base: one cluster, problem bootstrap.
+        assert row.n_seeds == (1 if row.init == "base" else len(SEEDS))
+        assert row.ci_method == ("problem-bootstrap" if row.init == "base" else "seed-t")
+    # Per-seed rows, one per training seed, for the thin lines of the figures; their spread is the seed SD.
+    seeds = accuracy[(accuracy.experiment == "in_domain") & (accuracy.train_seed != "all") & (accuracy.task == "all")]
+    fomaml = frame[frame.init == "fomaml"]
+    for shots in SHOTS:
+        per_seed = seeds[(seeds.init == "fomaml") & (seeds.shots == shots)].sort_values("train_seed")
+        assert list(per_seed.train_seed) == [str(s) for s in SEEDS]
+        expected = [
+            fomaml[(fomaml.train_seed == s) & (fomaml.shots == shots)].groupby("problem_id").correct.mean().mean()
+            for s in SEEDS
+        ]
+        np.testing.assert_allclose(per_seed.accuracy, expected)
+        mean_row = rows[(rows.init == "fomaml") & (rows.task == "all") & (rows.shots == shots)].iloc[0]
+        assert mean_row.accuracy_seed_sd == pytest.approx(np.std(expected, ddof=1))
     assert accuracy.loc[accuracy.shots == 0, "accuracy_repeat_sd"].isna().all()
 
 
-def test_comparisons_known_pattern_and_holm_family(stats_dir: Path) -> None:
+def test_generation_rates_in_accuracy_and_generation_tables(stats_dir: Path) -> None:
+    generation = stats.read_table(stats_dir, "generation.tsv")
+    frame = synthetic_eval_frame()
+    frame = frame[(frame.experiment == "in_domain") | (frame.init == "base")]
+    for row in generation[generation.experiment == "in_domain"].itertuples():
+        rows = frame[(frame.init == row.init) & (frame.shots == row.shots)]
+        assert row.n_rows == len(rows)
+        assert row.no_answer_rate == pytest.approx((rows.grade_status == "no_answer").mean())
+        assert row.truncation_rate == pytest.approx(rows.truncated.mean())
+        assert row.mean_gen_tokens == pytest.approx(rows.gen_tokens.mean())
+    accuracy = stats.read_table(stats_dir, "accuracy.tsv")
+    pooled = accuracy[(accuracy.task == "all") & (accuracy.train_seed == "all")]
+    merged = pooled.merge(generation, on=["experiment", "init", "shots"], suffixes=("", "_g"))
+    np.testing.assert_allclose(merged.truncation_rate, merged.truncation_rate_g)
+
+
+def test_primary_family_its_holm_tost_verdict_and_mde(stats_dir: Path) -> None:
     comparisons = stats.read_table(stats_dir, "comparisons.tsv")
-    assert len(comparisons) == 3 * (len(TASK_SIZES) + 1) * len(SHOTS)
-    row = comparisons[
-        (comparisons.task == "algebra") & (comparisons.shots == 0) & (comparisons.comparison == "fomaml-sft")
-    ]
-    row = row.iloc[0]
-    assert (row.n_a_better, row.n_b_better, row.n_tied) == (7, 1, 22)
-    assert row.mcnemar_p == pytest.approx(0.0703125)
-    assert row.acc_diff == pytest.approx(15 / 30 - 9 / 30)
-    assert row.acc_diff_ci_low <= row.acc_diff <= row.acc_diff_ci_high
-    assert row.discordant_odds_ratio == 7.0
-    # Holm over the whole table, one family per metric.
-    np.testing.assert_allclose(comparisons.mcnemar_p_holm, multipletests(comparisons.mcnemar_p, method="holm")[1])
-    np.testing.assert_allclose(comparisons.wilcoxon_p_holm, multipletests(comparisons.wilcoxon_p, method="holm")[1])
-    assert (comparisons.acc_significant == (comparisons.mcnemar_p_holm < 0.05)).all()
-    assert ((comparisons.acc_stars != "") == comparisons.acc_significant).all()
+    primary = stats.read_table(stats_dir, "primary.tsv")
+    assert set(primary.family) == {"primary"}
+    assert len(primary) == len(EXPERIMENTS) * 2 * len(SHOTS)
+    assert set(primary.comparison) == {"fomaml-sft", "fomaml-base"}
+    # In-domain: all tasks pooled; the held-out experiment: its held-out tasks.
+    assert set(primary[primary.experiment == "in_domain"].task) == {"all"}
+    assert set(primary[primary.experiment == "heldout_geometry"].task) == {"meta_test"}
+    margin = 0.02
+    for _, family in primary.groupby("experiment"):
+        np.testing.assert_allclose(family.acc_p_holm, multipletests(family.acc_p, method="holm")[1])
+        np.testing.assert_allclose(family.tost_p_holm, multipletests(family.tost_p, method="holm")[1])
+        assert (family.family_size == 6).all()
+        for row in family.itertuples():
+            est = inference.Estimate(row.acc_diff, row.acc_diff_se, row.acc_diff_df, row.n_problems, 3, 3, 0, 0)
+            assert row.acc_test == "t"
+            assert row.acc_p == pytest.approx(
+                2 * scipy_stats.t.sf(abs(row.acc_diff) / row.acc_diff_se, row.acc_diff_df)
+            )
+            assert row.tost_p == pytest.approx(inference.tost(est, margin)[2])
+            z = scipy_stats.norm.ppf(1 - 0.05 / 6 / 2) + scipy_stats.norm.ppf(0.8)
+            assert row.mde == pytest.approx(z * row.acc_diff_se)
+            expected = (
+                ("better" if row.acc_diff > 0 else "worse")
+                if row.acc_p_holm < 0.05
+                else ("equivalent" if row.tost_p_holm < 0.05 else "inconclusive")
+            )
+            assert row.verdict == expected
+    # The secondary family is adjusted separately, per experiment.
+    secondary = comparisons[(comparisons.family == "secondary") & (comparisons.experiment == "in_domain")]
+    np.testing.assert_allclose(secondary.acc_p_holm, multipletests(secondary.acc_p, method="holm")[1])
+    assert len(secondary) == 3 * (len(TASK_SIZES) + 1) * len(SHOTS) - 2 * len(SHOTS)
 
 
-def test_pooled_comparison_pairs_problems_across_all_tasks(stats_dir: Path) -> None:
+def test_comparison_estimate_pairs_seed_averaged_problems(stats_dir: Path) -> None:
     comparisons = stats.read_table(stats_dir, "comparisons.tsv")
     frame = synthetic_eval_frame()
-    per_problem = frame.groupby(["init", "task", "shots", "problem_id"])[["correct", "nll"]].mean()
+    direct = _per_problem(frame[(frame.experiment == "in_domain") | (frame.init == "base")])
     for shots in SHOTS:
         row = comparisons[
-            (comparisons.task == "all") & (comparisons.shots == shots) & (comparisons.comparison == "fomaml-base")
+            (comparisons.experiment == "in_domain")
+            & (comparisons.task == "all")
+            & (comparisons.shots == shots)
+            & (comparisons.comparison == "fomaml-base")
         ].iloc[0]
-        a = per_problem.xs(("fomaml", shots), level=("init", "shots"))
-        b = per_problem.xs(("base", shots), level=("init", "shots"))
-        diff = (a.correct - b.correct).to_numpy()
-        nll_diff = (a.nll - b.nll).to_numpy()
-        assert row.n_problems == sum(TASK_SIZES.values())
+        a = direct[(direct.init == "fomaml") & (direct.shots == shots)].set_index(["task", "problem_id"]).correct
+        b = direct[(direct.init == "base") & (direct.shots == shots)].set_index(["task", "problem_id"]).correct
+        diff = (a - b).to_numpy()
         assert row.acc_diff == pytest.approx(diff.mean())
         assert (row.n_a_better, row.n_b_better) == ((diff > 0).sum(), (diff < 0).sum())
-        assert row.mcnemar_p == pytest.approx(scipy_stats.binomtest((diff > 0).sum(), (diff != 0).sum()).pvalue)
-        assert row.nll_diff == pytest.approx(nll_diff.mean())
-        assert row.wilcoxon_p == pytest.approx(scipy_stats.wilcoxon(nll_diff).pvalue)
-        assert row.nll_diff_ci_low <= row.nll_diff <= row.nll_diff_ci_high
+        assert row.n_seeds_a == 3 and row.n_seeds_b == 1
+        assert row.acc_diff_ci_low < row.acc_diff < row.acc_diff_ci_high
+        assert row.seed_note == ""
 
 
-def test_across_tasks_wilcoxon(stats_dir: Path) -> None:
+def test_one_seed_falls_back_to_the_problem_bootstrap_and_mcnemar(tmp_path: Path) -> None:
+    out = run_stats(tmp_path, seeds=(0,), experiments={"in_domain": ()})
+    comparisons = stats.read_table(out, "comparisons.tsv")
+    row = comparisons[
+        (comparisons.task == "algebra") & (comparisons.shots == 0) & (comparisons.comparison == "fomaml-sft")
+    ].iloc[0]
+    assert (row.n_a_better, row.n_b_better, row.n_tied) == (7, 1, 22)
+    assert row.acc_test == "mcnemar"
+    assert row.acc_p == pytest.approx(0.0703125)
+    assert row.ci_method == "problem-bootstrap"
+    assert "1 training seed" in row.seed_note
+    assert row.acc_diff == pytest.approx(15 / 30 - 9 / 30)
+    # McNemar over 30 problems can reach tiny p; Holm factor = the family size.
+    assert row.acc_min_p_holm == pytest.approx(min(1, 2.0**-29 * row.family_size))
+
+
+def test_across_tasks_macro_average_and_wilcoxon_floor(stats_dir: Path) -> None:
     comparisons = stats.read_table(stats_dir, "comparisons.tsv")
     across = stats.read_table(stats_dir, "across_tasks.tsv")
-    assert len(across) == 3 * len(SHOTS)
-    for row in across.itertuples():
-        diffs = comparisons[
-            (comparisons.task != "all") & (comparisons.shots == row.shots) & (comparisons.comparison == row.comparison)
-        ].acc_diff
+    rows = across[across.experiment == "in_domain"]
+    assert len(rows) == 3 * len(SHOTS)
+    for row in rows.itertuples():
+        tasks = comparisons[
+            (comparisons.experiment == "in_domain")
+            & ~comparisons.task.isin(["all", "meta_test"])
+            & (comparisons.shots == row.shots)
+            & (comparisons.comparison == row.comparison)
+        ]
         assert row.n_tasks == len(TASK_SIZES)
-        assert row.acc_mean_diff == pytest.approx(diffs.mean())
-        if (diffs != 0).any():
-            assert row.acc_wilcoxon_p == pytest.approx(scipy_stats.wilcoxon(diffs).pvalue)
-            # three tasks: an exact two-sided p is at least 0.25, and the table says so
-            assert "cannot fall below" in row.acc_note
-    np.testing.assert_allclose(across.acc_wilcoxon_p_holm, multipletests(across.acc_wilcoxon_p, method="holm")[1])
+        # Every task weighted equally: the mean of the task-level differences.
+        assert row.acc_macro_diff == pytest.approx(tasks.acc_diff.mean())
+        # Three tasks: exact Wilcoxon cannot go below 0.25, times the Holm factor (9 tests): flagged.
+        assert row.acc_wilcoxon_min_p_holm == pytest.approx(1.0)
+        assert not row.acc_wilcoxon_can_reach_alpha
+    np.testing.assert_allclose(rows.acc_p_holm, multipletests(rows.acc_p, method="holm")[1])
+
+
+def test_negative_control(stats_dir: Path) -> None:
+    control = stats.read_table(stats_dir, "control.tsv")
+    assert list(control.shots) == [5, 10]  # 0 shots: nothing drawn, left out
+    frame = synthetic_eval_frame()
+    main = frame[(frame.experiment == "in_domain") & (frame.init == "fomaml") & (frame.train_seed == 0)]
+    other = synthetic_eval_frame(("fomaml",), seed=99, seeds=(0,), experiments={"in_domain": ()}, shot_seed=1)
+    for row in control.itertuples():
+        a = main[main.shots == row.shots].pivot_table(index="repeat", columns="problem_id", values="correct")
+        b = other[other.shots == row.shots].pivot_table(index="repeat", columns="problem_id", values="correct")
+        est = inference.crossed_estimate(a.to_numpy(), b.to_numpy(), np.array([c.split("-")[0] for c in a.columns]))
+        assert row.acc_diff == pytest.approx(a.to_numpy().mean() - b.to_numpy().mean())
+        assert row.acc_diff_se == pytest.approx(est.se)
+        assert row.n_draws_main == row.n_draws_control == REPEATS
+        assert (str(row.main_shot_seed), str(row.control_shot_seed)) == ("0", "1")
+    np.testing.assert_allclose(control.acc_p_holm, multipletests(control.acc_p, method="holm")[1])
+
+
+def test_control_with_the_main_shot_seed_is_refused(tmp_path: Path) -> None:
+    evals = stats.load_eval(write_synthetic_eval(tmp_path / "eval"))
+    same = synthetic_eval_frame(("fomaml",), seed=5, seeds=(0,), experiments={"in_domain": ()}, shot_seed=0)
+    from fomaml_math.analysis import negative_control
+    from fomaml_math.analysis.evaldata import split_experiments
+
+    settings = stats.StatsSettings.from_settings(SETTINGS)
+    with pytest.raises(ConfigError, match="not independent"):
+        negative_control.control_table(split_experiments(evals), stats.load_eval([_write(tmp_path, same)]), settings)
+
+
+def _write(tmp_path: Path, frame: pd.DataFrame) -> Path:
+    path = tmp_path / "frame.parquet"
+    frame.to_parquet(path, index=False)
+    return path
+
+
+def test_adaptation_effect_against_the_zero_shot_rows(stats_dir: Path) -> None:
+    adaptation = stats.read_table(stats_dir, "adaptation.tsv")
+    summary = stats.read_table(stats_dir, "adaptation_summary.tsv")
+    frame = synthetic_eval_frame()
+    run = frame[
+        (frame.experiment == "in_domain") & (frame.init == "sft") & (frame.train_seed == 1) & (frame.task == "geometry")
+    ]
+    zero = run[run.shots == 0].set_index("problem_id")
+    after = run[(run.shots == 10) & (run.repeat == 1)].set_index("problem_id")
+    row = adaptation[
+        (adaptation.experiment == "in_domain")
+        & (adaptation.init == "sft")
+        & (adaptation.train_seed == 1)
+        & (adaptation.task == "geometry")
+        & (adaptation.shots == 10)
+        & (adaptation.repeat == 1)
+    ].iloc[0]
+    assert row.nll_change == pytest.approx((after.nll - zero.nll).mean())
+    assert row.nll_change_rel == pytest.approx((after.nll - zero.nll).mean() / zero.nll.mean())
+    assert row.outputs_changed == pytest.approx((after.generated != zero.generated).mean())
+    assert row.support_loss_before == pytest.approx(1.51)
+    assert row.support_loss_after == pytest.approx(1.1)
+    assert row.weight_change == pytest.approx(1e-3)
+    # Per (experiment, init, k): the mean over seeds x tasks x repeats; a flag below 1% of outputs changed.
+    per = adaptation[(adaptation.experiment == "in_domain") & (adaptation.init == "sft") & (adaptation.shots == 10)]
+    line = summary[(summary.experiment == "in_domain") & (summary.init == "sft") & (summary.shots == 10)].iloc[0]
+    assert line.n_runs == len(SEEDS) * len(TASK_SIZES) * REPEATS == len(per)
+    assert line.outputs_changed == pytest.approx(per.outputs_changed.mean())
+    assert line.low_change == (line.outputs_changed < 0.01)
+
+
+def test_shots_to_reach_interpolates_the_learning_curve() -> None:
+    shots = np.array([0.0, 5.0, 10.0, 25.0])
+    curves = np.array([[0.2, 0.3, 0.5, 0.6], [0.7, 0.8, 0.9, 0.9], [0.1, 0.1, 0.2, 0.3]])
+    # 0.4 is reached between 5 (0.3) and 10 (0.5): 7.5; the second curve starts above; the third never gets there.
+    result = efficiency.shots_to_reach(shots, curves, np.array([0.4, 0.4, 0.4]))
+    np.testing.assert_allclose(result[:2], [7.5, 0.0])
+    assert np.isnan(result[2])
+
+
+def test_sample_efficiency_point_estimate(stats_dir: Path) -> None:
+    table = stats.read_table(stats_dir, "sample_efficiency.tsv")
+    row = table[(table.experiment == "in_domain") & (table.learner == "sft") & (table.reference == "fomaml")].iloc[0]
+    frame = synthetic_eval_frame()
+    direct = _per_problem(frame[frame.experiment == "in_domain"])
+    curve = [direct[(direct.init == "sft") & (direct.shots == k)].correct.mean() for k in SHOTS]
+    target = direct[(direct.init == "fomaml") & (direct.shots == 10)].correct.mean()
+    assert row.target_accuracy == pytest.approx(target)
+    expected = efficiency.shots_to_reach(np.array(SHOTS, dtype=float), np.array([curve]), np.array([target]))[0]
+    assert row.shots_to_match == pytest.approx(expected, nan_ok=True)
+    assert 0.0 <= row.share_not_reached <= 1.0
+    assert row.ci_low <= row.ci_high
+
+
+def test_shared_and_per_experiment_base_rows_give_the_same_tables(tmp_path: Path) -> None:
+    frame = synthetic_eval_frame()
+    base = frame[frame.init == "base"]
+    per_experiment = pd.concat(
+        [frame[frame.init != "base"], *(base.assign(experiment=name) for name in EXPERIMENTS)], ignore_index=True
+    )
+    settings = stats.StatsSettings.from_settings(SETTINGS)
+    shared = stats.compute_tables(stats.load_eval([_write(tmp_path, frame)]), settings)
+    copied = stats.compute_tables(stats.load_eval([_write(tmp_path, per_experiment)]), settings)
+    for name in ("accuracy.tsv", "comparisons.tsv", "primary.tsv", "generation.tsv"):
+        pd.testing.assert_frame_equal(shared[name], copied[name])
+    # Held-out experiment: the base rows take the experiment's roles (geometry held out).
+    accuracy = shared["accuracy.tsv"]
+    held = accuracy[(accuracy.experiment == "heldout_geometry") & (accuracy.init == "base")]
+    assert set(held.loc[held.task == "geometry", "task_role"]) == {"meta_test"}
 
 
 def test_stage_is_reproducible(tmp_path: Path, stats_dir: Path) -> None:
-    again = run_stats(tmp_path)
+    again = run_stats(tmp_path, control=write_control(tmp_path / "control"))
     for name in stats.OUTPUT_FILES:
         assert (again / name).read_bytes() == (stats_dir / name).read_bytes()
 
@@ -299,6 +539,18 @@ def test_missing_init_skips_its_comparisons(tmp_path: Path) -> None:
     comparisons = stats.read_table(out, "comparisons.tsv")
     assert set(comparisons.comparison) == {"fomaml-base"}
     assert set(stats.read_table(out, "accuracy.tsv").init) == {"base", "fomaml"}
+    assert set(stats.read_table(out, "primary.tsv").comparison) == {"fomaml-base"}
+
+
+def test_older_files_without_the_new_columns_still_analyse(tmp_path: Path) -> None:
+    frame = synthetic_eval_frame(seeds=(0,), experiments={"in_domain": ()})
+    legacy = frame.drop(columns=["experiment", "train_seed", "shot_seed", "task_role", "truncated", "weight_change"])
+    evals = stats.load_eval([_write(tmp_path, legacy)])
+    assert set(evals.experiment) == {"main"}
+    assert set(evals.loc[evals.init == "base", "train_seed"]) == {-1}
+    tables = stats.compute_tables(evals, stats.StatsSettings.from_settings(SETTINGS))
+    assert tables["generation.tsv"].truncation_rate.isna().all()
+    assert len(tables["primary.tsv"]) == 2 * len(SHOTS)
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path: Path) -> None:
@@ -311,3 +563,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path: Path) -> None:
         stats.load_eval([paths[0], paths[0]])
     with pytest.raises(ConfigError, match="not found"):
         stats.load_eval([tmp_path / "absent.parquet"])
+    role = tmp_path / "role.parquet"
+    pd.read_parquet(paths[0]).assign(task_role="test").to_parquet(role)
+    with pytest.raises(ConfigError, match="task_role"):
+        stats.load_eval([role])

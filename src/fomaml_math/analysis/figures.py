@@ -20,7 +20,9 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from fomaml_math.analysis import style
-from fomaml_math.analysis.stats import INIT_ORDER, POOLED, StatsSettings, ordered, read_table, task_order
+from fomaml_math.analysis.calibration import load_calibration
+from fomaml_math.analysis.evaldata import EXPERIMENT_ORDER, META_TEST_POOL
+from fomaml_math.analysis.stats import ALL_SEEDS, INIT_ORDER, POOLED, StatsSettings, ordered, read_table, task_order
 from fomaml_math.config import ConfigError, add_settings_arguments, settings_from_args
 
 FIGURES: tuple[str, ...] = (
@@ -29,6 +31,7 @@ FIGURES: tuple[str, ...] = (
     "gain_heatmap",
     "nll_vs_shots",
     "training_curves",
+    "calibration",
 )
 OUTPUT_FILES: tuple[str, ...] = tuple(f"{stem}.{ext}" for stem in FIGURES for ext in ("pdf", "png"))
 # The comparison the significance marks and the heatmap show.
@@ -83,12 +86,27 @@ def _shot_ticks(ax: Axes, shots: Sequence[int]) -> None:
 def _plot_inits(
     ax: Axes, table: pd.DataFrame, value: str, low: str, high: str, scale: float, prefix: str, inits: Sequence[str]
 ) -> None:
-    """One line per initialisation with its CI band (gids ``<prefix>:<init>`` and ``...:ci``)."""
+    """One line per initialisation with its CI band (gids ``<prefix>:<init>`` and ``...:ci``), and a thin line per
+    training seed beside it (gid ``<prefix>:<init>:seed:<s>``) when the table holds per-seed rows."""
+    seeds = table[table["train_seed"] != ALL_SEEDS] if "train_seed" in table.columns else table.iloc[:0]
+    table = table[table["train_seed"] == ALL_SEEDS] if "train_seed" in table.columns else table
     for position, init in enumerate(inits):
         rows = table[table["init"] == init].sort_values("shots")
         if rows.empty:
             continue
         line_style = style.init_style(init, position)
+        per_seed = seeds[seeds["init"] == init]
+        if per_seed["train_seed"].nunique() > 1:
+            for seed, seed_rows in per_seed.groupby("train_seed"):
+                seed_rows = seed_rows.sort_values("shots")
+                ax.plot(
+                    seed_rows["shots"].to_numpy(dtype=float),
+                    seed_rows[value].to_numpy(dtype=float) * scale,
+                    color=line_style["color"],
+                    linewidth=0.5,
+                    alpha=0.45,
+                    gid=f"{prefix}:{init}:seed:{seed}",
+                )
         x = rows["shots"].to_numpy(dtype=float)
         ax.fill_between(
             x,
@@ -107,6 +125,8 @@ def _mark_significance(
 ) -> None:
     """Stars (Holm-adjusted, FOMAML vs SFT) above the higher CI bound of the two compared lines."""
     compared = HEADLINE.split("-")
+    if "train_seed" in table.columns:
+        table = table[table["train_seed"] == ALL_SEEDS]
     marks = comparisons[(comparisons["task"] == task) & (comparisons["comparison"] == HEADLINE)]
     for row in marks.itertuples(index=False):
         label = getattr(row, stars)
@@ -134,9 +154,22 @@ def _legend(fig: Figure, ax: Axes, ci_level: float) -> None:
         labels,
         loc="outside upper center",
         ncols=len(labels),
-        title=f"shaded: {ci_level:.0%} CI;  *: {a} vs {b}, Holm-adjusted",
+        title=f"shaded: {ci_level:.0%} CI; thin: one training seed;  *: {a} vs {b}, Holm-adjusted",
         title_fontsize=6,
     )
+
+
+def experiments_of(table: pd.DataFrame) -> list[str]:
+    return ordered(list(table["experiment"].unique()), EXPERIMENT_ORDER) if "experiment" in table.columns else [""]
+
+
+def _of_experiment(table: pd.DataFrame, experiment: str) -> pd.DataFrame:
+    return table[table["experiment"] == experiment] if "experiment" in table.columns else table
+
+
+def _main_pool(accuracy: pd.DataFrame) -> str:
+    """The primary family's pool: the held-out tasks when the experiment has them, else all tasks."""
+    return META_TEST_POOL if (accuracy["task"] == META_TEST_POOL).any() else POOLED
 
 
 def _per_init_figure(
@@ -152,16 +185,25 @@ def _per_init_figure(
     prefix: str,
     ylabel: str,
 ) -> Figure:
-    pooled = accuracy[accuracy["task"] == POOLED]
+    """One panel per experiment (gid ``experiment:<name>``), its primary pool."""
+    experiments = experiments_of(accuracy)
+    width = style.SINGLE_COLUMN_IN if len(experiments) == 1 else style.DOUBLE_COLUMN_IN
     with style.context():
-        fig = Figure(figsize=(style.SINGLE_COLUMN_IN, 2.7), layout="constrained")
-        ax = fig.add_subplot()
-        _plot_inits(ax, pooled, value, low, high, scale, prefix, _inits(accuracy))
-        _mark_significance(ax, pooled, comparisons, POOLED, stars, high, scale)
-        _shot_ticks(ax, pooled["shots"])
-        ax.set_ylabel(ylabel)
-        ax.margins(y=0.12)
-        _legend(fig, ax, ci_level)
+        fig = Figure(figsize=(width, 2.7), layout="constrained")
+        axes = fig.subplots(1, len(experiments), sharey=True, squeeze=False).ravel()
+        for ax, experiment in zip(axes, experiments, strict=True):
+            rows = _of_experiment(accuracy, experiment)
+            pool = _main_pool(rows)
+            pooled = rows[rows["task"] == pool]
+            ax.set_gid(f"experiment:{experiment}")
+            _plot_inits(ax, pooled, value, low, high, scale, prefix, _inits(rows))
+            _mark_significance(ax, pooled, _of_experiment(comparisons, experiment), pool, stars, high, scale)
+            _shot_ticks(ax, pooled["shots"])
+            if len(experiments) > 1:
+                ax.set_title(f"{experiment} ({'held-out tasks' if pool == META_TEST_POOL else 'all tasks'})")
+            ax.margins(y=0.12)
+        axes[0].set_ylabel(ylabel)
+        _legend(fig, axes[0], ci_level)
     return fig
 
 
@@ -198,8 +240,11 @@ def nll_vs_shots_figure(accuracy: pd.DataFrame, comparisons: pd.DataFrame, ci_le
 
 
 def accuracy_vs_shots_by_task_figure(accuracy: pd.DataFrame, comparisons: pd.DataFrame, ci_level: float) -> Figure:
-    """Small multiples: one panel per task (gid of each panel ``task:<task>``)."""
-    tasks = [t for t in task_order(list(accuracy["task"].unique())) if t != POOLED]
+    """Small multiples for the first experiment: one panel per task (gid of each panel ``task:<task>``)."""
+    experiment = experiments_of(accuracy)[0]
+    accuracy = _of_experiment(accuracy, experiment)
+    comparisons = _of_experiment(comparisons, experiment)
+    tasks = [t for t in task_order(list(accuracy["task"].unique())) if t not in (POOLED, META_TEST_POOL)]
     ncols = min(4, max(1, len(tasks)))
     nrows = max(1, math.ceil(len(tasks) / ncols))
     inits = _inits(accuracy)
@@ -229,6 +274,7 @@ def gain_heatmap_figure(comparisons: pd.DataFrame, comparison: str = HEADLINE) -
     The image array (``AxesImage`` with gid ``heatmap``) holds ``acc_diff * 100``; rows follow
     :func:`heatmap_rows`, columns the sorted shot counts.
     """
+    comparisons = _of_experiment(comparisons, experiments_of(comparisons)[0]) if len(comparisons) else comparisons
     rows = comparisons[comparisons["comparison"] == comparison]
     with style.context():
         fig = Figure(
@@ -265,8 +311,9 @@ def gain_heatmap_figure(comparisons: pd.DataFrame, comparison: str = HEADLINE) -
                     color="white" if abs(value) > 0.6 * limit else "black",
                     gid=f"cell:{task}:{shot}",
                 )
-        if POOLED in tasks and len(tasks) > 1:
-            ax.axhline(len(tasks) - 1.5, color="white", linewidth=2.0)
+        pools = sum(t in (POOLED, META_TEST_POOL) for t in tasks)
+        if pools and len(tasks) > pools:
+            ax.axhline(len(tasks) - pools - 0.5, color="white", linewidth=2.0)
         ax.set_xticks(range(len(shots)), [str(s) for s in shots])
         ax.set_yticks(range(len(tasks)), [style.task_label(t) for t in tasks])
         ax.set_xlabel("Shots (k)")
@@ -342,15 +389,60 @@ def training_curves_figure(fomaml: pd.DataFrame | None, sft: pd.DataFrame | None
     return fig
 
 
+def calibration_figure(calibration: dict[str, pd.DataFrame] | None) -> Figure:
+    """Left: dev loss after adaptation against the learning rate, per init (gid ``lr:<init>:<seed>``; the chosen
+    rate marked, gid ``chosen:<init>:<seed>``). Right: dev loss per adaptation step at the chosen rate
+    (gid ``curve:<init>:<seed>``). Without calibration files: one panel saying so (gid ``missing``)."""
+    with style.context():
+        fig = Figure(figsize=(style.DOUBLE_COLUMN_IN, 2.6), layout="constrained")
+        if calibration is None or calibration["chosen"].empty:
+            ax = fig.add_subplot()
+            ax.text(0.5, 0.5, "no calibration files", ha="center", va="center", transform=ax.transAxes, gid="missing")
+            ax.set_axis_off()
+            return fig
+        by_lr, by_step = fig.subplots(1, 2)
+        chosen, grid, curve = calibration["chosen"], calibration["grid"], calibration["curve"]
+        inits = ordered(list(chosen["init"].unique()), INIT_ORDER)
+        for row in chosen.itertuples(index=False):
+            line_style = style.init_style(row.init, inits.index(row.init))
+            label = style.init_label(row.init) + (f" (seed {row.train_seed})" if row.train_seed >= 0 else "")
+            tag = f"{row.init}:{row.train_seed}"
+            mine = (
+                (grid["init"] == row.init)
+                & (grid["train_seed"] == row.train_seed)
+                & (grid["experiment"] == row.experiment)
+            )
+            points = grid[mine & (grid["num_steps"] == row.num_steps)].sort_values("lr")
+            by_lr.plot(points["lr"], points["dev_loss"], gid=f"lr:{tag}", **(line_style | {"label": label}))
+            by_lr.plot(
+                [row.lr], [row.dev_loss], marker="*", markersize=9, color=line_style["color"], gid=f"chosen:{tag}"
+            )
+            mine = (curve["init"] == row.init) & (curve["train_seed"] == row.train_seed)
+            steps = curve[mine & (curve["experiment"] == row.experiment) & np.isclose(curve["lr"], row.lr)]
+            steps = steps.sort_values("step")
+            by_step.plot(steps["step"], steps["dev_loss"], gid=f"curve:{tag}", **(line_style | {"label": label}))
+        by_lr.set_xscale("log")
+        by_lr.set_xlabel("Adaptation learning rate")
+        by_lr.set_ylabel("Dev loss after adaptation")
+        by_lr.set_title("Calibration grid (star: chosen)")
+        by_step.set_xlabel("Adaptation step")
+        by_step.set_ylabel("Dev loss")
+        by_step.set_title("Adaptation speed at the chosen rate")
+        by_step.legend()
+    return fig
+
+
 def build_figures(
     accuracy: pd.DataFrame,
     comparisons: pd.DataFrame,
     fomaml_metrics: pd.DataFrame | None,
     sft_metrics: pd.DataFrame | None,
     ci_level: float,
+    calibration: dict[str, pd.DataFrame] | None = None,
 ) -> dict[str, Figure]:
     """Every figure of the study, keyed by file stem (:data:`FIGURES`)."""
     return {
+        "calibration": calibration_figure(calibration),
         "accuracy_vs_shots": accuracy_vs_shots_figure(accuracy, comparisons, ci_level),
         "accuracy_vs_shots_by_task": accuracy_vs_shots_by_task_figure(accuracy, comparisons, ci_level),
         "gain_heatmap": gain_heatmap_figure(comparisons),
@@ -368,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stats-dir", required=True, type=Path, help="folder with accuracy.tsv and comparisons.tsv")
     parser.add_argument("--fomaml-metrics", type=Path, help="results/models/fomaml/metrics.csv")
     parser.add_argument("--sft-metrics", type=Path, help="results/models/sft/metrics.csv")
+    parser.add_argument(
+        "--calibration", nargs="*", default=[], type=Path, metavar="JSON", help="calibration results (optional)"
+    )
     parser.add_argument("--output-dir", required=True, type=Path, help="writes <figure>.pdf and <figure>.png")
     return parser
 
@@ -379,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     comparisons = read_table(args.stats_dir, "comparisons.tsv")
     fomaml = load_metrics(args.fomaml_metrics, "--fomaml-metrics")
     sft = load_metrics(args.sft_metrics, "--sft-metrics")
-    figures = build_figures(accuracy, comparisons, fomaml, sft, settings.ci_level)
+    calibration = load_calibration(args.calibration) if args.calibration else None
+    figures = build_figures(accuracy, comparisons, fomaml, sft, settings.ci_level, calibration)
     for stem, fig in figures.items():
         style.save_figure(fig, args.output_dir, stem)
     print(f"figures: {len(figures)} figures (PDF + PNG) -> {args.output_dir}")

@@ -1,16 +1,19 @@
-"""Bootstrap confidence intervals and paired significance tests over the few-shot evaluation.
+"""Seed-aware intervals, the study's test families, equivalence and power, over the few-shot evaluation.
 
-Reads the per-problem parquet files ``results/eval/<init>/shots-<K>.parquet`` and writes, under
-``--output-dir`` (``results/stats``), the tables every figure and summary number comes from:
+Reads the per-problem evaluation files (``--eval``: every experiment, training seed, init and shot count; and
+optionally ``--control-eval``, the negative control) and writes, under ``--output-dir`` (``results/stats``),
+the tables every figure and summary number comes from:
 
-- ``accuracy.tsv``: accuracy and mean gold-solution NLL per (init, task, shots), with bootstrap CIs;
-- ``comparisons.tsv``: paired comparisons fomaml−sft, fomaml−base and sft−base per (task, shots);
-- ``across_tasks.tsv``: per (shots, comparison), a Wilcoxon signed-rank test across the tasks.
+- ``accuracy.tsv``: accuracy and gold-solution NLL per (experiment, init, task or pool, shots), over all training
+  seeds (``train_seed`` = ``all``) and per seed;
+- ``comparisons.tsv``: paired comparisons per (experiment, task or pool, shots), each in the ``primary`` or the
+  ``secondary`` (exploratory) family, with TOST equivalence, the minimum detectable effect and a verdict;
+- ``primary.tsv``: the primary family's rows of ``comparisons.tsv``;
+- ``across_tasks.tsv``: the cross-task analysis (every task weighted equally) per (experiment, shots, comparison);
+- ``control.tsv``: the negative control (A/A); ``generation.tsv``, ``adaptation.tsv``, ``adaptation_summary.tsv``:
+  what generation and adaptation did; ``sample_efficiency.tsv``: the shots one init needs to match another.
 
-The definitions (resampling unit, repeats, tests, multiple-comparison families) are in
-``docs/statistics.md``; the one-line summary: the unit is the test problem, repeats are averaged
-per problem first, the pooled row (task ``all``) resamples problems within tasks, and the
-p-values are Holm-adjusted within each metric's family.
+Definitions in ``docs/statistics.md``.
 """
 
 from __future__ import annotations
@@ -27,25 +30,56 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
-from statsmodels.stats.multitest import multipletests
 
-from fomaml_math.config import MATH_TASKS, ConfigError, add_settings_arguments, settings_from_args
+from fomaml_math.analysis import inference
+from fomaml_math.analysis.evaldata import (
+    BASE,
+    INIT_ORDER,
+    META_TEST_POOL,
+    POOLED,
+    Design,
+    build_design,
+    load_eval,
+    ordered,
+    per_problem,
+    pools,
+    primary_pool,
+    split_experiments,
+    task_order,
+    task_roles,
+)
+from fomaml_math.analysis.inference import holm_adjust
+from fomaml_math.config import ConfigError, add_settings_arguments, settings_from_args
 from fomaml_math.io import write_tsv
 
-INIT_ORDER: tuple[str, ...] = ("base", "sft", "fomaml")
+__all__ = [
+    "BASE",
+    "INIT_ORDER",
+    "META_TEST_POOL",
+    "POOLED",
+    "holm_adjust",
+    "load_eval",
+    "ordered",
+    "per_problem",
+    "task_order",
+]
+
 # (a, b) reads "a − b": positive accuracy differences favour a, negative NLL differences favour a.
 COMPARISONS: tuple[tuple[str, str], ...] = (("fomaml", "sft"), ("fomaml", "base"), ("sft", "base"))
-POOLED = "all"
-OUTPUT_FILES: tuple[str, ...] = ("accuracy.tsv", "comparisons.tsv", "across_tasks.tsv")
-REQUIRED_COLUMNS: tuple[str, ...] = (
-    "init",
-    "task",
-    "shots",
-    "repeat",
-    "problem_id",
-    "correct",
-    "grade_status",
-    "nll",
+DEFAULT_PRIMARY: tuple[str, ...] = ("fomaml-sft", "fomaml-base")
+DEFAULT_EQUIVALENCE_MARGIN_PP = 2.0
+POWER = 0.8
+ALL_SEEDS = "all"
+OUTPUT_FILES: tuple[str, ...] = (
+    "accuracy.tsv",
+    "comparisons.tsv",
+    "primary.tsv",
+    "across_tasks.tsv",
+    "control.tsv",
+    "generation.tsv",
+    "adaptation.tsv",
+    "adaptation_summary.tsv",
+    "sample_efficiency.tsv",
 )
 # Bootstrap replicates are drawn in blocks of about this many resampled indices (bounds memory).
 _BLOCK_ELEMENTS = 1 << 22
@@ -61,6 +95,13 @@ class StatsSettings:
     bootstrap_samples: int
     ci_level: float
     alpha: float
+    equivalence_margin_pp: float = DEFAULT_EQUIVALENCE_MARGIN_PP
+    primary_comparisons: tuple[str, ...] = DEFAULT_PRIMARY
+
+    @property
+    def margin(self) -> float:
+        """The equivalence margin as a difference of proportions."""
+        return self.equivalence_margin_pp / 100.0
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> StatsSettings:
@@ -72,8 +113,10 @@ class StatsSettings:
                 bootstrap_samples=int(stats["bootstrap_samples"]),
                 ci_level=float(stats["ci_level"]),
                 alpha=float(stats["alpha"]),
+                equivalence_margin_pp=float(stats.get("equivalence_margin_pp", DEFAULT_EQUIVALENCE_MARGIN_PP)),
+                primary_comparisons=tuple(stats.get("primary", {}).get("comparisons", DEFAULT_PRIMARY)),
             )
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(
                 f"settings: missing {exc} (expected seed and stats.bootstrap_samples, stats.ci_level, stats.alpha)"
             ) from exc
@@ -83,6 +126,18 @@ class StatsSettings:
             value = getattr(made, key)
             if not 0 < value < 1:
                 raise ConfigError(f"stats.{key}: expected a number strictly between 0 and 1, got {value}")
+        if not 0 < made.equivalence_margin_pp < 100:
+            raise ConfigError(
+                f"stats.equivalence_margin_pp: expected percentage points in (0, 100), got {made.equivalence_margin_pp}"
+            )
+        known = {comparison_name(a, b) for a, b in COMPARISONS}
+        unknown = [c for c in made.primary_comparisons if c not in known]
+        if unknown or not made.primary_comparisons:
+            raise ConfigError(
+                f"stats.primary.comparisons: expected a non-empty list of {', '.join(sorted(known))}, got "
+                f"{list(made.primary_comparisons)}"
+            )
+        return made
         return made
 
 
@@ -190,16 +245,6 @@ def wilcoxon_test(differences: np.ndarray, alpha: float | None = None) -> tuple[
     return float(result.statistic), float(result.pvalue), note
 
 
-def holm_adjust(pvalues: Sequence[float] | np.ndarray) -> np.ndarray:
-    """Holm step-down adjusted p-values over the non-missing entries (NaN stays NaN)."""
-    p = np.asarray(pvalues, dtype=np.float64)
-    adjusted = np.full_like(p, np.nan)
-    tested = ~np.isnan(p)
-    if tested.any():
-        adjusted[tested] = multipletests(p[tested], method="holm")[1]
-    return adjusted
-
-
 def significance_stars(p_adjusted: float, alpha: float) -> str:
     """'' when not significant at ``alpha``; otherwise *, ** (p < 0.01) or *** (p < 0.001)."""
     if not (p_adjusted < alpha):  # also catches NaN
@@ -224,58 +269,10 @@ def discordant_odds_ratio(b: int, c: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Inputs
+# Tables
 
-
-def load_eval(paths: Sequence[str | Path]) -> pd.DataFrame:
-    """Concatenate and check the per-problem evaluation files (one-line errors naming the file)."""
-    frames = []
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise ConfigError(f"--eval {path}: file not found")
-        try:
-            frame = pd.read_parquet(path)
-        except Exception as exc:  # pyarrow raises several types for a damaged file
-            raise ConfigError(f"--eval {path}: not a readable parquet file ({type(exc).__name__})") from exc
-        missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
-        if missing:
-            raise ConfigError(f"--eval {path}: missing column(s) {', '.join(missing)}")
-        if frame.empty:
-            raise ConfigError(f"--eval {path}: no rows")
-        if frame["correct"].isna().any():
-            raise ConfigError(f"--eval {path}: column 'correct' has missing values")
-        optional = [c for c in ("gen_tokens",) if c in frame.columns]
-        frames.append(frame[[*REQUIRED_COLUMNS, *optional]])
-    evals = pd.concat(frames, ignore_index=True)
-    evals = evals.astype(
-        {"init": str, "task": str, "problem_id": str, "grade_status": str, "shots": int, "repeat": int}
-    )
-    evals["correct"] = evals["correct"].astype(bool).astype(np.float64)
-    evals["nll"] = pd.to_numeric(evals["nll"], errors="coerce").astype(np.float64)
-    key = ["init", "task", "shots", "repeat", "problem_id"]
-    duplicated = evals.duplicated(key)
-    if duplicated.any():
-        row = evals.loc[duplicated].iloc[0]
-        where = ", ".join(f"{k}={row[k]}" for k in key)
-        raise ConfigError(f"--eval: two results for {where} (was one evaluation file given twice?)")
-    return evals
-
-
-def per_problem(evals: pd.DataFrame) -> pd.DataFrame:
-    """One row per (init, task, shots, problem): correctness and NLL averaged over the repeats."""
-    grouped = evals.groupby(["init", "task", "shots", "problem_id"], sort=True)
-    return grouped.agg(correct=("correct", "mean"), nll=("nll", "mean"), n_repeats=("repeat", "nunique")).reset_index()
-
-
-def ordered(values: Sequence[str], preferred: Sequence[str]) -> list[str]:
-    """``values`` (deduplicated) in the ``preferred`` order first, then the rest alphabetically."""
-    unique = list(dict.fromkeys(values))
-    return [v for v in preferred if v in unique] + sorted(v for v in unique if v not in preferred)
-
-
-def task_order(tasks: Sequence[str]) -> list[str]:
-    """Tasks in the MATH subject order, others alphabetically, the pooled ``all`` last."""
-    return ordered([t for t in tasks if t != POOLED], MATH_TASKS) + ([POOLED] if POOLED in tasks else [])
+SEED_T = "seed-t"  # t-interval over training seeds and problems (crossed design, inference.crossed_estimate)
+PROBLEM_BOOTSTRAP = "problem-bootstrap"  # one training seed: percentile bootstrap over problems
 
 
 def _stratum_rng(seed: int, task: str, shots: int) -> np.random.Generator:
@@ -283,217 +280,367 @@ def _stratum_rng(seed: int, task: str, shots: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(task.encode()), int(shots)])
 
 
-# ---------------------------------------------------------------------------------------------
-# Tables
+def _seed_mean(matrix: np.ndarray) -> np.ndarray:
+    """Per-problem mean over the clusters (NaN where a cluster lacks the problem: complete cases)."""
+    return matrix.mean(axis=0)
 
 
-def _descriptive(evals: pd.DataFrame) -> pd.DataFrame:
-    """Per (init, task incl. ``all``, shots): repeat spread and grading outcomes over all rows."""
-    frame = evals.assign(
-        no_answer=(evals["grade_status"] == "no_answer").astype(np.float64),
-        grade_failure=evals["grade_status"].isin(["timeout", "error"]).astype(np.float64),
-    )
-    if "gen_tokens" not in frame.columns:
-        frame["gen_tokens"] = np.nan
-    frame["gen_tokens"] = pd.to_numeric(frame["gen_tokens"], errors="coerce").astype(np.float64)
-    pooled = frame.assign(task=POOLED)
-    both = pd.concat([frame, pooled], ignore_index=True)
-    keys = ["init", "task", "shots"]
-    per_repeat = both.groupby([*keys, "repeat"])["correct"].mean()
-    spread = per_repeat.groupby(level=keys).agg(n_repeats="count", accuracy_repeat_sd=lambda s: s.std(ddof=1))
-    rates = both.groupby(keys).agg(
-        no_answer_rate=("no_answer", "mean"),
-        grade_failure_rate=("grade_failure", "mean"),
-        mean_gen_tokens=("gen_tokens", "mean"),
-    )
-    return spread.join(rates).reset_index()
+def _pool_role(pool: str, roles: dict[str, str]) -> str:
+    if pool == META_TEST_POOL:
+        return "meta_test"
+    if pool == POOLED:
+        values = set(roles.values())
+        return values.pop() if len(values) == 1 else "mixed"
+    return roles[pool]
+
+
+def _bootstrap(
+    design: Design, quantities: list[np.ndarray], roles: dict[str, str], settings: StatsSettings, shots: int
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Percentile intervals (one per quantity) per task and pool, problems resampled within tasks."""
+    data = np.column_stack(quantities)
+    strata = design.strata
+    intervals: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    groups = [(POOLED, task_order(list(dict.fromkeys(strata))))]
+    held_out = [t for t in groups[0][1] if roles.get(t) == "meta_test"]
+    if held_out:
+        groups.append((META_TEST_POOL, held_out))
+    for pool, tasks in groups:
+        matrices = [data[strata == task] for task in tasks]
+        rngs = [_stratum_rng(settings.seed, task, shots) for task in tasks]
+        per_task, pooled = stratified_bootstrap(matrices, settings.bootstrap_samples, rngs)
+        intervals[pool] = percentile_interval(pooled, settings.ci_level)
+        if pool == POOLED:
+            for task, replicates in zip(tasks, per_task, strict=True):
+                intervals[task] = percentile_interval(replicates, settings.ci_level)
+    return intervals
+
+
+def _interval(est: inference.Estimate, boot: tuple[np.ndarray, np.ndarray], column: int, ci_level: float):
+    """The seed-aware t-interval with two or more seeds; the problem bootstrap with one (and its method)."""
+    if est.method == inference.SEEDS_AND_PROBLEMS:
+        return (*inference.t_interval(est, ci_level), SEED_T)
+    return float(boot[0][column]), float(boot[1][column]), PROBLEM_BOOTSTRAP
+
+
+def _seed_note(design: Design, inits: Sequence[str]) -> str:
+    single = [i for i in inits if i != BASE and len(design.seeds[i]) == 1]
+    return f"{', '.join(single)}: 1 training seed, seed variance not included" if single else ""
+
+
+def _accuracy_rows(
+    design: Design, pool: str, mask: np.ndarray, boot: dict, column: dict, settings: StatsSettings
+) -> list[dict[str, Any]]:
+    rows = []
+    strata = design.strata[mask]
+    for init, seeds in design.seeds.items():
+        correct, nll = design.correct[init][:, mask], design.nll[init][:, mask]
+        if np.all(np.isnan(correct)):
+            continue
+        acc = inference.crossed_estimate(correct, None, strata)
+        low, high, method = _interval(acc, boot[pool], column["acc", init], settings.ci_level)
+        nll_est = inference.crossed_estimate(nll, None, strata)
+        nll_low, nll_high, _ = _interval(nll_est, boot[pool], column["nll", init], settings.ci_level)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a seed without NLL values -> NaN
+            seed_acc = np.nanmean(correct, axis=1)
+            seed_nll = np.nanmean(nll, axis=1)
+        rows.append(
+            {
+                "init": init,
+                "train_seed": ALL_SEEDS,
+                "n_seeds": len(seeds),
+                "n_problems": acc.n_problems,
+                "accuracy": acc.estimate,
+                "accuracy_se": acc.se,
+                "accuracy_df": acc.df,
+                "accuracy_ci_low": low,
+                "accuracy_ci_high": high,
+                "ci_method": method,
+                "accuracy_seed_sd": float(np.std(seed_acc, ddof=1)) if len(seeds) > 1 else math.nan,
+                "nll_n": nll_est.n_problems,
+                "nll_mean": nll_est.estimate,
+                "nll_ci_low": nll_low,
+                "nll_ci_high": nll_high,
+            }
+        )
+        for seed, value, nll_value in zip(seeds, seed_acc, seed_nll, strict=True):
+            count = int(np.sum(~np.isnan(correct[seeds.index(seed)])))
+            rows.append(
+                {
+                    "init": init,
+                    "train_seed": str(seed),
+                    "n_seeds": 1,
+                    "n_problems": count,
+                    "accuracy": float(value),
+                    "nll_mean": float(nll_value),
+                }
+            )
+    return rows
 
 
 def _comparison_row(
-    data: np.ndarray, column: dict[tuple[str, str], int], low: np.ndarray, high: np.ndarray, a: str, b: str
-) -> dict[str, Any]:
+    design: Design, pool: str, mask: np.ndarray, boot: dict, column: dict, a: str, b: str, settings: StatsSettings
+) -> dict[str, Any] | None:
     name = comparison_name(a, b)
-    acc_diff = data[:, column["dacc", name]]
-    paired = ~np.isnan(acc_diff)
-    acc_diff = acc_diff[paired]
-    acc_a = float(np.mean(data[paired, column["acc", a]])) if paired.any() else math.nan
-    acc_b = float(np.mean(data[paired, column["acc", b]])) if paired.any() else math.nan
-    # Per-problem sign of the repeat-averaged difference; with one repeat this is McNemar's b and c.
-    a_better, b_better = int(np.sum(acc_diff > 0)), int(np.sum(acc_diff < 0))
-    nll_diff = data[:, column["dnll", name]]
-    nll_paired = ~np.isnan(nll_diff)
-    nll_diff = nll_diff[nll_paired]
+    strata = design.strata[mask]
+    ca, cb = design.correct[a][:, mask], design.correct[b][:, mask]
+    acc = inference.crossed_estimate(ca, cb, strata)
+    if acc.n_problems == 0:
+        return None
+    low, high, method = _interval(acc, boot[pool], column["dacc", name], settings.ci_level)
+    mean_a, mean_b = _seed_mean(ca), _seed_mean(cb)
+    paired = ~np.isnan(mean_a) & ~np.isnan(mean_b)
+    diff = mean_a[paired] - mean_b[paired]
+    # Per-problem sign of the seed- and repeat-averaged difference: McNemar's b and c with one seed and repeat.
+    a_better, b_better = int(np.sum(diff > 0)), int(np.sum(diff < 0))
+    mcnemar_p = mcnemar_exact(a_better, b_better)
+    acc_a, acc_b = float(np.mean(mean_a[paired])), float(np.mean(mean_b[paired]))
+    tost_lower, tost_upper, tost_p = inference.tost(acc, settings.margin)
+
+    na, nb = design.nll[a][:, mask], design.nll[b][:, mask]
+    nll = inference.crossed_estimate(na, nb, strata)
+    nll_low, nll_high, _ = _interval(nll, boot[pool], column["dnll", name], settings.ci_level)
+    nll_mean_a, nll_mean_b = _seed_mean(na), _seed_mean(nb)
+    nll_paired = ~np.isnan(nll_mean_a) & ~np.isnan(nll_mean_b)
+    nll_diff = nll_mean_a[nll_paired] - nll_mean_b[nll_paired]
     w_stat, w_p, w_note = wilcoxon_test(nll_diff)
+    seed_t = method == SEED_T
     return {
         "comparison": name,
         "init_a": a,
         "init_b": b,
-        "n_problems": int(acc_diff.size),
+        "n_problems": acc.n_problems,
+        "n_seeds_a": acc.n_clusters_a,
+        "n_seeds_b": acc.n_clusters_b,
         "acc_a": acc_a,
         "acc_b": acc_b,
-        "acc_diff": float(np.mean(acc_diff)) if acc_diff.size else math.nan,
-        "acc_diff_ci_low": float(low[column["dacc", name]]),
-        "acc_diff_ci_high": float(high[column["dacc", name]]),
-        "cohens_h": cohens_h(acc_a, acc_b) if acc_diff.size else math.nan,
+        "acc_diff": acc.estimate,
+        "acc_diff_se": acc.se,
+        "acc_diff_df": acc.df,
+        "acc_diff_ci_low": low,
+        "acc_diff_ci_high": high,
+        "ci_method": method,
+        "seed_note": _seed_note(design, (a, b)),
+        "acc_test": "t" if seed_t else "mcnemar",
+        "acc_p": inference.t_test_p(acc) if seed_t else mcnemar_p,
+        "acc_min_p": 0.0 if seed_t else inference.mcnemar_smallest_p(acc.n_problems),
+        "tost_p_lower": tost_lower,
+        "tost_p_upper": tost_upper,
+        "tost_p": tost_p,
+        "cohens_h": cohens_h(acc_a, acc_b),
         "n_a_better": a_better,
         "n_b_better": b_better,
-        "n_tied": int(acc_diff.size - a_better - b_better),
+        "n_tied": int(diff.size - a_better - b_better),
         "discordant_odds_ratio": discordant_odds_ratio(a_better, b_better),
-        "mcnemar_p": mcnemar_exact(a_better, b_better) if acc_diff.size else math.nan,
-        "nll_n": int(nll_diff.size),
-        "nll_a": float(np.mean(data[nll_paired, column["nll", a]])) if nll_diff.size else math.nan,
-        "nll_b": float(np.mean(data[nll_paired, column["nll", b]])) if nll_diff.size else math.nan,
-        "nll_diff": float(np.mean(nll_diff)) if nll_diff.size else math.nan,
-        "nll_diff_ci_low": float(low[column["dnll", name]]),
-        "nll_diff_ci_high": float(high[column["dnll", name]]),
+        "mcnemar_p": mcnemar_p,
+        "nll_n": nll.n_problems,
+        "nll_a": float(np.mean(nll_mean_a[nll_paired])) if nll_diff.size else math.nan,
+        "nll_b": float(np.mean(nll_mean_b[nll_paired])) if nll_diff.size else math.nan,
+        "nll_diff": nll.estimate,
+        "nll_diff_se": nll.se,
+        "nll_diff_ci_low": nll_low,
+        "nll_diff_ci_high": nll_high,
+        "nll_test": "t" if seed_t else "wilcoxon",
+        "nll_p": (inference.t_test_p(nll) if nll.n_problems else math.nan) if seed_t else w_p,
         "wilcoxon_stat": w_stat,
         "wilcoxon_p": w_p,
         "nll_note": w_note,
     }
 
 
-def _accuracy_row(
-    data: np.ndarray, column: dict[tuple[str, str], int], low: np.ndarray, high: np.ndarray, init: str
+def _across_row(
+    design: Design, pool: str, mask: np.ndarray, task_rows: pd.DataFrame, a: str, b: str, settings: StatsSettings
 ) -> dict[str, Any]:
-    acc = data[:, column["acc", init]]
-    acc = acc[~np.isnan(acc)]
-    nll = data[:, column["nll", init]]
-    nll = nll[~np.isnan(nll)]
-    return {
-        "init": init,
-        "n_problems": int(acc.size),
-        "accuracy": float(np.mean(acc)),
-        "accuracy_ci_low": float(low[column["acc", init]]),
-        "accuracy_ci_high": float(high[column["acc", init]]),
-        "nll_n": int(nll.size),
-        "nll_mean": float(np.mean(nll)) if nll.size else math.nan,
-        "nll_ci_low": float(low[column["nll", init]]),
-        "nll_ci_high": float(high[column["nll", init]]),
-    }
+    """The cross-task analysis of one (shots, comparison): macro-average (every task weighted equally) with the
+    seed-aware t-test, and the Wilcoxon signed-rank test over task-level differences (descriptive)."""
+    row: dict[str, Any] = {"pool": pool, "comparison": comparison_name(a, b), "n_tasks": len(task_rows)}
+    strata = design.strata[mask]
+    for prefix, matrices in (("acc", design.correct), ("nll", design.nll)):
+        est = inference.crossed_estimate(matrices[a][:, mask], matrices[b][:, mask], strata, weighting="task")
+        low, high = inference.t_interval(est, settings.ci_level) if est.n_problems else (math.nan, math.nan)
+        diffs = task_rows[f"{prefix}_diff"].to_numpy(dtype=np.float64)
+        finite = diffs[~np.isnan(diffs)]
+        stat, p, note = wilcoxon_test(finite, alpha=settings.alpha)
+        row |= {
+            f"{prefix}_macro_diff": est.estimate,
+            f"{prefix}_macro_se": est.se,
+            f"{prefix}_macro_df": est.df,
+            f"{prefix}_macro_ci_low": low,
+            f"{prefix}_macro_ci_high": high,
+            f"{prefix}_p": inference.t_test_p(est) if est.n_problems else math.nan,
+            f"{prefix}_n_positive": int(np.sum(finite > 0)),
+            f"{prefix}_n_negative": int(np.sum(finite < 0)),
+            f"{prefix}_wilcoxon_stat": stat,
+            f"{prefix}_wilcoxon_p": p,
+            f"{prefix}_wilcoxon_min_p": inference.wilcoxon_smallest_p(int(np.count_nonzero(finite))),
+            f"{prefix}_note": note,
+        }
+    return row
 
 
-def _paired_tables(problems: pd.DataFrame, settings: StatsSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
-    inits = ordered(problems["init"].unique(), INIT_ORDER)
+def _experiment_tables(
+    name: str, frame: pd.DataFrame, settings: StatsSettings
+) -> tuple[list[dict], list[dict], list[dict]]:
+    roles = task_roles(frame)
+    cells = per_problem(frame)
     accuracy_rows: list[dict[str, Any]] = []
     comparison_rows: list[dict[str, Any]] = []
-    for shots in sorted(problems["shots"].unique()):
-        at_shots = problems[problems["shots"] == shots]
-        present = [i for i in inits if i in set(at_shots["init"])]
-        pairs = [(a, b) for a, b in COMPARISONS if a in present and b in present]
+    across_rows: list[dict[str, Any]] = []
+    main_pool = primary_pool(roles)
+    for shots in sorted(cells["shots"].unique()):
+        design = build_design(cells[cells["shots"] == shots])
+        inits = list(design.seeds)
+        pairs = [(a, b) for a, b in COMPARISONS if a in inits and b in inits]
         keys = (
-            [("acc", i) for i in present]
-            + [("nll", i) for i in present]
+            [("acc", i) for i in inits]
+            + [("nll", i) for i in inits]
             + [("dacc", comparison_name(a, b)) for a, b in pairs]
             + [("dnll", comparison_name(a, b)) for a, b in pairs]
         )
         column = {key: j for j, key in enumerate(keys)}
-        tasks = task_order(at_shots["task"].unique())
-        matrices = []
-        for task in tasks:
-            rows = at_shots[at_shots["task"] == task]
-            # Problems as rows, inits as columns; a problem an init lacks is NaN and drops out of its means.
-            correct = rows.pivot(index="problem_id", columns="init", values="correct").reindex(columns=present)
-            nll = rows.pivot(index="problem_id", columns="init", values="nll").reindex(columns=present)
-            parts = (
-                [correct[i] for i in present]
-                + [nll[i] for i in present]
-                + [correct[a] - correct[b] for a, b in pairs]
-                + [nll[a] - nll[b] for a, b in pairs]
-            )
-            matrices.append(np.column_stack([p.to_numpy(dtype=np.float64) for p in parts]))
-        rngs = [_stratum_rng(settings.seed, task, shots) for task in tasks]
-        per_task, pooled = stratified_bootstrap(matrices, settings.bootstrap_samples, rngs)
-        strata = [*zip(tasks, matrices, per_task, strict=True), (POOLED, np.vstack(matrices), pooled)]
-        for task, data, replicates in strata:
-            low, high = percentile_interval(replicates, settings.ci_level)
-            for init in present:
-                if np.any(~np.isnan(data[:, column["acc", init]])):
-                    accuracy_rows.append(
-                        {"task": task, "shots": int(shots)} | _accuracy_row(data, column, low, high, init)
-                    )
+        quantities = (
+            [_seed_mean(design.correct[i]) for i in inits]
+            + [_seed_mean(design.nll[i]) for i in inits]
+            + [_seed_mean(design.correct[a]) - _seed_mean(design.correct[b]) for a, b in pairs]
+            + [_seed_mean(design.nll[a]) - _seed_mean(design.nll[b]) for a, b in pairs]
+        )
+        boot = _bootstrap(design, quantities, roles, settings, int(shots))
+        present_tasks = set(design.strata)
+        at_shots: list[dict[str, Any]] = []
+        for pool in pools({t: r for t, r in roles.items() if t in present_tasks}):
+            mask = design.mask(pool, roles)
+            where = {"experiment": name, "task": pool, "task_role": _pool_role(pool, roles), "shots": int(shots)}
+            accuracy_rows += [where | row for row in _accuracy_rows(design, pool, mask, boot, column, settings)]
             for a, b in pairs:
-                row = _comparison_row(data, column, low, high, a, b)
-                if row["n_problems"]:
-                    comparison_rows.append({"task": task, "shots": int(shots)} | row)
-    return pd.DataFrame(accuracy_rows), pd.DataFrame(comparison_rows)
+                row = _comparison_row(design, pool, mask, boot, column, a, b, settings)
+                if row is not None:
+                    primary = pool == main_pool and row["comparison"] in settings.primary_comparisons
+                    at_shots.append(where | {"family": "primary" if primary else "secondary"} | row)
+        comparison_rows += at_shots
+        task_level = pd.DataFrame([r for r in at_shots if r["task"] not in (POOLED, META_TEST_POOL)])
+        mask = design.mask(main_pool, roles)
+        pool_tasks = set(design.strata[mask])
+        for a, b in pairs:
+            if task_level.empty:
+                continue
+            rows = task_level[(task_level["comparison"] == comparison_name(a, b)) & task_level["task"].isin(pool_tasks)]
+            across = _across_row(design, main_pool, mask, rows, a, b, settings)
+            across_rows.append({"experiment": name, "shots": int(shots)} | across)
+    return accuracy_rows, comparison_rows, across_rows
 
 
-def _finish_family(frame: pd.DataFrame, p_column: str, prefix: str, alpha: float) -> pd.DataFrame:
-    """Holm-adjust one family of p-values and add the ``<prefix>_significant`` and ``_stars`` columns."""
-    adjusted = holm_adjust(frame[p_column].to_numpy(dtype=np.float64))
-    frame[f"{p_column}_holm"] = adjusted
-    frame[f"{prefix}_significant"] = adjusted < alpha
-    frame[f"{prefix}_stars"] = [significance_stars(p, alpha) for p in adjusted]
+def _descriptive(frame: pd.DataFrame, name: str) -> pd.DataFrame:
+    """Per (init, task or pool, shots), all seeds and repeats: repeat spread and generation outcomes."""
+    roles = task_roles(frame)
+    rows = frame.assign(
+        no_answer=(frame["grade_status"] == "no_answer").astype(np.float64),
+        grade_failure=frame["grade_status"].isin(["timeout", "error"]).astype(np.float64),
+    )
+    parts = [rows, rows.assign(task=POOLED)]
+    if "meta_test" in roles.values():
+        parts.append(rows[rows["task_role"] == "meta_test"].assign(task=META_TEST_POOL))
+    both = pd.concat(parts, ignore_index=True)
+    keys = ["init", "task", "shots"]
+    per_repeat = both.groupby([*keys, "train_seed", "repeat"])["correct"].mean()
+    # Spread over the shot draws within a training seed, averaged over seeds.
+    within = per_repeat.groupby(level=[*keys, "train_seed"]).agg(["count", lambda s: s.std(ddof=1)])
+    within.columns = ["n_repeats", "sd"]
+    spread = within.groupby(level=keys).agg(n_repeats=("n_repeats", "max"), accuracy_repeat_sd=("sd", "mean"))
+    rates = both.groupby(keys).agg(
+        no_answer_rate=("no_answer", "mean"),
+        grade_failure_rate=("grade_failure", "mean"),
+        truncation_rate=("truncated", "mean"),
+        mean_gen_tokens=("gen_tokens", "mean"),
+    )
+    return spread.join(rates).reset_index().assign(experiment=name, train_seed=ALL_SEEDS)
+
+
+def _finish_family(frame: pd.DataFrame, p_column: str, prefix: str, alpha: float, groups: list[str]) -> pd.DataFrame:
+    """Holm-adjust ``p_column`` within each group (a family) and add ``<prefix>_significant`` and ``_stars``."""
+    adjusted = pd.Series(np.nan, index=frame.index)
+    for _, group in frame.groupby(groups, sort=False):
+        adjusted[group.index] = holm_adjust(group[p_column].to_numpy(dtype=np.float64))
+    frame[f"{p_column}_holm"] = adjusted.to_numpy()
+    if prefix:
+        frame[f"{prefix}_significant"] = frame[f"{p_column}_holm"] < alpha
+        frame[f"{prefix}_stars"] = [significance_stars(p, alpha) for p in frame[f"{p_column}_holm"]]
     return frame
 
 
-_ACROSS_FIELDS = (
-    "mean_diff",
-    "median_diff",
-    "n_positive",
-    "n_negative",
-    "wilcoxon_stat",
-    "wilcoxon_p",
-    "wilcoxon_p_holm",
-    "significant",
-    "stars",
-    "note",
-)
-_ADDED_BY_FAMILY = ("_p_holm", "_significant", "_stars")  # columns _finish_family adds
-ACROSS_TASKS_COLUMNS = ["shots", "comparison", "n_tasks"] + [
-    f"{prefix}_{field}" for prefix in ("acc", "nll") for field in _ACROSS_FIELDS
-]
+def _family_sizes(frame: pd.DataFrame, p_column: str, groups: list[str]) -> pd.Series:
+    return frame.groupby(groups)[p_column].transform(lambda s: int(s.notna().sum()))
 
 
-def _across_tasks(comparisons: pd.DataFrame, alpha: float) -> pd.DataFrame:
-    """Per (shots, comparison): Wilcoxon signed-rank test over the task-level differences (not ``all``)."""
-    rows = []
-    per_task = comparisons[comparisons["task"] != POOLED]
-    for (shots, name), group in per_task.groupby(["shots", "comparison"], sort=False):
-        row: dict[str, Any] = {"shots": int(shots), "comparison": name, "n_tasks": len(group)}
-        for prefix in ("acc", "nll"):
-            diffs = group[f"{prefix}_diff"].to_numpy(dtype=np.float64)
-            finite = diffs[~np.isnan(diffs)]
-            stat, p, note = wilcoxon_test(finite, alpha=alpha)
-            row |= {
-                f"{prefix}_mean_diff": float(np.mean(finite)) if finite.size else math.nan,
-                f"{prefix}_median_diff": float(np.median(finite)) if finite.size else math.nan,
-                f"{prefix}_n_positive": int(np.sum(finite > 0)),
-                f"{prefix}_n_negative": int(np.sum(finite < 0)),
-                f"{prefix}_wilcoxon_stat": stat,
-                f"{prefix}_wilcoxon_p": p,
-                f"{prefix}_note": note,
-            }
-        rows.append(row)
-    frame = pd.DataFrame(rows, columns=[c for c in ACROSS_TASKS_COLUMNS if not c.endswith(_ADDED_BY_FAMILY)])
-    # Its own two families (accuracy, NLL): these tests are on task-level summaries, not problems.
-    frame = _finish_family(frame, "acc_wilcoxon_p", "acc", alpha)
-    frame = _finish_family(frame, "nll_wilcoxon_p", "nll", alpha)
-    return frame[ACROSS_TASKS_COLUMNS]
+def _verdict(row: pd.Series) -> str:
+    if row["acc_significant"]:
+        return "better" if row["acc_diff"] > 0 else "worse"
+    return "equivalent" if row["equivalent"] else "inconclusive"
 
 
-def _sort(frame: pd.DataFrame, by_init: bool) -> pd.DataFrame:
-    tasks = task_order(frame["task"].unique())
-    keys = {"task": lambda s: s.map({t: k for k, t in enumerate(tasks)})}
-    if by_init:
-        inits = ordered(frame["init"].unique(), INIT_ORDER)
-        keys["init"] = lambda s: s.map({t: k for k, t in enumerate(inits)})
+def _finish_comparisons(comparisons: pd.DataFrame, settings: StatsSettings) -> pd.DataFrame:
+    families = ["experiment", "family"]
+    alpha = settings.alpha
+    comparisons = _finish_family(comparisons, "acc_p", "acc", alpha, families)
+    comparisons = _finish_family(comparisons, "nll_p", "nll", alpha, families)
+    comparisons = _finish_family(comparisons, "tost_p", "", alpha, families)
+    comparisons["family_size"] = _family_sizes(comparisons, "acc_p", families)
+    # The smallest Holm-adjusted p this test can reach, from its own design (Holm's first-step factor).
+    comparisons["acc_min_p_holm"] = [
+        inference.smallest_adjusted_p(p, m)
+        for p, m in zip(comparisons["acc_min_p"], comparisons["family_size"], strict=True)
+    ]
+    comparisons["acc_can_reach_alpha"] = comparisons["acc_min_p_holm"] < alpha
+    comparisons["equivalent"] = comparisons["tost_p_holm"] < alpha
+    comparisons["verdict"] = comparisons.apply(_verdict, axis=1)
+    # Power at the threshold the test must pass as the family's smallest p (alpha / m, Holm's first step).
+    comparisons["mde_alpha"] = alpha / comparisons["family_size"].clip(lower=1)
+    comparisons["mde"] = [
+        inference.minimum_detectable_effect(se, a, POWER)
+        for se, a in zip(comparisons["acc_diff_se"], comparisons["mde_alpha"], strict=True)
+    ]
+    return comparisons
+
+
+def _sort(frame: pd.DataFrame, by: str) -> pd.DataFrame:
+    experiments = ordered(list(frame["experiment"].unique()), ("in_domain",))
+    tasks = task_order(list(frame["task"].unique()))
+    orders = {"experiment": experiments, "task": tasks}
+    if by == "init":
+        orders["init"] = ordered(list(frame["init"].unique()), INIT_ORDER)
+        orders["train_seed"] = [
+            ALL_SEEDS,
+            *sorted((s for s in frame["train_seed"].unique() if s != ALL_SEEDS), key=int),
+        ]
     else:
-        names = [comparison_name(a, b) for a, b in COMPARISONS]
-        keys["comparison"] = lambda s: s.map({t: k for k, t in enumerate(names)})
-    columns = ["task", "shots", "init" if by_init else "comparison"]
-    return frame.sort_values(columns, key=lambda s: keys[s.name](s) if s.name in keys else s).reset_index(drop=True)
+        orders["comparison"] = [comparison_name(a, b) for a, b in COMPARISONS]
+    columns = ["experiment", "task", "shots", by, *(["train_seed"] if by == "init" else [])]
+
+    def key(series: pd.Series) -> pd.Series:
+        if series.name in orders:
+            return series.map({v: k for k, v in enumerate(orders[series.name])})
+        return series
+
+    return frame.sort_values(columns, key=key).reset_index(drop=True)
 
 
 ACCURACY_COLUMNS = [
+    "experiment",
     "init",
+    "train_seed",
     "task",
+    "task_role",
     "shots",
+    "n_seeds",
     "n_problems",
     "n_repeats",
     "accuracy",
+    "accuracy_se",
+    "accuracy_df",
     "accuracy_ci_low",
     "accuracy_ci_high",
+    "ci_method",
+    "accuracy_seed_sd",
     "accuracy_repeat_sd",
     "nll_n",
     "nll_mean",
@@ -501,68 +648,155 @@ ACCURACY_COLUMNS = [
     "nll_ci_high",
     "no_answer_rate",
     "grade_failure_rate",
+    "truncation_rate",
     "mean_gen_tokens",
 ]
 COMPARISON_COLUMNS = [
+    "experiment",
     "task",
+    "task_role",
     "shots",
     "comparison",
     "init_a",
     "init_b",
+    "family",
+    "family_size",
     "n_problems",
+    "n_seeds_a",
+    "n_seeds_b",
     "acc_a",
     "acc_b",
     "acc_diff",
+    "acc_diff_se",
+    "acc_diff_df",
     "acc_diff_ci_low",
     "acc_diff_ci_high",
+    "ci_method",
+    "seed_note",
+    "acc_test",
+    "acc_p",
+    "acc_p_holm",
+    "acc_significant",
+    "acc_stars",
+    "acc_min_p_holm",
+    "acc_can_reach_alpha",
+    "tost_p_lower",
+    "tost_p_upper",
+    "tost_p",
+    "tost_p_holm",
+    "equivalent",
+    "verdict",
+    "mde_alpha",
+    "mde",
     "cohens_h",
     "n_a_better",
     "n_b_better",
     "n_tied",
     "discordant_odds_ratio",
     "mcnemar_p",
-    "mcnemar_p_holm",
-    "acc_significant",
-    "acc_stars",
     "nll_n",
     "nll_a",
     "nll_b",
     "nll_diff",
+    "nll_diff_se",
     "nll_diff_ci_low",
     "nll_diff_ci_high",
+    "nll_test",
+    "nll_p",
+    "nll_p_holm",
+    "nll_significant",
+    "nll_stars",
+    "wilcoxon_stat",
+    "wilcoxon_p",
+    "nll_note",
+]
+_ACROSS_FIELDS = (
+    "macro_diff",
+    "macro_se",
+    "macro_df",
+    "macro_ci_low",
+    "macro_ci_high",
+    "p",
+    "p_holm",
+    "significant",
+    "stars",
+    "n_positive",
+    "n_negative",
     "wilcoxon_stat",
     "wilcoxon_p",
     "wilcoxon_p_holm",
-    "nll_significant",
-    "nll_stars",
-    "nll_note",
+    "wilcoxon_min_p_holm",
+    "wilcoxon_can_reach_alpha",
+    "note",
+)
+ACROSS_TASKS_COLUMNS = ["experiment", "pool", "shots", "comparison", "n_tasks"] + [
+    f"{prefix}_{field}" for prefix in ("acc", "nll") for field in _ACROSS_FIELDS
 ]
 
 
-def compute_tables(evals: pd.DataFrame, settings: StatsSettings) -> dict[str, pd.DataFrame]:
-    """All three tables, keyed by output file name."""
-    accuracy, comparisons = _paired_tables(per_problem(evals), settings)
-    accuracy = accuracy.merge(_descriptive(evals), on=["init", "task", "shots"], how="left")
-    accuracy = _sort(accuracy, by_init=True)[ACCURACY_COLUMNS]
-    if comparisons.empty:
-        comparisons = pd.DataFrame(columns=COMPARISON_COLUMNS)
+def _finish_across(across: pd.DataFrame, alpha: float) -> pd.DataFrame:
+    if across.empty:
+        return pd.DataFrame(columns=ACROSS_TASKS_COLUMNS)
+    for prefix in ("acc", "nll"):
+        across = _finish_family(across, f"{prefix}_p", prefix, alpha, ["experiment"])
+        across = _finish_family(across, f"{prefix}_wilcoxon_p", "", alpha, ["experiment"])
+        sizes = _family_sizes(across, f"{prefix}_wilcoxon_p", ["experiment"])
+        across[f"{prefix}_wilcoxon_min_p_holm"] = [
+            inference.smallest_adjusted_p(p, m) for p, m in zip(across[f"{prefix}_wilcoxon_min_p"], sizes, strict=True)
+        ]
+        across[f"{prefix}_wilcoxon_can_reach_alpha"] = across[f"{prefix}_wilcoxon_min_p_holm"] < alpha
+    return across[ACROSS_TASKS_COLUMNS]
+
+
+def compute_tables(
+    evals: pd.DataFrame, settings: StatsSettings, control: pd.DataFrame | None = None
+) -> dict[str, pd.DataFrame]:
+    """Every table of the stage, keyed by output file name."""
+    from fomaml_math.analysis import effects, efficiency, negative_control
+
+    experiments = split_experiments(evals)
+    accuracy_rows, comparison_rows, across_rows, descriptive = [], [], [], []
+    for name, frame in experiments.items():
+        acc, cmp, across = _experiment_tables(name, frame, settings)
+        accuracy_rows += acc
+        comparison_rows += cmp
+        across_rows += across
+        descriptive.append(_descriptive(frame, name))
+    accuracy = pd.DataFrame(accuracy_rows).merge(
+        pd.concat(descriptive, ignore_index=True), on=["experiment", "init", "task", "shots", "train_seed"], how="left"
+    )
+    accuracy = _sort(accuracy, "init").reindex(columns=ACCURACY_COLUMNS)
+    if comparison_rows:
+        comparisons = _finish_comparisons(pd.DataFrame(comparison_rows), settings)
+        comparisons = _sort(comparisons, "comparison")[COMPARISON_COLUMNS]
     else:
-        # One family per metric: every accuracy test in the table, every NLL test in the table.
-        comparisons = _finish_family(comparisons, "mcnemar_p", "acc", settings.alpha)
-        comparisons = _finish_family(comparisons, "wilcoxon_p", "nll", settings.alpha)
-        comparisons = _sort(comparisons, by_init=False)[COMPARISON_COLUMNS]
-    across = _across_tasks(comparisons, settings.alpha)
-    return {"accuracy.tsv": accuracy, "comparisons.tsv": comparisons, "across_tasks.tsv": across}
+        comparisons = pd.DataFrame(columns=COMPARISON_COLUMNS)
+    across = _finish_across(pd.DataFrame(across_rows), settings.alpha)
+    adaptation = effects.adaptation_table(experiments)
+    return {
+        "accuracy.tsv": accuracy,
+        "comparisons.tsv": comparisons,
+        "primary.tsv": comparisons[comparisons["family"] == "primary"].reset_index(drop=True),
+        "across_tasks.tsv": across,
+        "control.tsv": negative_control.control_table(experiments, control, settings),
+        "generation.tsv": effects.generation_table(experiments),
+        "adaptation.tsv": adaptation,
+        "adaptation_summary.tsv": effects.adaptation_summary(adaptation),
+        "sample_efficiency.tsv": efficiency.sample_efficiency_table(experiments, settings),
+    }
 
 
 def read_table(stats_dir: str | Path, name: str) -> pd.DataFrame:
-    """Read one table written by this stage (empty star/note cells come back as '')."""
+    """Read one table written by this stage (text cells come back as strings, empty ones as '')."""
     path = Path(stats_dir) / name
     if not path.is_file():
         raise ConfigError(f"{path}: not found (run the stats stage first)")
     with open(path) as handle:
         header = handle.readline().rstrip("\n").split("\t")
-    text_columns = {c: str for c in header if c.endswith(("_stars", "_note"))}
+    text = ("_stars", "_note", "_method", "_test", "verdict", "family", "task_role", "experiment")
+    text_columns = {c: str for c in header if c.endswith(text) or c in ("task", "init", "pool", "comparison", "note")}
+    if "train_seed" in header and name == "accuracy.tsv":
+        text_columns["train_seed"] = str  # "all" or a seed number
     frame = pd.read_csv(path, sep="\t", dtype=text_columns)
     for column in text_columns:
         frame[column] = frame[column].fillna("")
@@ -576,7 +810,7 @@ def read_table(stats_dir: str | Path, name: str) -> pd.DataFrame:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fomaml_math stats",
-        description="Bootstrap CIs and paired significance tests over the per-problem evaluation results.",
+        description="Seed-aware intervals, test families, equivalence and the negative control over the evaluation.",
     )
     add_settings_arguments(parser)
     parser.add_argument(
@@ -585,7 +819,15 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         required=True,
         metavar="PARQUET",
-        help="results/eval/<init>/shots-<K>.parquet",
+        help="every main evaluation file (all experiments, training seeds, inits and shot counts)",
+    )
+    parser.add_argument(
+        "--control-eval",
+        dest="control_paths",
+        nargs="*",
+        default=[],
+        metavar="PARQUET",
+        help="the negative control: one trained model re-evaluated under an independent shot_seed (optional)",
     )
     parser.add_argument("--output-dir", required=True, type=Path, help=f"writes {', '.join(OUTPUT_FILES)}")
     return parser
@@ -595,11 +837,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = StatsSettings.from_settings(settings_from_args(args, "stats"))
     evals = load_eval(args.eval_paths)
-    tables = compute_tables(evals, settings)
+    control = load_eval(args.control_paths, "--control-eval") if args.control_paths else None
+    tables = compute_tables(evals, settings, control)
     for name, frame in tables.items():
         write_tsv(args.output_dir / name, frame)
     print(
-        f"stats: {len(tables['accuracy.tsv'])} accuracy rows, {len(tables['comparisons.tsv'])} comparisons, "
-        f"{settings.bootstrap_samples} bootstrap samples -> {args.output_dir}"
+        f"stats: {len(tables['accuracy.tsv'])} accuracy rows, {len(tables['comparisons.tsv'])} comparisons "
+        f"({len(tables['primary.tsv'])} primary), {settings.bootstrap_samples} bootstrap samples -> {args.output_dir}"
     )
     return 0

@@ -1,7 +1,8 @@
-"""The headline results as Markdown (``results/summary.md``), read off the stats tables.
+"""The study's results as Markdown (``results/summary.md``), read off the stats tables.
 
-Every number in the summary is a cell of ``accuracy.tsv``, ``comparisons.tsv`` or
-``across_tasks.tsv``, only rounded for display.
+Every number is a cell of a ``results/stats`` table (or of a calibration file), only rounded for display.
+Layout: the primary family with its verdicts, the negative control, the held-out tasks, generation and
+adaptation, calibration and adaptation speed, sample efficiency, then the exploratory per-task section.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ from pathlib import Path
 import pandas as pd
 
 from fomaml_math.analysis import style
-from fomaml_math.analysis.stats import INIT_ORDER, POOLED, StatsSettings, ordered, read_table
+from fomaml_math.analysis.calibration import load_calibration
+from fomaml_math.analysis.evaldata import EXPERIMENT_ORDER, INIT_ORDER, META_TEST_POOL, POOLED, ordered, task_order
+from fomaml_math.analysis.stats import ALL_SEEDS, StatsSettings, read_table
 from fomaml_math.config import add_settings_arguments, settings_from_args
 from fomaml_math.io import write_text
 
-# Comparisons in the headline table, in column order.
-HEADLINE_COMPARISONS: tuple[str, ...] = ("fomaml-sft", "fomaml-base")
 Formatter = Callable[[float], str]
+OPTIONAL_TABLES = ("control.tsv", "generation.tsv", "adaptation_summary.tsv", "sample_efficiency.tsv")
+VERDICTS = {"better": "**better**", "worse": "**worse**", "inconclusive": "inconclusive"}
 
 
 def fmt_percent(value: float) -> str:
@@ -47,6 +50,10 @@ def fmt_p(p: float, stars: str = "") -> str:
     return f"{text} {stars}".rstrip()
 
 
+def fmt_shots(value: float) -> str:
+    return "n/a" if math.isnan(value) else ("> max" if math.isinf(value) else f"{value:.1f}")
+
+
 def _interval(fmt: Formatter, value: float, low: float, high: float) -> str:
     return f"{fmt(value)} [{fmt(low)}, {fmt(high)}]"
 
@@ -62,136 +69,363 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
-def _metric_table(
-    accuracy: pd.DataFrame,
-    comparisons: pd.DataFrame,
-    *,
-    value: str,
-    low: str,
-    high: str,
-    diff: str,
-    p: str,
-    stars: str,
-    fmt_value: Formatter,
-    fmt_diff: Formatter,
-) -> list[str]:
-    pooled = accuracy[accuracy["task"] == POOLED]
-    pooled_cmp = comparisons[comparisons["task"] == POOLED]
-    inits = ordered(list(pooled["init"].unique()), INIT_ORDER)
-    names = [n for n in HEADLINE_COMPARISONS if n in set(pooled_cmp["comparison"])]
-    header = ["Shots", *(style.init_label(i) for i in inits)]
-    for name in names:
-        header += [_comparison_label(name), "p (Holm)"]
-    rows = []
-    for shots in sorted(pooled["shots"].unique()):
-        row = [str(int(shots))]
+def _experiments(frame: pd.DataFrame) -> list[str]:
+    return ordered(list(frame["experiment"].unique()), EXPERIMENT_ORDER) if len(frame) else []
+
+
+def _pool_text(pool: str, accuracy: pd.DataFrame, experiment: str) -> str:
+    rows = accuracy[(accuracy["experiment"] == experiment) & (accuracy["train_seed"] == ALL_SEEDS)]
+    tasks = [t for t in task_order(list(rows["task"].unique())) if t not in (POOLED, META_TEST_POOL)]
+    if pool == META_TEST_POOL:
+        held = sorted(set(rows.loc[rows["task_role"] == "meta_test", "task"]) - {META_TEST_POOL, POOLED})
+        return f"held-out task(s) {', '.join(held)} pooled"
+    return f"all {len(tasks)} task(s) pooled"
+
+
+def _accuracy_table(accuracy: pd.DataFrame, experiment: str, task: str) -> list[str]:
+    rows = accuracy[
+        (accuracy["experiment"] == experiment) & (accuracy["task"] == task) & (accuracy["train_seed"] == ALL_SEEDS)
+    ]
+    inits = ordered(list(rows["init"].unique()), INIT_ORDER)
+    body = []
+    for shots in sorted(rows["shots"].unique()):
+        line = [str(int(shots))]
         for init in inits:
-            cell = pooled[(pooled["shots"] == shots) & (pooled["init"] == init)]
-            row.append(_interval(fmt_value, *cell[[value, low, high]].iloc[0]) if len(cell) else "–")
-        for name in names:
-            cell = pooled_cmp[(pooled_cmp["shots"] == shots) & (pooled_cmp["comparison"] == name)]
+            cell = rows[(rows["shots"] == shots) & (rows["init"] == init)]
             if cell.empty:
-                row += ["–", "–"]
+                line.append("–")
                 continue
             c = cell.iloc[0]
-            row += [_interval(fmt_diff, c[diff], c[f"{diff}_ci_low"], c[f"{diff}_ci_high"]), fmt_p(c[p], c[stars])]
-        rows.append(row)
-    return _table(header, rows)
+            text = _interval(fmt_percent, c["accuracy"], c["accuracy_ci_low"], c["accuracy_ci_high"])
+            if c["n_seeds"] > 1:
+                text += f" (seed SD {fmt_percent(c['accuracy_seed_sd'])}, {int(c['n_seeds'])} seeds)"
+            line.append(text)
+        body.append(line)
+    return _table(["Shots", *(style.init_label(i) for i in inits)], body)
 
 
-def _across_tasks_lines(across: pd.DataFrame) -> list[str]:
-    lines = []
-    for name in HEADLINE_COMPARISONS:
-        rows = across[across["comparison"] == name].sort_values("shots")
+def _primary_section(accuracy: pd.DataFrame, primary: pd.DataFrame, settings: StatsSettings) -> list[str]:
+    margin = f"±{settings.equivalence_margin_pp:g} pp"
+    lines = [
+        "## Primary family (confirmatory)",
+        "",
+        f"Per experiment: {', '.join(_comparison_label(c) for c in settings.primary_comparisons)} at every shot "
+        f"count, pooled; Holm-adjusted within the experiment's primary family only. Verdict: *better*/*worse* when "
+        f"the difference test is significant (Holm p < {settings.alpha:g}), *equivalent* when TOST concludes "
+        f"equivalence within {margin} (Holm-adjusted TOST p < {settings.alpha:g}), otherwise *inconclusive*. "
+        f"MDE: the smallest true difference detectable with 80% power at alpha/m (m = family size), from the "
+        f"observed standard error. Accuracy in %, {settings.ci_level:.0%} intervals, differences in percentage "
+        "points (pp).",
+        "",
+    ]
+    if primary.empty:
+        return [*lines, "No primary comparison could be made (FOMAML and SFT or Base missing).", ""]
+    for experiment in _experiments(primary):
+        rows = primary[primary["experiment"] == experiment].sort_values(["shots", "comparison"])
+        pool = rows["task"].iloc[0]
+        lines += [f"### Experiment `{experiment}`: {_pool_text(pool, accuracy, experiment)}", ""]
+        lines += [*_accuracy_table(accuracy, experiment, pool), ""]
+        body = []
         for row in rows.itertuples(index=False):
-            text = (
-                f"- {_comparison_label(name)}, {row.shots} shots: mean task-level difference "
-                f"{fmt_points(row.acc_mean_diff)} pp, positive in {row.acc_n_positive} of {row.n_tasks} tasks, "
-                f"Wilcoxon p (Holm) = {fmt_p(row.acc_wilcoxon_p_holm, row.acc_stars)}"
+            verdict = "equivalent within " + margin if row.verdict == "equivalent" else VERDICTS[row.verdict]
+            if row.verdict in ("better", "worse") and row.equivalent:
+                verdict += f" (but within {margin})"
+            body.append(
+                [
+                    str(int(row.shots)),
+                    _comparison_label(row.comparison),
+                    _interval(fmt_points, row.acc_diff, row.acc_diff_ci_low, row.acc_diff_ci_high),
+                    fmt_p(row.acc_p_holm, row.acc_stars),
+                    fmt_p(row.tost_p_holm),
+                    verdict,
+                    f"{100 * row.mde:.1f}" if math.isfinite(row.mde) else "n/a",
+                    f"{row.ci_method} ({int(row.n_seeds_a)}/{int(row.n_seeds_b)} seeds)",
+                ]
             )
-            lines.append(text + (f" ({row.acc_note})" if row.acc_note else ""))
+        header = ["Shots", "Comparison", "Difference (pp)", "p (Holm)", "TOST p (Holm)", "Verdict", "MDE (pp)"]
+        lines += [*_table([*header, "Interval"], body), ""]
+        blocked = rows[~rows["acc_can_reach_alpha"].astype(bool)]
+        for row in blocked.itertuples(index=False):
+            lines.append(
+                f"- Cannot reach alpha: {_comparison_label(row.comparison)} at {row.shots} shots "
+                f"(smallest achievable Holm p {row.acc_min_p_holm:.3g} ≥ {settings.alpha:g})."
+            )
+        for note in sorted(set(rows["seed_note"]) - {""}):
+            lines.append(f"- Intervals without seed variance: {note}.")
+        if len(blocked) or (set(rows["seed_note"]) - {""}):
+            lines.append("")
+    return lines
+
+
+def _control_lines(control: pd.DataFrame | None, settings: StatsSettings) -> list[str]:
+    lines = ["## Negative control (A/A)", ""]
+    if control is None or control.empty:
+        return [*lines, "No negative control was run (no `--control-eval` files given to the stats stage).", ""]
+    first = control.iloc[0]
+    worst = control.loc[control["acc_p_holm"].idxmin()]
+    what = (
+        f"{style.init_label(first['init'])} (experiment `{first['experiment']}`, training seed {first['train_seed']}) "
+        f"evaluated under shot seeds {first['main_shot_seed']} and {first['control_shot_seed']}, "
+        f"shots {', '.join(str(int(k)) for k in control['shots'])}: largest |difference| "
+        f"{100 * control['acc_diff'].abs().max():.1f} pp, smallest Holm p {fmt_p(worst['acc_p_holm'])}"
+    )
+    if control["significant"].any():
+        lines.append(
+            f"**Warning**: the pipeline finds a difference where none exists: {what} (< {settings.alpha:g}). "
+            "Intervals that condition on one set of shot draws are too narrow for this design."
+        )
+    else:
+        lines.append(f"The pipeline finds no difference where none exists: {what} (≥ {settings.alpha:g}).")
+    notes = sorted(set(control["note"].astype(str)) - {""})
+    return [*lines, *(f"- {n}" for n in notes), ""]
+
+
+def _held_out_lines(accuracy: pd.DataFrame, comparisons: pd.DataFrame) -> list[str]:
+    lines = ["## Held-out tasks", ""]
+    rows = accuracy[(accuracy["task_role"] == "meta_test") & (accuracy["train_seed"] == ALL_SEEDS)]
+    if rows.empty:
+        return [*lines, "No experiment holds out tasks (every evaluated task was meta-trained on).", ""]
+    for experiment in _experiments(rows):
+        held = rows[rows["experiment"] == experiment]
+        tasks = [t for t in task_order(list(held["task"].unique())) if t != POOLED]
+        lines += [f"### `{experiment}`", ""]
+        for task in tasks:
+            title = "held-out tasks pooled" if task == META_TEST_POOL else style.task_label(task)
+            lines += [f"{title}:", "", *_accuracy_table(accuracy, experiment, task), ""]
+        cmp = comparisons[
+            (comparisons["experiment"] == experiment)
+            & (comparisons["task"].isin([t for t in tasks if t != META_TEST_POOL]))
+        ]
+        for row in cmp.sort_values(["task", "shots"]).itertuples(index=False):
+            lines.append(
+                f"- {style.task_label(row.task)}, {row.shots} shots, {_comparison_label(row.comparison)}: "
+                f"{_interval(fmt_points, row.acc_diff, row.acc_diff_ci_low, row.acc_diff_ci_high)} pp, "
+                f"p (Holm, secondary) {fmt_p(row.acc_p_holm, row.acc_stars)}"
+            )
+        lines.append("")
+    return lines
+
+
+def _generation_lines(generation: pd.DataFrame | None) -> list[str]:
+    lines = ["## Generation", ""]
+    if generation is None or generation.empty:
+        return [*lines, "No generation table (`generation.tsv`).", ""]
+    body = [
+        [
+            row.experiment,
+            style.init_label(row.init),
+            str(int(row.shots)),
+            fmt_percent(row.no_answer_rate),
+            fmt_percent(row.truncation_rate),
+            "n/a" if not math.isfinite(row.mean_gen_tokens) else f"{row.mean_gen_tokens:.0f}",
+        ]
+        for row in generation.itertuples(index=False)
+    ]
+    header = ["Experiment", "Init", "Shots", "No answer (%)", "Truncated (%)", "Mean generated tokens"]
+    return [*lines, *_table(header, body), ""]
+
+
+def _adaptation_lines(adaptation: pd.DataFrame | None) -> list[str]:
+    lines = ["## Adaptation effect", ""]
+    if adaptation is None or adaptation.empty:
+        return [*lines, "No k-shot adaptation was evaluated (0 shots only).", ""]
+    lines += [
+        "Means over training seeds × tasks × repeats. NLL change: test-gold NLL after adaptation minus the same "
+        "init's 0-shot NLL (per problem); outputs changed: share of greedy outputs that differ from 0-shot.",
+        "",
+    ]
+    body = []
+    for row in adaptation.itertuples(index=False):
+        body.append(
+            [
+                row.experiment,
+                style.init_label(row.init),
+                str(int(row.shots)),
+                f"{row.adapt_optimizer or 'n/a'} lr {row.adapt_lr:.3g}" if math.isfinite(row.adapt_lr) else "n/a",
+                f"{fmt_nll(row.support_loss_before)} → {fmt_nll(row.support_loss_after)}",
+                f"{fmt_nll_diff(row.nll_change)} ({fmt_points(row.nll_change_rel)}%)",
+                "n/a" if not math.isfinite(row.weight_change) else f"{row.weight_change:.2e}",
+                fmt_percent(row.outputs_changed) + (" ⚠" if row.low_change else ""),
+            ]
+        )
+    header = [
+        "Experiment",
+        "Init",
+        "Shots",
+        "Optimizer",
+        "Support loss",
+        "NLL change",
+        "‖Δw‖/‖w‖",
+        "Outputs changed (%)",
+    ]
+    lines += [*_table(header, body), ""]
+    flagged = adaptation[adaptation["low_change"].astype(bool)]
+    for row in flagged.itertuples(index=False):
+        lines.append(
+            f"- **Near no-op adaptation**: {style.init_label(row.init)} at {row.shots} shots (`{row.experiment}`) "
+            f"changed {fmt_percent(row.outputs_changed)}% of outputs (< 1%)."
+        )
+    return [*lines, ""] if len(flagged) else lines
+
+
+def _calibration_lines(calibration: dict[str, pd.DataFrame] | None) -> list[str]:
+    lines = ["## Calibration and adaptation speed", ""]
+    if calibration is None or calibration["chosen"].empty:
+        return [
+            *lines,
+            "No calibration files given (`--calibration`): the adaptation learning rate was not calibrated.",
+            "",
+        ]
+    chosen = calibration["chosen"]
+    lines += [
+        "The evaluation's adaptation learning rate per initialisation, chosen on the dev monitoring slice. "
+        "Adaptation speed: steps until the dev loss has made 90% of its largest reduction at the chosen rate.",
+        "",
+    ]
+    body = [
+        [
+            style.init_label(row.init),
+            row.experiment or "shared",
+            str(row.train_seed),
+            row.optimizer,
+            f"{row.lr:.3g}",
+            str(row.num_steps),
+            f"{fmt_nll(row.dev_loss_before)} → {fmt_nll(row.dev_loss)}",
+            "n/a" if math.isnan(row.steps_to_90) else f"{row.steps_to_90:g} of {row.curve_steps}",
+        ]
+        for row in chosen.itertuples(index=False)
+    ]
+    header = ["Init", "Experiment", "Seed", "Optimizer", "Chosen lr", "Steps", "Dev loss", "Steps to 90%"]
+    return [*lines, *_table(header, body), ""]
+
+
+def _efficiency_lines(efficiency: pd.DataFrame | None) -> list[str]:
+    lines = ["## Sample efficiency", ""]
+    if efficiency is None or efficiency.empty:
+        return [*lines, "Not computed (an initialisation with at least two shot counts and a reference needed).", ""]
+    for row in efficiency.itertuples(index=False):
+        lines.append(
+            f"- `{row.experiment}`: {style.init_label(row.learner)} reaches {style.init_label(row.reference)}'s "
+            f"{row.reference_shots}-shot accuracy ({fmt_percent(row.target_accuracy)}%) at "
+            + (
+                f"{fmt_shots(row.shots_to_match)} shots"
+                if math.isfinite(row.shots_to_match)
+                else f"no measured shot count (> {row.learner_max_shots})"
+            )
+            + f" [{fmt_shots(row.ci_low)}, {fmt_shots(row.ci_high)}] "
+            f"(measured up to {row.learner_max_shots}; not reached in {100 * row.share_not_reached:.0f}% of bootstrap "
+            "replicates)"
+        )
+    return [*lines, ""]
+
+
+def _exploratory_lines(comparisons: pd.DataFrame, across: pd.DataFrame, settings: StatsSettings) -> list[str]:
+    lines = [
+        "## Exploratory: per task (secondary family)",
+        "",
+        "Not confirmatory: every per-task and non-primary comparison, Holm-adjusted within its experiment's "
+        "secondary family.",
+        "",
+    ]
+    rows = comparisons[(comparisons["family"] == "secondary") & ~comparisons["task"].isin([POOLED, META_TEST_POOL])]
+    body = [
+        [
+            row.experiment,
+            style.task_label(row.task),
+            str(int(row.shots)),
+            _comparison_label(row.comparison),
+            _interval(fmt_points, row.acc_diff, row.acc_diff_ci_low, row.acc_diff_ci_high),
+            fmt_p(row.acc_p_holm, row.acc_stars),
+            "" if row.acc_can_reach_alpha else "cannot reach alpha",
+        ]
+        for row in rows.itertuples(index=False)
+    ]
+    lines += [*_table(["Experiment", "Task", "Shots", "Comparison", "Difference (pp)", "p (Holm)", "Note"], body), ""]
+    if len(across):
+        lines += [
+            "Cross-task analysis (every task weighted equally; seed-aware t-test, Holm within the experiment):",
+            "",
+        ]
+        for row in across.itertuples(index=False):
+            text = (
+                f"- `{row.experiment}`, {_comparison_label(row.comparison)}, {row.shots} shots: macro-average "
+                f"{_interval(fmt_points, row.acc_macro_diff, row.acc_macro_ci_low, row.acc_macro_ci_high)} pp, "
+                f"p (Holm) {fmt_p(row.acc_p_holm, row.acc_stars)}; positive in {row.acc_n_positive} of {row.n_tasks} "
+                f"tasks, Wilcoxon over tasks p {fmt_p(row.acc_wilcoxon_p)}"
+            )
+            if not row.acc_wilcoxon_can_reach_alpha:
+                text += f" (cannot reach alpha: smallest Holm p {row.acc_wilcoxon_min_p_holm:.3g})"
+            lines.append(text)
+        lines.append("")
     return lines
 
 
 def render_summary(
-    accuracy: pd.DataFrame, comparisons: pd.DataFrame, across: pd.DataFrame, settings: StatsSettings
+    tables: dict[str, pd.DataFrame | None], settings: StatsSettings, calibration: dict[str, pd.DataFrame] | None = None
 ) -> str:
-    """The Markdown text of ``summary.md``."""
-    ci = f"{settings.ci_level:.0%}"
-    pooled = accuracy[accuracy["task"] == POOLED]
-    n_tasks = accuracy.loc[accuracy["task"] != POOLED, "task"].nunique()
-    n_problems = int(pooled["n_problems"].max()) if len(pooled) else 0
+    """The Markdown text of ``summary.md`` from the stats tables (missing optional tables: None)."""
+    accuracy, comparisons = tables["accuracy.tsv"], tables["comparisons.tsv"]
+    primary = comparisons[comparisons["family"] == "primary"]
+    seeds = accuracy.loc[accuracy["train_seed"] == ALL_SEEDS, "n_seeds"]
     lines = [
-        "# FOMAML vs SFT on MATH: headline results",
+        "# FOMAML vs SFT on MATH: results",
         "",
-        f"Accuracy (%) on the test problems of all {n_tasks} task(s) pooled ({n_problems} problems), "
-        f"with {ci} bootstrap confidence intervals; differences in percentage points (pp). "
-        f"Stars: Holm-adjusted p < {settings.alpha:g} (*), < 0.01 (**), < 0.001 (***).",
-        "",
-        *_metric_table(
-            accuracy,
-            comparisons,
-            value="accuracy",
-            low="accuracy_ci_low",
-            high="accuracy_ci_high",
-            diff="acc_diff",
-            p="mcnemar_p_holm",
-            stars="acc_stars",
-            fmt_value=fmt_percent,
-            fmt_diff=fmt_points,
-        ),
-        "",
-        "## Gold-solution NLL",
-        "",
-        f"Mean negative log-likelihood per gold-solution token (nats; lower is better), {ci} bootstrap CIs; "
-        "p-values from the Wilcoxon signed-rank test on per-problem differences, Holm-adjusted.",
-        "",
-        *_metric_table(
-            accuracy,
-            comparisons,
-            value="nll_mean",
-            low="nll_ci_low",
-            high="nll_ci_high",
-            diff="nll_diff",
-            p="wilcoxon_p_holm",
-            stars="nll_stars",
-            fmt_value=fmt_nll,
-            fmt_diff=fmt_nll_diff,
-        ),
+        f"Experiments: {', '.join(f'`{e}`' for e in _experiments(accuracy))}; training seeds per trained model: "
+        f"{int(seeds.max()) if len(seeds) else 0}. Stars: Holm-adjusted p < {settings.alpha:g} (*), < 0.01 (**), "
+        "< 0.001 (***).",
         "",
     ]
-    across_lines = _across_tasks_lines(across)
-    if across_lines:
-        lines += ["## Consistency across tasks", "", *across_lines, ""]
-    n_acc = int(comparisons["mcnemar_p"].notna().sum()) if len(comparisons) else 0
-    n_nll = int(comparisons["wilcoxon_p"].notna().sum()) if len(comparisons) else 0
+    if len(seeds) and seeds.max() < 2:
+        lines += ["One training seed: intervals and tests cover test-problem sampling only, not training variance.", ""]
+    lines += _primary_section(accuracy, primary, settings)
+    lines += _control_lines(tables.get("control.tsv"), settings)
+    lines += _held_out_lines(accuracy, comparisons)
+    lines += _generation_lines(tables.get("generation.tsv"))
+    lines += _adaptation_lines(tables.get("adaptation_summary.tsv"))
+    lines += _calibration_lines(calibration)
+    lines += _efficiency_lines(tables.get("sample_efficiency.tsv"))
+    lines += _exploratory_lines(comparisons, tables["across_tasks.tsv"], settings)
     lines += [
         "## Method",
         "",
-        "- Unit of analysis: the test problem. A problem's correctness (and NLL) is first averaged over the "
-        "repeats (independent draws of the k support examples); 0-shot has a single repeat.",
-        f"- Confidence intervals: percentile bootstrap, {settings.bootstrap_samples} resamples of problems "
-        f"(seed {settings.seed}); pooled rows resample problems within each task, keeping task sizes fixed. "
-        "Intervals are not adjusted for multiplicity: one that excludes 0 can still have a Holm p above alpha.",
-        "- Paired accuracy test: exact McNemar test (two-sided binomial test on the problems where one "
-        "initialisation scores higher than the other); with repeats, this is the sign test on the "
-        "repeat-averaged per-problem differences.",
-        "- Paired NLL test: Wilcoxon signed-rank test on per-problem NLL differences.",
-        f"- Multiple comparisons: Holm adjustment over all {n_acc} accuracy tests (every task, the pooled rows, "
-        f"every shot count and comparison) and, separately, over all {n_nll} NLL tests.",
-        "- Full tables: `results/stats/accuracy.tsv`, `comparisons.tsv`, `across_tasks.tsv`; definitions in "
-        "`docs/statistics.md`.",
+        "- Unit: the test problem; correctness averaged over the repeats (shot draws), then over training seeds.",
+        "- Intervals and tests with two or more training seeds: t-interval from a crossed seeds × problems variance "
+        "(seed part from the spread of per-seed means, S − 1 df; problem part within tasks), Welch–Satterthwaite "
+        f"df; with one seed: percentile bootstrap over problems ({settings.bootstrap_samples} resamples, seed "
+        f"{settings.seed}) and the exact McNemar test.",
+        f"- Equivalence: TOST within ±{settings.equivalence_margin_pp:g} pp with the same standard error.",
+        "- Families: primary (pooled, per experiment), secondary (everything else, exploratory), cross-task and "
+        "the negative control, each Holm-adjusted on its own.",
+        "- Full tables in `results/stats/`; definitions in `docs/statistics.md`.",
         "",
     ]
     return "\n".join(lines)
 
 
+def read_tables(stats_dir: Path) -> tuple[dict[str, pd.DataFrame | None], list[str]]:
+    """The required tables, and the optional ones when present (a note for each one missing)."""
+    tables: dict[str, pd.DataFrame | None] = {
+        name: read_table(stats_dir, name) for name in ("accuracy.tsv", "comparisons.tsv", "across_tasks.tsv")
+    }
+    notes = []
+    for name in OPTIONAL_TABLES:
+        if (stats_dir / name).is_file():
+            tables[name] = read_table(stats_dir, name)
+        else:
+            tables[name] = None
+            notes.append(f"summary: {stats_dir / name} not found; its section says so")
+    return tables, notes
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m fomaml_math summary", description="Write the headline results table (Markdown)."
+        prog="python -m fomaml_math summary", description="Write the study's results summary (Markdown)."
     )
     add_settings_arguments(parser)
     parser.add_argument("--stats-dir", required=True, type=Path, help="folder with the stats stage's tables")
+    parser.add_argument(
+        "--calibration", nargs="*", default=[], type=Path, metavar="JSON", help="calibration results (optional)"
+    )
     parser.add_argument("--output", required=True, type=Path, help="results/summary.md")
     return parser
 
@@ -199,7 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = StatsSettings.from_settings(settings_from_args(args, "report"))
-    tables = [read_table(args.stats_dir, name) for name in ("accuracy.tsv", "comparisons.tsv", "across_tasks.tsv")]
-    write_text(args.output, render_summary(*tables, settings))
+    tables, notes = read_tables(args.stats_dir)
+    calibration = load_calibration(args.calibration) if args.calibration else None
+    for note in notes:
+        print(note)
+    write_text(args.output, render_summary(tables, settings, calibration))
     print(f"summary: {args.output}")
     return 0

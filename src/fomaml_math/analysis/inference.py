@@ -1,0 +1,191 @@
+"""Seed-aware inference: a mean (difference) over a clusters × problems design, its standard error, t-interval,
+two-sided test, TOST equivalence test and minimum detectable effect.
+
+The design (``docs/statistics.md``, "Seed-aware uncertainty"): each initialisation contributes a matrix
+``Y[s, i]`` of per-problem scores (repeats already averaged), one row per *cluster* (a training seed; for the
+negative control, a shot draw) and one column per test problem. Clusters and problems are crossed: every cluster
+is scored on the same problems. The estimate is the weighted mean over problems of the cluster-averaged scores
+(the difference of two such means for a comparison). Its variance has a cluster part per initialisation and a
+problem part:
+
+    Var = Σ_init σ²_cluster,init / S_init  +  Σ_strata (Σ_{i∈t} w_i²) · s²_t
+
+where ``σ²_cluster / S`` is estimated by the variance of the per-cluster weighted means over ``S``, and ``s²_t``
+is the sample variance, within task ``t``, of the per-problem (differences of) cluster means, less the
+cluster × problem residual share that the cluster part already holds (truncated at 0). Degrees of freedom by
+Welch–Satterthwaite: about ``S − 1`` when the cluster part dominates (the t-interval over seed means), about
+``N − T`` when the problem part dominates (the paired t-test over problems). With one cluster per initialisation
+the cluster part is zero and this is the paired t-test over problems.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats as scipy_stats
+from statsmodels.stats.multitest import multipletests
+
+SEEDS_AND_PROBLEMS = "seeds+problems"
+PROBLEMS_ONLY = "problems"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A mean or a difference of means with its seed-aware standard error."""
+
+    estimate: float
+    se: float
+    df: float
+    n_problems: int
+    n_clusters_a: int
+    n_clusters_b: int  # 0 for a single initialisation
+    cluster_var: float  # the cluster part of se² (both initialisations)
+    problem_var: float  # the problem part of se²
+
+    @property
+    def method(self) -> str:
+        return SEEDS_AND_PROBLEMS if max(self.n_clusters_a, self.n_clusters_b) >= 2 else PROBLEMS_ONLY
+
+
+def _weights(strata: np.ndarray, weighting: str) -> np.ndarray:
+    """Problem weights summing to 1: ``problem`` = 1/N (micro-average), ``task`` = 1/(T·n_t) (macro-average)."""
+    n = strata.size
+    if weighting == "problem":
+        return np.full(n, 1.0 / n)
+    if weighting == "task":
+        labels, inverse, counts = np.unique(strata, return_inverse=True, return_counts=True)
+        return 1.0 / (labels.size * counts[inverse])
+    raise ValueError(f"weighting: expected 'problem' or 'task', got {weighting!r}")
+
+
+def _cluster_part(x: np.ndarray, w: np.ndarray) -> tuple[float, float]:
+    """(var of the per-cluster weighted means / S, the cluster × problem residual share Σw²·σ²_e/S) of one
+    initialisation's S × N matrix; (0, 0) with one cluster."""
+    s, n = x.shape
+    if s < 2:
+        return 0.0, 0.0
+    raw = float(np.var(x @ w, ddof=1)) / s
+    if n < 2:
+        return raw, 0.0
+    # Two-way additive fit (problem + cluster effects): its residual mean square estimates σ²_e.
+    residual = x - x.mean(axis=1, keepdims=True) - x.mean(axis=0, keepdims=True) + x.mean()
+    ms_residual = float(np.sum(residual**2)) / ((s - 1) * (n - 1))
+    return raw, float(np.sum(w**2)) * ms_residual / s
+
+
+def crossed_estimate(
+    a: np.ndarray, b: np.ndarray | None, strata: Sequence[str] | np.ndarray, *, weighting: str = "problem"
+) -> Estimate:
+    """Mean of ``a`` (or the difference ``a − b``) over problems, with the seed-aware standard error.
+
+    ``a`` (S_a × N) and ``b`` (S_b × N) hold per-problem scores, one row per cluster; ``strata`` (N) names each
+    problem's task. Problems with a missing value in any row of ``a`` or ``b`` are left out (complete cases).
+    """
+    a = np.atleast_2d(np.asarray(a, dtype=np.float64))
+    b_matrix = None if b is None else np.atleast_2d(np.asarray(b, dtype=np.float64))
+    strata = np.asarray(strata)
+    keep = ~np.isnan(a).any(axis=0)
+    if b_matrix is not None:
+        keep &= ~np.isnan(b_matrix).any(axis=0)
+    a, strata = a[:, keep], strata[keep]
+    b_matrix = None if b_matrix is None else b_matrix[:, keep]
+    n = int(keep.sum())
+    n_b = 0 if b_matrix is None else b_matrix.shape[0]
+    if n == 0:
+        return Estimate(math.nan, math.nan, math.nan, 0, a.shape[0], n_b, math.nan, math.nan)
+    w = _weights(strata, weighting)
+    per_problem = a.mean(axis=0) - (0.0 if b_matrix is None else b_matrix.mean(axis=0))
+    estimate = float(per_problem @ w)
+    clusters = [(a, _cluster_part(a, w))]
+    if b_matrix is not None:
+        clusters.append((b_matrix, _cluster_part(b_matrix, w)))
+    # The cluster × problem residual is in both the spread of the cluster means and the spread over problems;
+    # it is counted once, with the cluster part (S − 1 df): the conservative split (coverage in docs).
+    parts = [(raw, x.shape[0] - 1) for x, (raw, _) in clusters]
+    problem_var, problem_df = 0.0, 0
+    for label in np.unique(strata):
+        in_stratum = strata == label
+        if in_stratum.sum() >= 2:
+            problem_var += float(np.sum(w[in_stratum] ** 2)) * float(np.var(per_problem[in_stratum], ddof=1))
+            problem_df += int(in_stratum.sum()) - 1
+    problem_var = max(0.0, problem_var - sum(share for _, (_, share) in clusters))
+    parts.append((problem_var, problem_df))
+    variance = sum(v for v, _ in parts)
+    # Welch–Satterthwaite over the non-zero parts.
+    denominator = sum(v * v / d for v, d in parts if v > 0 and d > 0)
+    df = variance * variance / denominator if denominator > 0 else math.inf
+    cluster_var = sum(v for v, _ in parts[:-1])
+    return Estimate(estimate, math.sqrt(variance), df, n, a.shape[0], n_b, cluster_var, problem_var)
+
+
+def t_interval(est: Estimate, ci_level: float) -> tuple[float, float]:
+    """``estimate ± t_{(1+ci)/2, df} · se`` (a point interval when se = 0)."""
+    if not math.isfinite(est.se):
+        return math.nan, math.nan
+    half = float(scipy_stats.t.ppf(0.5 + ci_level / 2.0, est.df)) * est.se if est.se > 0 else 0.0
+    return est.estimate - half, est.estimate + half
+
+
+def t_test_p(est: Estimate, null: float = 0.0) -> float:
+    """Two-sided p-value of H0: mean (difference) = ``null``."""
+    if not math.isfinite(est.se):
+        return math.nan
+    if est.se == 0:
+        return 1.0 if est.estimate == null else 0.0
+    return float(2.0 * scipy_stats.t.sf(abs(est.estimate - null) / est.se, est.df))
+
+
+def tost(est: Estimate, margin: float) -> tuple[float, float, float]:
+    """Two one-sided tests of equivalence within ±margin: (p_lower, p_upper, p_tost = max of the two).
+
+    p_lower tests H0: Δ ≤ −margin (t = (d + margin)/se, upper tail); p_upper tests H0: Δ ≥ +margin
+    (t = (d − margin)/se, lower tail). Equivalence is concluded when p_tost < alpha.
+    """
+    if not math.isfinite(est.se):
+        return math.nan, math.nan, math.nan
+    if est.se == 0:
+        lower = 0.0 if est.estimate > -margin else 1.0
+        upper = 0.0 if est.estimate < margin else 1.0
+        return lower, upper, max(lower, upper)
+    lower = float(scipy_stats.t.sf((est.estimate + margin) / est.se, est.df))
+    upper = float(scipy_stats.t.cdf((est.estimate - margin) / est.se, est.df))
+    return lower, upper, max(lower, upper)
+
+
+def minimum_detectable_effect(se: float, alpha: float, power: float = 0.8) -> float:
+    """Smallest true difference a two-sided level-``alpha`` test detects with ``power`` (normal approximation).
+
+    MDE = (z_{1−alpha/2} + z_{power}) · se; e.g. 2.8016 · se at alpha = 0.05 and 80% power.
+    """
+    if not math.isfinite(se):
+        return math.nan
+    return float((scipy_stats.norm.ppf(1.0 - alpha / 2.0) + scipy_stats.norm.ppf(power)) * se)
+
+
+def holm_adjust(pvalues: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Holm step-down adjusted p-values over the non-missing entries (NaN stays NaN)."""
+    p = np.asarray(pvalues, dtype=np.float64)
+    adjusted = np.full_like(p, np.nan)
+    tested = ~np.isnan(p)
+    if tested.any():
+        adjusted[tested] = multipletests(p[tested], method="holm")[1]
+    return adjusted
+
+
+def smallest_adjusted_p(smallest_raw_p: float, family_size: int) -> float:
+    """The smallest Holm-adjusted p a test can reach: its own smallest raw p times the family size (Holm's
+    first step), capped at 1. A test with ``smallest_adjusted_p(...) >= alpha`` cannot be significant."""
+    return min(1.0, smallest_raw_p * max(1, family_size))
+
+
+def mcnemar_smallest_p(n_pairs: int) -> float:
+    """Exact two-sided McNemar (sign) test: all n pairs discordant in one direction gives 2 · 2^-n."""
+    return min(1.0, 2.0 ** (1 - n_pairs)) if n_pairs > 0 else 1.0
+
+
+def wilcoxon_smallest_p(n_nonzero: int) -> float:
+    """Exact two-sided Wilcoxon signed-rank test with n non-zero differences: 2 / 2^n."""
+    return min(1.0, 2.0 ** (1 - n_nonzero)) if n_nonzero > 0 else 1.0
