@@ -1,6 +1,7 @@
 rule stats:
     input:
-        all_eval_files(),
+        evals=all_eval_files(),
+        control=control_eval_files(),
     output:
         **{
             name: report(
@@ -19,8 +20,10 @@ rule stats:
     params:
         settings=settings("stats"),
         out_dir=output_dir,
+        control=lambda wildcards, input: f"--control-eval {' '.join(input.control)}" if input.control else "",
     shell:
-        "python -m fomaml_math stats --settings {params.settings:q} --eval {input} --output-dir {params.out_dir} > {log} 2>&1"
+        "python -m fomaml_math stats --settings {params.settings:q} --eval {input.evals} {params.control}"
+        " --output-dir {params.out_dir} > {log} 2>&1"
 
 
 rule figures:
@@ -28,6 +31,7 @@ rule figures:
         stats=expand("results/stats/{name}.tsv", name=STATS_TABLES),
         fomaml_metrics=f"results/{EXPERIMENTS[0]}/fomaml/seed-{SEEDS[0]}/metrics.csv",
         sft_metrics=f"results/{EXPERIMENTS[0]}/sft/seed-{SEEDS[0]}/metrics.csv",
+        calibration=calibration_files(),
     output:
         pdf=expand("results/figures/{figure}.pdf", figure=FIGURES),
         png=[
@@ -48,15 +52,17 @@ rule figures:
         settings=settings("figures"),
         stats_dir=lambda wildcards, input: str(Path(input.stats[0]).parent),
         out_dir=output_dir,
+        calibration=lambda wildcards, input: f"--calibration {' '.join(input.calibration)}" if input.calibration else "",
     shell:
         "MPLBACKEND=Agg python -m fomaml_math figures --settings {params.settings:q} --stats-dir {params.stats_dir}"
-        " --fomaml-metrics {input.fomaml_metrics} --sft-metrics {input.sft_metrics}"
+        " --fomaml-metrics {input.fomaml_metrics} --sft-metrics {input.sft_metrics} {params.calibration}"
         " --output-dir {params.out_dir} > {log} 2>&1"
 
 
 rule summary:
     input:
         stats=expand("results/stats/{name}.tsv", name=STATS_TABLES),
+        calibration=calibration_files(),
     output:
         report("results/summary.md", caption="../report/summary.rst", category="Summary"),
     log:
@@ -68,8 +74,10 @@ rule summary:
     params:
         settings=settings("report"),
         stats_dir=lambda wildcards, input: str(Path(input.stats[0]).parent),
+        calibration=lambda wildcards, input: f"--calibration {' '.join(input.calibration)}" if input.calibration else "",
     shell:
-        "python -m fomaml_math summary --settings {params.settings:q} --stats-dir {params.stats_dir} --output {output} > {log} 2>&1"
+        "python -m fomaml_math summary --settings {params.settings:q} --stats-dir {params.stats_dir} {params.calibration}"
+        " --output {output} > {log} 2>&1"
 
 
 rule experiments:

@@ -35,8 +35,10 @@ SPLITS = ["support", "query", "dev_pool", "dev_monitor", "test"]
 METHODS = ["sft", "fomaml"]
 EXPERIMENTS = [e["name"] for e in config["experiments"]]
 SEEDS = [int(s) for s in config["replicates"]["seeds"]]
-STATS_TABLES = ["accuracy", "comparisons", "across_tasks"]
-FIGURES = ["accuracy_vs_shots", "accuracy_vs_shots_by_task", "gain_heatmap", "nll_vs_shots", "training_curves"]
+from fomaml_math.analysis.figures import FIGURES
+from fomaml_math.analysis.stats import OUTPUT_FILES as STATS_FILES
+
+STATS_TABLES = [Path(name).stem for name in STATS_FILES]
 SHOTS = [int(k) for k in config["eval"]["shots"]]
 TINY = config["model"]["tiny"] is not None
 BASE_MODEL = config["model"]["name_or_path"]
@@ -106,6 +108,11 @@ def eval_args(wildcards):
     return " ".join(args)
 
 
+def calibrate_args(wildcards):
+    experiment, _, seed = parse_run(wildcards.run)
+    return "" if experiment is None else f"--experiment {experiment} --train-seed {seed}"
+
+
 def calibration_file(wildcards):
     return f"results/{wildcards.run}/calibration.json"
 
@@ -156,5 +163,4 @@ def all_targets():
         "results/summary.md",
         "results/experiments.md",
         "results/experiments.csv",
-        *control_eval_files(),
     ]

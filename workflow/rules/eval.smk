@@ -25,10 +25,11 @@ checkpoint calibrate:
         model=run_model,
         tasks_dir=tasks_dir,
         init=lambda wildcards: parse_run(wildcards.run)[1],
+        run_args=calibrate_args,
     shell:
         "python -m fomaml_math.devices run --per-job {resources.gpu} --lock-dir results/.gpu-locks --"
         " python -m fomaml_math calibrate --settings {params.settings:q} --init {params.init} --model {params.model}"
-        " --tasks-dir {params.tasks_dir} --output {output} --no-progress > {log} 2>&1"
+        " --tasks-dir {params.tasks_dir} {params.run_args} --output {output} --no-progress > {log} 2>&1"
 
 
 rule calibration_choice:

@@ -40,7 +40,7 @@ PERCENT = 100.0
 
 # Panels of the training-curves figure: (run, title, series, x label). A series is (candidate metric
 # columns, legend label): the first candidate the run logged is plotted, so both the names of
-# ``training`` (``heldout/loss_*``) and the older ``eval/*`` names work.
+# ``training.monitor`` (``dev/loss_*``: dev_monitor, never test) and the older ``heldout/*``/``eval/*`` names work.
 Series = tuple[tuple[str, ...], str]
 TRAINING_PANELS: tuple[tuple[str, str, tuple[Series, ...], str], ...] = (
     (
@@ -52,10 +52,10 @@ TRAINING_PANELS: tuple[tuple[str, str, tuple[Series, ...], str], ...] = (
     ("fomaml", "FOMAML adaptation gap (query − support)", ((("meta/avg_adaptation_gap",), "gap"),), "meta-step"),
     (
         "fomaml",
-        "FOMAML held-out loss",
+        "FOMAML dev loss (dev_monitor)",
         (
-            (("heldout/loss_before", "eval/query_loss_before"), "before adaptation"),
-            (("heldout/loss_after", "eval/query_loss_after"), "after adaptation"),
+            (("dev/loss_before", "heldout/loss_before", "eval/query_loss_before"), "before adaptation"),
+            (("dev/loss_after", "heldout/loss_after", "eval/query_loss_after"), "after adaptation"),
         ),
         "meta-step",
     ),
@@ -63,7 +63,11 @@ TRAINING_PANELS: tuple[tuple[str, str, tuple[Series, ...], str], ...] = (
     (
         "sft",
         "SFT loss",
-        ((("sft/loss",), "train"), (("heldout/loss_before", "eval/loss"), "held-out")),
+        (
+            (("sft/loss",), "train"),
+            (("dev/loss_before", "heldout/loss_before", "eval/loss"), "dev"),
+            (("dev/loss_after",), "dev after adaptation"),
+        ),
         "SFT step",
     ),
     ("sft", "SFT gradient norm", ((("sft/grad_norm",), "grad norm"),), "SFT step"),
