@@ -7,6 +7,7 @@ results and .snakemake metadata are copied with their modification times.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,26 @@ from tests.workflow_utils import make_workspace, planned_jobs, planned_outputs, 
 
 pytestmark = pytest.mark.slow
 
-INITS = ("base", "sft", "fomaml")
+RUN = "main/{method}/seed-0"
+
+
+def runs(config: dict) -> dict[str, str]:
+    """Initialisation instance -> its folder under results/ (the shared base and every trained run)."""
+    out = {"base": "base"}
+    for experiment in config["experiments"]:
+        for method in ("sft", "fomaml"):
+            for seed in config["replicates"]["seeds"]:
+                out[f"{experiment['name']}/{method}/{seed}"] = f"{experiment['name']}/{method}/seed-{seed}"
+    return out
+
+
+def executed(result) -> dict[str, int]:
+    """Rule -> number of jobs a finished Snakemake run executed (from its log)."""
+    counts: dict[str, int] = {}
+    for rule in re.findall(r"Finished jobid: \d+ \(Rule: (\w+)\)", result.stdout + result.stderr):
+        counts[rule] = counts.get(rule, 0) + 1
+    counts.pop("all", None)
+    return counts
 
 
 @pytest.fixture(scope="module")
@@ -38,24 +58,59 @@ def workspace(finished: Path, tmp_path: Path) -> Path:
 def test_full_dag_outputs(finished):
     config = read_config(finished)
     shots = config["eval"]["shots"]
-    for init in INITS:
+    tasks = finished / "results/data/tasks"
+    for label, folder in runs(config).items():
+        init = label.split("/")[1] if "/" in label else "base"
+        calibration = json.loads((finished / f"results/{folder}/calibration.json").read_text())
+        assert calibration["init"] == init and calibration["chosen"]["lr"] in config["calibration"]["lr_grid"]
         for k in shots:
-            frame = pd.read_parquet(finished / f"results/eval/{init}/shots-{k}.parquet")
+            frame = pd.read_parquet(finished / f"results/{folder}/eval/shots-{k}.parquet")
             assert set(frame["init"]) == {init} and set(frame["shots"]) == {k}
             assert set(frame["task"]) == set(config["tasks"]["names"])
             assert set(frame["repeat"]) == ({0} if k == 0 else set(range(config["eval"]["repeats"])))
+            if k > 0:  # the calibrated rate is the one the evaluation adapted with
+                assert set(frame["adapt_lr"]) == {calibration["chosen"]["lr"]}
+            for task in config["tasks"]["names"]:
+                rows = frame[frame["task"] == task]
+                dev_pool = set(pd.read_parquet(tasks / task / "dev_pool.parquet")["id"])
+                test = pd.read_parquet(tasks / task / "test.parquet")
+                shot_ids = {s for joined in rows["shot_ids"] for s in joined.split(",") if s}
+                assert shot_ids <= dev_pool  # shots only from dev_pool
+                assert set(rows["problem_id"]) <= set(test["id"])
+                assert set(test["source_split"]) == {"test"}
     for method in ("fomaml", "sft"):
-        assert (finished / f"results/models/{method}/model/config.json").exists()
-        summary = json.loads((finished / f"results/models/{method}/train_summary.json").read_text())
-        assert summary
-    for name in ("accuracy", "comparisons", "across_tasks"):
-        assert not pd.read_csv(finished / f"results/stats/{name}.tsv", sep="\t").empty
-    for figure in ("accuracy_vs_shots", "gain_heatmap", "training_curves"):
+        folder = finished / "results" / RUN.format(method=method)
+        assert (folder / "model/config.json").exists()
+        summary = json.loads((folder / "train_summary.json").read_text())
+        assert summary["selection"]["criterion"] == "best_dev" and 1 <= summary["selected_step"] <= summary["steps"]
+        metrics = pd.read_csv(folder / "metrics.csv")
+        assert "dev/loss_after" in metrics.columns and not any(c.startswith("heldout/") for c in metrics.columns)
+    control = sorted((finished / f"results/{RUN.format(method='fomaml')}/eval-control").glob("*.parquet"))
+    assert [p.name for p in control] == [f"shots-{k}.parquet" for k in shots if k > 0]
+    for name in ("accuracy", "comparisons", "primary", "generation", "adaptation", "control"):
+        assert not pd.read_csv(finished / f"results/stats/{name}.tsv", sep="\t").empty, name
+    for figure in ("accuracy_vs_shots", "gain_heatmap", "training_curves", "calibration"):
         assert (finished / f"results/figures/{figure}.pdf").stat().st_size > 0
         assert (finished / f"results/figures/{figure}.png").stat().st_size > 0
-    assert "FOMAML" in (finished / "results/summary.md").read_text()
+    summary = (finished / "results/summary.md").read_text()
+    for section in ("Primary family", "Negative control", "Generation", "Adaptation effect", "Calibration"):
+        assert section in summary, section
     assert (finished / "results/report.html").stat().st_size > 10_000
     assert json.loads((finished / "results/env/report.json").read_text())["ok"] is True
+
+
+def test_test_files_are_read_only_by_the_evaluation(tmp_path):
+    """Of every job the DAG plans, only `evaluate` has a task's test.parquet among its inputs."""
+    root = make_workspace(tmp_path)
+    result = snakemake(root, "--dry-run")
+    rule = None
+    readers = set()
+    for line in (result.stdout + result.stderr).splitlines():
+        if match := re.match(r"^(?:local)?(?:rule|checkpoint) (\w+):$", line):
+            rule = match.group(1)
+        elif line.strip().startswith("input:") and "/test.parquet" in line:
+            readers.add(rule)
+    assert readers == {"evaluate"}
 
 
 def test_a_second_run_does_nothing(workspace):
@@ -65,23 +120,38 @@ def test_a_second_run_does_nothing(workspace):
 def test_b_adding_a_shot_count_reruns_only_new_evaluations_and_analysis(workspace):
     config = read_config(workspace)
     write_config(workspace, config, eval__shots=[*config["eval"]["shots"], 3])
-    assert planned_jobs(workspace) == {"evaluate": 3, "stats": 1, "figures": 1, "summary": 1}
-    evals = [p for p in planned_outputs(workspace) if p.startswith("results/eval/") and p.endswith(".parquet")]
-    assert sorted(evals) == sorted(f"results/eval/{init}/shots-3.parquet" for init in INITS)
+    instances = len(runs(config))
+    # one new evaluation per initialisation instance, and the negative control's new shot count
+    assert planned_jobs(workspace) == {"evaluate": instances + 1, "stats": 1, "figures": 1, "summary": 1}
+    evals = [p for p in planned_outputs(workspace) if p.endswith("shots-3.parquet")]
+    expected = [f"results/{folder}/eval/shots-3.parquet" for folder in runs(config).values()]
+    assert sorted(evals) == sorted([*expected, f"results/{RUN.format(method='fomaml')}/eval-control/shots-3.parquet"])
     snakemake(workspace)
     assert planned_jobs(workspace) == {}
 
 
 def test_c_changing_inner_lr_reruns_fomaml_and_what_follows_only(workspace):
     config = read_config(workspace)
+    before = {f: json.loads((workspace / f"results/{f}/calibration.json").read_text()) for f in runs(config).values()}
     write_config(workspace, config, fomaml__inner_lr=config["fomaml"]["inner_lr"] * 2)
-    shots = config["eval"]["shots"]
-    jobs = planned_jobs(workspace)
-    assert jobs == {"train": 1, "evaluate": len(shots), "stats": 1, "figures": 1, "summary": 1, "experiments": 1}
     outputs = planned_outputs(workspace)
-    assert "results/models/fomaml/train_summary.json" in outputs
-    assert not [p for p in outputs if p.startswith(("results/data/", "results/models/sft", "results/eval/base"))]
-    assert not [p for p in outputs if p.startswith("results/eval/sft")]
+    assert f"results/{RUN.format(method='fomaml')}/train_summary.json" in outputs
+    assert not [p for p in outputs if p.startswith(("results/data/", f"results/{RUN.format(method='sft')}/model"))]
+    result = snakemake(workspace)
+    ran = executed(result)
+    # The rate FOMAML was trained with joins every initialisation's calibration grid (the same grid for all).
+    assert ran.get("train") == 1 and ran.get("calibrate") == len(runs(config))
+    changed = {
+        f
+        for f in runs(config).values()
+        if json.loads((workspace / f"results/{f}/calibration.json").read_text())["chosen"] != before[f]["chosen"]
+    }
+    fomaml_run = RUN.format(method="fomaml")
+    # Evaluations rerun for FOMAML (new model, and its control) and wherever the chosen rate changed, only.
+    expected_evals = len(config["eval"]["shots"]) * len(changed | {fomaml_run}) + len(config["eval"]["shots"]) - 1
+    assert ran.get("evaluate") == expected_evals, (ran, changed)
+    assert "split_tasks" not in ran and "download_math" not in ran
+    assert planned_jobs(workspace) == {}
 
 
 def test_d_deleting_a_figure_reruns_only_the_figures(workspace):
@@ -89,4 +159,40 @@ def test_d_deleting_a_figure_reruns_only_the_figures(workspace):
     assert planned_jobs(workspace) == {"figures": 1}
     snakemake(workspace)
     assert (workspace / "results/figures/gain_heatmap.png").exists()
+    assert planned_jobs(workspace) == {}
+
+
+def test_e_adding_a_seed_runs_only_its_trainings_and_evaluations(workspace):
+    config = read_config(workspace)
+    write_config(workspace, config, replicates__seeds=[*config["replicates"]["seeds"], 7])
+    outputs = planned_outputs(workspace)
+    assert {p.split("/")[3] for p in outputs if p.startswith("results/main/")} == {"seed-7"}
+    assert not [p for p in outputs if p.startswith(("results/data/", "results/base/"))]
+    result = snakemake(workspace)
+    ran = executed(result)
+    shots = len(config["eval"]["shots"])
+    assert ran == {"train": 2, "calibrate": 2, "evaluate": 2 * shots, "stats": 1, "figures": 1, "summary": 1,
+                   "experiments": 1}  # fmt: skip
+    assert (workspace / "results/main/fomaml/seed-7/eval/shots-0.parquet").exists()
+    assert planned_jobs(workspace) == {}
+
+
+def test_f_adding_an_experiment_runs_only_its_own_jobs(workspace):
+    config = read_config(workspace)
+    held_out = config["tasks"]["names"][-1]
+    write_config(workspace, config, experiments=[*config["experiments"], {"name": "heldout", "meta_test": [held_out]}])
+    result = snakemake(workspace)
+    ran = executed(result)
+    shots = len(config["eval"]["shots"])
+    seeds = len(config["replicates"]["seeds"])
+    # The base model's calibration and evaluations are shared: nothing of the base reruns.
+    assert ran == {"train": 2 * seeds, "calibrate": 2 * seeds, "evaluate": 2 * seeds * shots, "stats": 1,
+                   "figures": 1, "summary": 1, "experiments": 1}  # fmt: skip
+    summary = json.loads((workspace / "results/heldout/fomaml/seed-0/train_summary.json").read_text())
+    assert held_out not in summary["settings"]["train_tasks"]
+    frame = pd.read_parquet(
+        workspace / f"results/heldout/fomaml/seed-0/eval/shots-{config['eval']['shots'][-1]}.parquet"
+    )
+    assert set(frame.loc[frame["task"] == held_out, "task_role"]) == {"meta_test"}
+    assert "heldout" in (workspace / "results/summary.md").read_text()
     assert planned_jobs(workspace) == {}

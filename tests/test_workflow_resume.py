@@ -15,12 +15,13 @@ from tests.workflow_utils import make_workspace, snakemake, start_snakemake
 
 pytestmark = pytest.mark.slow
 
-TARGET = "results/models/fomaml/train_summary.json"
+RUN = "results/main/fomaml/seed-0"
+TARGET = f"{RUN}/train_summary.json"
 LONGER = {"fomaml__total_steps": 40, "fomaml__save_freq": 5}
 
 
 def _weights(root: Path) -> dict:
-    files = sorted((root / "results/models/fomaml/model").glob("*.safetensors"))
+    files = sorted((root / RUN / "model").glob("*.safetensors"))
     assert files, "final model has no safetensors weights"
     tensors: dict = {}
     for file in files:
@@ -29,8 +30,8 @@ def _weights(root: Path) -> dict:
 
 
 def _checkpoints(root: Path) -> list[Path]:
-    folder = root / "results/checkpoints/fomaml"
-    return [p for p in folder.iterdir() if not p.name.startswith(".")] if folder.is_dir() else []
+    folder = root / "results/checkpoints/main/fomaml/seed-0"
+    return [p for p in folder.iterdir() if p.name.startswith("step-")] if folder.is_dir() else []  # not best/
 
 
 def test_sigkill_then_rerun_resumes_to_identical_weights(tmp_path):
@@ -48,15 +49,18 @@ def test_sigkill_then_rerun_resumes_to_identical_weights(tmp_path):
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert not (killed / TARGET).exists(), "a killed job must not leave its final outputs"
-    assert not (killed / "results/models/fomaml/model").exists() or not any(
-        (killed / "results/models/fomaml/model").glob("*.safetensors")
-    )
+    assert not (killed / RUN / "model").exists() or not any((killed / RUN / "model").glob("*.safetensors"))
 
     snakemake(killed, "--unlock")  # the killed Snakemake left its lock behind
     snakemake(killed, TARGET)  # the profile sets rerun-incomplete
-    log = (killed / "results/logs/train_fomaml.log").read_text().lower()
+    log = (killed / "results/logs/train/main_fomaml_seed-0.log").read_text().lower()
     assert "resum" in log, "the rerun did not resume from the checkpoint"
     expected, got = _weights(reference), _weights(killed)
     assert expected.keys() == got.keys()
     for name in expected:
         assert (expected[name] == got[name]).all(), f"{name} differs after resume"
+    # The dev selection survived the kill too: both runs kept the same step.
+    import json
+
+    selected = [json.loads((root / TARGET).read_text())["selected_step"] for root in (reference, killed)]
+    assert selected[0] == selected[1]
