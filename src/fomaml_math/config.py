@@ -185,6 +185,8 @@ def split_settings(raw: dict[str, Any] | None) -> dict[str, Any]:
     split = copy.deepcopy(raw) if raw is not None else {}
     errors = sorted(_validator_with_defaults(split_schema).iter_errors(split), key=lambda e: list(e.absolute_path))
     if errors:
+        import jsonschema
+
         error = jsonschema.exceptions.best_match(errors)
         key = ".".join(["tasks.split", *(str(part) for part in error.absolute_path)])
         raise ConfigError(f"config error at {key}: {_describe(error)}")
