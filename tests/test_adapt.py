@@ -157,3 +157,38 @@ def test_micro_batches_step_equals_one_step_on_the_whole_batch(tiny: tuple) -> N
     for a, b in zip(expected, got, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     assert result.support_losses == pytest.approx(expected_result.support_losses, rel=1e-5)
+
+
+def test_adam_inner_loop_matches_torch_adam_and_leaves_grad_alone(tiny: tuple) -> None:
+    """``optimizer="adam"`` takes the same steps as ``torch.optim.Adam`` (no weight decay) on the same batches."""
+    model, _, batches = tiny
+    reference = copy.deepcopy(model)
+    params = trainable_parameters(reference)
+    optimizer = torch.optim.Adam(params, lr=0.01, foreach=False)
+    for step in range(3):
+        optimizer.zero_grad()
+        loss, _ = sft_loss(reference, batches[step % 2])
+        loss.backward()
+        optimizer.step()
+    expected = [p.detach().clone() for p in params]
+    for p in model.parameters():
+        p.grad = None
+    with adapted(model, batches, inner_lr=0.01, num_steps=3, optimizer="adam", measure_change=True) as result:
+        for got, want in zip(trainable_parameters(model), expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+        assert all(p.grad is None for p in model.parameters())
+        assert result.weight_change > 0
+    with (
+        pytest.raises(ValueError, match="adaptation optimizer: expected one of"),
+        adapted(model, batches, inner_lr=0.01, num_steps=1, optimizer="lion"),  # type: ignore[arg-type]
+    ):
+        pass
+
+
+def test_relative_weight_change_is_the_norm_ratio(tiny: tuple) -> None:
+    model, _, batches = tiny
+    before = torch.cat([p.detach().reshape(-1).double() for p in trainable_parameters(model)])
+    with adapted(model, batches, inner_lr=0.1, num_steps=2, measure_change=True) as result:
+        after = torch.cat([p.detach().reshape(-1).double() for p in trainable_parameters(model)])
+    expected = float((after - before).norm() / before.norm())
+    assert result.weight_change == pytest.approx(expected, rel=1e-9)

@@ -127,3 +127,11 @@ def test_duplicate_run_names_are_refused(tmp_path: Path, runs: list[str]) -> Non
     ]
     with pytest.raises(ConfigError, match="unique"):
         experiments.main(argv)
+
+
+def test_the_selected_step_is_a_headline_column(tmp_path: Path) -> None:
+    one = write_run(tmp_path, "a", {"steps": 10, "selected_step": 6, "settings": COMMON})
+    table = experiments.experiment_table({"a": experiments.load_run("a", one)})
+    assert table.loc[0, "selected_step"] == 6
+    header = next(line for line in experiments.to_markdown(table).splitlines() if line.startswith("| run"))
+    assert header == "| run | steps | selected_step |"

@@ -24,7 +24,7 @@ from fomaml_math.io import atomic_path, write_text
 SUMMARY_FILE = "train_summary.json"
 SETTINGS_KEY = "settings"
 METRICS_KEY = "final_metrics"
-RUN_FACTS: tuple[str, ...] = ("method", "steps", "examples", "tokens", "wall_time_s")
+RUN_FACTS: tuple[str, ...] = ("method", "steps", "selected_step", "examples", "tokens", "wall_time_s")
 SETTING_PREFIX = "setting:"  # column prefix, keeps settings and metrics apart in one table
 
 
@@ -111,6 +111,7 @@ def _cell(value: Any) -> str:
 HEADLINE_METRICS = (
     "method",
     "steps",
+    "selected_step",  # the step select.criterion kept (best_dev: lowest dev loss after adaptation)
     "examples",
     "tokens",
     "wall_time_s",
