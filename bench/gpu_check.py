@@ -72,6 +72,7 @@ for _path in (str(HERE), str(ROOT / "src")):  # the package from this checkout (
 import bench_fomaml  # noqa: E402  (BenchRuntime, the seed-style loop, memory measurement, synthetic task data)
 import torch  # noqa: E402
 
+import fomaml_math  # noqa: E402
 from fomaml_math import devices  # noqa: E402
 from fomaml_math.adapt import MicroBatches, WeightSnapshot, adapted, sft_loss_fn, trainable_parameters  # noqa: E402
 from fomaml_math.batching import EncodedExample, SFTBatch, collate  # noqa: E402
@@ -89,7 +90,7 @@ from fomaml_math.training.sft import sft_step  # noqa: E402
 
 BenchRuntime = bench_fomaml.BenchRuntime
 GiB = 1 << 30
-SHAPE_4B = json.loads((HERE / "qwen3_4b_shape.json").read_text())
+SHAPE_4B = json.loads((Path(fomaml_math.__file__).parent / "resources" / "qwen3_4b_instruct_2507.json").read_text())
 BLOCKED_ON_DEVICE = ("snakemake", "math_verify", "wandb", "datasets", "jsonschema")
 # Dense bf16 peaks in FLOP/s: "measured" is the lent H200's 8192^3 bf16 matmul (device library KINDS.md).
 PEAKS = {

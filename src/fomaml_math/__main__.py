@@ -21,6 +21,8 @@ STAGES: dict[str, str] = {
     "figures": "fomaml_math.analysis.figures",
     "summary": "fomaml_math.analysis.summary",
     "experiments": "fomaml_math.analysis.experiments",
+    "manifest": "fomaml_math.manifest",
+    "plan": "fomaml_math.plan",
 }
 
 

@@ -102,3 +102,21 @@ rule experiments:
         ),
     shell:
         "python -m fomaml_math experiments {params.runs} --output-csv {output.csv} --output-md {output.md} > {log} 2>&1"
+
+
+rule manifest:
+    input:
+        data=["results/data/math.parquet", *task_files()],
+        summaries=[f"results/{run}/train_summary.json" for run in trained_runs()],
+        env="results/env/report.json",
+    output:
+        "results/manifest.json",
+    log:
+        "results/logs/manifest.log",
+    conda:
+        ENV
+    params:
+        config=json.dumps(config, sort_keys=True, default=str),
+    shell:
+        "python -m fomaml_math manifest --config-json {params.config:q} --data {input.data}"
+        " --train-summaries {input.summaries} --output {output} > {log} 2>&1"

@@ -163,4 +163,5 @@ def all_targets():
         "results/summary.md",
         "results/experiments.md",
         "results/experiments.csv",
+        "results/manifest.json",
     ]

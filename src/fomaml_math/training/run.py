@@ -240,6 +240,8 @@ class TrainingRun:
                 k: v for k, v in self.last.items() if isinstance(v, int | float) and math.isfinite(float(v))
             },
             "versions": versions(),
+            # the hub commit the base model resolved to (transformers records it when loading from the hub)
+            "base_model_commit": getattr(getattr(self.model, "config", None), "_commit_hash", None),
             "num_train_examples": len(train_examples),
             "num_truncated_examples": sum(e.truncated for e in train_examples),
             "this_run_wall_time_s": this_run_wall_time,

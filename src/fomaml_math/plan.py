@@ -1,0 +1,275 @@
+"""``python -m fomaml_math plan --configfile ...``: the configured study's jobs and cost, before it runs.
+
+Seeds x experiments x methods multiply the GPU bill; this prints, for a config, the jobs per rule
+and an estimate of GPU-hours and disk, with every assumption beside the number it drives.
+
+* **Training** FLOPs = 6 x N x tokens (forward + backward; FOMAML's inner steps, query step and
+  SFT's steps all cost that per token) plus the attention term 12 x layers x hidden x seq per token.
+  Tokens per FOMAML meta-step = meta_batch_size x (num_inner_steps x inner_batch_size +
+  query_batch_size) x mean tokens per example; SFT gets the same example budget (``sft.budget:
+  matched``).  GPU-hours = FLOPs / (peak x MFU) / 3600.
+* **Dev monitoring** every ``test_freq`` steps: forward passes over the monitoring slice before and
+  after a k-shot adaptation per task (small next to training; counted).
+* **Calibration**: per initialisation instance, lr grid x tasks x draws x shot counts adaptations
+  (6 x N x k x tokens x steps) and dev forwards after every step.
+* **Evaluation**: per (initialisation, task, shots, repeat) the adaptation (as above) and the
+  generation: test problems x generated tokens / decode throughput (a per-GPU tokens/s assumption),
+  plus the gold-NLL forward.
+* **Disk**: per trained run ``keep_checkpoints`` checkpoints (fp32 weights + AdamW's two moments:
+  12 bytes per parameter), the best-dev slot (4 bytes) and the final model (4 bytes per parameter,
+  float32 safetensors).
+
+N comes from the model's architecture: a local folder's ``config.json``, a tiny config, or the
+shipped ``resources/qwen3_4b_instruct_2507.json`` for the paper model (no hub access).  Mean tokens
+per example come from the split data when ``results/data/tasks`` exists (characters / chars-per-token),
+else from an assumption that is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fomaml_math.config import (
+    ConfigError,
+    experiment_names,
+    load_config,
+    meta_test_tasks,
+    sft_budget_steps,
+    training_tasks,
+)
+
+RESOURCES = Path(__file__).resolve().parent / "resources"
+PAPER_MODELS = {"Qwen/Qwen3-4B-Instruct-2507": RESOURCES / "qwen3_4b_instruct_2507.json"}
+# MATH: problem + worked solution is ~1,200 characters on average; ~3.5 characters per Qwen token.
+DEFAULT_CHARS_PER_TOKEN = 3.5
+DEFAULT_EXAMPLE_TOKENS = 350
+DEFAULT_TEST_PROBLEMS_PER_TASK = 5000 / 7  # MATH test split, per subject on average
+
+
+@dataclass(frozen=True)
+class Assumptions:
+    mfu: float = 0.40  # of peak, for training and adaptation
+    peak_tflops: float = 989.0  # H100/H200 dense bf16 datasheet
+    decode_tokens_per_s: float = 2500.0  # per GPU, batched greedy decoding of a 4B model (HF loop)
+    mean_generated_fraction: float = 0.5  # of eval.max_new_tokens, per answer
+    example_tokens: float | None = None  # None: measured from the split data, or DEFAULT_EXAMPLE_TOKENS
+
+
+def architecture(config: Mapping[str, Any]) -> dict[str, int]:
+    """Layer shape of the configured model (tiny mapping, local folder, or a shipped paper model)."""
+    model = config["model"]
+    if model.get("tiny"):
+        return {**model["tiny"], "tie_word_embeddings": True}
+    name = str(model["name_or_path"])
+    local = Path(name) / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    if name in PAPER_MODELS:
+        return json.loads(PAPER_MODELS[name].read_text())
+    raise ConfigError(f"model.name_or_path: no architecture known offline for {name!r} (give a local folder)")
+
+
+def parameter_count(arch: Mapping[str, Any]) -> int:
+    """Parameters of a Qwen3-style decoder (GQA attention with q/k norms, SwiGLU MLP, RMSNorms)."""
+    hidden, layers = int(arch["hidden_size"]), int(arch["num_hidden_layers"])
+    heads, kv_heads = int(arch["num_attention_heads"]), int(arch["num_key_value_heads"])
+    head_dim = int(arch.get("head_dim") or hidden // heads)
+    inter, vocab = int(arch["intermediate_size"]), int(arch["vocab_size"])
+    attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2 + 2 * head_dim
+    mlp = 3 * hidden * inter
+    per_layer = attention + mlp + 2 * hidden
+    embeddings = vocab * hidden * (1 if arch.get("tie_word_embeddings", True) else 2)
+    return layers * per_layer + embeddings + hidden
+
+
+def train_flops_per_token(arch: Mapping[str, Any], params: int, seq_len: float) -> float:
+    """6 N (forward + backward) plus causal attention's 6 x 2 x layers x hidden x seq / 2 per token."""
+    return 6.0 * params + 6.0 * int(arch["num_hidden_layers"]) * int(arch["hidden_size"]) * seq_len
+
+
+def mean_example_tokens(tasks_dir: Path, tasks: list[str], assumed: float | None) -> tuple[float, str]:
+    if assumed is not None:
+        return assumed, "given"
+    files = [tasks_dir / t / f"{s}.parquet" for t in tasks for s in ("support", "query")]
+    if all(f.is_file() for f in files):
+        import pandas as pd
+
+        frame = pd.concat([pd.read_parquet(f, columns=["problem", "solution"]) for f in files])
+        chars = (frame["problem"].str.len() + frame["solution"].str.len()).mean()
+        return float(
+            chars
+        ) / DEFAULT_CHARS_PER_TOKEN, f"measured on {tasks_dir} ({DEFAULT_CHARS_PER_TOKEN} chars/token)"
+    return float(DEFAULT_EXAMPLE_TOKENS), "assumed (no split data yet)"
+
+
+def test_problems(config: Mapping[str, Any], tasks_dir: Path) -> tuple[float, str]:
+    tasks = config["tasks"]["names"]
+    cap = config["eval"].get("max_test_problems")
+    files = [tasks_dir / t / "test.parquet" for t in tasks]
+    if all(f.is_file() for f in files):
+        import pandas as pd
+
+        counts = [len(pd.read_parquet(f, columns=["id"])) for f in files]
+        total = sum(min(c, cap) if cap else c for c in counts)
+        return float(total), "counted"
+    per_task = (
+        DEFAULT_TEST_PROBLEMS_PER_TASK
+        if config["data"]["source"] != "synthetic"
+        else 0.3 * float(config["data"]["synthetic"]["problems_per_task"])
+    )
+    if config["tasks"]["split"].get("test_subset") == "math500":
+        per_task = 500 / 7
+    if cap:
+        per_task = min(per_task, float(cap))
+    return per_task * len(tasks), "assumed (no split data yet)"
+
+
+def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: Path) -> dict[str, Any]:
+    arch = architecture(config)
+    params = parameter_count(arch)
+    experiments = experiment_names(dict(config))
+    seeds = list(config["replicates"]["seeds"])
+    shots = [int(k) for k in config["eval"]["shots"]]
+    repeats = int(config["eval"]["repeats"])
+    tasks = list(config["tasks"]["names"])
+    example_tokens, token_source = mean_example_tokens(tasks_dir, tasks, assumptions.example_tokens)
+    seq = min(float(config["model"]["max_seq_len"]), example_tokens)
+    per_token = train_flops_per_token(arch, params, seq)
+    throughput = assumptions.peak_tflops * 1e12 * assumptions.mfu  # FLOP/s per GPU
+
+    fo = config["fomaml"]
+    examples_per_meta_step = fo["meta_batch_size"] * (
+        fo["num_inner_steps"] * fo["inner_batch_size"] + fo["query_batch_size"]
+    )
+    fomaml_tokens = fo["total_steps"] * examples_per_meta_step * example_tokens
+    sft_tokens = sft_budget_steps(dict(config)) * config["sft"]["batch_size"] * example_tokens
+    runs = len(experiments) * len(seeds)
+    calibrated = config["calibration"]["enabled"] and config["eval"]["mode"] == "finetune"
+    instances = 1 + 2 * runs  # the shared base and every trained run
+
+    ev = config["eval"]
+    adapt_steps = int(ev["num_inner_steps"])
+    cal = config["calibration"]
+    cal_steps = max(cal.get("steps_grid") or [adapt_steps])
+    lr_count = len(set(cal["lr_grid"]) | {fo["inner_lr"]})
+    monitor = cal["max_monitor_examples"]
+    cal_flops_per_instance = (
+        lr_count * len(tasks) * cal["draws"]
+        * sum(6.0 * params * k * example_tokens * cal_steps + 2.0 * params * monitor * example_tokens * cal_steps
+              for k in cal["shots"])
+    )  # fmt: skip
+    sel = config["select"]
+    checks = math.ceil(fo["total_steps"] / fo["test_freq"]) + math.ceil(
+        sft_budget_steps(dict(config)) / config["sft"]["test_freq"]
+    )
+    monitor_flops_per_run_pair = checks * len(tasks) * (
+        2.0 * params * sel["max_monitor_examples"] * example_tokens * 2
+        + 6.0 * params * sel["shots"] * example_tokens * adapt_steps
+    )  # fmt: skip
+
+    problems, problem_source = test_problems(config, tasks_dir)
+    conditions = sum(1 if k == 0 else repeats for k in shots)  # (shots, repeat) pairs per task
+    control_conditions = (len([k for k in shots if k > 0]) * repeats) if config["replicates"]["negative_control"] else 0
+    eval_conditions = instances * conditions + control_conditions
+    generated = problems * eval_conditions * ev["max_new_tokens"] * assumptions.mean_generated_fraction
+    adapt_flops = (
+        (instances * repeats + control_conditions / max(1, len(shots)))
+        * len(tasks)
+        * sum(6.0 * params * k * example_tokens * adapt_steps for k in shots if k > 0)
+    )
+    nll_flops = problems * eval_conditions * 2.0 * params * example_tokens
+
+    hours = {
+        "train_fomaml": runs * fomaml_tokens * per_token / throughput / 3600,
+        "train_sft": runs * sft_tokens * per_token / throughput / 3600,
+        "dev_monitoring": runs * monitor_flops_per_run_pair / throughput / 3600,
+        "calibrate": (instances * cal_flops_per_instance / throughput / 3600) if calibrated else 0.0,
+        "evaluate_adaptation": (adapt_flops + nll_flops) / throughput / 3600,
+        "evaluate_generation": generated / assumptions.decode_tokens_per_s / 3600,
+    }
+    keep = {m: int(config[m]["keep_checkpoints"]) for m in ("fomaml", "sft")}
+    disk_bytes = runs * sum(keep.values()) * 12 * params + 2 * runs * (4 + 4) * params + 4 * params
+    jobs = {
+        "train": 2 * runs,
+        "calibrate": instances if calibrated else 0,
+        "evaluate": instances * len(shots) + (control_conditions // repeats if repeats else 0),
+        "stats/figures/summary/experiments/manifest": 5,
+        "data + env (download_math, split_tasks, check_env)": 3,
+    }  # fmt: skip
+    return {
+        "model": config["model"]["name_or_path"],
+        "parameters": params,
+        "experiments": {e: meta_test_tasks(dict(config), e) for e in experiments},
+        "training_tasks": {e: training_tasks(dict(config), e) for e in experiments},
+        "seeds": seeds,
+        "jobs": jobs,
+        "gpu_hours": hours,
+        "gpu_hours_total": sum(hours.values()),
+        "disk_gb": disk_bytes / 1e9,
+        "assumptions": {
+            "mfu": assumptions.mfu,
+            "peak_tflops_per_gpu": assumptions.peak_tflops,
+            "decode_tokens_per_s_per_gpu": assumptions.decode_tokens_per_s,
+            "mean_generated_tokens": ev["max_new_tokens"] * assumptions.mean_generated_fraction,
+            "mean_example_tokens": round(example_tokens, 1),
+            "example_tokens_source": token_source,
+            "test_problems": problems,
+            "test_problems_source": problem_source,
+            "train_flops_per_token": per_token,
+            "fomaml_tokens_per_run": fomaml_tokens,
+            "sft_tokens_per_run": sft_tokens,
+        },
+    }
+
+
+def render(plan: Mapping[str, Any], gpus: int) -> str:
+    a = plan["assumptions"]
+    lines = [
+        f"Study plan for {plan['model']} ({plan['parameters'] / 1e9:.2f} B parameters)",
+        f"experiments: {', '.join(f'{e} (meta_test: {m or []})' for e, m in plan['experiments'].items())}; "
+        f"training seeds: {plan['seeds']}",
+        "",
+        "jobs per rule:",
+        *(f"  {rule:<52} {count}" for rule, count in plan["jobs"].items()),
+        "",
+        "GPU-hours (estimate):",
+        *(f"  {part:<52} {value:10.1f}" for part, value in plan["gpu_hours"].items()),
+        f"  {'total':<52} {plan['gpu_hours_total']:10.1f}"
+        f"   (= {plan['gpu_hours_total'] / max(gpus, 1):.1f} h wall on {gpus} GPU(s), perfect packing)",
+        f"disk: {plan['disk_gb']:.0f} GB (checkpoints x runs, best slots, final models)",
+        "",
+        "assumptions:",
+        f"  MFU {a['mfu']:.0%} of {a['peak_tflops_per_gpu']:g} TFLOP/s per GPU (training, adaptation, NLL)",
+        f"  decoding {a['decode_tokens_per_s_per_gpu']:g} tokens/s per GPU, "
+        f"{a['mean_generated_tokens']:g} tokens per answer",
+        f"  {a['mean_example_tokens']:g} tokens per example ({a['example_tokens_source']}); "
+        f"{a['test_problems']:g} test problems ({a['test_problems_source']})",
+        f"  training FLOPs per token {a['train_flops_per_token']:.3g} (6N + attention)",
+    ]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fomaml_math plan", description=__doc__.splitlines()[0])
+    parser.add_argument("--configfile", required=True, help="a config YAML (e.g. config/config.yaml)")
+    parser.add_argument("--tasks-dir", default="results/data/tasks", type=Path, help="split data, if already built")
+    parser.add_argument("--mfu", type=float, default=Assumptions.mfu)
+    parser.add_argument("--peak-tflops", type=float, default=Assumptions.peak_tflops)
+    parser.add_argument("--decode-tokens-per-s", type=float, default=Assumptions.decode_tokens_per_s)
+    parser.add_argument("--example-tokens", type=float, default=None, help="override the mean tokens per example")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    args = parser.parse_args(argv)
+    config = load_config(args.configfile)
+    if not 0 < args.mfu <= 1:
+        raise ConfigError(f"--mfu: expected a fraction in (0, 1], got {args.mfu}")
+    assumptions = Assumptions(args.mfu, args.peak_tflops, args.decode_tokens_per_s, example_tokens=args.example_tokens)
+    plan = build_plan(config, assumptions, args.tasks_dir)
+    gpus = int(config["compute"]["gpus"])
+    print(json.dumps(plan, indent=2) if args.json else render(plan, gpus), end="")
+    return 0
