@@ -132,3 +132,11 @@ def test_coverage_at_three_seeds(sigma_seed: float) -> None:
 def test_coverage_at_two_seeds() -> None:
     covered, _ = _coverage(2, 0.05, seed=1)
     assert 0.91 <= covered <= 0.99
+
+
+def test_no_variation_concludes_nothing() -> None:
+    """Both inits fail every problem: the plug-in se is 0, which is no evidence of equivalence or of a difference."""
+    est = inference.Estimate(
+        0.0, 0.0, 10.0, n_problems=12, n_clusters_a=1, n_clusters_b=1, cluster_var=0.0, problem_var=0.0
+    )
+    assert math.isnan(inference.tost(est, 0.02)[2]) and math.isnan(inference.t_test_p(est))

@@ -131,10 +131,10 @@ def t_interval(est: Estimate, ci_level: float) -> tuple[float, float]:
 
 def t_test_p(est: Estimate, null: float = 0.0) -> float:
     """Two-sided p-value of H0: mean (difference) = ``null``."""
-    if not math.isfinite(est.se):
+    # se == 0: every pair agrees exactly (e.g. both inits fail every problem). That is no evidence of a
+    # zero (or any) difference: the plug-in standard error is 0 only because nothing varied, so no test.
+    if not math.isfinite(est.se) or est.se == 0:
         return math.nan
-    if est.se == 0:
-        return 1.0 if est.estimate == null else 0.0
     return float(2.0 * scipy_stats.t.sf(abs(est.estimate - null) / est.se, est.df))
 
 
@@ -144,12 +144,8 @@ def tost(est: Estimate, margin: float) -> tuple[float, float, float]:
     p_lower tests H0: Δ ≤ −margin (t = (d + margin)/se, upper tail); p_upper tests H0: Δ ≥ +margin
     (t = (d − margin)/se, lower tail). Equivalence is concluded when p_tost < alpha.
     """
-    if not math.isfinite(est.se):
+    if not math.isfinite(est.se) or est.se == 0:  # no variation: equivalence cannot be concluded (see t_test_p)
         return math.nan, math.nan, math.nan
-    if est.se == 0:
-        lower = 0.0 if est.estimate > -margin else 1.0
-        upper = 0.0 if est.estimate < margin else 1.0
-        return lower, upper, max(lower, upper)
     lower = float(scipy_stats.t.sf((est.estimate + margin) / est.se, est.df))
     upper = float(scipy_stats.t.cdf((est.estimate - margin) / est.se, est.df))
     return lower, upper, max(lower, upper)
