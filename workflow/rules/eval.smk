@@ -37,6 +37,8 @@ rule calibration_choice:
         "results/calibration-choices/{choice}.flag",
     log:
         "results/logs/calibration-choices/{choice}.log",
+    conda:
+        ENV
     shell:
         "echo 'an evaluation adapts with {wildcards.choice}' > {output} 2> {log}"
 
