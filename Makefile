@@ -36,8 +36,8 @@ setup-vllm: $(VLLM_BIN)/.installed
 
 # The vLLM backend's tests, and the evaluation's own tests under this environment's transformers.
 test-vllm: setup-vllm
-	$(OFFLINE) VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/python -m pytest tests/test_vllm_backend.py tests/test_generate.py \
-	    tests/test_fewshot.py -m "not slow"
+	$(OFFLINE) VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/python -m pytest tests/test_vllm_backend.py tests/test_generation_backend.py \
+	    tests/test_generate.py tests/test_fewshot.py -m "not slow"
 
 demo: setup
 	$(OFFLINE) $(BIN)/snakemake --configfile config/demo.yaml --cores $(CORES)
