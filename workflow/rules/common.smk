@@ -1,5 +1,6 @@
 # Shared setup: config validation, the package on the path, the settings each rule passes, and paths.
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +10,7 @@ if SRC not in sys.path:
 
 from fomaml_math.config import ConfigError, control_shot_seed, meta_test_tasks, stage_settings, validate_config
 from fomaml_math.launch import accelerate_launch_prefix
+from snakemake.settings.types import DeploymentMethod
 from fomaml_math.workflow import (
     adaptation_choice,
     export_package_path,
@@ -30,6 +32,17 @@ except ConfigError as error:
 validate(config, "../schemas/config.schema.yaml")
 
 ENV = "../../envs/fomaml-math.yaml"
+# eval.backend vllm: the evaluate rule runs in the second pinned environment (transformers < 5.20, docs/vllm.md):
+# its conda env under --software-deployment-method conda, else the interpreter of .venv-vllm (make setup-vllm;
+# FOMAML_VLLM_PYTHON overrides). Every other rule keeps the main environment.
+EVAL_BACKEND = config["eval"].get("backend", "hf")
+ENV_EVAL = "../../envs/vllm.yaml" if EVAL_BACKEND == "vllm" else ENV
+_CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+EVAL_PYTHON = (
+    "python"
+    if EVAL_BACKEND == "hf" or _CONDA
+    else os.environ.get("FOMAML_VLLM_PYTHON", str(Path(workflow.basedir).parent / ".venv-vllm" / "bin" / "python"))
+)
 TASKS = list(config["tasks"]["names"])
 SPLITS = ["support", "query", "dev_pool", "dev_monitor", "test"]
 METHODS = ["sft", "fomaml"]

@@ -56,7 +56,7 @@ rule evaluate:
     benchmark:
         "results/benchmarks/{kind}/{run}/shots-{shots}.tsv"
     conda:
-        ENV
+        ENV_EVAL
     threads: 1
     resources:
         gpu=COMPUTE["eval_gpus_per_job"],
@@ -67,9 +67,10 @@ rule evaluate:
         init=lambda wildcards: parse_run(wildcards.run)[1],
         adapt=lambda wildcards: "--adapt-lr {!r} --adapt-steps {}".format(*chosen_adaptation(wildcards)),
         run_args=eval_args,
+        python=EVAL_PYTHON,
     shell:
         "python -m fomaml_math.devices run --per-job {resources.gpu}"
         " --lock-dir results/.gpu-locks --"
-        " python -m fomaml_math evaluate --settings {params.settings:q} --init {params.init} --model {params.model}"
+        " {params.python:q} -m fomaml_math evaluate --settings {params.settings:q} --init {params.init} --model {params.model}"
         " --tasks-dir {params.tasks_dir} --shots {wildcards.shots} {params.adapt} {params.run_args}"
         " --output {output.table} > {log} 2>&1"

@@ -42,6 +42,7 @@ from fomaml_math.io import write_json, write_parquet
 
 INITS: tuple[str, ...] = ("base", "sft", "fomaml")
 MODES: tuple[str, ...] = ("finetune", "in_context")
+BACKENDS: tuple[str, ...] = ("hf", "vllm")  # eval.backend: who generates (hf: the reference loop)
 
 # Output schema (docs/architecture.md): column -> pandas dtype used when writing.
 OUTPUT_COLUMNS: dict[str, str] = {
@@ -168,6 +169,15 @@ class EvalContext:
     shot_seed: int | None = None  # None: the global seed
     experiment: str = "default"
     train_seed: int = -1
+    backend: Any = None  # the job's generation backend (one per job); None: the HF loop on ``model``
+
+    def generator(self) -> Any:
+        """The generation backend: ``backend``, or the reference HF loop on this context's model."""
+        from fomaml_math.evaluation.generate import HFBackend
+
+        if self.backend is None:
+            self.backend = HFBackend(lambda: precision_context(self.device, self.mixed_precision))
+        return self.backend
 
     def adapt_spec(self) -> Any:
         from fomaml_math.kshot import AdaptSpec
@@ -200,7 +210,7 @@ def evaluate_task_repeat(
     import torch
 
     from fomaml_math.batching import encode_example
-    from fomaml_math.evaluation.generate import encode_prompts, generate_greedy
+    from fomaml_math.evaluation.generate import encode_prompts, engine_follows
     from fomaml_math.evaluation.prompts import demonstration_messages, problem_messages
     from fomaml_math.kshot import adapted_on_shots, draw_shots, mean_loss, shot_batches
 
@@ -226,7 +236,11 @@ def evaluate_task_repeat(
     info: dict[str, Any] = {"task": task.name, "repeat": repeat, "shot_ids": shot_ids}
     effect = {"support_loss_before": math.nan, "support_loss_after": math.nan, "weight_change": 0.0}
     started = time.perf_counter()
+    backend = ctx.generator()
     with contextlib.ExitStack() as stack:
+        # Entered first, so it exits after the adaptation's restore: a backend with its own copy of the
+        # weights (vllm) gets the initialisation back too.
+        sync_engine = stack.enter_context(engine_follows(backend, ctx.model))
         if finetune:
             full = shot_batches(
                 ctx.tokenizer, shots, max_seq_len=ctx.max_seq_len, batch_size=batch_size, instruction=ctx.instruction
@@ -247,19 +261,19 @@ def evaluate_task_repeat(
             info["support_truncated"] = sum(b.num_truncated for b in full.batches)
             if not adaptation.finite:
                 print(f"warning: {task.name} repeat {repeat}: non-finite support loss", file=sys.stderr)
+            sync_engine()
         info.update(effect)
         info["adapt_s"] = time.perf_counter() - started
         started = time.perf_counter()
-        with precision_context(ctx.device, ctx.mixed_precision):
-            generations = generate_greedy(
-                ctx.model,
-                ctx.tokenizer,
-                prompt_ids=prompt_ids,
-                max_new_tokens=int(ev["max_new_tokens"]),
-                batch_size=int(ev["gen_batch_size"]),
-                max_context=ctx.context_limit,
-                on_batch=progress.update if progress is not None else None,
-            )
+        generations = backend.generate(  # the HF backend opens autocast itself
+            ctx.model,
+            ctx.tokenizer,
+            prompt_ids,
+            max_new_tokens=int(ev["max_new_tokens"]),
+            batch_size=int(ev["gen_batch_size"]),
+            max_context=ctx.context_limit,
+            on_batch=progress.update if progress is not None else None,
+        )
         info["generate_s"] = time.perf_counter() - started
         started = time.perf_counter()
         with torch.no_grad(), precision_context(ctx.device, ctx.mixed_precision):
@@ -493,6 +507,29 @@ def build_summary(
     }
 
 
+def make_backend(name: str, ctx: EvalContext, model_path: str, settings: Mapping[str, Any]) -> Any:
+    """The job's generation backend: the HF loop (``hf``) or one vLLM engine on ``model_path`` (``vllm``)."""
+    from fomaml_math.evaluation.generate import HFBackend
+
+    if name == "hf":
+        return HFBackend(lambda: precision_context(ctx.device, ctx.mixed_precision))
+    from fomaml_math.evaluation.vllm_backend import VLLMBackend, vllm_settings
+
+    model_settings = settings["model"]
+    is_base = model_path == model_settings["name_or_path"]
+    return VLLMBackend(
+        model_path,
+        tokenizer=ctx.tokenizer,
+        model=ctx.model,
+        revision=model_settings.get("revision") if is_base else None,
+        trust_remote_code=bool(model_settings.get("trust_remote_code", False)),
+        mixed_precision=ctx.mixed_precision,
+        context_limit=ctx.context_limit,
+        seed=ctx.seed,
+        settings=vllm_settings(settings["eval"]),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fomaml_math evaluate", description=__doc__.splitlines()[0])
     add_settings_arguments(parser)
@@ -529,6 +566,13 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--grade-workers: must be >= 1, got {args.grade_workers}")
     if ev.get("mode", "finetune") not in MODES:
         raise ConfigError(f"eval.mode: expected one of {list(MODES)}, got {ev.get('mode')!r}")
+    backend_name = str(ev.get("backend", "hf"))
+    if backend_name not in BACKENDS:
+        raise ConfigError(f"eval.backend: expected one of {list(BACKENDS)}, got {backend_name!r}")
+    if backend_name == "vllm":
+        from fomaml_math.evaluation.vllm_backend import vllm_settings
+
+        vllm_settings(ev)  # unknown keys fail here, before any model is loaded
     output = Path(args.output)
     if output.suffix != ".parquet":
         raise ConfigError(f"--output: expected a .parquet path, got {output}")
@@ -588,11 +632,15 @@ def main(argv: list[str] | None = None) -> int:
         experiment=args.experiment,
         train_seed=args.train_seed,
     )
+    ctx.backend = make_backend(backend_name, ctx, args.model, settings)  # one engine per job
     job = {"spec": spec.describe(), "experiment": args.experiment, "train_seed": args.train_seed,
            "shot_seed": ctx.draw_seed(), "meta_test": sorted(held_out)}  # fmt: skip
     pieces = PieceStore(output, job_fingerprint(settings, args, task_names, device.type, job))
-    with Grader(timeout_s=float(ev["grade_timeout_s"]), workers=args.grade_workers) as grader:
-        frame, infos = run_job(ctx, tasks, grader, pieces=pieces, show_progress=not args.no_progress)
+    try:
+        with Grader(timeout_s=float(ev["grade_timeout_s"]), workers=args.grade_workers) as grader:
+            frame, infos = run_job(ctx, tasks, grader, pieces=pieces, show_progress=not args.no_progress)
+    finally:
+        ctx.backend.close()
     wall = time.perf_counter() - started
     summary = build_summary(
         frame,
@@ -603,6 +651,7 @@ def main(argv: list[str] | None = None) -> int:
             "tasks": task_names,
             "device": str(device),
             "precision": ctx.mixed_precision,
+            "backend": backend_name,
             **job,
             "wall_time_s": round(wall, 3),
             "resumed_pieces": sum(bool(i.get("resumed")) for i in infos),

@@ -14,7 +14,8 @@ different batch shapes can round differently, so an exact near-tie may resolve o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,9 +193,82 @@ def generate_greedy(
             generated[index] = ids
         if on_batch is not None:
             on_batch(len(chunk))
+    return generations_from_ids(tokenizer, generated, stop, prompt_ids)
+
+
+def generations_from_ids(
+    tokenizer: Any, generated: Sequence[Sequence[int]], stop: Sequence[int], prompt_ids: Sequence[Sequence[int]]
+) -> Generations:
+    """Texts, lengths and truncation flags of generated token ids (every backend goes through here, so
+    the text rendering and the truncation count cannot differ between backends)."""
     stop_set = set(stop)
+    ids_out = [list(ids) for ids in generated]
     texts = [
-        tokenizer.decode([t for t in ids if t not in stop_set], skip_special_tokens=True).strip() for ids in generated
+        tokenizer.decode([t for t in ids if t not in stop_set], skip_special_tokens=True).strip() for ids in ids_out
     ]
-    truncated = [not ids or ids[-1] not in stop_set for ids in generated]
-    return Generations(texts, generated, [len(ids) for ids in generated], [len(ids) for ids in prompt_ids], truncated)
+    truncated = [not ids or ids[-1] not in stop_set for ids in ids_out]
+    return Generations(texts, ids_out, [len(ids) for ids in ids_out], [len(ids) for ids in prompt_ids], truncated)
+
+
+class HFBackend:
+    """The reference backend: :func:`generate_greedy` on the evaluation's own model.
+
+    It generates with the very weights the adaptation changed, so there is no second copy to keep in
+    sync; :meth:`load_weights_from` is a no-op. Mixed precision is autocast per generation, as before.
+    """
+
+    name = "hf"
+
+    def __init__(self, autocast: Callable[[], AbstractContextManager[Any]] | None = None) -> None:
+        self.autocast = autocast or nullcontext  # a fresh autocast context per call (mixed precision)
+
+    def generate(
+        self,
+        model: Any,
+        tokenizer: Any,
+        prompt_ids: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        batch_size: int,
+        max_context: int | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> Generations:
+        with self.autocast():
+            return generate_greedy(
+                model,
+                tokenizer,
+                prompt_ids=prompt_ids,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                max_context=max_context,
+                on_batch=on_batch,
+            )
+
+    def load_weights_from(self, model: Any) -> None:
+        """Nothing to copy: this backend generates with ``model`` itself."""
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+@contextmanager
+def engine_follows(backend: Any, model: Any) -> Iterator[Callable[[], None]]:
+    """Keep a backend's copy of the weights in step with ``model`` for one (task, repeat).
+
+    Yields ``sync()``, which copies ``model``'s current (adapted) weights into the backend. On exit, if
+    ``sync`` was called, the weights are copied once more: enter this block *before* the adaptation's,
+    so that it exits *after* it, when ``model`` holds the initialisation again (bitwise), and the
+    engine ends the block with the initialisation too, even on error.
+    """
+    synced = False
+
+    def sync() -> None:
+        nonlocal synced
+        synced = True  # set first: a sync that fails half-way must still be undone
+        backend.load_weights_from(model)
+
+    try:
+        yield sync
+    finally:
+        if synced:
+            backend.load_weights_from(model)

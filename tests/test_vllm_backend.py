@@ -1,0 +1,187 @@
+"""eval.backend vllm: token-identical to the HF loop in float32 on CPU, back at the initialisation after each
+adaptation, one engine per evaluation job. Runs in the vLLM environment (`make test-vllm`); skips elsewhere."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the backend needs the engine core in this process
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; tiny models need little
+try:
+    import vllm
+except Exception as exc:  # ImportError, or a broken install ("operator torchvision::nms does not exist")
+    pytest.skip(f"vllm is not importable ({type(exc).__name__}): run `make test-vllm`", allow_module_level=True)
+
+import pandas as pd
+import torch
+
+from fomaml_math.config import stage_settings
+from fomaml_math.evaluation import fewshot
+from fomaml_math.evaluation.fewshot import EvalContext, evaluate_task_repeat, load_task
+from fomaml_math.evaluation.generate import HFBackend, encode_prompts, stop_token_ids
+from fomaml_math.evaluation.grade import GradeResult, grade_unlimited
+from fomaml_math.evaluation.prompts import problem_messages
+from fomaml_math.evaluation.vllm_backend import VLLMBackend
+from fomaml_math.modeling import build_tiny_model, load_model_and_tokenizer, save_model
+from tests.fixtures_tiny import corpus, make_task_files
+
+# A Qwen3 shape the CPU attention supports (head sizes 32, 64, 80, ...; the demo's 16 is not among them).
+TINY_64: dict[str, int] = {
+    "vocab_size": 384,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 64,
+}
+PROMPTS = [f"Compute ${i + 2} + {i * 7 % 11 + 2}$." + " Then double it." * (i % 4) for i in range(12)]
+
+
+class InlineGrader:
+    def grade_many(self, golds: list[str], outputs: list[str]) -> list[GradeResult]:
+        return [grade_unlimited(g, o) for g, o in zip(golds, outputs, strict=True)]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Task files and a saved tiny model with larger random weights (freshly built it repeats one token)."""
+    root = tmp_path_factory.mktemp("vllm")
+    make_task_files(root / "tasks")
+    model, tokenizer = build_tiny_model(TINY_64, corpus(), seed=0, max_seq_len=128)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    save_model(model, tokenizer, root / "model")
+    return {"tasks": root / "tasks", "model": root / "model"}
+
+
+@pytest.fixture(scope="module")
+def loaded(workspace: dict[str, Path]) -> tuple[Any, Any, VLLMBackend]:
+    """The HF model (float32, eval mode) and one engine on the same folder, shared by the tests below."""
+    model, tokenizer = load_model_and_tokenizer(workspace["model"])
+    model.eval()
+    backend = VLLMBackend(str(workspace["model"]), tokenizer=tokenizer, model=model, context_limit=2048)
+    yield model, tokenizer, backend
+    backend.close()
+
+
+def test_greedy_outputs_equal_hf_token_for_token(loaded: tuple[Any, Any, VLLMBackend]) -> None:
+    model, tokenizer, backend = loaded
+    prompt_ids = encode_prompts(tokenizer, PROMPTS)
+    assert backend.stop == stop_token_ids(tokenizer, model)
+    for max_new_tokens in (1, 24):
+        hf = HFBackend().generate(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, batch_size=5)
+        ours = backend.generate(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, batch_size=5)
+        assert ours.token_ids == hf.token_ids
+        assert ours.texts == hf.texts
+        assert ours.num_tokens == hf.num_tokens and ours.prompt_tokens == hf.prompt_tokens
+        assert ours.truncated == hf.truncated
+    # Not a trivial agreement: some answers stop at a stop token, others run into max_new_tokens.
+    assert any(hf.truncated) and not all(hf.truncated)
+    assert all(ids[-1] in backend.stop for ids, cut in zip(hf.token_ids, hf.truncated, strict=True) if not cut)
+    assert len({tuple(ids) for ids in hf.token_ids}) > 3
+
+
+def _context(model: Any, tokenizer: Any, settings: dict[str, Any], shots: int, backend: Any) -> EvalContext:
+    return EvalContext(
+        model=model,
+        tokenizer=tokenizer,
+        device=torch.device("cpu"),
+        init="fomaml",
+        shots=shots,
+        mode="finetune",
+        seed=settings["seed"],
+        eval_settings=settings["eval"] | {"inner_lr": 0.5},  # large, so adaptation visibly changes the answers
+        max_seq_len=settings["model"]["max_seq_len"],
+        context_limit=2048,
+        backend=backend,
+    )
+
+
+def _engine_logprobs(backend: VLLMBackend, prompt_ids: list[list[int]]) -> list[list[float]]:
+    """The engine's log-probabilities of its greedy tokens: equal floats mean equal weights, not just equal argmaxes."""
+    params = vllm.SamplingParams(temperature=0.0, max_tokens=8, logprobs=0, detokenize=False)
+    from vllm.inputs import TokensPrompt
+
+    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
+    outputs = backend.engine.generate(prompts, params, use_tqdm=False)
+    return [[next(iter(step.values())).logprob for step in out.outputs[0].logprobs] for out in outputs]
+
+
+@pytest.fixture()
+def eval_settings(demo_config: dict, workspace: dict[str, Path]) -> dict[str, Any]:
+    demo_config["model"]["name_or_path"] = str(workspace["model"])
+    demo_config["eval"].update(
+        repeats=2, max_test_problems=4, max_new_tokens=12, gen_batch_size=3, inner_batch_size=2, num_inner_steps=2
+    )
+    return demo_config
+
+
+def test_engine_is_back_at_the_initialisation_after_k_shots(
+    loaded: tuple[Any, Any, VLLMBackend], workspace: dict[str, Path], eval_settings: dict[str, Any]
+) -> None:
+    model, tokenizer, backend = loaded
+    settings = stage_settings(eval_settings, "eval")
+    task = load_task(workspace["tasks"], "algebra", 4)
+    probe = encode_prompts(tokenizer, [problem_messages(p, []) for p in task.test["problem"]])
+    logprobs_before = _engine_logprobs(backend, probe)
+    updates = backend.weight_updates
+
+    zero, _ = evaluate_task_repeat(_context(model, tokenizer, settings, 0, backend), task, 0, InlineGrader())
+    adapted, info = evaluate_task_repeat(_context(model, tokenizer, settings, 6, backend), task, 1, InlineGrader())
+    again, _ = evaluate_task_repeat(_context(model, tokenizer, settings, 0, backend), task, 0, InlineGrader())
+
+    pd.testing.assert_frame_equal(again, zero)  # exactly the 0-shot outputs again
+    assert _engine_logprobs(backend, probe) == logprobs_before  # bitwise: the same floats, not only the same tokens
+    assert backend.weight_updates - updates == 2  # adapted weights in, the initialisation back out; none at 0 shots
+    # The k-shot answers came from the adapted weights, and equal the HF loop's answers on them.
+    assert info["support_losses"][1] < info["support_losses"][0]
+    assert (adapted["generated"] != zero["generated"]).any()
+    hf_adapted, _ = evaluate_task_repeat(_context(model, tokenizer, settings, 6, HFBackend()), task, 1, InlineGrader())
+    pd.testing.assert_frame_equal(adapted, hf_adapted)
+    hf_zero, _ = evaluate_task_repeat(_context(model, tokenizer, settings, 0, HFBackend()), task, 0, InlineGrader())
+    pd.testing.assert_frame_equal(zero, hf_zero)
+
+
+def test_one_engine_per_evaluation_job(
+    workspace: dict[str, Path], eval_settings: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    starts: list[str] = []
+    reloads: list[str] = []
+
+    class CountingLLM(vllm.LLM):  # the real engine, counted
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            starts.append(kwargs["model"])
+            super().__init__(*args, **kwargs)
+
+        def collective_rpc(self, method: Any, *args: Any, **kwargs: Any) -> Any:
+            reloads.append(method)
+            return super().collective_rpc(method, *args, **kwargs)
+
+    monkeypatch.setattr(vllm, "LLM", CountingLLM)
+    tasks = ["algebra", "geometry"]
+    outputs = {}
+    for backend in ("hf", "vllm"):
+        eval_settings["eval"]["backend"] = backend
+        settings = stage_settings(eval_settings, "eval")
+        out = tmp_path / backend / "shots-3.parquet"
+        code = fewshot.main(
+            ["--settings", json.dumps(settings), "--init", "sft", "--model", str(workspace["model"]),
+             "--tasks-dir", str(workspace["tasks"]), "--tasks", *tasks, "--shots", "3", "--output", str(out),
+             "--no-progress"]
+        )  # fmt: skip
+        assert code == 0
+        outputs[backend] = pd.read_parquet(out)
+    summary = json.loads((tmp_path / "vllm" / "shots-3.summary.json").read_text())
+    assert starts == [str(workspace["model"])]  # one engine for 2 tasks x 2 repeats
+    assert reloads == ["reload_weights"] * (len(tasks) * 2 * 2)  # per (task, repeat): adapted in, initialisation out
+    assert summary["backend"] == "vllm" and summary["rows"] == len(tasks) * 2 * 4
+    pd.testing.assert_frame_equal(outputs["vllm"], outputs["hf"])  # the whole table, graded answers included
