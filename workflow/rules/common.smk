@@ -32,7 +32,7 @@ except ConfigError as error:
 validate(config, "../schemas/config.schema.yaml")
 
 ENV = "../../envs/fomaml-math.yaml"
-# eval.backend vllm: the evaluate rule runs in the second pinned environment (transformers < 5.20, docs/vllm.md):
+# eval.backend vllm: evaluation jobs run in the second pinned environment (transformers < 5.20, docs/vllm.md) -
 # its conda env under --software-deployment-method conda, else the interpreter of .venv-vllm (make setup-vllm;
 # FOMAML_VLLM_PYTHON overrides). Every other rule keeps the main environment.
 EVAL_BACKEND = config["eval"].get("backend", "hf")
@@ -60,16 +60,6 @@ TRAIN_GPUS = COMPUTE["num_processes"] if COMPUTE["gpus"] > 0 else 0
 # The evaluation's learning rate comes from the calibration stage (finetune mode only).
 CALIBRATED = config["calibration"]["enabled"] and config["eval"]["mode"] == "finetune"
 CONTROL = config["replicates"]["negative_control"]
-
-
-wildcard_constraints:
-    shots=r"\d+",
-    method="sft|fomaml",
-    seed=r"\d+",
-    experiment="|".join(EXPERIMENTS),
-    # base (shared), or <experiment>/<method>/seed-<seed>: one initialisation that is calibrated and evaluated
-    run=r"base|(" + "|".join(EXPERIMENTS) + r")/(sft|fomaml)/seed-\d+",
-    kind="eval|eval-control",
 
 
 def settings(stage, **kwargs):
