@@ -141,3 +141,19 @@ def test_text_cells_read_back_as_text(stats_dir: Path) -> None:
     assert pd.api.types.is_string_dtype(comparisons.acc_stars)
     assert not comparisons.acc_stars.isna().any()
     assert set(comparisons.verdict) <= {"better", "worse", "equivalent", "inconclusive"}
+
+
+def test_an_untestable_negative_control_says_so() -> None:
+    import pandas as pd
+
+    from fomaml_math.analysis.stats import StatsSettings
+    from fomaml_math.analysis.summary import _control_lines
+
+    control = pd.DataFrame({"init": ["fomaml"], "experiment": ["main"], "train_seed": [0], "main_shot_seed": [1],
+                            "control_shot_seed": [2], "shots": [5], "acc_diff": [0.0], "acc_p_holm": [float("nan")],
+                            "significant": [False], "note": [""]})  # fmt: skip
+    settings = StatsSettings.from_settings(
+        {"seed": 1, "stats": {"bootstrap_samples": 10, "ci_level": 0.95, "alpha": 0.05}}
+    )
+    text = "\n".join(_control_lines(control, settings))
+    assert "Not testable" in text and "identical outcomes" in text

@@ -162,6 +162,13 @@ def _control_lines(control: pd.DataFrame | None, settings: StatsSettings) -> lis
     if control is None or control.empty:
         return [*lines, "No negative control was run (no `--control-eval` files given to the stats stage).", ""]
     first = control.iloc[0]
+    if control["acc_p_holm"].isna().all():  # nothing varied between the two draws' outcomes: no test possible
+        return [
+            *lines,
+            f"Not testable: {style.init_label(first['init'])} (experiment `{first['experiment']}`) gave identical "
+            "outcomes under both shot seeds on every problem (no variation; see docs/statistics.md).",
+            "",
+        ]
     worst = control.loc[control["acc_p_holm"].idxmin()]
     what = (
         f"{style.init_label(first['init'])} (experiment `{first['experiment']}`, training seed {first['train_seed']}) "
