@@ -91,14 +91,15 @@ def pretrain(model: Any, tokenizer: Any, corpus: Sequence[Mapping[str, str]], se
         batch = collate([encoded[i] for i in order[:batch_size]], tokenizer.pad_token_id)
         del order[:batch_size]
         loss, _ = sft_loss(model, batch)
-        if not math.isfinite(float(loss)):
-            raise RuntimeError(f"pretraining diverged at step {step} (loss {float(loss)}); lower model.pretrain.lr")
+        value = loss.item()
+        if not math.isfinite(value):
+            raise RuntimeError(f"pretraining diverged at step {step} (loss {value}); lower model.pretrain.lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, float(options["max_grad_norm"]))
         optimizer.step()
         scheduler.step()
-        losses.append(float(loss))
+        losses.append(value)
         if (step + 1) % LOG_EVERY == 0 or step + 1 == steps:
             window = losses[-LOG_EVERY:]
             curve.append({"step": step + 1, "loss": sum(window) / len(window)})
@@ -110,7 +111,8 @@ def pretrain(model: Any, tokenizer: Any, corpus: Sequence[Mapping[str, str]], se
         "epochs": steps * batch_size / max(1, len(encoded)),
         "truncated_examples": sum(e.truncated for e in encoded),
         "first_loss": losses[0],
-        "final_loss": curve[-1]["loss"],
+        "last_loss": losses[-1],
+        "final_loss": curve[-1]["loss"],  # mean over the last logging window
         "loss_curve": curve,
         "seconds": time.perf_counter() - started,
     }
