@@ -150,3 +150,15 @@ def test_adapted_answers_use_the_tasks_digit(evaluated) -> None:
         return float((frame["extracted"].fillna("").str[-1:] == digits).mean())
 
     assert share_with_digit(frames[LARGEST_K]) > share_with_digit(frames[0])
+
+
+def test_positive_control_table_on_the_real_run(evaluated) -> None:
+    """The table function for the stats stage agrees with the direct computation above."""
+    from fomaml_math.analysis.positive_control import positive_control_table
+
+    _, frames, _ = evaluated
+    table = positive_control_table(pd.concat([frames[0], frames[LARGEST_K]], ignore_index=True))
+    row = table[(table["init"] == "base") & (table["pool"] == "all")].iloc[0]
+    before, after = per_problem(frames[0]), per_problem(frames[LARGEST_K])
+    assert np.isclose(row["gain"], after["correct"].mean() - before["correct"].mean())
+    assert row["shots"] == LARGEST_K and row["n_seeds"] == 1 and bool(row["detected"])
