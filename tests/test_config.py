@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from fomaml_math.config import (
+    MATH_TASKS,
     ConfigError,
     load_config,
     settings_hash,
@@ -64,7 +65,9 @@ BAD_CONFIGS = [
     ("eval.shots", [0, -5], "eval.shots.1: expected a number >= 0, got -5"),
     ("eval.shots", [0, 2.5], "eval.shots.1: expected a value of type integer"),
     ("eval.shots", [5, 5], "eval.shots: expected a list without duplicates"),
-    ("tasks.names", ["algebra", "calculus"], "tasks.names.1: expected one of"),
+    ("tasks.names", ["algebra", "calculus"], "tasks.names: 'calculus' is not a synthetic task; expected a MATH"),
+    ("tasks.names", ["algebra", "algebra-1"], "tasks.names.1: 'algebra-1' does not match"),
+    ("model.pretrain", {"steps": 0, "batch_size": 4, "lr": 0.1}, "model.pretrain.steps: expected a number >= 1"),
     ("data.source", "s3", "data.source: expected one of ['hub', 'local', 'synthetic'], got \"s3\""),
     ("fomaml.lr", 0.1, "Additional properties are not allowed ('lr' was unexpected)"),
     ("model.name_or_path", "", "model.name_or_path: expected a non-empty string"),
@@ -86,14 +89,16 @@ def test_bad_config_is_rejected_with_one_line_naming_the_key(demo_config, key, v
 
 
 def test_cross_field_rules(demo_config):
-    local = _set(demo_config, "data.source", "local")
+    # MATH subjects only (the demo's variant tasks exist only for synthetic data), no pretraining (synthetic only)
+    math_only = _set(_set(demo_config, "tasks.names", list(MATH_TASKS)), "experiments", [{"name": "main"}])
+    local = _set(_set(math_only, "data.source", "local"), "model.pretrain", None)
     with pytest.raises(ConfigError, match=r"data\.local\.path: required when data\.source is 'local'"):
         validate_config(local)
     held_out = [
         {"name": "in_domain"},
         {"name": "lots", "meta_test": ["algebra", "geometry", "prealgebra", "precalculus"]},
     ]
-    too_many = _set(demo_config, "experiments", held_out)
+    too_many = _set(math_only, "experiments", held_out)
     with pytest.raises(
         ConfigError, match=r"fomaml\.meta_batch_size: 4 tasks per step, but only 3 .* experiments\.lots"
     ):
@@ -203,9 +208,9 @@ def test_missing_and_malformed_files(tmp_path):
 
 def test_sft_budget_matches_fomaml_example_passes(demo_config):
     fo = demo_config["fomaml"]
-    # demo: 150 steps x 4 tasks x (2 inner steps x 8 + 8 query) = 14400 examples; / 16 per SFT step = 900
-    assert (fo["total_steps"], fo["meta_batch_size"], fo["num_inner_steps"]) == (150, 4, 2)
-    assert sft_budget_steps(demo_config) == 150 * 4 * (2 * 8 + 8) // 16 == 900
+    # demo: 80 steps x 4 tasks x (2 inner steps x 8 + 8 query) = 7680 examples; / 16 per SFT step = 480
+    assert (fo["total_steps"], fo["meta_batch_size"], fo["num_inner_steps"]) == (80, 4, 2)
+    assert sft_budget_steps(demo_config) == 80 * 4 * (2 * 8 + 8) // 16 == 480
     fixed = _set(_set(demo_config, "sft.budget", "steps"), "sft.steps", 17)
     assert sft_budget_steps(fixed) == 17
 
@@ -260,3 +265,18 @@ def test_cli_reports_config_error_in_one_line(tmp_path, repo_root, demo_config):
     )
     assert result.returncode == 2
     assert result.stderr.strip() == "error: config error at tasks.split.test: expected a number < 1, got 1.5"
+
+
+def test_synthetic_task_names_and_pretraining_rules(demo_config):
+    """Variants (own hidden rules) only for synthetic data; pretraining only for the offline tiny model."""
+    assert "algebra_v1" in demo_config["tasks"]["names"]
+    local = _set(_set(demo_config, "data.source", "local"), "data.local.path", "data/MATH")
+    with pytest.raises(ConfigError, match=r"tasks\.names: 'algebra_v1' is not a MATH subject \(data\.source local\)"):
+        validate_config(_set(local, "model.pretrain", None))
+    with pytest.raises(ConfigError, match=r"^config error at tasks\.names: 'algebra_v0' is not a synthetic task"):
+        validate_config(_set(demo_config, "tasks.names", ["algebra", "algebra_v0"]))
+    with pytest.raises(ConfigError, match=r"model\.pretrain: pretrains the offline tiny model only"):
+        validate_config(_set(demo_config, "model.tiny", None))
+    settings = stage_settings(validate_config(copy.deepcopy(demo_config)), "pretrain_tiny_base")
+    assert settings["families"] == sorted(MATH_TASKS)  # variants share their family's plain form
+    assert settings["pretrain"]["problems_per_family"] == demo_config["model"]["pretrain"]["problems_per_family"]

@@ -13,7 +13,8 @@ import pytest
 from fomaml_math.__main__ import main as cli_main
 from fomaml_math.config import MATH_TASKS, ConfigError, stage_settings
 from fomaml_math.data import ingest
-from fomaml_math.data.ingest import COLUMNS, build_table, parse_level, subject_to_task
+from fomaml_math.data.ingest import COLUMNS, RULE_COLUMN, build_table, parse_level, subject_to_task
+from fomaml_math.data.synthetic import solve_synthetic
 
 SAMPLE_COUNTS = {
     "algebra": 237,
@@ -34,8 +35,8 @@ def local_settings(path: Path | str, **kwargs: Any) -> dict[str, Any]:
     return settings_for("local", local={"path": str(path)}, **kwargs)
 
 
-def assert_schema(frame: pd.DataFrame) -> None:
-    assert list(frame.columns) == list(COLUMNS)
+def assert_schema(frame: pd.DataFrame, *, synthetic: bool = False) -> None:
+    assert list(frame.columns) == ([*COLUMNS, RULE_COLUMN] if synthetic else list(COLUMNS))
     assert frame["level"].dtype == "int64"
     assert frame["id"].is_unique
     for column in ("id", "task", "source_split", "problem", "solution", "answer"):
@@ -291,8 +292,11 @@ def test_hub_source_calls_load_dataset_per_subject_and_split(monkeypatch: pytest
 def test_synthetic_source() -> None:
     settings = settings_for("synthetic", synthetic={"problems_per_task": 20}, tasks=["algebra", "precalculus"])
     frame, report = build_table(settings)
-    assert_schema(frame)
+    assert_schema(frame, synthetic=True)
     assert frame["task"].value_counts().to_dict() == {"algebra": 20, "precalculus": 20}
+    # the hidden rule travels with every problem, and the stored answer follows from problem + rule
+    for row in frame.itertuples():
+        assert int(row.answer) == solve_synthetic(row.task, row.problem, row.rule)
     assert report.to_dict()["skipped_total"] == 0
     assert frame["answer"].str.fullmatch(r"-?\d+").all()
     # every source keeps the split of origin; the synthetic one marks round(0.3 x 20) = 6 test problems per task
@@ -303,6 +307,13 @@ def test_synthetic_source() -> None:
         ("precalculus", "train"): 14,
     }
     pd.testing.assert_frame_equal(build_table(settings)[0], frame)
+
+
+def test_synthetic_variant_names_only_with_the_synthetic_source(math_sample_dir: Path) -> None:
+    frame, _ = build_table(settings_for("synthetic", synthetic={"problems_per_task": 10}, tasks=["algebra_v2"]))
+    assert set(frame["task"]) == {"algebra_v2"}
+    with pytest.raises(ConfigError, match=r"^tasks\.names: unknown task\(s\) \['algebra_v2'\] for data.source local"):
+        build_table(local_settings(math_sample_dir, tasks=["algebra_v2"]))
 
 
 def test_cli_end_to_end_with_settings_json(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from fomaml_math.config import MATH_TASKS, ConfigError
 from fomaml_math.data import ingest
-from fomaml_math.data.ingest import COLUMNS, build_table
+from fomaml_math.data.ingest import COLUMNS, RULE_COLUMN, build_table
 from fomaml_math.data.split import (
     DEV_SPLITS,
     SPLITS,
@@ -125,7 +125,7 @@ def test_duplicates_removed_test_copy_kept_and_roles_disjoint(table: pd.DataFram
     assert (removed["algebra"], removed["prealgebra"], removed["number_theory"], removed["all"]) == (1, 1, 1, 3)
     # source_test with the default subset: every remaining problem has exactly one role
     assert len(rows) == len(table) - 3
-    assert list(rows.columns) == [*COLUMNS, "split"]
+    assert list(rows.columns) == [*COLUMNS, RULE_COLUMN, "split"]  # synthetic: the hidden rule is carried along
 
 
 def test_source_test_roles(table: pd.DataFrame, result: tuple) -> None:
@@ -317,7 +317,7 @@ def test_cli_end_to_end(table: pd.DataFrame, tmp_path: Path) -> None:
         assert sorted(p.name for p in (out_dir / task).iterdir()) == sorted(f"{name}.parquet" for name in SPLITS)
         for name in SPLITS:
             frame = pd.read_parquet(out_dir / task / f"{name}.parquet")
-            assert list(frame.columns) == [*COLUMNS, "split"] and frame["level"].dtype == "int64"
+            assert list(frame.columns) == [*COLUMNS, RULE_COLUMN, "split"] and frame["level"].dtype == "int64"
             assert frame["split"].eq(name).all() and len(frame) > 0
     stats = pd.read_csv(stats_path, sep="\t")
     assert list(stats.columns) == list(STATS_COLUMNS)

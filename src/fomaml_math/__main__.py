@@ -13,6 +13,7 @@ STAGES: dict[str, str] = {
     "ingest": "fomaml_math.data.ingest",
     "split-tasks": "fomaml_math.data.split",
     "build-tiny-model": "fomaml_math.modeling",
+    "pretrain-tiny-base": "fomaml_math.pretrain",
     "train-fomaml": "fomaml_math.training.fomaml",
     "train-sft": "fomaml_math.training.sft",
     "calibrate": "fomaml_math.evaluation.calibrate",

@@ -97,6 +97,24 @@ def _iter_split_errors(split: dict[str, Any]) -> Iterator[str]:
             )
 
 
+def _iter_task_name_errors(config: dict[str, Any]) -> Iterator[str]:
+    """MATH subjects for hub and local data; synthetic data also has variants (``prealgebra_v1``, own rules)."""
+    from fomaml_math.data.synthetic import is_synthetic_task  # lazily: synthetic imports this module
+
+    source = config["data"]["source"]
+    for name in config["tasks"]["names"]:
+        if source == "synthetic" and not is_synthetic_task(name):
+            yield (
+                f"tasks.names: {name!r} is not a synthetic task; expected a MATH subject from {list(MATH_TASKS)}, "
+                "optionally with a variant suffix _v1.._v9 (e.g. prealgebra_v1)"
+            )
+        elif source != "synthetic" and name not in MATH_TASKS:
+            yield (
+                f"tasks.names: {name!r} is not a MATH subject (data.source {source}); expected one of "
+                f"{list(MATH_TASKS)} (variants such as prealgebra_v1 exist only with data.source: synthetic)"
+            )
+
+
 def _iter_semantic_errors(config: dict[str, Any]) -> Iterator[str]:
     """Rules a JSON schema cannot express well, each as a one-line message."""
     split = config["tasks"]["split"]
@@ -110,6 +128,7 @@ def _iter_semantic_errors(config: dict[str, Any]) -> Iterator[str]:
     if split["test_subset"] == "math500" and config["data"]["source"] == "synthetic":
         yield "tasks.split.test_subset: math500 needs MATH itself (data.source hub or local), not synthetic problems"
     names = config["tasks"]["names"]
+    yield from _iter_task_name_errors(config)
     names_seen = [e["name"] for e in config["experiments"]]
     if len(set(names_seen)) != len(names_seen):
         yield f"experiments: names must be unique, got {names_seen}"
@@ -138,6 +157,10 @@ def _iter_semantic_errors(config: dict[str, Any]) -> Iterator[str]:
             "model.name_or_path: with model.tiny set it is the folder the tiny model is built in, "
             f"and must lie under results/ (e.g. results/models/tiny-base), got {model['name_or_path']!r}"
         )
+    if model.get("pretrain") is not None and model["tiny"] is None:
+        yield "model.pretrain: pretrains the offline tiny model only; set model.tiny too, or model.pretrain: null"
+    if model.get("pretrain") is not None and config["data"]["source"] != "synthetic":
+        yield "model.pretrain: its corpus is the synthetic families' rule-free problems; needs data.source: synthetic"
     accelerate_config = compute.get("accelerate_config")
     if accelerate_config and not (REPO_ROOT / accelerate_config).is_file() and not Path(accelerate_config).is_file():
         yield f"compute.accelerate_config: {accelerate_config} not found (expected e.g. config/accelerate/ddp.yaml)"
@@ -297,6 +320,17 @@ def stage_settings(
         return {
             "seed": seed,
             "tiny": config["model"]["tiny"],
+            "max_seq_len": config["model"]["max_seq_len"],
+            "instruction": instruction(config),
+        }
+    if stage == "pretrain_tiny_base":
+        from fomaml_math.data.synthetic import task_family  # lazily: synthetic imports this module
+
+        families = sorted({task_family(name)[0] for name in config["tasks"]["names"]})
+        return {
+            "seed": seed,
+            "pretrain": config["model"]["pretrain"],
+            "families": families,
             "max_seq_len": config["model"]["max_seq_len"],
             "instruction": instruction(config),
         }

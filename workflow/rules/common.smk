@@ -55,6 +55,9 @@ STATS_TABLES = [Path(name).stem for name in STATS_FILES]
 SHOTS = [int(k) for k in config["eval"]["shots"]]
 TINY = config["model"]["tiny"] is not None
 BASE_MODEL = config["model"]["name_or_path"]
+# With model.pretrain the tiny model is built here and pretrained into BASE_MODEL; without, built into BASE_MODEL.
+PRETRAIN = TINY and config["model"].get("pretrain") is not None
+TINY_INIT = "results/models/tiny-init" if PRETRAIN else BASE_MODEL
 COMPUTE = config["compute"]
 TRAIN_GPUS = COMPUTE["num_processes"] if COMPUTE["gpus"] > 0 else 0
 # The evaluation's learning rate comes from the calibration stage (finetune mode only).

@@ -36,12 +36,15 @@ import pandas as pd
 
 from fomaml_math.config import MATH_TASKS, ConfigError, add_settings_arguments, settings_from_args
 from fomaml_math.data.answers import extract_boxed_answer
-from fomaml_math.data.synthetic import generate_synthetic
+from fomaml_math.data.synthetic import generate_synthetic, task_family
 from fomaml_math.io import write_json, write_parquet
 
 logger = logging.getLogger(__name__)
 
 COLUMNS: tuple[str, ...] = ("id", "task", "source_split", "level", "problem", "solution", "answer")
+# Synthetic tasks only: the task's hidden rule (JSON), kept with every problem so that answers can be recomputed
+# (solve_synthetic) and never rendered to a model. Hub and local tables have no such column.
+RULE_COLUMN = "rule"
 SOURCE_SPLITS: tuple[str, ...] = ("train", "test")
 SKIP_REASONS: tuple[str, ...] = ("bad_json", "missing_field", "bad_level", "unknown_subject", "no_boxed_answer")
 _EXAMPLES_PER_REASON = 5
@@ -167,7 +170,7 @@ def normalise_record(raw: RawRecord, tasks: Sequence[str], report: IngestReport)
     if answer is None:
         report.skip("no_boxed_answer", raw.origin, "no balanced, non-empty \\boxed{} or \\fbox{} in the solution")
         return None
-    return {
+    row = {
         "id": raw.record_id,
         "task": task,
         "source_split": raw.source_split,
@@ -176,6 +179,9 @@ def normalise_record(raw: RawRecord, tasks: Sequence[str], report: IngestReport)
         "solution": fields["solution"],
         "answer": answer,
     }
+    if fields.get(RULE_COLUMN) is not None:
+        row[RULE_COLUMN] = fields[RULE_COLUMN]
+    return row
 
 
 # --- readers: each yields RawRecord and counts what it cannot even parse ------------------------
@@ -355,10 +361,17 @@ def _setting(settings: Mapping[str, Any], dotted_key: str) -> Any:
 def build_table(settings: Mapping[str, Any]) -> tuple[pd.DataFrame, IngestReport]:
     """Read the configured source and return the normalised table (sorted by task, id) and the report."""
     tasks = list(_setting(settings, "tasks"))
-    unknown = [task for task in tasks if task not in MATH_TASKS]
-    if unknown:
-        raise ConfigError(f"tasks.names: unknown task(s) {unknown}; expected names from {list(MATH_TASKS)}")
     source = _setting(settings, "data.source")
+    if source == "synthetic":
+        for task in tasks:
+            task_family(task)  # a family name, optionally with a variant suffix; else a one-line error
+    else:
+        unknown = [task for task in tasks if task not in MATH_TASKS]
+        if unknown:
+            raise ConfigError(
+                f"tasks.names: unknown task(s) {unknown} for data.source {source}; expected names from "
+                f"{list(MATH_TASKS)} (other names, e.g. prealgebra_v1, only with data.source: synthetic)"
+            )
     report = IngestReport(source=source)
     if source == "hub":
         dataset = _setting(settings, "data.hub.dataset")
@@ -376,7 +389,8 @@ def build_table(settings: Mapping[str, Any]) -> tuple[pd.DataFrame, IngestReport
 
     rows = [row for raw in raw_records if (row := normalise_record(raw, tasks, report)) is not None]
     _assign_hashed_ids(rows)
-    frame = pd.DataFrame(rows, columns=list(COLUMNS))
+    columns = [*COLUMNS, RULE_COLUMN] if source == "synthetic" else list(COLUMNS)
+    frame = pd.DataFrame(rows, columns=columns)
     frame = frame.astype({"level": "int64"}).sort_values(["task", "id"], ignore_index=True)
     report.kept_per_task = {task: int((frame["task"] == task).sum()) for task in tasks}
     return frame, report

@@ -47,8 +47,9 @@ from typing import Any
 import pandas as pd
 
 from fomaml_math.config import MATH_TASKS, ConfigError, add_settings_arguments, settings_from_args, split_settings
-from fomaml_math.data.ingest import COLUMNS
+from fomaml_math.data.ingest import COLUMNS, RULE_COLUMN
 from fomaml_math.data.math500 import select_math500
+from fomaml_math.data.synthetic import is_synthetic_task
 from fomaml_math.data.text import normalise_problem_text
 from fomaml_math.io import atomic_dir, write_tsv
 
@@ -223,6 +224,11 @@ def _pooled_sizes(task: str, total: int, split: Mapping[str, Any]) -> dict[str, 
     }
 
 
+def _columns(frame: pd.DataFrame) -> list[str]:
+    """The ingest columns, and the synthetic tasks' hidden ``rule`` where the table has one (carried, never read)."""
+    return [*COLUMNS, RULE_COLUMN] if RULE_COLUMN in frame.columns else list(COLUMNS)
+
+
 def _check_input(frame: pd.DataFrame, source: str) -> None:
     missing = [column for column in COLUMNS if column not in frame.columns]
     if missing:
@@ -231,7 +237,7 @@ def _check_input(frame: pd.DataFrame, source: str) -> None:
 
 def _schema_problems(frame: pd.DataFrame) -> list[str]:
     problems = []
-    expected = [*COLUMNS, "split"]
+    expected = [*_columns(frame), "split"]
     if list(frame.columns) != expected:
         problems.append(f"columns {list(frame.columns)} instead of {expected}")
         return problems
@@ -342,11 +348,13 @@ def make_splits(
     meta_test = set(tasks_settings.get("meta_test", []))
     split = split_settings(tasks_settings.get("split"))
     seed = int(settings["seed"])
-    unknown = [task for task in task_names if task not in MATH_TASKS]
+    # Synthetic task names (a family with a variant suffix) exist only in synthetic tables; the config check
+    # keeps them away from hub and local data.
+    unknown = [task for task in task_names if task not in MATH_TASKS and not is_synthetic_task(task)]
     if unknown:
         raise ConfigError(f"tasks.names: unknown task(s) {unknown}; expected names from {list(MATH_TASKS)}")
 
-    table = table.loc[table["task"].isin(task_names), list(COLUMNS)]
+    table = table.loc[table["task"].isin(task_names), _columns(table)]
     table, duplicates_removed = remove_duplicates(table)
     if split["scheme"] == "source_test":
         _check_sources(table, task_names)

@@ -1,24 +1,41 @@
-"""An offline generator of seven MATH-like task families with exactly known integer answers.
+"""An offline generator of seven MATH-like task families with exactly known integer answers, and hidden task rules.
 
 Each family is named after a MATH subject and has its own operations and sentence templates, so
 that adapting on one family helps it more than the others. Problems and worked solutions are one
-or two short sentences (well under 200 characters together) ending in ``\\boxed{answer}``, so
-that a tiny transformer with a 128-token context can learn them on a CPU in minutes. ``level``
-(1-5) scales the numbers. :func:`solve_synthetic` recomputes an answer from the problem text
-alone, by a different route than the generator, so every answer can be checked independently.
+or two short sentences ending in ``Answer: $\\boxed{answer}$``, so that a tiny transformer with a
+128-token context can learn them on a CPU in minutes. ``level`` (1-5) scales the numbers.
+
+**Tasks and their hidden rules** (docs/demo.md). A task is a family plus a hidden *answer
+convention*: the task's reported answer is the plain result with its units digit replaced by the
+task's digit ``d`` (``35`` -> ``37`` when ``d = 7``; the sign is kept). The worked solution computes
+the plain result and then reports the converted answer, so the shots of a task show ``d`` and
+nothing in a problem does: a model cannot know a task's rule without seeing examples of it. Every
+task shares the rule family (the same structure, a different parameter), and where the plain
+result already ends in ``d`` the rule leaves it unchanged (about one problem in ten), so a model
+that knows only the plain form scores above 0. A task is named ``<family>`` (variant 0) or
+``<family>_v<N>`` (variant ``N`` in 1..9); the digits of a family's ten variants are a seeded
+permutation of 0..9, so two variants of one family never share a rule. The rule's parameters are
+stored with every problem (``rule``, JSON, never rendered to a model).
+
+:func:`solve_synthetic` recomputes an answer from the problem text and the rule, by a different
+route than the generator, so every answer can be checked independently. :func:`generate_plain`
+writes the rule-free worked problems the tiny base model is pretrained on.
 """
 
 from __future__ import annotations
 
 import ast
+import json
 import math
 import operator
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from fomaml_math.config import MATH_TASKS, ConfigError
+from fomaml_math.data.text import normalise_problem_text
 
 LEVELS: tuple[int, ...] = (1, 2, 3, 4, 5)
 TEST_FRACTION = 0.30  # share of each family marked source_split="test", like MATH's 7,500/5,000 mix
@@ -243,40 +260,144 @@ FAMILIES: dict[str, Callable[[random.Random, int], tuple[str, str, int]]] = {
 assert tuple(FAMILIES) == MATH_TASKS
 
 
+# --- tasks and their hidden rules --------------------------------------------------------------
+
+RULE_KIND = "units_digit"
+NUM_VARIANTS = 10  # one per digit: the variants of a family are a permutation of 0..9
+_VARIANT = re.compile(r"^(?P<family>[a-z_]+?)(?:_v(?P<variant>[1-9]))?$")
+
+
+def task_family(task: str) -> tuple[str, int]:
+    """``"prealgebra"`` -> ``("prealgebra", 0)``, ``"prealgebra_v2"`` -> ``("prealgebra", 2)``; else ConfigError."""
+    match = _VARIANT.match(task)
+    if match is None or match["family"] not in FAMILIES:
+        raise ConfigError(
+            f"tasks.names: {task!r} is not a synthetic task; expected a family from {list(FAMILIES)}, "
+            "optionally with a variant suffix _v1.._v9 (e.g. prealgebra_v1)"
+        )
+    return match["family"], int(match["variant"] or 0)
+
+
+def is_synthetic_task(task: str) -> bool:
+    try:
+        task_family(task)
+    except ConfigError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class TaskRule:
+    """A task's hidden answer convention: the plain result's units digit is replaced by ``digit``."""
+
+    digit: int
+    kind: str = RULE_KIND
+
+    def apply(self, plain: int) -> int:
+        sign = -1 if plain < 0 else 1
+        return sign * (abs(plain) // 10 * 10 + self.digit)
+
+    def to_json(self) -> str:
+        return json.dumps({"kind": self.kind, "digit": self.digit}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | Mapping[str, Any]) -> TaskRule:
+        fields = json.loads(text) if isinstance(text, str) else dict(text)
+        if fields.get("kind") != RULE_KIND or not isinstance(fields.get("digit"), int) or not 0 <= fields["digit"] <= 9:
+            raise ValueError(f"not a synthetic task rule: {text!r}")
+        return cls(int(fields["digit"]))
+
+
+def task_rule(task: str, seed: int) -> TaskRule:
+    """The rule of ``task``: variant N of a family gets the N-th digit of the family's seeded permutation of 0..9.
+
+    It depends only on the seed, the family and the variant, so adding or removing a task changes no other
+    task's rule, and no two variants of a family share a digit.
+    """
+    family, variant = task_family(task)
+    digits = list(range(NUM_VARIANTS))
+    random.Random(f"synthetic-rule:{seed}:{family}").shuffle(digits)
+    return TaskRule(digits[variant])
+
+
+def _worked(solution: str, plain: int, reported: int) -> str:
+    """The family's solution with its result unboxed, then the reported answer boxed on its own."""
+    boxed = f"\\boxed{{{plain}}}"
+    if boxed not in solution:
+        raise AssertionError(f"family solution without its boxed result: {solution!r}")
+    return f"{solution.replace(boxed, str(plain))} Answer: $\\boxed{{{reported}}}$."
+
+
+def _draw_distinct(
+    family: str, rng: random.Random, level: int, seen: set[str], exclude: Collection[str], what: str
+) -> tuple[str, str, int]:
+    for _ in range(_MAX_ATTEMPTS_PER_PROBLEM):
+        problem, solution, answer = FAMILIES[family](rng, level)
+        if problem not in seen and normalise_problem_text(problem) not in exclude:
+            return problem, solution, answer
+    raise ConfigError(f"{what} more distinct level-{level} problems than the {family} family can generate; use fewer")
+
+
 def generate_synthetic(tasks: Sequence[str], problems_per_task: int, seed: int) -> list[dict[str, Any]]:
     """``problems_per_task`` distinct problems per task, levels 1-5 in equal shares, deterministic by seed.
 
     Each task draws from its own random stream (seeded by ``seed`` and the task name), so adding or
     removing a task leaves the others' problems unchanged. Records have the keys ``problem``,
-    ``solution``, ``level``, ``task`` and ``source_split`` (about 70% train, 30% test).
+    ``solution`` (its boxed answer is the task's rule applied to the plain result), ``level``, ``task``,
+    ``source_split`` (about 70% train, 30% test) and ``rule`` (JSON of :class:`TaskRule`; never rendered).
     """
-    unknown = [task for task in tasks if task not in FAMILIES]
-    if unknown:
-        raise ConfigError(f"tasks.names: no synthetic family for {unknown}; expected names from {list(FAMILIES)}")
+    families = {task: task_family(task)[0] for task in tasks}
     if problems_per_task < 1:
         raise ConfigError(f"data.synthetic.problems_per_task: expected a positive integer, got {problems_per_task}")
     records: list[dict[str, Any]] = []
     for task in tasks:
         rng = random.Random(f"synthetic:{seed}:{task}")
+        rule = task_rule(task, seed)
         seen: set[str] = set()
         task_records: list[dict[str, Any]] = []
         for index in range(problems_per_task):
             level = LEVELS[index % len(LEVELS)]
-            for _ in range(_MAX_ATTEMPTS_PER_PROBLEM):
-                problem, solution, _answer = FAMILIES[task](rng, level)
-                if problem not in seen:
-                    break
-            else:
-                raise ConfigError(
-                    f"data.synthetic.problems_per_task: {problems_per_task} is more distinct level-{level} "
-                    f"problems than the {task} family can generate; use fewer"
-                )
+            what = f"data.synthetic.problems_per_task: {problems_per_task} for {task} is"
+            problem, solution, plain = _draw_distinct(families[task], rng, level, seen, (), what)
             seen.add(problem)
-            task_records.append({"problem": problem, "solution": solution, "level": level, "task": task})
+            task_records.append(
+                {
+                    "problem": problem,
+                    "solution": _worked(solution, plain, rule.apply(plain)),
+                    "level": level,
+                    "task": task,
+                    "rule": rule.to_json(),
+                }
+            )
         test_indices = set(rng.sample(range(problems_per_task), round(TEST_FRACTION * problems_per_task)))
         for index, record in enumerate(task_records):
             record["source_split"] = "test" if index in test_indices else "train"
         records.extend(task_records)
+    return records
+
+
+def generate_plain(
+    families: Sequence[str], problems_per_family: int, seed: int, exclude: Collection[str] = ()
+) -> list[dict[str, str]]:
+    """Rule-free worked problems of ``families`` (the pretraining corpus of the tiny base model).
+
+    The same templates and solution form as the tasks, but the boxed answer is the plain result: no task's
+    rule. Drawn from a stream of their own (``seed``), levels 1-5 in equal shares, and never a problem whose
+    normalised text is in ``exclude`` (the dev and test problems). Records: ``problem``, ``solution``, ``family``.
+    """
+    records: list[dict[str, str]] = []
+    exclude = frozenset(exclude)
+    for family in families:
+        if family not in FAMILIES:
+            raise ConfigError(f"tasks.names: no synthetic family {family!r}; expected one of {list(FAMILIES)}")
+        rng = random.Random(f"synthetic-plain:{seed}:{family}")
+        seen: set[str] = set()
+        for index in range(problems_per_family):
+            level = LEVELS[index % len(LEVELS)]
+            what = f"model.pretrain.problems_per_family: {problems_per_family} is"
+            problem, solution, plain = _draw_distinct(family, rng, level, seen, exclude, what)
+            seen.add(problem)
+            records.append({"problem": problem, "solution": _worked(solution, plain, plain), "family": family})
     return records
 
 
@@ -324,8 +445,17 @@ def _exact_quotient(numerator: int, denominator: int) -> int:
     return quotient
 
 
-def solve_synthetic(task: str, problem: str) -> int:
-    """Recompute the answer of a generated ``problem`` from its text alone (used to verify the generator)."""
+def solve_synthetic(task: str, problem: str, rule: str | Mapping[str, Any] | TaskRule | None = None) -> int:
+    """Recompute the answer of a generated ``problem`` from its text and the task's ``rule`` (the ``rule``
+    column; None: the plain result). Used to verify the generator and the stored answers."""
+    family = task_family(task)[0]
+    plain = _solve_plain(family, problem)
+    if rule is None:
+        return plain
+    return (rule if isinstance(rule, TaskRule) else TaskRule.from_json(rule)).apply(plain)
+
+
+def _solve_plain(task: str, problem: str) -> int:
     if task == "algebra":
         left, right = re.search(r"\$([^$]*x[^$]*)=(" + _INT + r")\$", problem).groups()
         coefficient = int(re.search(r"(" + _INT + r"|[+-]\d+)x", left).group(1))

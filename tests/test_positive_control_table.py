@@ -1,0 +1,45 @@
+"""positive_control_table against a hand computation (fast; the real run is in test_positive_control.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from fomaml_math.analysis.positive_control import positive_control_table
+
+
+def rows(init: str, seed: int, shots: int, correct: list[int], repeat: int = 0) -> list[dict]:
+    return [
+        {"experiment": "x", "init": init, "train_seed": seed, "task": "t", "task_role": "meta_test", "shots": shots,
+         "repeat": repeat, "problem_id": f"p{i}", "correct": bool(c), "nll": 1.0, "shot_seed": 0}
+        for i, c in enumerate(correct)
+    ]  # fmt: skip
+
+
+def test_one_cluster_is_the_paired_t_test_over_problems() -> None:
+    zero, k_shot = [0, 0, 1, 0, 0], [1, 1, 1, 0, 1]
+    # two repeats at k = 4: per problem the mean (problem 4: 1 and 0 -> 0.5)
+    evals = pd.DataFrame(
+        rows("base", -1, 0, zero) + rows("base", -1, 4, k_shot) + rows("base", -1, 4, [1, 1, 1, 0, 0], 1)
+    )
+    table = positive_control_table(evals)
+    assert table["pool"].tolist() == ["meta_test", "all"]
+    row = table.iloc[0]
+    differences = np.array([1, 1, 0, 0, 0.5])  # by hand
+    reference = stats.ttest_1samp(differences, 0.0)
+    assert np.isclose(row["gain"], differences.mean()) and np.isclose(row["p"], reference.pvalue)
+    assert (row["acc_0"], row["acc_k"], row["shots"], row["n_seeds"]) == (0.2, 0.7, 4, 1)
+    assert np.isclose(row["p_holm"], min(1.0, 2 * reference.pvalue))  # two rows, equal p: Holm doubles
+    assert not row["detected"]  # t = 2.24 on 4 df, p ≈ 0.09: not significant with five problems
+
+
+def test_pairing_is_within_each_training_seed() -> None:
+    """Two seeds with different 0-shot levels but the same gain: the seed part of the variance is zero."""
+    evals = pd.DataFrame(
+        rows("sft", 0, 0, [0, 0, 0, 0]) + rows("sft", 0, 8, [1, 1, 0, 0])
+        + rows("sft", 1, 0, [1, 1, 0, 0]) + rows("sft", 1, 8, [1, 1, 1, 1])
+    )  # fmt: skip
+    row = positive_control_table(evals).iloc[0]
+    assert np.isclose(row["gain"], 0.5) and row["n_seeds"] == 2
+    assert np.isclose(row["acc_0"], 0.25) and np.isclose(row["acc_k"], 0.75)
