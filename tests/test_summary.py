@@ -157,3 +157,21 @@ def test_an_untestable_negative_control_says_so() -> None:
     )
     text = "\n".join(_control_lines(control, settings))
     assert "Not testable" in text and "identical outcomes" in text
+
+
+def test_the_positive_control_line_names_the_detected_inits() -> None:
+    import pandas as pd
+
+    from fomaml_math.analysis.stats import StatsSettings
+    from fomaml_math.analysis.summary import _positive_control_lines
+
+    table = pd.DataFrame({"experiment": ["heldout"] * 3, "init": ["base", "sft", "fomaml"], "pool": ["meta_test"] * 3,
+                          "shots": [50] * 3, "acc_0": [0.1, 0.0, 0.0], "acc_k": [0.12, 0.4, 0.3],
+                          "gain": [0.02, 0.4, 0.3], "gain_ci_low": [-0.02, 0.3, 0.1], "gain_ci_high": [0.06, 0.5, 0.5],
+                          "p_holm": [0.4, 0.001, 0.02], "detected": [False, True, True]})  # fmt: skip
+    settings = StatsSettings.from_settings(
+        {"seed": 1, "stats": {"bootstrap_samples": 10, "ci_level": 0.95, "alpha": 0.05}}
+    )
+    text = "\n".join(_positive_control_lines(table, settings))
+    assert "**Positive control detected** on the held-out tasks: SFT, FOMAML" in text
+    assert "| heldout | held-out | Base | 50 | 10.0 | 12.0 |" in text

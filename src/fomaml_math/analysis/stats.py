@@ -80,6 +80,7 @@ OUTPUT_FILES: tuple[str, ...] = (
     "adaptation.tsv",
     "adaptation_summary.tsv",
     "sample_efficiency.tsv",
+    "positive_control.tsv",
 )
 # Bootstrap replicates are drawn in blocks of about this many resampled indices (bounds memory).
 _BLOCK_ELEMENTS = 1 << 22
@@ -753,6 +754,7 @@ def compute_tables(
 ) -> dict[str, pd.DataFrame]:
     """Every table of the stage, keyed by output file name."""
     from fomaml_math.analysis import effects, efficiency, negative_control
+    from fomaml_math.analysis.positive_control import positive_control_table
 
     experiments = split_experiments(evals)
     accuracy_rows, comparison_rows, across_rows, descriptive = [], [], [], []
@@ -783,6 +785,7 @@ def compute_tables(
         "adaptation.tsv": adaptation,
         "adaptation_summary.tsv": effects.adaptation_summary(adaptation),
         "sample_efficiency.tsv": efficiency.sample_efficiency_table(experiments, settings),
+        "positive_control.tsv": positive_control_table(evals, ci_level=settings.ci_level, alpha=settings.alpha),
     }
 
 
