@@ -175,3 +175,10 @@ def test_the_positive_control_line_names_the_detected_inits() -> None:
     text = "\n".join(_positive_control_lines(table, settings))
     assert "**Positive control detected** on the held-out tasks: SFT, FOMAML" in text
     assert "| heldout | held-out | Base | 50 | 10.0 | 12.0 |" in text
+
+
+def test_grid_edge() -> None:
+    from fomaml_math.analysis.calibration import grid_edge
+
+    assert grid_edge(1e-3, [1e-2, 1e-3, 3e-3]) == "lowest" and grid_edge(1e-2, [1e-2, 1e-3]) == "highest"
+    assert grid_edge(3e-3, [1e-2, 1e-3, 3e-3]) == "" and grid_edge(1e-3, [1e-3]) == ""

@@ -32,6 +32,7 @@ CHOSEN_COLUMNS = [
     "dev_loss",
     "steps_to_90",
     "curve_steps",
+    "at_grid_edge",  # "lowest"/"highest" when the chosen rate is an end of the grid: the optimum may lie beyond it
 ]
 
 
@@ -86,6 +87,16 @@ def steps_to_fraction(steps: Sequence[float], losses: Sequence[float], start: fl
     return float(next(step for step, loss in pairs if loss <= goal))
 
 
+def grid_edge(chosen: float, rates: Sequence[float]) -> str:
+    """``"lowest"``/``"highest"`` when ``chosen`` is an end of a grid of several rates, else ``""``."""
+    distinct = sorted(set(rates))
+    if len(distinct) < 2:
+        return ""
+    if math.isclose(chosen, distinct[0]):
+        return "lowest"
+    return "highest" if math.isclose(chosen, distinct[-1]) else ""
+
+
 def load_calibration(paths: Sequence[str | Path]) -> dict[str, pd.DataFrame]:
     """``chosen`` (one row per file, with the adaptation speed), ``grid`` and ``curve`` (long tables)."""
     chosen, grid, curve = [], [], []
@@ -115,6 +126,7 @@ def load_calibration(paths: Sequence[str | Path]) -> dict[str, pd.DataFrame]:
                     [c["step"] for c in on_curve], [c["dev_loss"] for c in on_curve], start
                 ),
                 "curve_steps": max((int(c["step"]) for c in on_curve), default=0),
+                "at_grid_edge": grid_edge(lr, [float(g["lr"]) for g in record["grid"]]),
             }
         )
     return {

@@ -22,7 +22,13 @@ from fomaml_math.config import add_settings_arguments, settings_from_args
 from fomaml_math.io import write_text
 
 Formatter = Callable[[float], str]
-OPTIONAL_TABLES = ("control.tsv", "generation.tsv", "adaptation_summary.tsv", "sample_efficiency.tsv")
+OPTIONAL_TABLES = (
+    "control.tsv",
+    "generation.tsv",
+    "adaptation_summary.tsv",
+    "sample_efficiency.tsv",
+    "positive_control.tsv",
+)
 VERDICTS = {"better": "**better**", "worse": "**worse**", "inconclusive": "inconclusive"}
 
 
@@ -336,7 +342,15 @@ def _calibration_lines(calibration: dict[str, pd.DataFrame] | None) -> list[str]
         for row in chosen.itertuples(index=False)
     ]
     header = ["Init", "Experiment", "Seed", "Optimizer", "Chosen lr", "Steps", "Dev loss", "Steps to 90%"]
-    return [*lines, *_table(header, body), ""]
+    lines += [*_table(header, body), ""]
+    edges = chosen[chosen["at_grid_edge"].astype(str) != ""]
+    for row in edges.itertuples(index=False):
+        lines.append(
+            f"- **At the grid's edge**: {style.init_label(row.init)} ({row.experiment or 'shared'}, seed "
+            f"{row.train_seed}) chose the {row.at_grid_edge} rate ({row.lr:.3g}); the best rate may lie beyond "
+            "`calibration.lr_grid`: extend it."
+        )
+    return [*lines, ""] if len(edges) else lines
 
 
 def _efficiency_lines(efficiency: pd.DataFrame | None) -> list[str]:
