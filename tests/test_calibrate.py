@@ -40,7 +40,7 @@ def test_grid_always_holds_fomamls_inner_rate(demo_config: dict) -> None:
 def settings(demo_config: dict) -> dict[str, Any]:
     workspace = shared_workspace()
     demo_config["model"]["name_or_path"] = str(workspace / "model")
-    demo_config["eval"].update(inner_batch_size=4)
+    demo_config["eval"].update(inner_batch_size=4, optimizer="sgd")
     demo_config["calibration"].update(lr_grid=[0.01, 0.3], steps_grid=[1, 2], shots=[3], draws=2,
                                       max_monitor_examples=4)  # fmt: skip
     demo_config["fomaml"]["inner_lr"] = 0.01

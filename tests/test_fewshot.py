@@ -39,7 +39,13 @@ def workspace() -> dict[str, Path]:
 def settings(demo_config: dict, workspace: dict[str, Path]) -> dict[str, Any]:
     demo_config["model"]["name_or_path"] = str(workspace["model"])
     demo_config["eval"].update(
-        repeats=2, max_test_problems=4, max_new_tokens=6, gen_batch_size=3, inner_batch_size=2, num_inner_steps=2
+        repeats=2,
+        max_test_problems=4,
+        max_new_tokens=6,
+        gen_batch_size=3,
+        inner_batch_size=2,
+        num_inner_steps=2,
+        optimizer="sgd",  # these tests check the SGD inner loop (test_adapt.py covers adam)
     )
     return stage_settings(demo_config, "eval")
 

@@ -42,6 +42,7 @@ def test_local_math_sample_gives_1000_problems(tmp_path, math_sample_dir):
         data__source="local",
         data__local={"path": str(math_sample_dir)},
         tasks__names=list(MATH_TASKS),
+        model__pretrain=None,  # pretraining's corpus is synthetic: not with real MATH data
         # The sample holds MATH test problems only: the default (test = MATH test) stops; pooled works.
         tasks__split={
             "scheme": "pooled",
@@ -72,7 +73,7 @@ def test_bad_config_stops_before_any_job(tmp_path):
 
 def test_math_test_default_on_the_test_only_sample_stops_naming_the_setting(tmp_path, math_sample_dir):
     root = make_workspace(tmp_path, data__source="local", data__local={"path": str(math_sample_dir)},
-                          tasks__names=list(MATH_TASKS))  # fmt: skip
+                          tasks__names=list(MATH_TASKS), model__pretrain=None)  # fmt: skip
     result = snakemake(root, "results/data/split_stats.tsv", check=False)
     assert result.returncode != 0
     log = (root / "results/logs/split_tasks.log").read_text()

@@ -102,7 +102,8 @@ def test_full_dag_outputs(finished):
 
 
 def test_test_files_are_read_only_by_the_evaluation(tmp_path):
-    """Of every job the DAG plans, only `evaluate` has a task's test.parquet among its inputs."""
+    """Of every job the DAG plans, only `evaluate` reads a task's test.parquet to score it; the offline tiny base's
+    pretraining reads the test problem texts only to exclude them from its corpus (decontamination)."""
     root = make_workspace(tmp_path)
     result = snakemake(root, "--dry-run")
     rule = None
@@ -112,7 +113,7 @@ def test_test_files_are_read_only_by_the_evaluation(tmp_path):
             rule = match.group(1)
         elif line.strip().startswith("input:") and "/test.parquet" in line:
             readers.add(rule)
-    assert readers == {"evaluate"}
+    assert readers == {"evaluate", "pretrain_tiny_base"}
 
 
 def test_a_second_run_does_nothing(workspace):
@@ -124,7 +125,8 @@ def test_b_adding_a_shot_count_reruns_only_new_evaluations_and_analysis(workspac
     write_config(workspace, config, eval__shots=[*config["eval"]["shots"], 3])
     instances = len(runs(config))
     # one new evaluation per initialisation instance, and the negative control's new shot count
-    assert planned_jobs(workspace) == {"evaluate": instances + 1, "stats": 1, "figures": 1, "summary": 1}
+    # (and the manifest, which records the resolved config)
+    assert planned_jobs(workspace) == {"evaluate": instances + 1, "stats": 1, "figures": 1, "summary": 1, "manifest": 1}
     evals = [p for p in planned_outputs(workspace) if p.endswith("shots-3.parquet")]
     expected = [f"results/{folder}/eval/shots-3.parquet" for folder in runs(config).values()]
     assert sorted(evals) == sorted([*expected, f"results/{RUN.format(method='fomaml')}/eval-control/shots-3.parquet"])
@@ -174,7 +176,7 @@ def test_e_adding_a_seed_runs_only_its_trainings_and_evaluations(workspace):
     ran = executed(result)
     shots = len(config["eval"]["shots"])
     assert ran == {"train": 2, "calibrate": 2, "evaluate": 2 * shots, "stats": 1, "figures": 1, "summary": 1,
-                   "experiments": 1}  # fmt: skip
+                   "experiments": 1, "manifest": 1}  # fmt: skip
     assert (workspace / "results/main/fomaml/seed-7/eval/shots-0.parquet").exists()
     assert planned_jobs(workspace) == {}
 
@@ -189,7 +191,7 @@ def test_f_adding_an_experiment_runs_only_its_own_jobs(workspace):
     seeds = len(config["replicates"]["seeds"])
     # The base model's calibration and evaluations are shared: nothing of the base reruns.
     assert ran == {"train": 2 * seeds, "calibrate": 2 * seeds, "evaluate": 2 * seeds * shots, "stats": 1,
-                   "figures": 1, "summary": 1, "experiments": 1}  # fmt: skip
+                   "figures": 1, "summary": 1, "experiments": 1, "manifest": 1}  # fmt: skip
     summary = json.loads((workspace / "results/heldout/fomaml/seed-0/train_summary.json").read_text())
     assert held_out not in summary["settings"]["train_tasks"]
     frame = pd.read_parquet(
