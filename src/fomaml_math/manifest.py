@@ -2,8 +2,8 @@
 
 It records the git commit of the workflow and whether the tree was dirty, the resolved config, a
 content hash of the data (the normalised table and the role index, which together fix every task
-file), the model and dataset revisions actually loaded (the hub commit a ``null`` revision resolved to, read from the local
-Hugging Face cache, or the fingerprint of a local folder), the revisions the trained models were
+file), the model and dataset revisions actually loaded (the hub commit a ``null`` revision resolved
+to, read from the local Hugging Face cache, or the fingerprint of a local folder), the revisions the trained models were
 built from (``train_summary.json``), and the installed versions of the packages the project pins.
 """
 
