@@ -222,3 +222,22 @@ def example_nll(model: Any, batch: SFTBatch) -> tuple[torch.Tensor, torch.Tensor
     sums = torch.zeros(batch.num_examples, dtype=torch.float64).index_add_(0, rows, token_nll)
     counts = torch.zeros(batch.num_examples, dtype=torch.long).index_add_(0, rows, torch.ones_like(rows))
     return sums, counts
+
+
+def summed_nll(
+    model: Any, batches: Iterable[SFTBatch], autocast: Any = None, device: torch.device | str | None = None
+) -> tuple[float, int]:
+    """Summed NLL of the assistant tokens of ``batches`` and their number, without gradients.
+
+    ``autocast`` makes a fresh mixed-precision context per forward (default: none); ``device`` moves each batch.
+    """
+    from contextlib import nullcontext
+
+    make_context = autocast or nullcontext
+    total, count = 0.0, 0
+    for batch in batches:
+        with make_context():
+            sums, counts = example_nll(model, batch if device is None else batch.to(device))
+        total += float(sums.sum())
+        count += int(counts.sum())
+    return total, count

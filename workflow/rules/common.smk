@@ -119,10 +119,6 @@ def calibrate_args(wildcards):
     return "" if experiment is None else f"--experiment {experiment} --train-seed {seed}"
 
 
-def calibration_file(wildcards):
-    return f"results/{wildcards.run}/calibration.json"
-
-
 def chosen_adaptation(wildcards):
     """(lr, steps) the calibration chose for this run; read once the checkpoint has run."""
     if not CALIBRATED:

@@ -70,22 +70,6 @@ def _monitor_chunks(tokenizer: Any, frame: Any, *, limit: int, batch_size: int, 
     return [collate(encoded[i : i + batch_size], tokenizer.pad_token_id) for i in range(0, len(encoded), batch_size)]
 
 
-def _dev_nll(model: Any, chunks: Sequence[Any], autocast: Any) -> tuple[float, int]:
-    """Summed NLL and token count of the dev_monitor chunks at the current weights."""
-    import torch
-
-    from fomaml_math.batching import example_nll
-
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for chunk in chunks:
-            with autocast():
-                sums, counts = example_nll(model, chunk)
-            total += float(sums.sum())
-            count += int(counts.sum())
-    return total, count
-
-
 def calibrate(
     model: Any,
     tokenizer: Any,
@@ -101,6 +85,7 @@ def calibrate(
     from tqdm.auto import tqdm
 
     from fomaml_math.adapt import WeightSnapshot, sft_loss_fn
+    from fomaml_math.batching import summed_nll
     from fomaml_math.evaluation.fewshot import precision_context
     from fomaml_math.kshot import STREAM_CALIBRATION, AdaptSpec, adapted_on_shots, draw_shots, shot_batches
 
@@ -132,7 +117,7 @@ def calibrate(
                 max_len=max_len,
                 instruction=instruction,
             )
-            total, count = _dev_nll(model, chunks, autocast)
+            total, count = summed_nll(model, chunks, autocast)
             before[task] = total / max(count, 1)
             by_id = pool.set_index("id")
             for k in cal["shots"]:
@@ -153,7 +138,7 @@ def calibrate(
                         )
 
                         def measure(step: int, sums: list[list[float]] = sums, chunks: list = chunks) -> None:
-                            nll, tokens = _dev_nll(model, chunks, autocast)
+                            nll, tokens = summed_nll(model, chunks, autocast)
                             sums[step - 1][0] += nll
                             sums[step - 1][1] += tokens
 

@@ -83,17 +83,12 @@ def build_monitor_sets(
     return sets
 
 
-def _nll_sum_count(runtime: Runtime, model: Any, chunks: Sequence[SFTBatch], split_rows: bool) -> tuple[float, float]:
-    from fomaml_math.batching import example_nll
+def _nll_sum_count(runtime: Runtime, model: Any, chunks: Sequence[SFTBatch], split_rows: bool) -> tuple[float, int]:
+    """This process's share (its rows under FSDP) of the chunks' summed NLL and token count."""
+    from fomaml_math.batching import summed_nll
 
-    total, count = 0.0, 0.0
-    for chunk in chunks:
-        local = runtime.split_rows(chunk)[0] if split_rows and runtime.world > 1 else chunk
-        with runtime.autocast():
-            sums, counts = example_nll(model, local.to(runtime.device))
-        total += float(sums.sum())
-        count += float(counts.sum())
-    return total, count
+    local = [runtime.split_rows(c)[0] for c in chunks] if split_rows and runtime.world > 1 else chunks
+    return summed_nll(model, local, runtime.autocast, runtime.device)
 
 
 def dev_losses(
