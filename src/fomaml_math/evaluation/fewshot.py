@@ -171,12 +171,16 @@ class EvalContext:
     train_seed: int = -1
     backend: Any = None  # the job's generation backend (one per job); None: the HF loop on ``model``
 
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """A fresh mixed-precision context (or a no-op): open one per forward pass, never around an adaptation."""
+        return precision_context(self.device, self.mixed_precision)
+
     def generator(self) -> Any:
         """The generation backend: ``backend``, or the reference HF loop on this context's model."""
         from fomaml_math.evaluation.generate import HFBackend
 
         if self.backend is None:
-            self.backend = HFBackend(lambda: precision_context(self.device, self.mixed_precision))
+            self.backend = HFBackend(self.autocast)
         return self.backend
 
     def adapt_spec(self) -> Any:
@@ -191,7 +195,7 @@ class EvalContext:
         """The adaptation loss: autocast opened per forward pass, exactly as training's."""
         from fomaml_math.adapt import sft_loss_fn
 
-        return sft_loss_fn(self.device, lambda: precision_context(self.device, self.mixed_precision))
+        return sft_loss_fn(self.device, self.autocast)
 
     def initialisation_snapshot(self) -> Any:
         """The job's :class:`~fomaml_math.adapt.WeightSnapshot` (every adaptation restores to it)."""
@@ -276,7 +280,7 @@ def evaluate_task_repeat(
         )
         info["generate_s"] = time.perf_counter() - started
         started = time.perf_counter()
-        with torch.no_grad(), precision_context(ctx.device, ctx.mixed_precision):
+        with torch.no_grad(), ctx.autocast():
             nll, nll_tokens = _nll(ctx.model, ctx.tokenizer, encoded, batch_size)
         info["nll_s"] = time.perf_counter() - started
     # Leaving the stack restored the initialisation; grading needs no model.
@@ -512,7 +516,7 @@ def make_backend(name: str, ctx: EvalContext, model_path: str, settings: Mapping
     from fomaml_math.evaluation.generate import HFBackend
 
     if name == "hf":
-        return HFBackend(lambda: precision_context(ctx.device, ctx.mixed_precision))
+        return HFBackend(ctx.autocast)
     from fomaml_math.evaluation.vllm_backend import VLLMBackend, vllm_settings
 
     model_settings = settings["model"]
