@@ -600,11 +600,12 @@ def _perf_setup(ctx: Context) -> dict[str, Any]:
     return perf
 
 
-def _make_step(ctx: Context, kind: str, model: Any, gc_on: bool) -> tuple[Callable[[Any], Any], Any]:
-    """A step function on a fresh copy of the base model (set up through ``prepare_training``)."""
-    runtime = ctx.runtime(ctx.amp)
-    # prepare_training enables checkpointing under either transformers name (5.17 has only gradient_checkpointing_*)
-    model, optimizer, scheduler, params = prepare_training(
+def _prepared(runtime: Any, model: Any, gc_on: bool) -> tuple[Any, Any, Any, Any]:
+    """The project's ``prepare_training`` at a constant rate: model, optimizer, scheduler, parameters.
+
+    It enables checkpointing under either transformers name (5.17 has only ``gradient_checkpointing_*``).
+    """
+    return prepare_training(
         runtime,
         model,
         {"gradient_checkpointing": gc_on},
@@ -614,6 +615,12 @@ def _make_step(ctx: Context, kind: str, model: Any, gc_on: bool) -> tuple[Callab
         warmup=0,
         total=1,
     )
+
+
+def _make_step(ctx: Context, kind: str, model: Any, gc_on: bool) -> tuple[Callable[[Any], Any], Any]:
+    """A step function on a fresh copy of the base model (set up through ``prepare_training``)."""
+    runtime = ctx.runtime(ctx.amp)
+    model, optimizer, scheduler, params = _prepared(runtime, model, gc_on)
     a = ctx.args
     snapshot = None
     if kind in ("ours/cpu", "ours/same"):
@@ -938,17 +945,7 @@ def _run_shape(
     model, _tokenizer = build_model(shape, ctx.device, 2048)
     built = time.perf_counter() - started
     runtime = ctx.runtime(ctx.amp)
-    # the paper config: gradient_checkpointing true, snapshot_device cpu
-    model, optimizer, scheduler, params = prepare_training(
-        runtime,
-        model,
-        {"gradient_checkpointing": True},
-        lr=1e-5,
-        weight_decay=0.0,
-        schedule="constant",
-        warmup=0,
-        total=1,
-    )
+    model, optimizer, scheduler, params = _prepared(runtime, model, True)  # the paper config: gc on, snapshot cpu
     snapshot = WeightSnapshot(model, "cpu")
     g = torch.Generator().manual_seed(7)
 
