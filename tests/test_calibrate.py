@@ -79,3 +79,10 @@ def test_one_run_per_rate_equals_separate_step_counts(settings: dict[str, Any], 
     for point in one["grid"]:
         match = next(p for p in both["grid"] if p["lr"] == point["lr"] and p["num_steps"] == 1)
         assert match["dev_loss"] == pytest.approx(point["dev_loss"], rel=1e-6)
+
+
+def test_a_shot_count_larger_than_a_pool_stops_before_any_work(settings: dict[str, Any], tmp_path: Path) -> None:
+    settings["calibration"]["shots"] = [11]  # the tiny dev_pool holds 10 problems per task
+    with pytest.raises(ConfigError, match=r"calibration\.shots: 11 shots, but task 'algebra' has only 10 dev_pool"):
+        _run(settings, shared_workspace() / "tasks", tmp_path / "x.json")
+    assert not (tmp_path / "x.json").exists()

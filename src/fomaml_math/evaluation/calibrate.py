@@ -103,8 +103,14 @@ def calibrate(
     loss_fn = sft_loss_fn(device, autocast)
     snapshot = WeightSnapshot(model, snapshot_device)
     batch_size = int(adaptation["inner_batch_size"])
-    # per (lr, task): summed NLL / tokens after each step 1..max_steps, accumulated over draws and shot counts
-    after: dict[tuple[float, str], list[list[float]]] = {}
+    for task, (pool, _) in tasks.items():  # before any work: every shot count must fit every pool
+        for k in cal["shots"]:
+            if int(k) > len(pool):
+                raise ConfigError(
+                    f"calibration.shots: {k} shots, but task {task!r} has only {len(pool)} dev_pool examples"
+                )
+    # per (lr, task): dev loss (summed NLL / tokens over draws and shot counts) after each step 1..max_steps
+    after: dict[tuple[float, str], list[float]] = {}
     before: dict[str, float] = {}
     work = len(rates) * len(tasks) * int(cal["draws"]) * len(cal["shots"])
     with tqdm(total=work, desc="calibrate", disable=not show_progress, file=sys.stderr) as bar:
@@ -120,14 +126,15 @@ def calibrate(
             total, count = summed_nll(model, chunks, autocast)
             before[task] = total / max(count, 1)
             by_id = pool.set_index("id")
-            for k in cal["shots"]:
-                if int(k) > len(pool):
-                    raise ConfigError(
-                        f"calibration.shots: {k} shots, but task {task!r} has only {len(pool)} dev_pool examples"
-                    )
             for lr in rates:
                 spec = AdaptSpec(str(adaptation["optimizer"]), lr, max_steps, batch_size)
                 sums = [[0.0, 0.0] for _ in range(max_steps)]
+
+                def measure(step: int, sums: list[list[float]] = sums, chunks: list = chunks) -> None:
+                    nll, tokens = summed_nll(model, chunks, autocast)
+                    sums[step - 1][0] += nll
+                    sums[step - 1][1] += tokens
+
                 for draw in range(int(cal["draws"])):
                     for k in cal["shots"]:
                         ids = draw_shots(pool["id"].tolist(), int(k), seed=seed, task=task, repeat=draw,
@@ -136,18 +143,12 @@ def calibrate(
                         batches = shot_batches(
                             tokenizer, shots, max_seq_len=max_len, batch_size=batch_size, instruction=instruction
                         )
-
-                        def measure(step: int, sums: list[list[float]] = sums, chunks: list = chunks) -> None:
-                            nll, tokens = summed_nll(model, chunks, autocast)
-                            sums[step - 1][0] += nll
-                            sums[step - 1][1] += tokens
-
                         with adapted_on_shots(
                             model, batches, spec, loss_fn=loss_fn, snapshot=snapshot, on_step=measure
                         ):
                             pass
                         bar.update(1)
-                after[(lr, task)] = [[s / max(c, 1.0)] for s, c in sums]
+                after[(lr, task)] = [total / max(tokens, 1.0) for total, tokens in sums]
     if not snapshot.matches():
         raise RuntimeError("calibrate: the initialisation was not restored (a bug in adapt-then-restore)")
     names = list(tasks)
@@ -155,13 +156,13 @@ def calibrate(
     grid, curve = [], []
     for lr in rates:
         for step in range(1, max_steps + 1):
-            value = sum(after[(lr, t)][step - 1][0] for t in names) / len(names)
+            value = sum(after[(lr, t)][step - 1] for t in names) / len(names)
             value = value if math.isfinite(value) else math.inf
             curve.append({"lr": lr, "step": step, "dev_loss": value})
             if step in step_counts:
                 grid.append({"lr": lr, "num_steps": step, "dev_loss": value, "dev_loss_before": mean_before})
     per_task = [
-        {"task": t, "lr": lr, "num_steps": s, "dev_loss": after[(lr, t)][s - 1][0], "dev_loss_before": before[t]}
+        {"task": t, "lr": lr, "num_steps": s, "dev_loss": after[(lr, t)][s - 1], "dev_loss_before": before[t]}
         for t in names
         for lr in rates
         for s in step_counts
