@@ -77,13 +77,6 @@ def rng_for(*key: int) -> np.random.Generator:
     return np.random.default_rng([int(k) for k in key])
 
 
-def check_training_ids(tasks_dir: str | Path, rows: Sequence[dict[str, Any]], *, what: str) -> None:
-    """Assert by id that no training row is a dev or test problem (the split's role index says where each id is)."""
-    from fomaml_math.data.split import assert_disjoint, held_out_ids
-
-    assert_disjoint((r["id"] for r in rows), held_out_ids(tasks_dir), what)
-
-
 def load_dev(
     tasks_dir: str | Path, tasks: Sequence[str], tokenizer: Any, max_seq_len: int, *, instruction: str
 ) -> tuple[dict[str, list[EncodedExample]], dict[str, list[dict[str, Any]]]]:

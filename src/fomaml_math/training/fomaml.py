@@ -23,7 +23,8 @@ import torch
 from fomaml_math.adapt import WeightSnapshot, adapted
 from fomaml_math.batching import EncodedExample, SFTBatch, collate
 from fomaml_math.config import ConfigError
-from fomaml_math.training.data import check_training_ids, encode_rows, load_dev, load_task_split, require_rows, rng_for
+from fomaml_math.data.split import assert_disjoint, held_out_ids
+from fomaml_math.training.data import encode_rows, load_dev, load_task_split, require_rows, rng_for
 from fomaml_math.training.monitor import build_monitor_sets, dev_losses
 from fomaml_math.training.optim import TrainingDivergedError, check_finite, clip_and_norm
 from fomaml_math.training.run import run_main, start_run
@@ -229,10 +230,11 @@ def train(settings: dict[str, Any], tasks_dir: Path, output_dir: Path, checkpoin
     max_len = int(model_cfg["max_seq_len"])
     instruction = str(settings.get("prompt", {}).get("instruction", ""))
     data: dict[str, TaskData] = {}
+    held_out = held_out_ids(tasks_dir)  # every dev/test id, from the split's role index (no test file is opened)
     for task in tasks:
         support = load_task_split(tasks_dir, task, "support")
         query = load_task_split(tasks_dir, task, "query")
-        check_training_ids(tasks_dir, [*support, *query], what=f"task {task}")
+        assert_disjoint((r["id"] for r in (*support, *query)), held_out, f"task {task}")
         require_rows(support, int(fo["inner_batch_size"]), setting="fomaml.inner_batch_size", what=f"{task}/support")
         require_rows(query, int(fo["query_batch_size"]), setting="fomaml.query_batch_size", what=f"{task}/query")
         data[task] = TaskData(

@@ -20,7 +20,8 @@ import torch
 from fomaml_math.adapt import WeightSnapshot
 from fomaml_math.batching import EncodedExample, collate, sft_loss
 from fomaml_math.config import ConfigError
-from fomaml_math.training.data import check_training_ids, encode_rows, load_dev, load_task_split, require_rows, rng_for
+from fomaml_math.data.split import assert_disjoint, held_out_ids
+from fomaml_math.training.data import encode_rows, load_dev, load_task_split, require_rows, rng_for
 from fomaml_math.training.monitor import build_monitor_sets, dev_losses
 from fomaml_math.training.optim import TrainingDivergedError, check_finite, clip_and_norm
 from fomaml_math.training.run import run_main, start_run
@@ -109,9 +110,10 @@ def train(settings: dict[str, Any], tasks_dir: Path, output_dir: Path, checkpoin
     max_len = int(model_cfg["max_seq_len"])
     instruction = str(settings.get("prompt", {}).get("instruction", ""))
     examples: list[EncodedExample] = []
+    held_out = held_out_ids(tasks_dir)  # every dev/test id, from the split's role index (no test file is opened)
     for task in tasks:
         rows = [*load_task_split(tasks_dir, task, "support"), *load_task_split(tasks_dir, task, "query")]
-        check_training_ids(tasks_dir, rows, what=f"task {task}")
+        assert_disjoint((r["id"] for r in rows), held_out, f"task {task}")
         examples.extend(encode_rows(tokenizer, rows, max_len, instruction=instruction))
     require_rows(examples, batch_size, setting="sft.batch_size", what="the pooled support+query training data")
     pad = int(tokenizer.pad_token_id)
