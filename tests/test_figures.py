@@ -215,6 +215,17 @@ def test_training_curves_read_back_as_the_metrics_and_tolerate_gaps() -> None:
     np.testing.assert_allclose(line.get_ydata(), logged["heldout/loss_after"])
 
 
+def test_sft_panel_draws_all_three_series() -> None:
+    """train, dev and dev after adaptation: no series may be dropped for want of a colour."""
+    sft = sft_metrics()
+    every = sft["step"] % 10 == 0
+    sft["dev/loss_before"] = np.where(every, 1.0, np.nan)
+    sft["dev/loss_after"] = np.where(every, 0.8, np.nan)
+    fig = figures.training_curves_figure(None, sft)
+    for column in ("sft/loss", "dev/loss_before", "dev/loss_after"):
+        assert len(by_gid(fig, f"sft:{column}")) == 1, column
+
+
 def test_calibration_figure_reads_back_as_the_files(tmp_path: Path) -> None:
     calibration = load_calibration(write_calibration(tmp_path))
     fig = figures.calibration_figure(calibration)

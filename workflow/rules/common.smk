@@ -48,8 +48,7 @@ SPLITS = ["support", "query", "dev_pool", "dev_monitor", "test"]
 METHODS = ["sft", "fomaml"]
 EXPERIMENTS = [e["name"] for e in config["experiments"]]
 SEEDS = [int(s) for s in config["replicates"]["seeds"]]
-from fomaml_math.analysis.figures import FIGURES
-from fomaml_math.analysis.stats import OUTPUT_FILES as STATS_FILES
+from fomaml_math.analysis.outputs import FIGURES, STATS_FILES
 
 STATS_TABLES = [Path(name).stem for name in STATS_FILES]
 SHOTS = [int(k) for k in config["eval"]["shots"]]

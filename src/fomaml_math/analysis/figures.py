@@ -22,17 +22,10 @@ from matplotlib.figure import Figure
 from fomaml_math.analysis import style
 from fomaml_math.analysis.calibration import load_calibration
 from fomaml_math.analysis.evaldata import EXPERIMENT_ORDER, META_TEST_POOL
+from fomaml_math.analysis.outputs import FIGURES
 from fomaml_math.analysis.stats import ALL_SEEDS, INIT_ORDER, POOLED, StatsSettings, ordered, read_table, task_order
 from fomaml_math.config import ConfigError, add_settings_arguments, settings_from_args
 
-FIGURES: tuple[str, ...] = (
-    "accuracy_vs_shots",
-    "accuracy_vs_shots_by_task",
-    "gain_heatmap",
-    "nll_vs_shots",
-    "training_curves",
-    "calibration",
-)
 OUTPUT_FILES: tuple[str, ...] = tuple(f"{stem}.{ext}" for stem in FIGURES for ext in ("pdf", "png"))
 # The comparison the significance marks and the heatmap show.
 HEADLINE = "fomaml-sft"
@@ -72,9 +65,9 @@ TRAINING_PANELS: tuple[tuple[str, str, tuple[Series, ...], str], ...] = (
     ),
     ("sft", "SFT gradient norm", ((("sft/grad_norm",), "grad norm"),), "SFT step"),
 )
-_SERIES_COLOURS = {
+_SERIES_COLOURS = {  # as many colours per run as its longest panel has series (zip would drop the rest)
     "fomaml": (style.OKABE_ITO["vermillion"], style.OKABE_ITO["sky_blue"], style.OKABE_ITO["bluish_green"]),
-    "sft": (style.OKABE_ITO["blue"], style.OKABE_ITO["orange"]),
+    "sft": (style.OKABE_ITO["blue"], style.OKABE_ITO["orange"], style.OKABE_ITO["reddish_purple"]),
 }
 
 

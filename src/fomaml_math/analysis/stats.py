@@ -49,6 +49,7 @@ from fomaml_math.analysis.evaldata import (
     task_roles,
 )
 from fomaml_math.analysis.inference import holm_adjust
+from fomaml_math.analysis.outputs import STATS_FILES
 from fomaml_math.config import ConfigError, add_settings_arguments, settings_from_args
 from fomaml_math.io import write_tsv
 
@@ -70,18 +71,7 @@ DEFAULT_PRIMARY: tuple[str, ...] = ("fomaml-sft", "fomaml-base")
 DEFAULT_EQUIVALENCE_MARGIN_PP = 2.0
 POWER = 0.8
 ALL_SEEDS = "all"
-OUTPUT_FILES: tuple[str, ...] = (
-    "accuracy.tsv",
-    "comparisons.tsv",
-    "primary.tsv",
-    "across_tasks.tsv",
-    "control.tsv",
-    "generation.tsv",
-    "adaptation.tsv",
-    "adaptation_summary.tsv",
-    "sample_efficiency.tsv",
-    "positive_control.tsv",
-)
+OUTPUT_FILES = STATS_FILES  # (analysis.outputs: names the Snakefile declares)
 # Bootstrap replicates are drawn in blocks of about this many resampled indices (bounds memory).
 _BLOCK_ELEMENTS = 1 << 22
 

@@ -1,0 +1,28 @@
+"""The analysis stages' output names, importable without pandas, scipy or matplotlib.
+
+The Snakefile reads them to declare the rules' outputs: importing the stage modules there would add
+seconds to every Snakemake start (dry runs included).
+"""
+
+from __future__ import annotations
+
+STATS_FILES: tuple[str, ...] = (
+    "accuracy.tsv",
+    "comparisons.tsv",
+    "primary.tsv",
+    "across_tasks.tsv",
+    "control.tsv",
+    "generation.tsv",
+    "adaptation.tsv",
+    "adaptation_summary.tsv",
+    "sample_efficiency.tsv",
+    "positive_control.tsv",
+)
+FIGURES: tuple[str, ...] = (
+    "accuracy_vs_shots",
+    "accuracy_vs_shots_by_task",
+    "gain_heatmap",
+    "nll_vs_shots",
+    "training_curves",
+    "calibration",
+)
