@@ -39,9 +39,9 @@ import torch
 
 from fomaml_math.adapt import WeightSnapshot, _sgd_step, trainable_parameters
 from fomaml_math.batching import encode_example
-from fomaml_math.config import MATH_TASKS
 from fomaml_math.data.synthetic import generate_synthetic
 from fomaml_math.modeling import build_tiny_model
+from fomaml_math.subjects import MATH_TASKS
 from fomaml_math.training import fomaml
 from fomaml_math.training.optim import clip_and_norm, make_optimizer
 from fomaml_math.training.runtime import Runtime, loss_fn_for

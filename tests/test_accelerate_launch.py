@@ -17,9 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 from fomaml_math.adapt import WeightSnapshot
+from fomaml_math.data.taskfiles import load_task_split
 from fomaml_math.modeling import load_model_and_tokenizer
 from fomaml_math.training import fomaml, sft
-from fomaml_math.training.data import encode_rows, load_task_split
+from fomaml_math.training.data import encode_rows
 from fomaml_math.training.runtime import Runtime
 from tests.fixtures_tiny import TASKS, shared_workspace, train_settings
 

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from fomaml_math.config import ConfigError, stage_settings
+from fomaml_math.config import stage_settings
+from fomaml_math.errors import ConfigError
 from fomaml_math.evaluation.calibrate import choose, lr_grid, main, steps_grid
 from tests.fixtures_tiny import TASKS, shared_workspace
 

@@ -10,8 +10,6 @@ import pytest
 import yaml
 
 from fomaml_math.config import (
-    MATH_TASKS,
-    ConfigError,
     load_config,
     settings_hash,
     sft_budget_steps,
@@ -19,7 +17,9 @@ from fomaml_math.config import (
     stage_settings,
     validate_config,
 )
+from fomaml_math.errors import ConfigError
 from fomaml_math.launch import accelerate_launch_prefix
+from fomaml_math.subjects import MATH_TASKS
 
 
 def _set(config: dict, dotted: str, value: object) -> dict:

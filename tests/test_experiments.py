@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from fomaml_math.analysis import experiments
-from fomaml_math.config import ConfigError
+from fomaml_math.errors import ConfigError
 
 COMMON = {"seed": 1234, "model": {"name_or_path": "tiny", "max_seq_len": 256}, "train_tasks": ["algebra", "geometry"]}
 

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 import torch
 
-from fomaml_math.config import ConfigError, stage_settings
+from fomaml_math.config import stage_settings
+from fomaml_math.errors import ConfigError
 from fomaml_math.evaluation import fewshot
 from fomaml_math.evaluation.fewshot import (
-    OUTPUT_COLUMNS,
     EvalContext,
     check_in_context_lengths,
     evaluate_task_repeat,
@@ -24,6 +24,7 @@ from fomaml_math.evaluation.fewshot import (
 )
 from fomaml_math.evaluation.generate import ContextLengthError
 from fomaml_math.evaluation.grade import GradeResult, grade_unlimited
+from fomaml_math.evaluation.rows import OUTPUT_COLUMNS
 from fomaml_math.kshot import STREAM_CALIBRATION, draw_shots
 from tests.fixtures_tiny import TASKS, shared_workspace
 

@@ -16,7 +16,7 @@ from test_summary import write_calibration
 from fomaml_math.analysis import figures, style
 from fomaml_math.analysis.calibration import load_calibration
 from fomaml_math.analysis.stats import read_table
-from fomaml_math.config import ConfigError
+from fomaml_math.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import torch
 
 from fomaml_math.adapt import WeightSnapshot
 from fomaml_math.batching import IGNORE_INDEX, collate, encode_example
-from fomaml_math.config import ConfigError
+from fomaml_math.errors import ConfigError
 from fomaml_math.training import fomaml
 from fomaml_math.training.optim import LRSchedule, TrainingDivergedError, make_optimizer
 from fomaml_math.training.runtime import Runtime

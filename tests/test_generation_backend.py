@@ -16,7 +16,8 @@ import pandas as pd
 import pytest
 import torch
 
-from fomaml_math.config import ConfigError, stage_settings
+from fomaml_math.config import stage_settings
+from fomaml_math.errors import ConfigError
 from fomaml_math.evaluation.fewshot import EvalContext, evaluate_task_repeat, load_task, main
 from fomaml_math.evaluation.generate import HFBackend, engine_follows, generate_greedy
 from fomaml_math.evaluation.grade import GradeResult, grade_unlimited

@@ -11,10 +11,12 @@ import pandas as pd
 import pytest
 
 from fomaml_math.__main__ import main as cli_main
-from fomaml_math.config import MATH_TASKS, ConfigError, stage_settings
+from fomaml_math.config import stage_settings
 from fomaml_math.data import ingest
 from fomaml_math.data.ingest import COLUMNS, RULE_COLUMN, build_table, parse_level, subject_to_task
 from fomaml_math.data.synthetic import solve_synthetic
+from fomaml_math.errors import ConfigError
+from fomaml_math.subjects import MATH_TASKS
 
 SAMPLE_COUNTS = {
     "algebra": 237,

@@ -9,7 +9,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fomaml_math.config import MATH_TASKS, ConfigError
 from fomaml_math.data import math500
 from fomaml_math.data.ingest import build_table
 from fomaml_math.data.math500 import (
@@ -23,6 +22,8 @@ from fomaml_math.data.math500 import (
 )
 from fomaml_math.data.split import make_splits
 from fomaml_math.data.text import normalise_problem_text, problem_sha256
+from fomaml_math.errors import ConfigError
+from fomaml_math.subjects import MATH_TASKS
 
 # MATH-500's problems per subject, as published with PRM800K's split
 MATH500_PER_TASK = {

@@ -10,11 +10,12 @@ import pandas as pd
 import pytest
 
 from fomaml_math.__main__ import main as cli_main
-from fomaml_math.config import ConfigError, load_config, stage_settings
+from fomaml_math.config import load_config, stage_settings
 from fomaml_math.data.answers import extract_boxed_answer
-from fomaml_math.data.split import HELD_OUT_SPLITS
 from fomaml_math.data.synthetic import solve_synthetic
+from fomaml_math.data.taskfiles import HELD_OUT_SPLITS
 from fomaml_math.data.text import normalise_problem_text
+from fomaml_math.errors import ConfigError
 from fomaml_math.modeling import load_model_and_tokenizer
 from fomaml_math.pretrain import held_out_texts, pretrain_corpus
 

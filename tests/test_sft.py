@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from fomaml_math.batching import make_sft_batch, sft_loss
-from fomaml_math.config import ConfigError, load_config, stage_settings
+from fomaml_math.config import load_config, stage_settings
+from fomaml_math.errors import ConfigError
 from fomaml_math.training import sft
 from fomaml_math.training.optim import LRSchedule
 from fomaml_math.training.runtime import Runtime

@@ -10,24 +10,20 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from fomaml_math.config import MATH_TASKS, ConfigError
 from fomaml_math.data import ingest
 from fomaml_math.data.ingest import COLUMNS, RULE_COLUMN, build_table
-from fomaml_math.data.split import (
+from fomaml_math.data.split import STATS_COLUMNS, main, make_splits, split_sizes, split_tasks, validate_splits
+from fomaml_math.data.taskfiles import (
     DEV_SPLITS,
     SPLITS,
-    STATS_COLUMNS,
     TRAIN_SPLITS,
     LeakageError,
     SplitValidationError,
     assert_disjoint,
     held_out_ids,
-    main,
-    make_splits,
-    split_sizes,
-    split_tasks,
-    validate_splits,
 )
+from fomaml_math.errors import ConfigError
+from fomaml_math.subjects import MATH_TASKS
 
 SOURCE_TEST = {"scheme": "source_test", "dev_pool": 8, "dev_monitor": 5, "support": 0.30, "query": 0.40}
 POOLED = {

@@ -19,7 +19,7 @@ from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 
 from fomaml_math.analysis import efficiency, inference, stats
-from fomaml_math.config import ConfigError
+from fomaml_math.errors import ConfigError
 
 TASK_SIZES = {"algebra": 30, "geometry": 24, "number_theory": 20}
 SHOTS = (0, 5, 10)

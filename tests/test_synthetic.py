@@ -8,17 +8,11 @@ from statistics import mean
 
 import pytest
 
-from fomaml_math.config import MATH_TASKS, ConfigError
 from fomaml_math.data.answers import extract_boxed_answer
-from fomaml_math.data.synthetic import (
-    TaskRule,
-    generate_plain,
-    generate_synthetic,
-    solve_synthetic,
-    task_family,
-    task_rule,
-)
+from fomaml_math.data.synthetic import TaskRule, generate_plain, generate_synthetic, solve_synthetic, task_rule
 from fomaml_math.data.text import normalise_problem_text
+from fomaml_math.errors import ConfigError
+from fomaml_math.subjects import MATH_TASKS, task_family
 
 PER_TASK = 100
 

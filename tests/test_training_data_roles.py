@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fomaml_math.data.split import LeakageError
+from fomaml_math.data.taskfiles import LeakageError
 from fomaml_math.training import fomaml, sft
 from tests.fixtures_tiny import TASKS, shared_workspace, train_settings
 

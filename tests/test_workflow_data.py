@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from fomaml_math.config import MATH_TASKS
-from fomaml_math.data.split import SPLITS
+from fomaml_math.data.taskfiles import SPLITS
+from fomaml_math.subjects import MATH_TASKS
 from tests.test_ingest import SAMPLE_COUNTS
 from tests.workflow_utils import make_workspace, planned_jobs, snakemake
 

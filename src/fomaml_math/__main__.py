@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from fomaml_math.config import ConfigError
+from fomaml_math.errors import ConfigError
 
 # stage command -> module whose ``main(argv) -> int`` runs it
 STAGES: dict[str, str] = {

@@ -18,25 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from fomaml_math.errors import ConfigError
+from fomaml_math.subjects import MATH_TASKS, is_synthetic_task, task_family
+
 if TYPE_CHECKING:  # imported where it validates: `from fomaml_math.config import ConfigError` works without it
     import jsonschema
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
-
-MATH_TASKS: tuple[str, ...] = (
-    "algebra",
-    "counting_and_probability",
-    "geometry",
-    "intermediate_algebra",
-    "number_theory",
-    "prealgebra",
-    "precalculus",
-)
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing or invalid; the message is one line naming the key."""
 
 
 def load_schema() -> dict[str, Any]:
@@ -99,8 +88,6 @@ def _iter_split_errors(split: dict[str, Any]) -> Iterator[str]:
 
 def _iter_task_name_errors(config: dict[str, Any]) -> Iterator[str]:
     """MATH subjects for hub and local data; synthetic data also has variants (``prealgebra_v1``, own rules)."""
-    from fomaml_math.data.synthetic import is_synthetic_task  # lazily: synthetic imports this module
-
     source = config["data"]["source"]
     for name in config["tasks"]["names"]:
         if source == "synthetic" and not is_synthetic_task(name):
@@ -324,8 +311,6 @@ def stage_settings(
             "instruction": instruction(config),
         }
     if stage == "pretrain_tiny_base":
-        from fomaml_math.data.synthetic import task_family  # lazily: synthetic imports this module
-
         families = sorted({task_family(name)[0] for name in config["tasks"]["names"]})
         return {
             "seed": seed,

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from fomaml_math.config import ConfigError
+from fomaml_math.errors import ConfigError
 
 STREAM_EVAL = 0
 STREAM_CALIBRATION = 1

@@ -20,7 +20,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from fomaml_math.config import REPO_ROOT, ConfigError
+from fomaml_math.config import REPO_ROOT
+from fomaml_math.errors import ConfigError
 from fomaml_math.io import write_json
 
 PINNED_FILE = REPO_ROOT / "requirements.txt"

@@ -16,7 +16,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from fomaml_math.config import ConfigError, add_settings_arguments, settings_from_args
+from fomaml_math.config import add_settings_arguments, settings_from_args
+from fomaml_math.errors import ConfigError
 from fomaml_math.io import atomic_dir
 
 # Qwen's control tokens; <|im_end|> ends every turn and is the eos token of the instruct models.

@@ -35,14 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fomaml_math.config import (
-    ConfigError,
-    experiment_names,
-    load_config,
-    meta_test_tasks,
-    sft_budget_steps,
-    training_tasks,
-)
+from fomaml_math.config import experiment_names, load_config, meta_test_tasks, sft_budget_steps, training_tasks
+from fomaml_math.errors import ConfigError
 
 RESOURCES = Path(__file__).resolve().parent / "resources"
 PAPER_MODELS = {"Qwen/Qwen3-4B-Instruct-2507": RESOURCES / "qwen3_4b_instruct_2507.json"}

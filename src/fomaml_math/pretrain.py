@@ -28,10 +28,11 @@ import pandas as pd
 import torch
 
 from fomaml_math.batching import collate, encode_example, sft_loss
-from fomaml_math.config import ConfigError, add_settings_arguments, settings_from_args
-from fomaml_math.data.split import HELD_OUT_SPLITS
+from fomaml_math.config import add_settings_arguments, settings_from_args
 from fomaml_math.data.synthetic import generate_plain
+from fomaml_math.data.taskfiles import HELD_OUT_SPLITS
 from fomaml_math.data.text import normalise_problem_text
+from fomaml_math.errors import ConfigError
 from fomaml_math.modeling import load_model_and_tokenizer, save_model
 from fomaml_math.training.optim import make_optimizer
 

@@ -8,7 +8,8 @@ SRC = str(Path(workflow.basedir).parent / "src")
 if SRC not in sys.path:
     sys.path.insert(0, SRC)
 
-from fomaml_math.config import ConfigError, control_shot_seed, meta_test_tasks, stage_settings, validate_config
+from fomaml_math.errors import ConfigError
+from fomaml_math.config import control_shot_seed, meta_test_tasks, stage_settings, validate_config
 from fomaml_math.launch import accelerate_launch_prefix
 from snakemake.settings.types import DeploymentMethod
 from fomaml_math.workflow import (

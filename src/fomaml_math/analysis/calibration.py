@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fomaml_math.config import ConfigError
+from fomaml_math.errors import ConfigError
 
 SPEED_FRACTION = 0.9
 OPTIMIZERS = ("sgd", "adam")

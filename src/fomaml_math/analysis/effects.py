@@ -83,13 +83,14 @@ def generation_table(experiments: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 
 def _order(frame: pd.DataFrame, columns: list[str], keys: list[str]) -> pd.DataFrame:
-    from fomaml_math.analysis.evaldata import EXPERIMENT_ORDER, INIT_ORDER, ordered
+    from fomaml_math.analysis.evaldata import EXPERIMENT_ORDER, ordered
+    from fomaml_math.evaluation.rows import INITS
 
     if frame.empty:
         return pd.DataFrame(columns=columns)
     orders = {
         "experiment": ordered(list(frame["experiment"].unique()), EXPERIMENT_ORDER),
-        "init": ordered(list(frame["init"].unique()), INIT_ORDER),
+        "init": ordered(list(frame["init"].unique()), INITS),
     }
 
     def key(series: pd.Series) -> pd.Series:

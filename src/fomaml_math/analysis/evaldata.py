@@ -16,34 +16,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fomaml_math.config import MATH_TASKS, ConfigError
+from fomaml_math.errors import ConfigError
+from fomaml_math.evaluation.rows import (
+    BASE,
+    BASE_SEED,
+    INITS,
+    KEY,
+    OPTIONAL_DEFAULTS,
+    REQUIRED_COLUMNS,
+    TASK_ROLES,
+)
+from fomaml_math.subjects import MATH_TASKS
 
-INIT_ORDER: tuple[str, ...] = ("base", "sft", "fomaml")
-BASE = "base"
-BASE_SEED = -1  # the untrained model is one cluster
 POOLED = "all"
 META_TEST_POOL = "meta_test"
-ROLES: tuple[str, ...] = ("train", "meta_test")
-DEFAULT_EXPERIMENT = "main"
 EXPERIMENT_ORDER: tuple[str, ...] = ("in_domain",)
-
-REQUIRED_COLUMNS: tuple[str, ...] = ("init", "task", "shots", "repeat", "problem_id", "correct", "grade_status", "nll")
-# Optional columns and the value they take when a file lacks them.
-OPTIONAL_DEFAULTS: dict[str, object] = {
-    "experiment": DEFAULT_EXPERIMENT,
-    "shot_seed": 0,
-    "task_role": "train",
-    "truncated": np.nan,
-    "gen_tokens": np.nan,
-    "generated": None,
-    "support_loss_before": np.nan,
-    "support_loss_after": np.nan,
-    "weight_change": np.nan,
-    "adapt_lr": np.nan,
-    "adapt_steps": np.nan,
-    "adapt_optimizer": "",
-}
-KEY: tuple[str, ...] = ("experiment", "train_seed", "shot_seed", "init", "task", "shots", "repeat", "problem_id")
 
 
 def ordered(values: Sequence[str], preferred: Sequence[str]) -> list[str]:
@@ -78,9 +65,11 @@ def _read_one(path: Path, flag: str) -> pd.DataFrame:
             frame[column] = default
     if "train_seed" not in frame.columns:
         frame["train_seed"] = np.where(frame["init"] == BASE, BASE_SEED, 0)
-    bad_roles = sorted(set(frame["task_role"].astype(str)) - set(ROLES))
+    bad_roles = sorted(set(frame["task_role"].astype(str)) - set(TASK_ROLES))
     if bad_roles:
-        raise ConfigError(f"{flag} {path}: task_role must be one of {', '.join(ROLES)}, got {', '.join(bad_roles)}")
+        raise ConfigError(
+            f"{flag} {path}: task_role must be one of {', '.join(TASK_ROLES)}, got {', '.join(bad_roles)}"
+        )
     return frame[[*REQUIRED_COLUMNS, "train_seed", *OPTIONAL_DEFAULTS]]
 
 
@@ -182,7 +171,7 @@ def build_design(cells: pd.DataFrame, cluster: str = "train_seed") -> Design:
     problems = problems.reset_index(drop=True)
     columns = pd.MultiIndex.from_frame(problems)
     seeds, correct, nll = {}, {}, {}
-    for init in ordered(list(cells["init"].unique()), INIT_ORDER):
+    for init in ordered(list(cells["init"].unique()), INITS):
         rows = cells[cells["init"] == init]
         for name, target in (("correct", correct), ("nll", nll)):
             table = rows.pivot_table(index=cluster, columns=["task", "problem_id"], values=name, aggfunc="mean")

@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from fomaml_math.config import ConfigError
+from fomaml_math.errors import ConfigError
 from fomaml_math.io import atomic_path, write_text
 
 SUMMARY_FILE = "train_summary.json"

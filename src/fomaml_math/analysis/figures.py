@@ -23,8 +23,10 @@ from fomaml_math.analysis import style
 from fomaml_math.analysis.calibration import load_calibration
 from fomaml_math.analysis.evaldata import EXPERIMENT_ORDER, META_TEST_POOL
 from fomaml_math.analysis.outputs import FIGURES
-from fomaml_math.analysis.stats import ALL_SEEDS, INIT_ORDER, POOLED, StatsSettings, ordered, read_table, task_order
-from fomaml_math.config import ConfigError, add_settings_arguments, settings_from_args
+from fomaml_math.analysis.stats import ALL_SEEDS, POOLED, StatsSettings, ordered, read_table, task_order
+from fomaml_math.config import add_settings_arguments, settings_from_args
+from fomaml_math.errors import ConfigError
+from fomaml_math.evaluation.rows import INITS
 
 OUTPUT_FILES: tuple[str, ...] = tuple(f"{stem}.{ext}" for stem in FIGURES for ext in ("pdf", "png"))
 # The comparison the significance marks and the heatmap show.
@@ -72,7 +74,7 @@ _SERIES_COLOURS = {  # as many colours per run as its longest panel has series (
 
 
 def _inits(table: pd.DataFrame) -> list[str]:
-    return ordered(list(table["init"].unique()), INIT_ORDER)
+    return ordered(list(table["init"].unique()), INITS)
 
 
 def _shot_ticks(ax: Axes, shots: Sequence[int]) -> None:
@@ -399,7 +401,7 @@ def calibration_figure(calibration: dict[str, pd.DataFrame] | None) -> Figure:
             return fig
         by_lr, by_step = fig.subplots(1, 2)
         chosen, grid, curve = calibration["chosen"], calibration["grid"], calibration["curve"]
-        inits = ordered(list(chosen["init"].unique()), INIT_ORDER)
+        inits = ordered(list(chosen["init"].unique()), INITS)
         for row in chosen.itertuples(index=False):
             line_style = style.init_style(row.init, inits.index(row.init))
             label = style.init_label(row.init) + (f" (seed {row.train_seed})" if row.train_seed >= 0 else "")

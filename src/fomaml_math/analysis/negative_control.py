@@ -16,7 +16,7 @@ import pandas as pd
 
 from fomaml_math.analysis import inference
 from fomaml_math.analysis.evaldata import build_design, primary_pool, task_roles
-from fomaml_math.config import ConfigError
+from fomaml_math.errors import ConfigError
 
 CONTROL_COLUMNS = [
     "experiment",

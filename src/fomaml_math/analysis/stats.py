@@ -34,7 +34,6 @@ from scipy import stats as scipy_stats
 from fomaml_math.analysis import inference
 from fomaml_math.analysis.evaldata import (
     BASE,
-    INIT_ORDER,
     META_TEST_POOL,
     POOLED,
     Design,
@@ -50,12 +49,14 @@ from fomaml_math.analysis.evaldata import (
 )
 from fomaml_math.analysis.inference import holm_adjust
 from fomaml_math.analysis.outputs import STATS_FILES
-from fomaml_math.config import ConfigError, add_settings_arguments, settings_from_args
+from fomaml_math.config import add_settings_arguments, settings_from_args
+from fomaml_math.errors import ConfigError
+from fomaml_math.evaluation.rows import INITS
 from fomaml_math.io import write_tsv
 
 __all__ = [
     "BASE",
-    "INIT_ORDER",
+    "INITS",
     "META_TEST_POOL",
     "POOLED",
     "holm_adjust",
@@ -598,7 +599,7 @@ def _sort(frame: pd.DataFrame, by: str) -> pd.DataFrame:
     tasks = task_order(list(frame["task"].unique()))
     orders = {"experiment": experiments, "task": tasks}
     if by == "init":
-        orders["init"] = ordered(list(frame["init"].unique()), INIT_ORDER)
+        orders["init"] = ordered(list(frame["init"].unique()), INITS)
         orders["train_seed"] = [
             ALL_SEEDS,
             *sorted((s for s in frame["train_seed"].unique() if s != ALL_SEEDS), key=int),

@@ -16,9 +16,10 @@ import pandas as pd
 
 from fomaml_math.analysis import style
 from fomaml_math.analysis.calibration import load_calibration
-from fomaml_math.analysis.evaldata import EXPERIMENT_ORDER, INIT_ORDER, META_TEST_POOL, POOLED, ordered, task_order
+from fomaml_math.analysis.evaldata import EXPERIMENT_ORDER, META_TEST_POOL, POOLED, ordered, task_order
 from fomaml_math.analysis.stats import ALL_SEEDS, StatsSettings, read_table
 from fomaml_math.config import add_settings_arguments, settings_from_args
+from fomaml_math.evaluation.rows import INITS
 from fomaml_math.io import write_text
 
 Formatter = Callable[[float], str]
@@ -92,7 +93,7 @@ def _accuracy_table(accuracy: pd.DataFrame, experiment: str, task: str) -> list[
     rows = accuracy[
         (accuracy["experiment"] == experiment) & (accuracy["task"] == task) & (accuracy["train_seed"] == ALL_SEEDS)
     ]
-    inits = ordered(list(rows["init"].unique()), INIT_ORDER)
+    inits = ordered(list(rows["init"].unique()), INITS)
     body = []
     for shots in sorted(rows["shots"].unique()):
         line = [str(int(shots))]

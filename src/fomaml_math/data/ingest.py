@@ -34,10 +34,12 @@ from typing import Any
 
 import pandas as pd
 
-from fomaml_math.config import MATH_TASKS, ConfigError, add_settings_arguments, settings_from_args
+from fomaml_math.config import add_settings_arguments, settings_from_args
 from fomaml_math.data.answers import extract_boxed_answer
-from fomaml_math.data.synthetic import generate_synthetic, task_family
+from fomaml_math.data.synthetic import generate_synthetic
+from fomaml_math.errors import ConfigError
 from fomaml_math.io import write_json, write_parquet
+from fomaml_math.subjects import MATH_TASKS, task_family
 
 logger = logging.getLogger(__name__)
 

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from fomaml_math.config import MATH_TASKS, ConfigError
 from fomaml_math.data.text import problem_sha256
+from fomaml_math.errors import ConfigError
 from fomaml_math.io import write_text
+from fomaml_math.subjects import MATH_TASKS
 
 MATH500_PATH = Path(__file__).with_name("math500.tsv")
 REFERENCE_COLUMNS: tuple[str, ...] = ("unique_id", "task", "level", "problem_sha256")

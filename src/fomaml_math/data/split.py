@@ -40,25 +40,27 @@ import argparse
 import hashlib
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from fomaml_math.config import MATH_TASKS, ConfigError, add_settings_arguments, settings_from_args, split_settings
+from fomaml_math.config import add_settings_arguments, settings_from_args, split_settings
 from fomaml_math.data.ingest import COLUMNS, RULE_COLUMN
 from fomaml_math.data.math500 import select_math500
-from fomaml_math.data.synthetic import is_synthetic_task
+from fomaml_math.data.taskfiles import (
+    ROLES_FILE,
+    SPLITS,
+    SplitValidationError,
+)
 from fomaml_math.data.text import normalise_problem_text
+from fomaml_math.errors import ConfigError
 from fomaml_math.io import atomic_dir, write_tsv
+from fomaml_math.subjects import MATH_TASKS, is_synthetic_task
 
 logger = logging.getLogger(__name__)
 
-SPLITS: tuple[str, ...] = ("support", "query", "dev_pool", "dev_monitor", "test")
-TRAIN_SPLITS: tuple[str, ...] = ("support", "query")
-DEV_SPLITS: tuple[str, ...] = ("dev_pool", "dev_monitor")
-HELD_OUT_SPLITS: tuple[str, ...] = (*DEV_SPLITS, "test")  # no training batch may hold one of their ids
 UNUSED = "unused"  # problems no role takes: ratios summing to < 1, MATH test outside MATH-500
 STATS_COLUMNS: tuple[str, ...] = (
     "task",
@@ -73,59 +75,6 @@ STATS_COLUMNS: tuple[str, ...] = (
 _TEXT_COLUMNS = ("id", "task", "source_split", "problem", "solution", "answer", "split")
 _RATIO_DECIMALS = 9  # ratio x total is rounded here first, so 0.3 x 10 counts as exactly 3
 _POOLED_TIE_ORDER = ("support", "query", "dev", "test")
-
-
-class SplitValidationError(ConfigError):
-    """The splits break an invariant (empty split, bad schema, leakage); the message names the task."""
-
-
-class LeakageError(SplitValidationError):
-    """A held-out (dev or test) problem id is in training data."""
-
-
-def read_task_split(path: Path, columns: Sequence[str], *, missing_hint: str = "") -> pd.DataFrame:
-    """One ``<task>/<split>.parquet`` as written here: checked, ids as strings, sorted by id.
-
-    The order is independent of how the file was written; training batches, shot draws and
-    test cuts all depend on it.
-    """
-    if not path.is_file():
-        raise ConfigError(f"--tasks-dir: {path} not found{missing_hint}")
-    frame = pd.read_parquet(path)
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise ConfigError(f"{path}: missing column(s) {missing}")
-    frame = frame.assign(id=frame["id"].astype(str))
-    if frame["id"].duplicated().any():
-        raise ConfigError(f"{path}: duplicate ids, e.g. {frame['id'][frame['id'].duplicated()].iloc[0]!r}")
-    return frame.sort_values("id", kind="stable").reset_index(drop=True)
-
-
-def assert_disjoint(train_ids: Iterable[Any], held_out: Iterable[Any], what: str) -> None:
-    """Raise :class:`LeakageError` naming ``what`` when any id of ``train_ids`` is in ``held_out``.
-
-    The trainers call it for every batch with :func:`held_out_ids`, so no dev or test problem can
-    reach a gradient even if a split file was edited by hand.
-    """
-    held_out_set = held_out if isinstance(held_out, set | frozenset) else {str(i) for i in held_out}
-    leaked = sorted({str(i) for i in train_ids} & held_out_set)
-    if leaked:
-        raise LeakageError(f"{what}: {len(leaked)} dev/test problem id(s) in training data, e.g. {leaked[:3]}")
-
-
-ROLES_FILE = "roles.parquet"  # the role index: one row (id, task, split) per problem of every task
-
-
-def held_out_ids(tasks_dir: str | Path) -> frozenset[str]:
-    """The ids of every ``dev_pool``, ``dev_monitor`` and ``test`` problem (all tasks), for :func:`assert_disjoint`.
-
-    Read from the role index ``<tasks_dir>/roles.parquet``, so the trainers never open a test file.
-    """
-    path = Path(tasks_dir) / ROLES_FILE
-    if not path.is_file():
-        raise ConfigError(f"--tasks-dir: {path} not found (run split-tasks)")
-    roles = pd.read_parquet(path, columns=["id", "split"])
-    return frozenset(roles.loc[roles["split"].isin(HELD_OUT_SPLITS), "id"].astype(str))
 
 
 def remove_duplicates(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:

@@ -34,8 +34,9 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fomaml_math.config import MATH_TASKS, ConfigError
 from fomaml_math.data.text import normalise_problem_text
+from fomaml_math.errors import ConfigError
+from fomaml_math.subjects import MATH_TASKS, NUM_VARIANTS, task_family
 
 LEVELS: tuple[int, ...] = (1, 2, 3, 4, 5)
 TEST_FRACTION = 0.30  # share of each family marked source_split="test", like MATH's 7,500/5,000 mix
@@ -263,27 +264,6 @@ assert tuple(FAMILIES) == MATH_TASKS
 # --- tasks and their hidden rules --------------------------------------------------------------
 
 RULE_KIND = "units_digit"
-NUM_VARIANTS = 10  # one per digit: the variants of a family are a permutation of 0..9
-_VARIANT = re.compile(r"^(?P<family>[a-z_]+?)(?:_v(?P<variant>[1-9]))?$")
-
-
-def task_family(task: str) -> tuple[str, int]:
-    """``"prealgebra"`` -> ``("prealgebra", 0)``, ``"prealgebra_v2"`` -> ``("prealgebra", 2)``; else ConfigError."""
-    match = _VARIANT.match(task)
-    if match is None or match["family"] not in FAMILIES:
-        raise ConfigError(
-            f"tasks.names: {task!r} is not a synthetic task; expected a family from {list(FAMILIES)}, "
-            "optionally with a variant suffix _v1.._v9 (e.g. prealgebra_v1)"
-        )
-    return match["family"], int(match["variant"] or 0)
-
-
-def is_synthetic_task(task: str) -> bool:
-    try:
-        task_family(task)
-    except ConfigError:
-        return False
-    return True
 
 
 @dataclass(frozen=True)

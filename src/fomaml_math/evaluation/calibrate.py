@@ -29,7 +29,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fomaml_math.config import ConfigError, add_settings_arguments, settings_from_args
+from fomaml_math.config import add_settings_arguments, settings_from_args
+from fomaml_math.errors import ConfigError
 from fomaml_math.io import write_json
 
 MONITOR_COLUMNS = ("id", "problem", "solution")
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from fomaml_math.data.split import read_task_split
+    from fomaml_math.data.taskfiles import read_task_split
     from fomaml_math.evaluation.fewshot import _device
     from fomaml_math.modeling import load_model_and_tokenizer
 

@@ -36,43 +36,15 @@ from typing import Any
 
 import pandas as pd
 
-from fomaml_math.config import ConfigError, add_settings_arguments, settings_from_args
-from fomaml_math.data.split import read_task_split
+from fomaml_math.config import add_settings_arguments, settings_from_args
+from fomaml_math.data.taskfiles import discover_tasks, read_task_split
+from fomaml_math.errors import ConfigError
+from fomaml_math.evaluation.rows import INITS, OUTPUT_COLUMNS, to_output_schema
 from fomaml_math.io import write_json, write_parquet
 
-INITS: tuple[str, ...] = ("base", "sft", "fomaml")
 MODES: tuple[str, ...] = ("finetune", "in_context")
 BACKENDS: tuple[str, ...] = ("hf", "vllm")  # eval.backend: who generates (hf: the reference loop)
 
-# Output schema (docs/architecture.md): column -> pandas dtype used when writing.
-OUTPUT_COLUMNS: dict[str, str] = {
-    "init": "str",
-    "task": "str",
-    "shots": "int64",
-    "repeat": "int64",
-    "problem_id": "str",
-    "level": "int64",
-    "gold": "str",
-    "generated": "str",
-    "extracted": "str",  # null where no \boxed{} was found
-    "correct": "bool",
-    "grade_status": "str",
-    "nll": "float64",
-    "nll_tokens": "int64",
-    "gen_tokens": "int64",
-    "shot_ids": "str",
-    "truncated": "bool",  # generation cut at eval.max_new_tokens (no stop token)
-    "experiment": "str",
-    "train_seed": "int64",  # -1: the untrained base model
-    "shot_seed": "int64",
-    "task_role": "str",  # train (meta-trained on in this experiment) | meta_test (held out)
-    "support_loss_before": "float64",  # k-shot loss at the initialisation (NaN at 0 shots)
-    "support_loss_after": "float64",  # the same loss after adaptation
-    "weight_change": "float64",  # ‖Δw‖/‖w‖ of the adaptation (0 at 0 shots)
-    "adapt_lr": "float64",
-    "adapt_steps": "int64",
-    "adapt_optimizer": "str",
-}
 POOL_COLUMNS = ("id", "problem", "solution")
 TEST_COLUMNS = ("id", "level", "problem", "solution", "answer")
 
@@ -86,22 +58,6 @@ class TaskData:
     pool: pd.DataFrame  # dev_pool: where the shots come from; sorted by id
     test: pd.DataFrame  # sorted by id, cut to eval.max_test_problems
     role: str = "train"  # train | meta_test
-
-
-def discover_tasks(tasks_dir: str | Path, only: Sequence[str] | None = None) -> list[str]:
-    """Task folders under ``tasks_dir`` that hold a ``test.parquet`` (sorted), or the ``only`` subset."""
-    tasks_dir = Path(tasks_dir)
-    if not tasks_dir.is_dir():
-        raise ConfigError(f"--tasks-dir: {tasks_dir} is not a folder")
-    found = sorted(p.parent.name for p in tasks_dir.glob("*/test.parquet"))
-    if only:
-        unknown = [t for t in only if t not in found]
-        if unknown:
-            raise ConfigError(f"--tasks: {unknown} not found in {tasks_dir} (found {found})")
-        return list(dict.fromkeys(only))
-    if not found:
-        raise ConfigError(f"--tasks-dir: no <task>/test.parquet under {tasks_dir}")
-    return found
 
 
 def load_task(tasks_dir: str | Path, task: str, max_test_problems: int | None, role: str = "train") -> TaskData:
@@ -325,18 +281,6 @@ def evaluate_task_repeat(
         **{status: int(statuses.get(status, 0)) for status in ("timeout", "no_answer", "error")},
     )
     return rows, info
-
-
-def to_output_schema(frame: pd.DataFrame) -> pd.DataFrame:
-    """Columns in schema order with schema dtypes (``extracted`` keeps its nulls)."""
-    missing = [c for c in OUTPUT_COLUMNS if c not in frame.columns]
-    if missing:
-        raise ValueError(f"evaluation rows: missing column(s) {missing}")
-    frame = frame[list(OUTPUT_COLUMNS)].copy()
-    for column, dtype in OUTPUT_COLUMNS.items():
-        # "string" keeps None as a null (astype(str) would write the text "None" on pandas 2).
-        frame[column] = frame[column].astype("string" if dtype == "str" else dtype)
-    return frame
 
 
 # --------------------------------------------------------------------------- resume pieces

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from fomaml_math.config import ConfigError
+from fomaml_math.errors import ConfigError
 
 Message = dict[str, str]
 # A prompt is a chat (list of messages) or a bare string, taken as one user turn.

@@ -26,7 +26,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from fomaml_math.config import ConfigError
+from fomaml_math.errors import ConfigError
 from fomaml_math.evaluation.generate import Generations, check_context, generations_from_ids, stop_token_ids
 
 DTYPES: dict[str, str] = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}

@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from fomaml_math.config import ConfigError
+from fomaml_math.errors import ConfigError
 from fomaml_math.io import atomic_dir
 
 STEP_PREFIX = "step-"

@@ -10,17 +10,9 @@ from typing import Any
 import numpy as np
 
 from fomaml_math.batching import EncodedExample, encode_example
-from fomaml_math.config import ConfigError, settings_hash
-from fomaml_math.data.split import read_task_split
-
-TASK_COLUMNS: tuple[str, ...] = ("id", "task", "problem", "solution")
-
-
-def load_task_split(tasks_dir: str | Path, task: str, split: str) -> list[dict[str, Any]]:
-    """Rows of ``<tasks_dir>/<task>/<split>.parquet`` (sorted by id, so input order never matters)."""
-    path = Path(tasks_dir) / task / f"{split}.parquet"
-    frame = read_task_split(path, TASK_COLUMNS, missing_hint=" (run split-tasks, or check train_tasks)")
-    return [{c: frame.at[i, c] for c in TASK_COLUMNS} for i in range(len(frame))]
+from fomaml_math.config import settings_hash
+from fomaml_math.data.taskfiles import load_task_split
+from fomaml_math.errors import ConfigError
 
 
 def encode_rows(

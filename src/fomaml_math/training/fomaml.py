@@ -22,9 +22,9 @@ import torch
 
 from fomaml_math.adapt import WeightSnapshot, adapted
 from fomaml_math.batching import EncodedExample, SFTBatch, collate
-from fomaml_math.config import ConfigError
-from fomaml_math.data.split import assert_disjoint, held_out_ids
-from fomaml_math.training.data import encode_rows, load_dev, load_task_split, require_rows, rng_for
+from fomaml_math.data.taskfiles import assert_disjoint, held_out_ids, load_task_split
+from fomaml_math.errors import ConfigError
+from fomaml_math.training.data import encode_rows, load_dev, require_rows, rng_for
 from fomaml_math.training.monitor import build_monitor_sets, dev_losses
 from fomaml_math.training.optim import TrainingDivergedError, check_finite, clip_and_norm
 from fomaml_math.training.run import run_main, start_run

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from fomaml_math.config import ConfigError
+from fomaml_math.errors import ConfigError
 from fomaml_math.training.runtime import Runtime
 
 

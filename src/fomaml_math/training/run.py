@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from fomaml_math.batching import EncodedExample
-from fomaml_math.config import ConfigError, add_settings_arguments, settings_from_args, settings_hash
+from fomaml_math.config import add_settings_arguments, settings_from_args, settings_hash
+from fomaml_math.errors import ConfigError
 from fomaml_math.io import write_json
 from fomaml_math.training import checkpoint as ckpt
 from fomaml_math.training.data import data_fingerprint, model_fingerprint, resume_key

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 
 from fomaml_math.batching import SFTBatch
-from fomaml_math.config import ConfigError
+from fomaml_math.errors import ConfigError
 
 GRAD_BUCKET_ELEMENTS = 1 << 25  # 32M elements (128 MB in fp32) per all-reduce
 
