@@ -121,11 +121,11 @@ def apply_update(
     params: Sequence[torch.nn.Parameter],
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
-    *,
     max_grad_norm: float,
     checked: Callable[[float], dict[str, float]],
     step: int,
     checkpoint_hint: str,
+    *,
     divide_by: int | None = None,
 ) -> float:
     """The end of every training step, after the backward passes: one update from ``.grad``.

@@ -72,16 +72,12 @@ def sft_step(
     if runtime.mode == "fsdp":
         value /= runtime.world
     loss_value = float(value[0])
+
+    def checked(grad_norm: float) -> dict[str, float]:
+        return {"sft/loss": loss_value, "sft/grad_norm": grad_norm}
+
     grad_norm = apply_update(
-        runtime,
-        model,
-        params,
-        optimizer,
-        scheduler,
-        max_grad_norm=max_grad_norm,
-        checked=lambda grad_norm: {"sft/loss": loss_value, "sft/grad_norm": grad_norm},
-        step=step,
-        checkpoint_hint=checkpoint_hint,
+        runtime, model, params, optimizer, scheduler, max_grad_norm, checked, step, checkpoint_hint
     )
     return loss_value, grad_norm
 
