@@ -111,6 +111,7 @@ def train_settings(model_dir: str | Path, *, method: str = "fomaml", tasks: Sequ
             "snapshot_device": "cpu",
         },
         "train_tasks": list(tasks),
+        "train_seed": 7,
         "wandb": {"mode": "disabled", "project": "fomaml-math", "entity": None},
         "prompt": {"instruction": ""},
         "select": {"criterion": "last", "shots": 4, "draws": 1, "max_monitor_examples": 32},

@@ -168,6 +168,18 @@ def test_batch_larger_than_split_fails_before_training(tmp_path: Path) -> None:
     assert not (tmp_path / "ckpt").exists()
 
 
+@pytest.mark.parametrize(
+    ("section", "key"), [("fomaml", "max_grad_norm"), ("select", "criterion"), (None, "train_seed")]
+)
+def test_partial_settings_name_the_missing_key(section: str | None, key: str, tmp_path: Path) -> None:
+    settings = train_settings(shared_workspace() / "model")
+    del (settings[section] if section else settings)[key]  # the schema's defaults are not restated in the code
+    name = f"{section}.{key}" if section else key
+    with pytest.raises(ConfigError, match=rf"settings: missing key {name} \(pass the stage's full settings"):
+        _run(settings, tmp_path / "out", tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_world_size_must_match_settings(tmp_path: Path) -> None:
     settings = train_settings(shared_workspace() / "model")
     settings["compute"]["num_processes"] = 2

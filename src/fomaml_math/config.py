@@ -282,6 +282,24 @@ def _train_compute(config: dict[str, Any]) -> dict[str, Any]:
     return {k: compute[k] for k in keys}
 
 
+def _train_settings(
+    config: dict[str, Any], method: str, section: dict[str, Any], *, experiment: str | None, train_seed: int
+) -> dict[str, Any]:
+    """The settings of ``train_fomaml`` / ``train_sft``: the same keys, with the method's own ``section``."""
+    return {
+        "seed": config["seed"],
+        "model": _model_settings(config),
+        "compute": _train_compute(config),
+        method: section,
+        "train_tasks": training_tasks(config, experiment),
+        "train_seed": train_seed,
+        "wandb": config["wandb"],
+        "prompt": {"instruction": instruction(config)},
+        "select": config["select"],
+        "adaptation": adaptation_settings(config),
+    }
+
+
 def stage_settings(
     config: dict[str, Any], stage: str, *, experiment: str | None = None, train_seed: int | None = None
 ) -> dict[str, Any]:
@@ -320,31 +338,10 @@ def stage_settings(
             "instruction": instruction(config),
         }
     if stage == "train_fomaml":
-        return {
-            "seed": seed,
-            "model": _model_settings(config),
-            "compute": _train_compute(config),
-            "fomaml": config["fomaml"],
-            "train_tasks": training_tasks(config, experiment),
-            "train_seed": train_seed,
-            "wandb": config["wandb"],
-            "prompt": {"instruction": instruction(config)},
-            "select": config["select"],
-            "adaptation": adaptation_settings(config),
-        }
+        return _train_settings(config, "fomaml", config["fomaml"], experiment=experiment, train_seed=train_seed)
     if stage == "train_sft":
-        return {
-            "seed": seed,
-            "model": _model_settings(config),
-            "compute": _train_compute(config),
-            "sft": config["sft"] | {"steps": sft_budget_steps(config)},
-            "train_tasks": training_tasks(config, experiment),
-            "train_seed": train_seed,
-            "wandb": config["wandb"],
-            "prompt": {"instruction": instruction(config)},
-            "select": config["select"],
-            "adaptation": adaptation_settings(config),
-        }
+        sft = config["sft"] | {"steps": sft_budget_steps(config)}
+        return _train_settings(config, "sft", sft, experiment=experiment, train_seed=train_seed)
     if stage == "eval":
         # ``shots`` is left out: each job gets its own shot count as a wildcard, so adding a
         # shot count must not rerun the evaluations that already exist. The generation backend's

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,14 @@ from fomaml_math.batching import EncodedExample, encode_example
 from fomaml_math.config import settings_hash
 from fomaml_math.data.taskfiles import load_task_split
 from fomaml_math.errors import ConfigError
+
+
+@dataclass
+class TaskData:
+    """One training task's encoded support and query splits."""
+
+    support: list[EncodedExample]
+    query: list[EncodedExample]
 
 
 def encode_rows(

@@ -8,9 +8,11 @@ import os
 import sys
 import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from tqdm.auto import tqdm
 
 from fomaml_math.io import atomic_path
 
@@ -69,20 +71,22 @@ def wandb_mode(requested: str) -> str:
 class WandbLogger:
     """Optional wandb run (main process only); its id is kept in the checkpoint folder so resumes continue it."""
 
-    def __init__(self, settings: dict[str, Any], *, name: str, config: dict[str, Any], run_dir: Path, active: bool):
+    def __init__(
+        self, settings: Mapping[str, Any], *, name: str, config: dict[str, Any], run_dir: Path, active: bool
+    ) -> None:
         self.run = None
-        mode = wandb_mode(settings.get("mode", "disabled"))
+        mode = wandb_mode(settings["mode"])
         if not active or mode == "disabled":
             return
-        import wandb
+        import wandb  # lazy: ~0.9 s to import, and only a run that logs to wandb needs it
 
         run_dir.mkdir(parents=True, exist_ok=True)
         id_file = run_dir / f"run_id-{name}.txt"  # a resumed run continues the same wandb run
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]  # wandb: [a-z0-9]
         id_file.write_text(run_id + "\n")
         self.run = wandb.init(
-            project=settings.get("project", "fomaml-math"),
-            entity=settings.get("entity"),
+            project=settings["project"],
+            entity=settings["entity"],
             mode=mode,
             dir=str(run_dir),
             name=name,
@@ -103,8 +107,6 @@ class WandbLogger:
 
 
 def progress_bar(*, total: int, initial: int, desc: str, active: bool) -> Any:
-    from tqdm.auto import tqdm
-
     # In a log file (Snakemake) every refresh is a new line: refresh every 30 s there, not 10 times a second.
     interval = 0.1 if sys.stderr.isatty() else 30.0
     return tqdm(

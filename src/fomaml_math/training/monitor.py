@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from fomaml_math.batching import EncodedExample, SFTBatch
+from fomaml_math.adapt import WeightSnapshot
+from fomaml_math.batching import EncodedExample, SFTBatch, collate, summed_nll
+from fomaml_math.kshot import STREAM_SELECTION, AdaptSpec, adapted_on_shots, draw_shots, shot_batches
 from fomaml_math.training.data import rng_for
 from fomaml_math.training.runtime import Runtime, loss_fn_for
 
@@ -51,11 +53,8 @@ def build_monitor_sets(
     multiple_of: int = 1,
 ) -> list[MonitorSet]:
     """Draw once (seeded) up to ``max_examples`` dev_monitor examples and the selection's shots per task."""
-    from fomaml_math.batching import collate
-    from fomaml_math.kshot import STREAM_SELECTION, draw_shots, shot_batches
-
     sets = []
-    k = int(select.get("shots", 0))
+    k = int(select["shots"])
     # Under FSDP every process runs every forward: one micro-batch of all k shots (its rows split).
     batch_size = k if multiple_of > 1 else int(adaptation["inner_batch_size"])
     for index, task in enumerate(tasks):
@@ -71,7 +70,7 @@ def build_monitor_sets(
         shots_pool = pools.get(task, [])
         if k and k <= len(shots_pool):
             by_id = {str(r["id"]): r for r in shots_pool}
-            for draw in range(int(select.get("draws", 1))):
+            for draw in range(int(select["draws"])):
                 ids = draw_shots(list(by_id), k, seed=seed, task=task, repeat=draw, stream=STREAM_SELECTION)
                 shots = [by_id[i] for i in ids]
                 draws.append(
@@ -85,8 +84,6 @@ def build_monitor_sets(
 
 def _nll_sum_count(runtime: Runtime, model: Any, chunks: Sequence[SFTBatch], split_rows: bool) -> tuple[float, int]:
     """This process's share (its rows under FSDP) of the chunks' summed NLL and token count."""
-    from fomaml_math.batching import summed_nll
-
     local = [runtime.split_rows(c)[0] for c in chunks] if split_rows and runtime.world > 1 else chunks
     return summed_nll(model, local, runtime.autocast, runtime.device)
 
@@ -101,9 +98,6 @@ def dev_losses(
 ) -> dict[str, float]:
     """Token-weighted dev_monitor NLL per task at the current weights and, with ``adaptation``, after the
     evaluation's k-shot adaptation on each draw (restored afterwards).  Every process must call it."""
-    from fomaml_math.adapt import WeightSnapshot
-    from fomaml_math.kshot import AdaptSpec, adapted_on_shots
-
     split = runtime.mode == "fsdp"
     values = torch.zeros((len(sets), 4), dtype=torch.float64)
     mine = range(len(sets)) if split else range(runtime.rank, len(sets), runtime.world)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
+from fomaml_math.adapt import trainable_parameters
 from fomaml_math.errors import ConfigError
 from fomaml_math.training.runtime import Runtime
 
@@ -73,7 +74,7 @@ def enable_gradient_checkpointing(model: Any) -> None:
 def prepare_training(
     runtime: Runtime,
     model: Any,
-    compute: dict[str, Any],
+    compute: Mapping[str, Any],
     *,
     lr: float,
     weight_decay: float,
@@ -85,10 +86,8 @@ def prepare_training(
 
     Returns the (possibly wrapped) model, optimizer, scheduler and the trainable parameters to update.
     """
-    from fomaml_math.adapt import trainable_parameters
-
     model.config.use_cache = False
-    if compute.get("gradient_checkpointing"):
+    if compute["gradient_checkpointing"]:
         enable_gradient_checkpointing(model)
     model.train()
     if runtime.mode == "fsdp":
@@ -114,3 +113,40 @@ def check_finite(values: dict[str, float], *, step: int, checkpoint_hint: str) -
             f"non-finite value at step {step} ({first}); no update was applied, {checkpoint_hint}; "
             "lower the learning rates or check the data"
         )
+
+
+def apply_update(
+    runtime: Runtime,
+    model: Any,
+    params: Sequence[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    max_grad_norm: float,
+    checked: Callable[[float], dict[str, float]],
+    step: int,
+    checkpoint_hint: str,
+    *,
+    divide_by: int | None = None,
+) -> float:
+    """The end of every training step, after the backward passes: one update from ``.grad``.
+
+    Sum ``.grad`` over processes, divide it by ``divide_by`` (if given), clip it to ``max_grad_norm``;
+    if a value of ``checked(grad_norm)`` is NaN/inf, zero ``.grad`` and raise :class:`TrainingDivergedError`
+    (no update); else one optimizer and schedule step, and zero ``.grad``.  Returns the pre-clip norm.
+    """
+    runtime.reduce_grads(params)
+    if divide_by is not None:
+        with torch.no_grad():
+            for p in params:
+                if p.grad is not None:
+                    p.grad.div_(divide_by)
+    grad_norm = clip_and_norm(runtime, model, params, max_grad_norm)
+    try:
+        check_finite(checked(grad_norm), step=step, checkpoint_hint=checkpoint_hint)
+    except TrainingDivergedError:
+        optimizer.zero_grad(set_to_none=True)
+        raise
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm

@@ -1,32 +1,31 @@
-"""Book-keeping shared by both trainers: resume, metrics log, wandb, checkpoints, final outputs."""
+"""A training run's records: resume, metrics log, wandb, checkpoints, the best-dev slot, final outputs."""
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import accelerate
 import torch
+import transformers
 
 from fomaml_math.batching import EncodedExample
-from fomaml_math.config import add_settings_arguments, settings_from_args, settings_hash
+from fomaml_math.config import settings_hash
 from fomaml_math.errors import ConfigError
-from fomaml_math.io import write_json
+from fomaml_math.io import atomic_dir, write_json
 from fomaml_math.training import checkpoint as ckpt
-from fomaml_math.training.data import data_fingerprint, model_fingerprint, resume_key
 from fomaml_math.training.logs import MetricsLog, WandbLogger, progress_bar, write_metrics_outputs
-from fomaml_math.training.optim import TrainingDivergedError, prepare_training
+from fomaml_math.training.monitor import SELECTION_METRIC
 from fomaml_math.training.runtime import Runtime
+from fomaml_math.training.settings import TrainSettings
 
 
 def save_final_model(runtime: Runtime, model: Any, tokenizer: Any, path: Path) -> None:
     """The trained weights as a Hugging Face folder (``from_pretrained`` loads it), written atomically."""
-    from fomaml_math.io import atomic_dir
-
     if runtime.mode == "fsdp":
         state = runtime.accelerator.get_state_dict(model)  # collective: every process takes part
         unwrapped = runtime.accelerator.unwrap_model(model)
@@ -42,9 +41,6 @@ def save_final_model(runtime: Runtime, model: Any, tokenizer: Any, path: Path) -
 
 
 def versions() -> dict[str, str]:
-    import accelerate
-    import transformers
-
     return {"torch": torch.__version__, "transformers": transformers.__version__, "accelerate": accelerate.__version__}
 
 
@@ -52,34 +48,33 @@ class TrainingRun:
     """Resumes from the latest complete checkpoint in ``checkpoint_dir`` and keeps the records.
 
     ``state`` holds the counters that survive resume: tokens, examples, truncated rows, wall time.
-    How often to evaluate and save comes from the trainer's settings section, ``settings[method]``.
+    How often to evaluate and save comes from the method's settings section (``test_freq``,
+    ``save_freq``, ``keep_checkpoints``); ``settings.raw`` is what the checkpoints and summary record.
     """
 
     def __init__(
         self,
         *,
-        method: str,
         runtime: Runtime,
-        settings: dict[str, Any],
+        settings: TrainSettings,
         key: str,
         checkpoint_dir: Path,
         model: Any,
         optimizer: Any,
         scheduler: Any,
-        total_steps: int,
     ) -> None:
+        method = settings.method.name
         self.method = method
         self.runtime = runtime
-        self.settings = settings
+        self.settings = settings.raw
         self.key = key
         self.root = Path(checkpoint_dir)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.total_steps = total_steps
-        section = settings[method]
-        self.test_freq = int(section.get("test_freq", 100))
-        self.save_freq = int(section.get("save_freq", 500))
-        self.keep_checkpoints = int(section.get("keep_checkpoints", 3))
-        self.criterion = str(settings.get("select", {}).get("criterion", "last"))
+        self.total_steps = settings.method.total_steps
+        self.test_freq = settings.method.test_freq
+        self.save_freq = settings.method.save_freq
+        self.keep_checkpoints = settings.method.keep_checkpoints
+        self.criterion = settings.criterion
         self.state: dict[str, Any] = {
             "tokens": 0,
             "examples": 0,
@@ -110,9 +105,9 @@ class TrainingRun:
             resume_step=self.start_step if latest is not None else None,
         )
         self.wandb = WandbLogger(
-            settings.get("wandb", {}),
+            settings.wandb,
             name=f"{method}-{key}",
-            config=settings,
+            config=settings.raw,
             run_dir=self.root / ".wandb",
             active=runtime.is_main,
         )
@@ -125,7 +120,7 @@ class TrainingRun:
         self._clock = time.perf_counter()
         self._wall_before = float(self.state["wall_time_s"])
         self.bar = progress_bar(
-            total=total_steps, initial=self.start_step, desc=f"{method} steps", active=runtime.is_main
+            total=self.total_steps, initial=self.start_step, desc=f"{method} steps", active=runtime.is_main
         )
 
     def wall_time(self) -> float:
@@ -181,8 +176,6 @@ class TrainingRun:
 
         Only trained steps compete (not step 0); ties keep the earlier step.
         """
-        from fomaml_math.training.monitor import SELECTION_METRIC
-
         value = record.get(SELECTION_METRIC)
         if self.criterion != "best_dev" or step < 1 or value is None or not math.isfinite(float(value)):
             return
@@ -253,76 +246,3 @@ class TrainingRun:
         self.wandb.finish(summary["final_metrics"])
         self.runtime.barrier()
         return summary
-
-
-def start_run(
-    method: str,
-    runtime: Runtime,
-    settings: dict[str, Any],
-    model: Any,
-    *,
-    tasks_dir: Path,
-    tasks: Sequence[str],
-    checkpoint_dir: Path,
-    lr: float,
-    total_steps: int,
-) -> tuple[TrainingRun, list[torch.nn.Parameter]]:
-    """What both trainers do before their first step: resume key, optimizer and schedule, the run.
-
-    The optimizer settings (``weight_decay``, ``lr_schedule``, ``warmup_steps``) come from
-    ``settings[method]``.  Returns the run (its ``model`` is the prepared, possibly FSDP-wrapped,
-    model, with ``optimizer`` and ``scheduler``; all resumed from the latest checkpoint if any) and
-    the trainable parameters to update.
-    """
-    section = settings[method]
-    key = resume_key(
-        settings,
-        data=data_fingerprint(tasks_dir, tasks, ("support", "query", "dev_pool", "dev_monitor")),
-        model=model_fingerprint(settings["model"]["name_or_path"]),
-    )
-    model, optimizer, scheduler, params = prepare_training(
-        runtime,
-        model,
-        settings["compute"],
-        lr=lr,
-        weight_decay=float(section.get("weight_decay", 0.0)),
-        schedule=section.get("lr_schedule", "cosine"),
-        warmup=int(section.get("warmup_steps", 0)),
-        total=total_steps,
-    )
-    run = TrainingRun(
-        method=method,
-        runtime=runtime,
-        settings=settings,
-        key=key,
-        checkpoint_dir=checkpoint_dir,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        total_steps=total_steps,
-    )
-    return run, params
-
-
-def run_main(argv: list[str] | None, *, stage: str, train_fn: Callable[..., Any], prog: str) -> int:
-    """The command line both trainers share: settings, ``--tasks-dir``, ``--output-dir``, ``--checkpoint-dir``."""
-    parser = argparse.ArgumentParser(prog=prog)
-    add_settings_arguments(parser)
-    parser.add_argument("--tasks-dir", required=True, type=Path, help="results/data/tasks")
-    parser.add_argument(
-        "--output-dir", required=True, type=Path, help="gets model/, metrics.jsonl, metrics.csv, train_summary.json"
-    )
-    parser.add_argument(
-        "--checkpoint-dir", required=True, type=Path, help="resumable checkpoints (kept outside Snakemake outputs)"
-    )
-    args = parser.parse_args(argv)
-    settings = settings_from_args(args, stage)
-    try:
-        train_fn(settings, args.tasks_dir, args.output_dir, args.checkpoint_dir)
-    except TrainingDivergedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    return 0

@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
+from fomaml_math.adapt import sft_loss_fn
 from fomaml_math.batching import SFTBatch
 from fomaml_math.errors import ConfigError
 
@@ -138,12 +141,9 @@ def configure_threads(local_world: int) -> None:
     torch.set_num_threads(threads)
 
 
-def make_runtime(compute: dict[str, Any]) -> Runtime:
+def make_runtime(compute: Mapping[str, Any]) -> Runtime:
     """Create the Accelerator for a training run and check it against ``compute`` settings."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType
-
-    precision = compute.get("mixed_precision", "no")
+    precision = compute["mixed_precision"]
     if precision == "fp16":
         raise ConfigError(
             "compute.mixed_precision: fp16 is not supported for training (no loss scaling in the inner loop); use bf16"
@@ -157,7 +157,7 @@ def make_runtime(compute: dict[str, Any]) -> Runtime:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     configure_threads(local_world)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision)
-    expected = int(compute.get("num_processes", 1))
+    expected = int(compute["num_processes"])
     if accelerator.num_processes != expected:
         raise ConfigError(
             f"compute.num_processes: settings say {expected} but {accelerator.num_processes} process(es) were started "
@@ -183,7 +183,5 @@ def loss_fn_for(runtime: Runtime, *, split_rows: bool) -> Any:
     Autocast is opened per forward pass (:func:`fomaml_math.adapt.sft_loss_fn`), never around the
     inner loop; the evaluation builds its loss the same way.
     """
-    from fomaml_math.adapt import sft_loss_fn
-
     rows = runtime.split_rows if split_rows and runtime.world > 1 else None
     return sft_loss_fn(runtime.device, runtime.autocast, rows)
