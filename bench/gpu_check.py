@@ -77,8 +77,8 @@ from fomaml_math import devices  # noqa: E402
 from fomaml_math.adapt import MicroBatches, WeightSnapshot, adapted, sft_loss_fn, trainable_parameters  # noqa: E402
 from fomaml_math.batching import EncodedExample, SFTBatch, collate  # noqa: E402
 from fomaml_math.data.synthetic import generate_synthetic  # noqa: E402
-from fomaml_math.evaluation.fewshot import precision_context  # noqa: E402
 from fomaml_math.evaluation.generate import generate_greedy, stop_token_ids  # noqa: E402
+from fomaml_math.evaluation.job import precision_context  # noqa: E402
 from fomaml_math.io import write_json, write_text  # noqa: E402
 from fomaml_math.modeling import build_tiny_model  # noqa: E402
 from fomaml_math.subjects import MATH_TASKS  # noqa: E402

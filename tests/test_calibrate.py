@@ -12,7 +12,9 @@ import pytest
 
 from fomaml_math.config import stage_settings
 from fomaml_math.errors import ConfigError
-from fomaml_math.evaluation.calibrate import choose, lr_grid, main, steps_grid
+from fomaml_math.evaluation.calibrate import choose, main
+from fomaml_math.evaluation.choice import AdaptationChoice, read_choice
+from fomaml_math.evaluation.settings import lr_grid, steps_grid
 from tests.fixtures_tiny import TASKS, shared_workspace
 
 
@@ -24,9 +26,9 @@ def test_choose_takes_the_lowest_finite_loss_and_breaks_ties_low() -> None:
         {"lr": 3e-2, "num_steps": 2, "dev_loss": 1.2},
         {"lr": 1e-2, "num_steps": 1, "dev_loss": 1.2},
     ]
-    assert choose(points) == {"lr": 1e-2, "num_steps": 1}
+    assert choose(points, "sgd") == AdaptationChoice("sgd", 1e-2, 1)
     with pytest.raises(ConfigError, match="every learning rate diverged"):
-        choose([{"lr": 1.0, "num_steps": 1, "dev_loss": math.nan}])
+        choose([{"lr": 1.0, "num_steps": 1, "dev_loss": math.nan}], "sgd")
 
 
 def test_grid_always_holds_fomamls_inner_rate(demo_config: dict) -> None:
@@ -67,6 +69,8 @@ def test_main_reads_only_dev_and_reports_the_grid(settings: dict[str, Any], tmp_
     assert len(report["curve"]) == 2 * 2 and len(report["per_task"]) == len(TASKS) * 4
     best = min(report["grid"], key=lambda p: p["dev_loss"])
     assert report["chosen"] == {"lr": best["lr"], "num_steps": best["num_steps"]}
+    # The one reader of the choice (workflow, evaluation and analysis) gets the same record back.
+    assert read_choice(tmp_path / "base.json") == AdaptationChoice("sgd", best["lr"], best["num_steps"])
     # A larger step adapts more: after two steps at 0.3 the dev loss is below the loss before adapting.
     point = next(p for p in report["grid"] if p["lr"] == 0.3 and p["num_steps"] == 2)
     assert point["dev_loss"] < point["dev_loss_before"]

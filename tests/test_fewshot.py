@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -14,18 +15,15 @@ import torch
 from fomaml_math.config import stage_settings
 from fomaml_math.errors import ConfigError
 from fomaml_math.evaluation import fewshot
-from fomaml_math.evaluation.fewshot import (
-    EvalContext,
-    check_in_context_lengths,
-    evaluate_task_repeat,
-    load_task,
-    main,
-    summary_path,
-)
+from fomaml_math.evaluation.fewshot import main, summary_path
 from fomaml_math.evaluation.generate import ContextLengthError
 from fomaml_math.evaluation.grade import GradeResult, grade_unlimited
+from fomaml_math.evaluation.job import JobModel
+from fomaml_math.evaluation.repeat import EvalContext, check_in_context_lengths, evaluate_task_repeat
 from fomaml_math.evaluation.rows import OUTPUT_COLUMNS
-from fomaml_math.kshot import STREAM_CALIBRATION, draw_shots
+from fomaml_math.evaluation.settings import EvalSettings
+from fomaml_math.evaluation.tasks import load_task
+from fomaml_math.kshot import STREAM_CALIBRATION, AdaptSpec, draw_shots
 from tests.fixtures_tiny import TASKS, shared_workspace
 
 
@@ -82,18 +80,22 @@ def test_draws_are_nested_reproducible_and_paired() -> None:
 
 
 def _context(
-    model: Any, tokenizer: Any, settings: dict[str, Any], shots: int, mode: str = "finetune", limit: int = 2048
+    model: Any,
+    tokenizer: Any,
+    settings: dict[str, Any],
+    shots: int,
+    mode: str = "finetune",
+    limit: int = 2048,
+    lr: float | None = 0.5,  # large, so adaptation visibly changes the NLL; None: the settings' eval.inner_lr
 ) -> EvalContext:
+    ev = settings["eval"] | {"mode": mode} | ({} if lr is None else {"inner_lr": lr})
+    typed = EvalSettings.from_stage(settings | {"eval": ev})
     return EvalContext(
-        model=model,
-        tokenizer=tokenizer,
-        device=torch.device("cpu"),
+        job=JobModel(model, tokenizer, torch.device("cpu"), "no"),
         init="fomaml",
         shots=shots,
-        mode=mode,
-        seed=settings["seed"],
-        eval_settings=settings["eval"] | {"inner_lr": 0.5},  # large, so adaptation visibly changes the NLL
-        max_seq_len=settings["model"]["max_seq_len"],
+        settings=typed,
+        spec=AdaptSpec.from_choice(typed.adaptation, typed.inner_batch_size),
         context_limit=limit,
     )
 
@@ -217,12 +219,11 @@ def _adapted_weights(ctx: EvalContext, task: Any, k: int) -> tuple[list[float], 
     """Support losses and the adapted weights of the evaluation's k-shot adaptation (then restored)."""
     from fomaml_math.kshot import adapted_on_shots, shot_batches
 
-    ids = draw_shots(task.pool["id"].tolist(), k, seed=ctx.seed, task=task.name, repeat=0)
-    by_id = task.pool.set_index("id")
-    shots = [{"problem": by_id.at[i, "problem"], "solution": by_id.at[i, "solution"]} for i in ids]
-    batches = shot_batches(ctx.tokenizer, shots, max_seq_len=ctx.max_seq_len, batch_size=2, instruction="")
+    _, shots = task.draw(k, seed=ctx.draw_seed(), repeat=0)
+    batches = shot_batches(ctx.tokenizer, shots, max_seq_len=ctx.settings.model.max_seq_len, batch_size=2,
+                           instruction="")  # fmt: skip
     with adapted_on_shots(
-        ctx.model, batches, ctx.adapt_spec(), loss_fn=ctx.loss_fn(), snapshot=ctx.initialisation_snapshot()
+        ctx.model, batches, ctx.spec, loss_fn=ctx.loss_fn(), snapshot=ctx.initialisation_snapshot()
     ) as result:
         weights = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
     return result.support_losses, weights
@@ -243,11 +244,9 @@ def test_bf16_adaptation_takes_every_step_at_the_current_weights(
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     task = load_task(workspace["tasks"], "algebra", 4)
     settings["eval"].update(num_inner_steps=4, inner_lr=0.5)
-    reference_ctx = _context(model, tokenizer, settings, 6)
-    reference_ctx.eval_settings = settings["eval"]
-    bf16_ctx = _context(model, tokenizer, settings, 6)
-    bf16_ctx.eval_settings = settings["eval"]
-    bf16_ctx.mixed_precision = "bf16"
+    reference_ctx = _context(model, tokenizer, settings, 6, lr=None)
+    bf16_ctx = _context(model, tokenizer, settings, 6, lr=None)
+    bf16_ctx.job = dataclasses.replace(bf16_ctx.job, mixed_precision="bf16")
     ref_losses, ref_weights = _adapted_weights(reference_ctx, task, 6)
     losses, weights = _adapted_weights(bf16_ctx, task, 6)
     assert len(losses) == 4 and all(b < a for a, b in itertools.pairwise(losses)), losses
@@ -271,13 +270,12 @@ def test_training_and_evaluation_inner_loops_agree(workspace: dict[str, Path], s
     model.eval()
     task = load_task(workspace["tasks"], "geometry", 4)
     settings["eval"].update(num_inner_steps=3, inner_lr=0.2, inner_batch_size=8)
-    ctx = _context(model, tokenizer, settings, 6)
-    ctx.eval_settings = settings["eval"]
+    ctx = _context(model, tokenizer, settings, 6, lr=None)
     _, evaluation = _adapted_weights(ctx, task, 6)  # micro-batches of 2: accumulated gradients
-    ids = draw_shots(task.pool["id"].tolist(), 6, seed=ctx.seed, task=task.name, repeat=0)
+    ids = draw_shots(task.pool["id"].tolist(), 6, seed=ctx.draw_seed(), task=task.name, repeat=0)
     by_id = task.pool.set_index("id")
     batch = make_sft_batch(tokenizer, [{"problem": by_id.at[i, "problem"], "solution": by_id.at[i, "solution"]}
-                                       for i in ids], ctx.max_seq_len)  # fmt: skip
+                                       for i in ids], ctx.settings.model.max_seq_len)  # fmt: skip
     loss_fn = loss_fn_for(Runtime.local(), split_rows=False)
     with adapted(model, [batch], inner_lr=0.2, num_steps=3, loss_fn=loss_fn):
         training = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -18,9 +18,14 @@ import torch
 
 from fomaml_math.config import stage_settings
 from fomaml_math.errors import ConfigError
-from fomaml_math.evaluation.fewshot import EvalContext, evaluate_task_repeat, load_task, main
+from fomaml_math.evaluation.fewshot import main
 from fomaml_math.evaluation.generate import HFBackend, engine_follows, generate_greedy
 from fomaml_math.evaluation.grade import GradeResult, grade_unlimited
+from fomaml_math.evaluation.job import JobModel
+from fomaml_math.evaluation.repeat import EvalContext, evaluate_task_repeat
+from fomaml_math.evaluation.settings import EvalSettings
+from fomaml_math.evaluation.tasks import load_task
+from fomaml_math.kshot import AdaptSpec
 from fomaml_math.modeling import load_model_and_tokenizer
 from tests.fixtures_tiny import shared_workspace
 
@@ -66,16 +71,13 @@ def config(demo_config: dict, workspace: dict[str, Path]) -> dict[str, Any]:
 
 
 def _context(model: Any, tokenizer: Any, settings: dict[str, Any], shots: int, backend: Any) -> EvalContext:
+    typed = EvalSettings.from_stage(settings | {"eval": settings["eval"] | {"inner_lr": 0.5}})
     return EvalContext(
-        model=model,
-        tokenizer=tokenizer,
-        device=torch.device("cpu"),
+        job=JobModel(model, tokenizer, torch.device("cpu"), "no"),
         init="fomaml",
         shots=shots,
-        mode="finetune",
-        seed=settings["seed"],
-        eval_settings=settings["eval"] | {"inner_lr": 0.5},
-        max_seq_len=settings["model"]["max_seq_len"],
+        settings=typed,
+        spec=AdaptSpec.from_choice(typed.adaptation, typed.inner_batch_size),
         context_limit=2048,
         backend=backend,
     )

@@ -22,11 +22,15 @@ import torch
 
 from fomaml_math.config import stage_settings
 from fomaml_math.evaluation import fewshot
-from fomaml_math.evaluation.fewshot import EvalContext, evaluate_task_repeat, load_task
 from fomaml_math.evaluation.generate import HFBackend, encode_prompts, stop_token_ids
 from fomaml_math.evaluation.grade import GradeResult, grade_unlimited
+from fomaml_math.evaluation.job import JobModel
 from fomaml_math.evaluation.prompts import problem_messages
+from fomaml_math.evaluation.repeat import EvalContext, evaluate_task_repeat
+from fomaml_math.evaluation.settings import EvalSettings
+from fomaml_math.evaluation.tasks import load_task
 from fomaml_math.evaluation.vllm_backend import VLLMBackend
+from fomaml_math.kshot import AdaptSpec
 from fomaml_math.modeling import build_tiny_model, load_model_and_tokenizer, save_model
 from tests.fixtures_tiny import corpus, make_task_files
 
@@ -91,16 +95,14 @@ def test_greedy_outputs_equal_hf_token_for_token(loaded: tuple[Any, Any, VLLMBac
 
 
 def _context(model: Any, tokenizer: Any, settings: dict[str, Any], shots: int, backend: Any) -> EvalContext:
+    # inner_lr large, so adaptation visibly changes the answers
+    typed = EvalSettings.from_stage(settings | {"eval": settings["eval"] | {"inner_lr": 0.5}})
     return EvalContext(
-        model=model,
-        tokenizer=tokenizer,
-        device=torch.device("cpu"),
+        job=JobModel(model, tokenizer, torch.device("cpu"), "no"),
         init="fomaml",
         shots=shots,
-        mode="finetune",
-        seed=settings["seed"],
-        eval_settings=settings["eval"] | {"inner_lr": 0.5},  # large, so adaptation visibly changes the answers
-        max_seq_len=settings["model"]["max_seq_len"],
+        settings=typed,
+        spec=AdaptSpec.from_choice(typed.adaptation, typed.inner_batch_size),
         context_limit=2048,
         backend=backend,
     )

@@ -5,7 +5,8 @@ permutation seeded by (shot seed, task, repeat, stream), so draws are nested in 
 the first 5 of the 10) and identical for every initialisation.  Separate ``stream`` values keep the
 evaluation's draws, calibration's and checkpoint selection's apart.  Each inner step takes the
 token-weighted loss of all k shots, accumulated over micro-batches of ``batch_size``; the optimizer
-(``sgd`` or ``adam``), learning rate and number of steps form an :class:`AdaptSpec`.
+(``sgd`` or ``adam``), learning rate and number of steps (an
+:class:`~fomaml_math.evaluation.choice.AdaptationChoice`) and that micro-batch size form an :class:`AdaptSpec`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
+from fomaml_math.adapt import MicroBatches, adapted
+from fomaml_math.batching import make_sft_batch
 from fomaml_math.errors import ConfigError
+from fomaml_math.evaluation.choice import AdaptationChoice
 
 STREAM_EVAL = 0
 STREAM_CALIBRATION = 1
@@ -35,14 +40,14 @@ class AdaptSpec:
     batch_size: int  # micro-batch size of one inner step's accumulated gradient
 
     @classmethod
-    def from_eval(cls, ev: Mapping[str, Any], *, lr: float | None = None, num_steps: int | None = None) -> AdaptSpec:
-        """The ``eval`` settings' spec, with a calibrated ``lr``/``num_steps`` where given."""
-        return cls(
-            optimizer=str(ev.get("optimizer", "sgd")),
-            lr=float(ev["inner_lr"] if lr is None else lr),
-            num_steps=int(ev["num_inner_steps"] if num_steps is None else num_steps),
-            batch_size=int(ev["inner_batch_size"]),
-        )
+    def from_choice(cls, choice: AdaptationChoice, batch_size: int) -> AdaptSpec:
+        return cls(choice.optimizer, float(choice.lr), int(choice.num_steps), int(batch_size))
+
+    @classmethod
+    def from_eval(cls, ev: Mapping[str, Any]) -> AdaptSpec:
+        """The uncalibrated spec of the ``eval`` (or ``adaptation``) settings block."""
+        choice = AdaptationChoice(str(ev["optimizer"]), float(ev["inner_lr"]), int(ev["num_inner_steps"]))
+        return cls.from_choice(choice, int(ev["inner_batch_size"]))
 
     def describe(self) -> dict[str, Any]:
         return {"adapt_optimizer": self.optimizer, "adapt_lr": self.lr, "adapt_steps": self.num_steps}
@@ -69,9 +74,6 @@ def shot_batches(
     tokenizer: Any, shots: Sequence[Mapping[str, Any]], *, max_seq_len: int, batch_size: int, instruction: str
 ) -> Any:
     """The k shots as one inner step's :class:`~fomaml_math.adapt.MicroBatches` (rendered like training)."""
-    from fomaml_math.adapt import MicroBatches
-    from fomaml_math.batching import make_sft_batch
-
     micro = [
         make_sft_batch(tokenizer, shots[i : i + batch_size], max_seq_len, instruction=instruction)
         for i in range(0, len(shots), batch_size)
@@ -96,8 +98,6 @@ def adapted_on_shots(
     the :class:`~fomaml_math.adapt.AdaptationResult` with ``weight_change`` measured; the
     initialisation is restored bitwise when the block ends.
     """
-    from fomaml_math.adapt import adapted
-
     with adapted(
         model,
         [batches],
@@ -115,8 +115,6 @@ def adapted_on_shots(
 
 def mean_loss(model: Any, batches: Any, loss_fn: Any) -> float:
     """Token-weighted mean loss of ``batches`` (a MicroBatches) at the current weights, without gradients."""
-    import torch
-
     total, tokens = 0.0, 0
     with torch.no_grad():
         for part in batches.batches:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from fomaml_math.evaluation.choice import read_choice
+
 SRC_DIR = str(Path(__file__).resolve().parents[1])
 
 
@@ -55,8 +57,6 @@ def parse_run(run: str) -> tuple[str | None, str, int | None]:
 
 
 def adaptation_choice(calibration_json: str | Path) -> tuple[float, int]:
-    """The (learning rate, steps) a calibration file chose."""
-    import json
-
-    chosen = json.loads(Path(calibration_json).read_text())["chosen"]
-    return float(chosen["lr"]), int(chosen["num_steps"])
+    """The (learning rate, steps) a calibration file chose (:func:`fomaml_math.evaluation.choice.read_choice`)."""
+    choice = read_choice(calibration_json)
+    return choice.lr, choice.num_steps

@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from fomaml_math.errors import ConfigError
+from fomaml_math.evaluation.choice import AdaptationChoice
 
 SPEED_FRACTION = 0.9
 OPTIMIZERS = ("sgd", "adam")
@@ -108,7 +109,8 @@ def load_calibration(paths: Sequence[str | Path]) -> dict[str, pd.DataFrame]:
             "train_seed": int(record["train_seed"]),
             "optimizer": record["optimizer"],
         }
-        lr, steps = float(record["chosen"]["lr"]), int(record["chosen"]["num_steps"])
+        choice = AdaptationChoice.from_report(record)
+        lr, steps = choice.lr, choice.num_steps
         grid += [key | entry for entry in record["grid"]]
         curve += [key | entry for entry in record["curve"]]
         at = [g for g in record["grid"] if math.isclose(g["lr"], lr) and int(g["num_steps"]) == steps]

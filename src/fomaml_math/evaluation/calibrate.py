@@ -14,6 +14,9 @@ rate and then to fewer steps.  A rate whose loss is not finite (divergence) cann
 data is read.  The grid, the draws and the criterion are the same for every initialisation: each
 gets the same tuning budget.
 
+The grids and every other setting are read through :class:`~.settings.CalibrationSettings`, the
+model set up by :mod:`~.job` (as the evaluation's); the choice is an :class:`~.choice.AdaptationChoice`.
+
 Output (``--output``, JSON): ``init``, ``experiment``, ``train_seed``, ``optimizer``, ``chosen``
 (``lr``, ``num_steps``), ``grid`` (per point: ``lr``, ``num_steps``, ``dev_loss``,
 ``dev_loss_before``), ``curve`` (per rate and step: ``dev_loss``), ``per_task`` and the settings.
@@ -26,30 +29,24 @@ import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
+import pandas as pd
+from tqdm.auto import tqdm
+
+from fomaml_math.adapt import WeightSnapshot, sft_loss_fn
+from fomaml_math.batching import collate, encode_example, summed_nll
 from fomaml_math.config import add_settings_arguments, settings_from_args
 from fomaml_math.errors import ConfigError
+from fomaml_math.evaluation.choice import AdaptationChoice
+from fomaml_math.evaluation.job import DEVICES, JobModel, load_job_model
+from fomaml_math.evaluation.settings import CalibrationSettings
+from fomaml_math.evaluation.tasks import load_dev_tasks, shot_examples
 from fomaml_math.io import write_json
-
-MONITOR_COLUMNS = ("id", "problem", "solution")
-
-
-def lr_grid(settings: Mapping[str, Any]) -> list[float]:
-    """The configured rates plus FOMAML's training inner rate (if the settings carry it), ascending."""
-    rates = {float(x) for x in settings["calibration"]["lr_grid"]}
-    if settings.get("fomaml_inner_lr") is not None:
-        rates.add(float(settings["fomaml_inner_lr"]))
-    return sorted(rates)
+from fomaml_math.kshot import STREAM_CALIBRATION, AdaptSpec, adapted_on_shots, draw_shots, shot_batches
 
 
-def steps_grid(settings: Mapping[str, Any]) -> list[int]:
-    grid = settings["calibration"].get("steps_grid")
-    return sorted({int(s) for s in grid}) if grid else [int(settings["adaptation"]["num_inner_steps"])]
-
-
-def choose(points: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def choose(points: Sequence[Mapping[str, Any]], optimizer: str) -> AdaptationChoice:
     """The grid point with the lowest finite ``dev_loss`` (ties: smaller lr, then fewer steps)."""
     finite = [p for p in points if math.isfinite(float(p["dev_loss"]))]
     if not finite:
@@ -57,120 +54,106 @@ def choose(points: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "calibration.lr_grid: every learning rate diverged on dev (non-finite loss); add smaller rates"
         )
     best = min(finite, key=lambda p: (float(p["dev_loss"]), float(p["lr"]), int(p["num_steps"])))
-    return {"lr": float(best["lr"]), "num_steps": int(best["num_steps"])}
+    return AdaptationChoice(optimizer, float(best["lr"]), int(best["num_steps"]))
 
 
-def _monitor_chunks(tokenizer: Any, frame: Any, *, limit: int, batch_size: int, max_len: int, instruction: str) -> list:
-    from fomaml_math.batching import collate, encode_example
-
-    rows = frame.iloc[:limit]
+def _monitor_chunks(job: JobModel, frame: pd.DataFrame, cal: CalibrationSettings) -> list:
+    """The first ``max_monitor_examples`` dev_monitor examples, collated in micro-batches."""
+    rows = frame.iloc[: cal.max_monitor_examples]
     encoded = [
-        encode_example(tokenizer, p, s, max_len, instruction=instruction)
+        encode_example(job.tokenizer, p, s, cal.model.max_seq_len, instruction=cal.instruction)
         for p, s in zip(rows["problem"].astype(str), rows["solution"].astype(str), strict=True)
     ]
-    return [collate(encoded[i : i + batch_size], tokenizer.pad_token_id) for i in range(0, len(encoded), batch_size)]
+    size = cal.inner_batch_size
+    return [collate(encoded[i : i + size], job.tokenizer.pad_token_id) for i in range(0, len(encoded), size)]
+
+
+def _check_pools(tasks: Mapping[str, tuple[pd.DataFrame, pd.DataFrame]], cal: CalibrationSettings) -> None:
+    for task, (pool, _) in tasks.items():  # before any work: every shot count must fit every pool
+        for k in cal.shots:
+            if k > len(pool):
+                raise ConfigError(
+                    f"calibration.shots: {k} shots, but task {task!r} has only {len(pool)} dev_pool examples"
+                )
+
+
+def _curve(
+    job: JobModel, task: str, pool: pd.DataFrame, chunks: list, lr: float, cal: CalibrationSettings, *,
+    loss_fn: Any, snapshot: WeightSnapshot, bar: Any,
+) -> list[float]:  # fmt: skip
+    """One rate on one task: the dev loss after each step 1..max steps, over every draw and shot count."""
+    max_steps = max(cal.steps_grid)
+    spec = AdaptSpec(cal.optimizer, lr, max_steps, cal.inner_batch_size)
+    sums = [[0.0, 0.0] for _ in range(max_steps)]
+
+    def measure(step: int) -> None:
+        nll, tokens = summed_nll(job.model, chunks, job.autocast)
+        sums[step - 1][0] += nll
+        sums[step - 1][1] += tokens
+
+    for draw in range(cal.draws):
+        for k in cal.shots:
+            ids = draw_shots(pool["id"].tolist(), k, seed=cal.seed, task=task, repeat=draw, stream=STREAM_CALIBRATION)
+            batches = shot_batches(job.tokenizer, shot_examples(pool, ids), max_seq_len=cal.model.max_seq_len,
+                                   batch_size=cal.inner_batch_size, instruction=cal.instruction)  # fmt: skip
+            with adapted_on_shots(job.model, batches, spec, loss_fn=loss_fn, snapshot=snapshot, on_step=measure):
+                pass
+            bar.update(1)
+    return [total / max(tokens, 1.0) for total, tokens in sums]
 
 
 def calibrate(
-    model: Any,
-    tokenizer: Any,
-    tasks: Mapping[str, tuple[Any, Any]],
-    settings: Mapping[str, Any],
+    job: JobModel,
+    tasks: Mapping[str, tuple[pd.DataFrame, pd.DataFrame]],
+    cal: CalibrationSettings,
     *,
-    device: Any,
-    mixed_precision: str = "no",
     snapshot_device: str = "cpu",
     show_progress: bool = False,
 ) -> dict[str, Any]:
     """Run the grid on ``tasks`` (name -> (dev_pool frame, dev_monitor frame)); returns the report."""
-    from tqdm.auto import tqdm
-
-    from fomaml_math.adapt import WeightSnapshot, sft_loss_fn
-    from fomaml_math.batching import summed_nll
-    from fomaml_math.evaluation.fewshot import precision_context
-    from fomaml_math.kshot import STREAM_CALIBRATION, AdaptSpec, adapted_on_shots, draw_shots, shot_batches
-
-    cal = settings["calibration"]
-    adaptation = settings["adaptation"]
-    instruction = str(settings.get("prompt", {}).get("instruction", ""))
-    max_len = int(settings["model"]["max_seq_len"])
-    seed = int(settings["seed"])
-    rates, step_counts = lr_grid(settings), steps_grid(settings)
-    max_steps = max(step_counts)
-
-    def autocast() -> Any:
-        return precision_context(device, mixed_precision)
-
-    loss_fn = sft_loss_fn(device, autocast)
-    snapshot = WeightSnapshot(model, snapshot_device)
-    batch_size = int(adaptation["inner_batch_size"])
-    for task, (pool, _) in tasks.items():  # before any work: every shot count must fit every pool
-        for k in cal["shots"]:
-            if int(k) > len(pool):
-                raise ConfigError(
-                    f"calibration.shots: {k} shots, but task {task!r} has only {len(pool)} dev_pool examples"
-                )
+    loss_fn = sft_loss_fn(job.device, job.autocast)
+    snapshot = WeightSnapshot(job.model, snapshot_device)
+    _check_pools(tasks, cal)
     # per (lr, task): dev loss (summed NLL / tokens over draws and shot counts) after each step 1..max_steps
     after: dict[tuple[float, str], list[float]] = {}
     before: dict[str, float] = {}
-    work = len(rates) * len(tasks) * int(cal["draws"]) * len(cal["shots"])
+    work = len(cal.lr_grid) * len(tasks) * cal.draws * len(cal.shots)
     with tqdm(total=work, desc="calibrate", disable=not show_progress, file=sys.stderr) as bar:
         for task, (pool, monitor) in tasks.items():
-            chunks = _monitor_chunks(
-                tokenizer,
-                monitor,
-                limit=int(cal["max_monitor_examples"]),
-                batch_size=batch_size,
-                max_len=max_len,
-                instruction=instruction,
-            )
-            total, count = summed_nll(model, chunks, autocast)
+            chunks = _monitor_chunks(job, monitor, cal)
+            total, count = summed_nll(job.model, chunks, job.autocast)
             before[task] = total / max(count, 1)
-            by_id = pool.set_index("id")
-            for lr in rates:
-                spec = AdaptSpec(str(adaptation["optimizer"]), lr, max_steps, batch_size)
-                sums = [[0.0, 0.0] for _ in range(max_steps)]
-
-                def measure(step: int, sums: list[list[float]] = sums, chunks: list = chunks) -> None:
-                    nll, tokens = summed_nll(model, chunks, autocast)
-                    sums[step - 1][0] += nll
-                    sums[step - 1][1] += tokens
-
-                for draw in range(int(cal["draws"])):
-                    for k in cal["shots"]:
-                        ids = draw_shots(pool["id"].tolist(), int(k), seed=seed, task=task, repeat=draw,
-                                         stream=STREAM_CALIBRATION)  # fmt: skip
-                        shots = [{"problem": by_id.at[i, "problem"], "solution": by_id.at[i, "solution"]} for i in ids]
-                        batches = shot_batches(
-                            tokenizer, shots, max_seq_len=max_len, batch_size=batch_size, instruction=instruction
-                        )
-                        with adapted_on_shots(
-                            model, batches, spec, loss_fn=loss_fn, snapshot=snapshot, on_step=measure
-                        ):
-                            pass
-                        bar.update(1)
-                after[(lr, task)] = [total / max(tokens, 1.0) for total, tokens in sums]
+            for lr in cal.lr_grid:
+                after[(lr, task)] = _curve(job, task, pool, chunks, lr, cal, loss_fn=loss_fn, snapshot=snapshot,
+                                           bar=bar)  # fmt: skip
     if not snapshot.matches():
         raise RuntimeError("calibrate: the initialisation was not restored (a bug in adapt-then-restore)")
-    names = list(tasks)
+    return _report(after, before, list(tasks), cal)
+
+
+def _report(
+    after: Mapping[tuple[float, str], list[float]], before: Mapping[str, float], names: list[str],
+    cal: CalibrationSettings,
+) -> dict[str, Any]:  # fmt: skip
+    """The grid (mean over tasks per point), the curve, the per-task values and the choice."""
     mean_before = sum(before.values()) / len(names)
     grid, curve = [], []
-    for lr in rates:
-        for step in range(1, max_steps + 1):
+    for lr in cal.lr_grid:
+        for step in range(1, max(cal.steps_grid) + 1):
             value = sum(after[(lr, t)][step - 1] for t in names) / len(names)
             value = value if math.isfinite(value) else math.inf
             curve.append({"lr": lr, "step": step, "dev_loss": value})
-            if step in step_counts:
+            if step in cal.steps_grid:
                 grid.append({"lr": lr, "num_steps": step, "dev_loss": value, "dev_loss_before": mean_before})
     per_task = [
         {"task": t, "lr": lr, "num_steps": s, "dev_loss": after[(lr, t)][s - 1], "dev_loss_before": before[t]}
         for t in names
-        for lr in rates
-        for s in step_counts
+        for lr in cal.lr_grid
+        for s in cal.steps_grid
     ]
     return {
-        "optimizer": str(adaptation["optimizer"]),
-        "chosen": choose(grid),
+        "optimizer": cal.optimizer,
+        "chosen": choose(grid, cal.optimizer).to_json(),
         "grid": grid,
         "curve": curve,
         "per_task": per_task,
@@ -187,43 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="calibration JSON")
     parser.add_argument("--experiment", default=None, help="experiment of --model (null: shared, e.g. the base)")
     parser.add_argument("--train-seed", type=int, default=-1, help="training seed of --model (-1: untrained base)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", choices=DEVICES, default="auto")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     settings = settings_from_args(args, "calibrate")
     started = time.perf_counter()
-
-    import torch
-
-    from fomaml_math.data.taskfiles import read_task_split
-    from fomaml_math.evaluation.fewshot import _device
-    from fomaml_math.modeling import load_model_and_tokenizer
-
-    names = sorted(p.parent.name for p in Path(args.tasks_dir).glob("*/dev_pool.parquet"))  # test is never read
-    if not names:
-        raise ConfigError(f"--tasks-dir: no <task>/dev_pool.parquet under {args.tasks_dir} (rerun split-tasks)")
-    tasks = {
-        t: (
-            read_task_split(Path(args.tasks_dir) / t / "dev_pool.parquet", MONITOR_COLUMNS),
-            read_task_split(Path(args.tasks_dir) / t / "dev_monitor.parquet", MONITOR_COLUMNS),
-        )
-        for t in names
-    }
-    model_settings = settings["model"]
-    is_base = args.model == model_settings["name_or_path"]
-    model, tokenizer = load_model_and_tokenizer(
-        args.model,
-        revision=model_settings.get("revision") if is_base else None,
-        trust_remote_code=bool(model_settings.get("trust_remote_code", False)),
-        dtype=torch.float32,
-    )
-    device = _device(args.device)
-    model.to(device)
-    model.eval()
-    precision = str(settings.get("mixed_precision", "no")) if device.type == "cuda" else "no"
-    report = calibrate(
-        model, tokenizer, tasks, settings, device=device, mixed_precision=precision, show_progress=not args.no_progress
-    )
+    cal = CalibrationSettings.from_stage(settings)
+    tasks = load_dev_tasks(args.tasks_dir)
+    job = load_job_model(args.model, cal.model, device=args.device, mixed_precision=cal.mixed_precision)
+    report = calibrate(job, tasks, cal, show_progress=not args.no_progress)
     report = {
         "init": args.init,
         "experiment": args.experiment,

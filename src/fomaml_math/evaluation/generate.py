@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from fomaml_math.errors import ConfigError
 
@@ -96,8 +97,6 @@ def check_context(prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, limi
 def _decode_batch(
     model: Any, prompts: Sequence[Sequence[int]], *, pad_id: int, stop_ids: torch.Tensor, max_new_tokens: int
 ) -> list[list[int]]:
-    from transformers import DynamicCache
-
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)

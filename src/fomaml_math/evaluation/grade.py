@@ -20,6 +20,7 @@ import contextlib
 import logging
 import multiprocessing as mp
 import re
+import resource
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -70,6 +71,8 @@ def normalize_answer(answer: str) -> str:
     return choices.group(1) if choices else answer
 
 
+# math_verify is imported lazily: it costs 1.5 s (python -X importtime, mostly sympy) and the parent
+# process of a job never grades (its Grader workers do, after setting their memory limit).
 def _extraction_config() -> list[Any]:
     from math_verify import ExprExtractionConfig, LatexExtractionConfig
 
@@ -82,7 +85,7 @@ def answers_equivalent(gold: str, answer: str) -> bool:
 
     Call it directly only on trusted input; :class:`Grader` runs it under a hard limit.
     """
-    from math_verify import parse, verify
+    from math_verify import parse, verify  # lazy: see _extraction_config
 
     _quiet_math_verify()
     config = _extraction_config()
@@ -111,8 +114,6 @@ def _quiet_math_verify() -> None:
 def _worker_main(conn: Connection, memory_limit_bytes: int | None) -> None:
     """Worker loop: receive ``(index, gold, answer)``, send ``(index, correct, status)``; None stops."""
     if memory_limit_bytes:
-        import resource
-
         resource.setrlimit(resource.RLIMIT_AS, (memory_limit_bytes, memory_limit_bytes))
     _quiet_math_verify()
     answers_equivalent("1", "1")  # warm up parser caches/imports before the first timed check

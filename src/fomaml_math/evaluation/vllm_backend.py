@@ -22,6 +22,7 @@ docs/vllm.md explains the choices; in short:
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -91,8 +92,8 @@ class VLLMBackend:
         settings: Mapping[str, Any] | None = None,
     ) -> None:
         options = {**DEFAULTS, **(settings or {})}
-        vllm = import_vllm()
-        from vllm.platforms import current_platform
+        vllm = import_vllm()  # lazy: optional (its own environment) and heavy
+        from vllm.platforms import current_platform  # lazy, as import_vllm
 
         self.dtype = engine_dtype(str(options["dtype"]), mixed_precision)
         self.stop = stop_token_ids(tokenizer, model)
@@ -135,7 +136,7 @@ class VLLMBackend:
         on_batch: Callable[[int], None] | None = None,
     ) -> Generations:
         """Greedy answers, in input order; ``batch_size`` is unused (the engine batches continuously)."""
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # lazy, as import_vllm (and only after it has run)
         from vllm.inputs import TokensPrompt
 
         del model, batch_size  # the engine holds its own weights (kept in step by load_weights_from)
@@ -173,6 +174,4 @@ class VLLMBackend:
         engine, self.engine = getattr(self, "engine", None), None
         if engine is not None:
             del engine
-            import gc
-
             gc.collect()
