@@ -16,10 +16,17 @@ import pandas as pd
 
 from fomaml_math.analysis import style
 from fomaml_math.analysis.calibration import load_calibration
-from fomaml_math.analysis.evaldata import EXPERIMENT_ORDER, META_TEST_POOL, POOLED, ordered, task_order
-from fomaml_math.analysis.stats import ALL_SEEDS, StatsSettings, read_table
+from fomaml_math.analysis.tables import (
+    ALL_SEEDS,
+    META_TEST_POOL,
+    POOLED,
+    StatsSettings,
+    experiment_order,
+    init_order,
+    read_table,
+    task_order,
+)
 from fomaml_math.config import add_settings_arguments, settings_from_args
-from fomaml_math.evaluation.rows import INITS
 from fomaml_math.io import write_text
 
 Formatter = Callable[[float], str]
@@ -77,7 +84,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _experiments(frame: pd.DataFrame) -> list[str]:
-    return ordered(list(frame["experiment"].unique()), EXPERIMENT_ORDER) if len(frame) else []
+    return experiment_order(list(frame["experiment"].unique())) if len(frame) else []
 
 
 def _pool_text(pool: str, accuracy: pd.DataFrame, experiment: str) -> str:
@@ -93,7 +100,7 @@ def _accuracy_table(accuracy: pd.DataFrame, experiment: str, task: str) -> list[
     rows = accuracy[
         (accuracy["experiment"] == experiment) & (accuracy["task"] == task) & (accuracy["train_seed"] == ALL_SEEDS)
     ]
-    inits = ordered(list(rows["init"].unique()), INITS)
+    inits = init_order(list(rows["init"].unique()))
     body = []
     for shots in sorted(rows["shots"].unique()):
         line = [str(int(shots))]
