@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 
 from fomaml_math.analysis import style, tables
 from fomaml_math.analysis.calibration import load_calibration
+from fomaml_math.analysis.labels import init_label, task_label
 from fomaml_math.analysis.outputs import FIGURES
 from fomaml_math.analysis.tables import (
     ALL_SEEDS,
@@ -151,7 +152,7 @@ def _mark_significance(
 
 def _legend(fig: Figure, ax: Axes, ci_level: float) -> None:
     """One legend above the panels (inside an axes it would hide lines), with the marks explained."""
-    a, b = (style.init_label(i) for i in HEADLINE.split("-"))
+    a, b = (init_label(i) for i in HEADLINE.split("-"))
     handles, labels = ax.get_legend_handles_labels()
     fig.legend(
         handles,
@@ -260,7 +261,7 @@ def accuracy_vs_shots_by_task_figure(accuracy: pd.DataFrame, comparisons: pd.Dat
             ax.set_gid(f"task:{task}")
             _plot_inits(ax, rows, "accuracy", "accuracy_ci_low", "accuracy_ci_high", PERCENT, "acc", inits)
             _mark_significance(ax, rows, comparisons, task, "acc_stars", "accuracy_ci_high", PERCENT)
-            ax.set_title(style.task_label(task))
+            ax.set_title(task_label(task))
             _shot_ticks(ax, accuracy["shots"])
             ax.margins(y=0.12)
         for ax in axes[len(tasks) :]:
@@ -319,12 +320,12 @@ def gain_heatmap_figure(comparisons: pd.DataFrame, comparison: str = HEADLINE) -
         if pools and len(tasks) > pools:
             ax.axhline(len(tasks) - pools - 0.5, color="white", linewidth=2.0)
         ax.set_xticks(range(len(shots)), [str(s) for s in shots])
-        ax.set_yticks(range(len(tasks)), [style.task_label(t) for t in tasks])
+        ax.set_yticks(range(len(tasks)), [task_label(t) for t in tasks])
         ax.set_xlabel("Shots (k)")
         ax.grid(False)
         a, _, b = comparison.partition("-")
         colorbar = fig.colorbar(image, ax=ax, shrink=0.9)
-        colorbar.set_label(f"{style.init_label(a)} − {style.init_label(b)} accuracy (pp)")
+        colorbar.set_label(f"{init_label(a)} − {init_label(b)} accuracy (pp)")
     return fig
 
 
@@ -409,7 +410,7 @@ def calibration_figure(calibration: dict[str, pd.DataFrame] | None) -> Figure:
         inits = init_order(list(chosen["init"].unique()))
         for row in chosen.itertuples(index=False):
             line_style = style.init_style(row.init, inits.index(row.init))
-            label = style.init_label(row.init) + (f" (seed {row.train_seed})" if row.train_seed >= 0 else "")
+            label = init_label(row.init) + (f" (seed {row.train_seed})" if row.train_seed >= 0 else "")
             tag = f"{row.init}:{row.train_seed}"
             mine = (
                 (grid["init"] == row.init)
