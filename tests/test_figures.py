@@ -15,7 +15,8 @@ from test_summary import write_calibration
 
 from fomaml_math.analysis import figures, style
 from fomaml_math.analysis.calibration import load_calibration
-from fomaml_math.analysis.stats import read_table
+from fomaml_math.analysis.outputs import STATS_FILES
+from fomaml_math.analysis.tables import read_table
 from fomaml_math.errors import ConfigError
 
 
@@ -265,9 +266,7 @@ def test_report_captions_render(repo_root: Path, demo_config: dict) -> None:
 
     report_dir = repo_root / "workflow" / "report"
     captions = sorted(report_dir.glob("*.rst"))
-    from fomaml_math.analysis.stats import OUTPUT_FILES
-
-    tables = {name.replace(".tsv", ".rst") for name in OUTPUT_FILES}
+    tables = {name.replace(".tsv", ".rst") for name in STATS_FILES}
     assert {f"{stem}.rst" for stem in figures.FIGURES} | tables | {"workflow.rst"} <= {p.name for p in captions}
     env = jinja2.Environment(undefined=jinja2.StrictUndefined)
     snakemake = SimpleNamespace(config=demo_config, wildcards=SimpleNamespace(method="fomaml"))

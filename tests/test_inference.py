@@ -1,4 +1,5 @@
-"""Seed-aware inference against hand and closed-form computations, and its coverage by simulation."""
+"""Seed-aware inference against hand and closed-form computations, and its coverage by simulation; the paired
+tests, Holm and the effect sizes against hand computations and the reference libraries."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import math
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
+from statsmodels.stats.contingency_tables import mcnemar
+from statsmodels.stats.multitest import multipletests
 
 from fomaml_math.analysis import inference
 
@@ -140,3 +143,56 @@ def test_no_variation_concludes_nothing() -> None:
         0.0, 0.0, 10.0, n_problems=12, n_clusters_a=1, n_clusters_b=1, cluster_var=0.0, problem_var=0.0
     )
     assert math.isnan(inference.tost(est, 0.02)[2]) and math.isnan(inference.t_test_p(est))
+
+
+# --- paired tests and effect sizes ----------------------------------------------------------------
+
+
+def test_mcnemar_exact_against_hand_computed_binomial_sum() -> None:
+    b, c = 7, 1
+    hand = 2 * sum(math.comb(b + c, i) for i in range(min(b, c) + 1)) / 2 ** (b + c)
+    assert hand == 0.0703125
+    assert inference.mcnemar_exact(b, c) == pytest.approx(hand)
+    assert inference.mcnemar_exact(c, b) == pytest.approx(hand)
+    assert inference.mcnemar_exact(b, c) == pytest.approx(mcnemar([[10, b], [c, 5]], exact=True).pvalue)
+    assert inference.mcnemar_exact(0, 0) == 1.0
+
+
+def test_holm_against_hand_example_and_statsmodels() -> None:
+    p = [0.01, 0.04, 0.03, 0.005, np.nan]
+    # sorted: 0.005*4 = 0.02, 0.01*3 = 0.03, 0.03*2 = 0.06, max(0.04*1, 0.06) = 0.06
+    expected = [0.03, 0.06, 0.06, 0.02]
+    adjusted = inference.holm_adjust(p)
+    np.testing.assert_allclose(adjusted[:4], expected)
+    np.testing.assert_allclose(adjusted[:4], multipletests(p[:4], method="holm")[1])
+    assert np.isnan(adjusted[4])
+
+
+def test_wilcoxon_against_scipy_and_degenerate_cases() -> None:
+    diffs = np.array([0.3, -0.1, 0.25, 0.4, 0.0, 0.15, -0.05, 0.2])
+    stat, p, note = inference.wilcoxon_test(diffs)
+    reference = scipy_stats.wilcoxon(diffs, zero_method="wilcox")
+    assert (stat, p) == pytest.approx((reference.statistic, reference.pvalue))
+    assert note == ""
+    assert all(math.isnan(x) for x in inference.wilcoxon_test(np.zeros(5))[:2])
+    assert "zero" in inference.wilcoxon_test(np.zeros(5))[2]
+    assert "need at least 2" in inference.wilcoxon_test(np.array([0.1]))[2]
+    _, p3, note3 = inference.wilcoxon_test(np.array([0.1, 0.2, 0.3]), alpha=0.05)
+    assert p3 == pytest.approx(0.25)
+    assert "cannot fall below 0.25" in note3
+    large = np.random.default_rng(0).normal(0.1, 1.0, 5000)  # thousands of problems: no overflow
+    assert inference.wilcoxon_test(large, alpha=0.05)[1] == pytest.approx(scipy_stats.wilcoxon(large).pvalue)
+
+
+def test_stars_and_effect_sizes() -> None:
+    assert [inference.significance_stars(p, 0.05) for p in (0.2, 0.04, 0.005, 0.0001, math.nan)] == [
+        "",
+        "*",
+        "**",
+        "***",
+        "",
+    ]
+    assert inference.cohens_h(0.5, 0.5) == 0.0
+    assert inference.cohens_h(0.6, 0.4) == pytest.approx(2 * math.asin(math.sqrt(0.6)) - 2 * math.asin(math.sqrt(0.4)))
+    assert inference.discordant_odds_ratio(7, 1) == 7.0
+    assert inference.discordant_odds_ratio(3, 0) == math.inf

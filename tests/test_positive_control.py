@@ -21,6 +21,8 @@ import yaml
 
 from fomaml_math.__main__ import main as cli_main
 from fomaml_math.analysis.inference import crossed_estimate, t_interval, t_test_p
+from fomaml_math.analysis.positive_control import positive_control_table
+from fomaml_math.analysis.tables import StatsSettings
 from fomaml_math.config import stage_settings, validate_config
 from fomaml_math.data.synthetic import solve_synthetic
 
@@ -154,10 +156,9 @@ def test_adapted_answers_use_the_tasks_digit(evaluated) -> None:
 
 def test_positive_control_table_on_the_real_run(evaluated) -> None:
     """The table function for the stats stage agrees with the direct computation above."""
-    from fomaml_math.analysis.positive_control import positive_control_table
-
-    _, frames, _ = evaluated
-    table = positive_control_table(pd.concat([frames[0], frames[LARGEST_K]], ignore_index=True))
+    config, frames, _ = evaluated
+    settings = StatsSettings.from_settings(stage_settings(config, "stats"))
+    table = positive_control_table(pd.concat([frames[0], frames[LARGEST_K]], ignore_index=True), settings)
     row = table[(table["init"] == "base") & (table["pool"] == "all")].iloc[0]
     before, after = per_problem(frames[0]), per_problem(frames[LARGEST_K])
     assert np.isclose(row["gain"], after["correct"].mean() - before["correct"].mean())

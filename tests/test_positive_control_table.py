@@ -5,8 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from scipy import stats
+from test_stats import SETTINGS as STATS_SETTINGS
 
 from fomaml_math.analysis.positive_control import positive_control_table
+from fomaml_math.analysis.tables import StatsSettings
+
+SETTINGS = StatsSettings.from_settings(STATS_SETTINGS)
 
 
 def rows(init: str, seed: int, shots: int, correct: list[int], repeat: int = 0) -> list[dict]:
@@ -23,7 +27,7 @@ def test_one_cluster_is_the_paired_t_test_over_problems() -> None:
     evals = pd.DataFrame(
         rows("base", -1, 0, zero) + rows("base", -1, 4, k_shot) + rows("base", -1, 4, [1, 1, 1, 0, 0], 1)
     )
-    table = positive_control_table(evals)
+    table = positive_control_table(evals, SETTINGS)
     assert table["pool"].tolist() == ["meta_test", "all"]
     row = table.iloc[0]
     differences = np.array([1, 1, 0, 0, 0.5])  # by hand
@@ -40,6 +44,6 @@ def test_pairing_is_within_each_training_seed() -> None:
         rows("sft", 0, 0, [0, 0, 0, 0]) + rows("sft", 0, 8, [1, 1, 0, 0])
         + rows("sft", 1, 0, [1, 1, 0, 0]) + rows("sft", 1, 8, [1, 1, 1, 1])
     )  # fmt: skip
-    row = positive_control_table(evals).iloc[0]
+    row = positive_control_table(evals, SETTINGS).iloc[0]
     assert np.isclose(row["gain"], 0.5) and row["n_seeds"] == 2
     assert np.isclose(row["acc_0"], 0.25) and np.isclose(row["acc_k"], 0.75)

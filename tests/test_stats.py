@@ -1,4 +1,5 @@
-"""Statistics stage: building blocks against hand computations, and the tables on synthetic evaluations.
+"""Statistics stage: the bootstrap (analysis.resampling) against explicit loops, the settings, and the tables on
+synthetic evaluations.
 
 ``write_synthetic_eval`` and ``run_stats`` are imported by the figures and summary tests too. The synthetic
 study: 3 tasks, 3 training seeds, two experiments (``in_domain``; ``heldout_geometry`` with geometry held out),
@@ -8,17 +9,18 @@ the base model evaluated once for both (as the shared base evaluation writes it)
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats as scipy_stats
-from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 
-from fomaml_math.analysis import efficiency, inference, stats
+from fomaml_math.analysis import efficiency, inference, resampling, stats
+from fomaml_math.analysis.evaldata import load_eval
+from fomaml_math.analysis.outputs import STATS_FILES
+from fomaml_math.analysis.tables import StatsSettings, read_table
 from fomaml_math.errors import ConfigError
 
 TASK_SIZES = {"algebra": 30, "geometry": 24, "number_theory": 20}
@@ -27,7 +29,17 @@ REPEATS = 2
 INITS = ("base", "sft", "fomaml")
 SEEDS = (0, 1, 2)
 EXPERIMENTS = {"in_domain": (), "heldout_geometry": ("geometry",)}
-SETTINGS = {"seed": 1234, "stats": {"bootstrap_samples": 200, "ci_level": 0.95, "alpha": 0.05}}
+# Full stage settings, as config.stage_settings passes them (the schema's defaults filled in).
+SETTINGS = {
+    "seed": 1234,
+    "stats": {
+        "bootstrap_samples": 200,
+        "ci_level": 0.95,
+        "alpha": 0.05,
+        "equivalence_margin_pp": 2.0,
+        "primary": {"comparisons": ["fomaml-sft", "fomaml-base"]},
+    },
+}
 
 
 def _correct(init: str, task: str, shots: int, seed: int, index: int, rng: np.random.Generator) -> bool:
@@ -156,7 +168,7 @@ def _per_problem(frame: pd.DataFrame) -> pd.DataFrame:
 def test_bootstrap_ci_matches_explicit_loop() -> None:
     values = np.array([0.0, 1.0, 1.0, 0.0, 1.0, 0.5, 1.0])
     n_boot = 500
-    low, high = stats.bootstrap_mean_ci(values, n_boot=n_boot, ci_level=0.9, rng=np.random.default_rng(7))
+    low, high = resampling.bootstrap_mean_ci(values, n_boot=n_boot, ci_level=0.9, rng=np.random.default_rng(7))
 
     rng = np.random.default_rng(7)
     indices = rng.integers(0, values.size, size=(n_boot, values.size))
@@ -166,7 +178,7 @@ def test_bootstrap_ci_matches_explicit_loop() -> None:
 
 
 def test_bootstrap_ci_collapses_when_all_differences_are_equal() -> None:
-    low, high = stats.bootstrap_mean_ci(np.full(12, 0.25), n_boot=300, ci_level=0.95, rng=np.random.default_rng(0))
+    low, high = resampling.bootstrap_mean_ci(np.full(12, 0.25), n_boot=300, ci_level=0.95, rng=np.random.default_rng(0))
     assert low == pytest.approx(0.25)
     assert high == pytest.approx(0.25)
 
@@ -178,8 +190,8 @@ def test_stratified_bootstrap_matches_loop_and_ignores_block_size() -> None:
         np.array([[0.0, 1.0], [0.0, 2.0], [1.0, 3.0], [1.0, np.nan], [0.5, 5.0]]),
     ]
     n_boot = 64
-    per, pooled = stats.stratified_bootstrap(strata, n_boot, [np.random.default_rng(s) for s in (1, 2)])
-    per_small, pooled_small = stats.stratified_bootstrap(
+    per, pooled = resampling.stratified_bootstrap(strata, n_boot, [np.random.default_rng(s) for s in (1, 2)])
+    per_small, pooled_small = resampling.stratified_bootstrap(
         strata, n_boot, [np.random.default_rng(s) for s in (1, 2)], block_rows=5
     )
     np.testing.assert_allclose(pooled, pooled_small)
@@ -197,78 +209,24 @@ def test_stratified_bootstrap_matches_loop_and_ignores_block_size() -> None:
         np.testing.assert_allclose(pooled[b], np.nanmean(np.vstack(drawn), axis=0))
 
 
-def test_mcnemar_exact_against_hand_computed_binomial_sum() -> None:
-    b, c = 7, 1
-    hand = 2 * sum(math.comb(b + c, i) for i in range(min(b, c) + 1)) / 2 ** (b + c)
-    assert hand == 0.0703125
-    assert stats.mcnemar_exact(b, c) == pytest.approx(hand)
-    assert stats.mcnemar_exact(c, b) == pytest.approx(hand)
-    assert stats.mcnemar_exact(b, c) == pytest.approx(mcnemar([[10, b], [c, 5]], exact=True).pvalue)
-    assert stats.mcnemar_exact(0, 0) == 1.0
-
-
-def test_holm_against_hand_example_and_statsmodels() -> None:
-    p = [0.01, 0.04, 0.03, 0.005, np.nan]
-    # sorted: 0.005*4 = 0.02, 0.01*3 = 0.03, 0.03*2 = 0.06, max(0.04*1, 0.06) = 0.06
-    expected = [0.03, 0.06, 0.06, 0.02]
-    adjusted = stats.holm_adjust(p)
-    np.testing.assert_allclose(adjusted[:4], expected)
-    np.testing.assert_allclose(adjusted[:4], multipletests(p[:4], method="holm")[1])
-    assert np.isnan(adjusted[4])
-
-
-def test_wilcoxon_against_scipy_and_degenerate_cases() -> None:
-    diffs = np.array([0.3, -0.1, 0.25, 0.4, 0.0, 0.15, -0.05, 0.2])
-    stat, p, note = stats.wilcoxon_test(diffs)
-    reference = scipy_stats.wilcoxon(diffs, zero_method="wilcox")
-    assert (stat, p) == pytest.approx((reference.statistic, reference.pvalue))
-    assert note == ""
-    assert all(math.isnan(x) for x in stats.wilcoxon_test(np.zeros(5))[:2])
-    assert "zero" in stats.wilcoxon_test(np.zeros(5))[2]
-    assert "need at least 2" in stats.wilcoxon_test(np.array([0.1]))[2]
-    _, p3, note3 = stats.wilcoxon_test(np.array([0.1, 0.2, 0.3]), alpha=0.05)
-    assert p3 == pytest.approx(0.25)
-    assert "cannot fall below 0.25" in note3
-    large = np.random.default_rng(0).normal(0.1, 1.0, 5000)  # thousands of problems: no overflow
-    assert stats.wilcoxon_test(large, alpha=0.05)[1] == pytest.approx(scipy_stats.wilcoxon(large).pvalue)
-
-
-def test_stars_and_effect_sizes() -> None:
-    assert [stats.significance_stars(p, 0.05) for p in (0.2, 0.04, 0.005, 0.0001, math.nan)] == [
-        "",
-        "*",
-        "**",
-        "***",
-        "",
-    ]
-    assert stats.cohens_h(0.5, 0.5) == 0.0
-    assert stats.cohens_h(0.6, 0.4) == pytest.approx(2 * math.asin(math.sqrt(0.6)) - 2 * math.asin(math.sqrt(0.4)))
-    assert stats.discordant_odds_ratio(7, 1) == 7.0
-    assert stats.discordant_odds_ratio(3, 0) == math.inf
+def _stats(**changes) -> dict:
+    return {"seed": 1, "stats": SETTINGS["stats"] | changes}
 
 
 @pytest.mark.parametrize(
     ("stats_settings", "message"),
     [
         ({"seed": 1}, "missing"),
-        ({"seed": 1, "stats": {"bootstrap_samples": 0, "ci_level": 0.95, "alpha": 0.05}}, "bootstrap_samples"),
-        ({"seed": 1, "stats": {"bootstrap_samples": 10, "ci_level": 1.5, "alpha": 0.05}}, "ci_level"),
-        (
-            {"seed": 1, "stats": {"bootstrap_samples": 10, "ci_level": 0.9, "alpha": 0.05, "equivalence_margin_pp": 0}},
-            "equivalence_margin_pp",
-        ),
-        (
-            {
-                "seed": 1,
-                "stats": {"bootstrap_samples": 10, "ci_level": 0.9, "alpha": 0.05, "primary": {"comparisons": ["a-b"]}},
-            },
-            "stats.primary.comparisons",
-        ),
+        ({"seed": 1, "stats": {"bootstrap_samples": 10, "ci_level": 0.9, "alpha": 0.05}}, "missing 'equivalence"),
+        (_stats(bootstrap_samples=0), "bootstrap_samples: expected"),
+        (_stats(ci_level=1.5), "ci_level: expected"),
+        (_stats(equivalence_margin_pp=0), "equivalence_margin_pp: expected"),
+        (_stats(primary={"comparisons": ["a-b"]}), "stats.primary.comparisons: expected"),
     ],
 )
 def test_settings_errors_are_one_line(stats_settings: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as info:
-        stats.StatsSettings.from_settings(stats_settings)
+        StatsSettings.from_settings(stats_settings)
     assert "\n" not in str(info.value)
 
 
@@ -276,11 +234,11 @@ def test_settings_errors_are_one_line(stats_settings: dict, message: str) -> Non
 
 
 def test_stage_writes_every_table(stats_dir: Path) -> None:
-    assert sorted(p.name for p in stats_dir.iterdir()) == sorted(stats.OUTPUT_FILES)
+    assert sorted(p.name for p in stats_dir.iterdir()) == sorted(STATS_FILES)
 
 
 def test_accuracy_rows_match_direct_computation(stats_dir: Path) -> None:
-    accuracy = stats.read_table(stats_dir, "accuracy.tsv")
+    accuracy = read_table(stats_dir, "accuracy.tsv")
     frame = synthetic_eval_frame()
     frame = frame[(frame.experiment == "in_domain") | (frame.init == "base")]
     direct = _per_problem(frame)
@@ -315,7 +273,7 @@ def test_accuracy_rows_match_direct_computation(stats_dir: Path) -> None:
 
 
 def test_generation_rates_in_accuracy_and_generation_tables(stats_dir: Path) -> None:
-    generation = stats.read_table(stats_dir, "generation.tsv")
+    generation = read_table(stats_dir, "generation.tsv")
     frame = synthetic_eval_frame()
     frame = frame[(frame.experiment == "in_domain") | (frame.init == "base")]
     for row in generation[generation.experiment == "in_domain"].itertuples():
@@ -324,15 +282,15 @@ def test_generation_rates_in_accuracy_and_generation_tables(stats_dir: Path) -> 
         assert row.no_answer_rate == pytest.approx((rows.grade_status == "no_answer").mean())
         assert row.truncation_rate == pytest.approx(rows.truncated.mean())
         assert row.mean_gen_tokens == pytest.approx(rows.gen_tokens.mean())
-    accuracy = stats.read_table(stats_dir, "accuracy.tsv")
+    accuracy = read_table(stats_dir, "accuracy.tsv")
     pooled = accuracy[(accuracy.task == "all") & (accuracy.train_seed == "all")]
     merged = pooled.merge(generation, on=["experiment", "init", "shots"], suffixes=("", "_g"))
     np.testing.assert_allclose(merged.truncation_rate, merged.truncation_rate_g)
 
 
 def test_primary_family_its_holm_tost_verdict_and_mde(stats_dir: Path) -> None:
-    comparisons = stats.read_table(stats_dir, "comparisons.tsv")
-    primary = stats.read_table(stats_dir, "primary.tsv")
+    comparisons = read_table(stats_dir, "comparisons.tsv")
+    primary = read_table(stats_dir, "primary.tsv")
     assert set(primary.family) == {"primary"}
     assert len(primary) == len(EXPERIMENTS) * 2 * len(SHOTS)
     assert set(primary.comparison) == {"fomaml-sft", "fomaml-base"}
@@ -366,7 +324,7 @@ def test_primary_family_its_holm_tost_verdict_and_mde(stats_dir: Path) -> None:
 
 
 def test_comparison_estimate_pairs_seed_averaged_problems(stats_dir: Path) -> None:
-    comparisons = stats.read_table(stats_dir, "comparisons.tsv")
+    comparisons = read_table(stats_dir, "comparisons.tsv")
     frame = synthetic_eval_frame()
     direct = _per_problem(frame[(frame.experiment == "in_domain") | (frame.init == "base")])
     for shots in SHOTS:
@@ -388,7 +346,7 @@ def test_comparison_estimate_pairs_seed_averaged_problems(stats_dir: Path) -> No
 
 def test_one_seed_falls_back_to_the_problem_bootstrap_and_mcnemar(tmp_path: Path) -> None:
     out = run_stats(tmp_path, seeds=(0,), experiments={"in_domain": ()})
-    comparisons = stats.read_table(out, "comparisons.tsv")
+    comparisons = read_table(out, "comparisons.tsv")
     row = comparisons[
         (comparisons.task == "algebra") & (comparisons.shots == 0) & (comparisons.comparison == "fomaml-sft")
     ].iloc[0]
@@ -403,8 +361,8 @@ def test_one_seed_falls_back_to_the_problem_bootstrap_and_mcnemar(tmp_path: Path
 
 
 def test_across_tasks_macro_average_and_wilcoxon_floor(stats_dir: Path) -> None:
-    comparisons = stats.read_table(stats_dir, "comparisons.tsv")
-    across = stats.read_table(stats_dir, "across_tasks.tsv")
+    comparisons = read_table(stats_dir, "comparisons.tsv")
+    across = read_table(stats_dir, "across_tasks.tsv")
     rows = across[across.experiment == "in_domain"]
     assert len(rows) == 3 * len(SHOTS)
     for row in rows.itertuples():
@@ -424,7 +382,7 @@ def test_across_tasks_macro_average_and_wilcoxon_floor(stats_dir: Path) -> None:
 
 
 def test_negative_control(stats_dir: Path) -> None:
-    control = stats.read_table(stats_dir, "control.tsv")
+    control = read_table(stats_dir, "control.tsv")
     assert list(control.shots) == [5, 10]  # 0 shots: nothing drawn, left out
     frame = synthetic_eval_frame()
     main = frame[(frame.experiment == "in_domain") & (frame.init == "fomaml") & (frame.train_seed == 0)]
@@ -441,14 +399,14 @@ def test_negative_control(stats_dir: Path) -> None:
 
 
 def test_control_with_the_main_shot_seed_is_refused(tmp_path: Path) -> None:
-    evals = stats.load_eval(write_synthetic_eval(tmp_path / "eval"))
+    evals = load_eval(write_synthetic_eval(tmp_path / "eval"))
     same = synthetic_eval_frame(("fomaml",), seed=5, seeds=(0,), experiments={"in_domain": ()}, shot_seed=0)
     from fomaml_math.analysis import negative_control
     from fomaml_math.analysis.evaldata import split_experiments
 
-    settings = stats.StatsSettings.from_settings(SETTINGS)
+    settings = StatsSettings.from_settings(SETTINGS)
     with pytest.raises(ConfigError, match="not independent"):
-        negative_control.control_table(split_experiments(evals), stats.load_eval([_write(tmp_path, same)]), settings)
+        negative_control.control_table(split_experiments(evals), load_eval([_write(tmp_path, same)]), settings)
 
 
 def _write(tmp_path: Path, frame: pd.DataFrame) -> Path:
@@ -458,8 +416,8 @@ def _write(tmp_path: Path, frame: pd.DataFrame) -> Path:
 
 
 def test_adaptation_effect_against_the_zero_shot_rows(stats_dir: Path) -> None:
-    adaptation = stats.read_table(stats_dir, "adaptation.tsv")
-    summary = stats.read_table(stats_dir, "adaptation_summary.tsv")
+    adaptation = read_table(stats_dir, "adaptation.tsv")
+    summary = read_table(stats_dir, "adaptation_summary.tsv")
     frame = synthetic_eval_frame()
     run = frame[
         (frame.experiment == "in_domain") & (frame.init == "sft") & (frame.train_seed == 1) & (frame.task == "geometry")
@@ -498,7 +456,7 @@ def test_shots_to_reach_interpolates_the_learning_curve() -> None:
 
 
 def test_sample_efficiency_point_estimate(stats_dir: Path) -> None:
-    table = stats.read_table(stats_dir, "sample_efficiency.tsv")
+    table = read_table(stats_dir, "sample_efficiency.tsv")
     row = table[(table.experiment == "in_domain") & (table.learner == "sft") & (table.reference == "fomaml")].iloc[0]
     frame = synthetic_eval_frame()
     direct = _per_problem(frame[frame.experiment == "in_domain"])
@@ -517,9 +475,9 @@ def test_shared_and_per_experiment_base_rows_give_the_same_tables(tmp_path: Path
     per_experiment = pd.concat(
         [frame[frame.init != "base"], *(base.assign(experiment=name) for name in EXPERIMENTS)], ignore_index=True
     )
-    settings = stats.StatsSettings.from_settings(SETTINGS)
-    shared = stats.compute_tables(stats.load_eval([_write(tmp_path, frame)]), settings)
-    copied = stats.compute_tables(stats.load_eval([_write(tmp_path, per_experiment)]), settings)
+    settings = StatsSettings.from_settings(SETTINGS)
+    shared = stats.compute_tables(load_eval([_write(tmp_path, frame)]), settings)
+    copied = stats.compute_tables(load_eval([_write(tmp_path, per_experiment)]), settings)
     for name in ("accuracy.tsv", "comparisons.tsv", "primary.tsv", "generation.tsv"):
         pd.testing.assert_frame_equal(shared[name], copied[name])
     # Held-out experiment: the base rows take the experiment's roles (geometry held out).
@@ -530,25 +488,25 @@ def test_shared_and_per_experiment_base_rows_give_the_same_tables(tmp_path: Path
 
 def test_stage_is_reproducible(tmp_path: Path, stats_dir: Path) -> None:
     again = run_stats(tmp_path, control=write_control(tmp_path / "control"))
-    for name in stats.OUTPUT_FILES:
+    for name in STATS_FILES:
         assert (again / name).read_bytes() == (stats_dir / name).read_bytes()
 
 
 def test_missing_init_skips_its_comparisons(tmp_path: Path) -> None:
     out = run_stats(tmp_path, inits=("base", "fomaml"))
-    comparisons = stats.read_table(out, "comparisons.tsv")
+    comparisons = read_table(out, "comparisons.tsv")
     assert set(comparisons.comparison) == {"fomaml-base"}
-    assert set(stats.read_table(out, "accuracy.tsv").init) == {"base", "fomaml"}
-    assert set(stats.read_table(out, "primary.tsv").comparison) == {"fomaml-base"}
+    assert set(read_table(out, "accuracy.tsv").init) == {"base", "fomaml"}
+    assert set(read_table(out, "primary.tsv").comparison) == {"fomaml-base"}
 
 
 def test_older_files_without_the_new_columns_still_analyse(tmp_path: Path) -> None:
     frame = synthetic_eval_frame(seeds=(0,), experiments={"in_domain": ()})
     legacy = frame.drop(columns=["experiment", "train_seed", "shot_seed", "task_role", "truncated", "weight_change"])
-    evals = stats.load_eval([_write(tmp_path, legacy)])
+    evals = load_eval([_write(tmp_path, legacy)])
     assert set(evals.experiment) == {"main"}
     assert set(evals.loc[evals.init == "base", "train_seed"]) == {-1}
-    tables = stats.compute_tables(evals, stats.StatsSettings.from_settings(SETTINGS))
+    tables = stats.compute_tables(evals, StatsSettings.from_settings(SETTINGS))
     assert tables["generation.tsv"].truncation_rate.isna().all()
     assert len(tables["primary.tsv"]) == 2 * len(SHOTS)
 
@@ -558,12 +516,12 @@ def test_bad_inputs_give_one_line_errors(tmp_path: Path) -> None:
     broken = tmp_path / "broken.parquet"
     pd.read_parquet(paths[0]).drop(columns=["correct"]).to_parquet(broken)
     with pytest.raises(ConfigError, match="missing column"):
-        stats.load_eval([broken])
+        load_eval([broken])
     with pytest.raises(ConfigError, match="two results"):
-        stats.load_eval([paths[0], paths[0]])
+        load_eval([paths[0], paths[0]])
     with pytest.raises(ConfigError, match="not found"):
-        stats.load_eval([tmp_path / "absent.parquet"])
+        load_eval([tmp_path / "absent.parquet"])
     role = tmp_path / "role.parquet"
     pd.read_parquet(paths[0]).assign(task_role="test").to_parquet(role)
     with pytest.raises(ConfigError, match="task_role"):
-        stats.load_eval([role])
+        load_eval([role])

@@ -11,7 +11,8 @@ import pytest
 from test_stats import SETTINGS, run_stats, write_control
 
 from fomaml_math.analysis import summary
-from fomaml_math.analysis.stats import StatsSettings, read_table
+from fomaml_math.analysis.calibration import grid_edge
+from fomaml_math.analysis.tables import StatsSettings, read_table
 
 
 def _pp(x: float) -> str:
@@ -144,41 +145,25 @@ def test_text_cells_read_back_as_text(stats_dir: Path) -> None:
 
 
 def test_an_untestable_negative_control_says_so() -> None:
-    import pandas as pd
-
-    from fomaml_math.analysis.stats import StatsSettings
-    from fomaml_math.analysis.summary import _control_lines
-
     control = pd.DataFrame({"init": ["fomaml"], "experiment": ["main"], "train_seed": [0], "main_shot_seed": [1],
                             "control_shot_seed": [2], "shots": [5], "acc_diff": [0.0], "acc_p_holm": [float("nan")],
                             "significant": [False], "note": [""]})  # fmt: skip
-    settings = StatsSettings.from_settings(
-        {"seed": 1, "stats": {"bootstrap_samples": 10, "ci_level": 0.95, "alpha": 0.05}}
-    )
-    text = "\n".join(_control_lines(control, settings))
+    settings = StatsSettings.from_settings(SETTINGS)
+    text = "\n".join(summary._control_lines(control, settings))
     assert "Not testable" in text and "identical outcomes" in text
 
 
 def test_the_positive_control_line_names_the_detected_inits() -> None:
-    import pandas as pd
-
-    from fomaml_math.analysis.stats import StatsSettings
-    from fomaml_math.analysis.summary import _positive_control_lines
-
     table = pd.DataFrame({"experiment": ["heldout"] * 3, "init": ["base", "sft", "fomaml"], "pool": ["meta_test"] * 3,
                           "shots": [50] * 3, "acc_0": [0.1, 0.0, 0.0], "acc_k": [0.12, 0.4, 0.3],
                           "gain": [0.02, 0.4, 0.3], "gain_ci_low": [-0.02, 0.3, 0.1], "gain_ci_high": [0.06, 0.5, 0.5],
                           "p_holm": [0.4, 0.001, 0.02], "detected": [False, True, True]})  # fmt: skip
-    settings = StatsSettings.from_settings(
-        {"seed": 1, "stats": {"bootstrap_samples": 10, "ci_level": 0.95, "alpha": 0.05}}
-    )
-    text = "\n".join(_positive_control_lines(table, settings))
+    settings = StatsSettings.from_settings(SETTINGS)
+    text = "\n".join(summary._positive_control_lines(table, settings))
     assert "**Positive control detected** on the held-out tasks: SFT, FOMAML" in text
     assert "| heldout | held-out | Base | 50 | 10.0 | 12.0 |" in text
 
 
 def test_grid_edge() -> None:
-    from fomaml_math.analysis.calibration import grid_edge
-
     assert grid_edge(1e-3, [1e-2, 1e-3, 3e-3]) == "lowest" and grid_edge(1e-2, [1e-2, 1e-3]) == "highest"
     assert grid_edge(3e-3, [1e-2, 1e-3, 3e-3]) == "" and grid_edge(1e-3, [1e-3]) == ""

@@ -8,58 +8,17 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from fomaml_math.analysis.tables import (
+    ADAPTATION_COLUMNS,
+    ADAPTATION_SUMMARY_COLUMNS,
+    GENERATION_COLUMNS,
+    experiment_order,
+    init_order,
+    sort_in_order,
+)
+
 # An adaptation that changes fewer greedy outputs than this is flagged as a near no-op.
 LOW_CHANGE = 0.01
-
-GENERATION_COLUMNS = [
-    "experiment",
-    "init",
-    "shots",
-    "n_seeds",
-    "n_rows",
-    "no_answer_rate",
-    "truncation_rate",
-    "mean_gen_tokens",
-    "grade_failure_rate",
-]
-ADAPTATION_COLUMNS = [
-    "experiment",
-    "train_seed",
-    "init",
-    "task",
-    "shots",
-    "repeat",
-    "n_problems",
-    "adapt_optimizer",
-    "adapt_lr",
-    "adapt_steps",
-    "support_loss_before",
-    "support_loss_after",
-    "support_loss_change",
-    "weight_change",
-    "nll_zero_shot",
-    "nll_after",
-    "nll_change",
-    "nll_change_rel",
-    "outputs_changed",
-]
-SUMMARY_COLUMNS = [
-    "experiment",
-    "init",
-    "shots",
-    "n_runs",
-    "adapt_optimizer",
-    "adapt_lr",
-    "adapt_steps",
-    "support_loss_before",
-    "support_loss_after",
-    "support_loss_change",
-    "weight_change",
-    "nll_change",
-    "nll_change_rel",
-    "outputs_changed",
-    "low_change",
-]
 
 
 def generation_table(experiments: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -83,20 +42,13 @@ def generation_table(experiments: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 
 def _order(frame: pd.DataFrame, columns: list[str], keys: list[str]) -> pd.DataFrame:
-    from fomaml_math.analysis.evaldata import EXPERIMENT_ORDER, ordered
-    from fomaml_math.evaluation.rows import INITS
-
     if frame.empty:
         return pd.DataFrame(columns=columns)
     orders = {
-        "experiment": ordered(list(frame["experiment"].unique()), EXPERIMENT_ORDER),
-        "init": ordered(list(frame["init"].unique()), INITS),
+        "experiment": experiment_order(list(frame["experiment"].unique())),
+        "init": init_order(list(frame["init"].unique())),
     }
-
-    def key(series: pd.Series) -> pd.Series:
-        return series.map({v: k for k, v in enumerate(orders[series.name])}) if series.name in orders else series
-
-    return frame.sort_values(["experiment", *keys], key=key).reset_index(drop=True)[columns]
+    return sort_in_order(frame, ["experiment", *keys], orders).reset_index(drop=True)[columns]
 
 
 def adaptation_table(experiments: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -143,7 +95,7 @@ def adaptation_table(experiments: dict[str, pd.DataFrame]) -> pd.DataFrame:
 def adaptation_summary(adaptation: pd.DataFrame) -> pd.DataFrame:
     """Per (experiment, init, shots): means over the adaptations (seeds × tasks × repeats, each weighted equally)."""
     if adaptation.empty:
-        return pd.DataFrame(columns=SUMMARY_COLUMNS)
+        return pd.DataFrame(columns=ADAPTATION_SUMMARY_COLUMNS)
     grouped = adaptation.groupby(["experiment", "init", "shots"], sort=False)
     table = grouped.agg(
         n_runs=("repeat", "size"),
@@ -159,4 +111,4 @@ def adaptation_summary(adaptation: pd.DataFrame) -> pd.DataFrame:
         outputs_changed=("outputs_changed", "mean"),
     ).reset_index()
     table["low_change"] = table["outputs_changed"] < LOW_CHANGE  # NaN (nothing to compare) is not flagged
-    return _order(table, SUMMARY_COLUMNS, ["init", "shots"])
+    return _order(table, ADAPTATION_SUMMARY_COLUMNS, ["init", "shots"])

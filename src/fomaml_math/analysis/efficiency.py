@@ -12,28 +12,11 @@ import numpy as np
 import pandas as pd
 
 from fomaml_math.analysis.evaldata import per_problem, primary_pool, task_roles
+from fomaml_math.analysis.resampling import BLOCK_ELEMENTS
+from fomaml_math.analysis.tables import POOLED, SAMPLE_EFFICIENCY_COLUMNS, StatsSettings
 
 # (learner, reference): the shots the learner needs to match the reference at the reference's largest k.
 PAIRS: tuple[tuple[str, str], ...] = (("fomaml", "sft"), ("sft", "fomaml"), ("fomaml", "base"), ("sft", "base"))
-COLUMNS = [
-    "experiment",
-    "pool",
-    "learner",
-    "reference",
-    "reference_shots",
-    "target_accuracy",
-    "learner_max_shots",
-    "learner_accuracy_at_max",
-    "shots_to_match",
-    "ci_low",
-    "ci_high",
-    "share_not_reached",
-    "n_problems",
-    "n_seeds_learner",
-    "n_seeds_reference",
-    "n_boot",
-]
-_BLOCK_ELEMENTS = 1 << 22
 
 
 def shots_to_reach(shots: np.ndarray, curves: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -74,7 +57,7 @@ def _replicates(
     s, n, k = cube.shape
     tasks = list(dict.fromkeys(strata))
     problem_rngs = [np.random.default_rng([*problem_rng_seed, zlib.crc32(str(t).encode())]) for t in tasks]
-    block = max(1, _BLOCK_ELEMENTS // max(1, n))
+    block = max(1, BLOCK_ELEMENTS // max(1, n))
     curves = np.empty((n_boot, k))
     for start in range(0, n_boot, block):
         stop = min(n_boot, start + block)
@@ -90,12 +73,12 @@ def _replicates(
     return curves
 
 
-def sample_efficiency_table(experiments: dict[str, pd.DataFrame], settings) -> pd.DataFrame:
+def sample_efficiency_table(experiments: dict[str, pd.DataFrame], settings: StatsSettings) -> pd.DataFrame:
     rows = []
     for name, frame in experiments.items():
         roles = task_roles(frame)
         pool = primary_pool(roles)
-        tasks = {t for t, r in roles.items() if pool == "all" or r == "meta_test"}
+        tasks = {t for t, r in roles.items() if pool == POOLED or r == "meta_test"}
         cells = per_problem(frame[frame["task"].isin(tasks)])
         for learner, reference in PAIRS:
             if not {learner, reference} <= set(cells["init"]):
@@ -151,4 +134,4 @@ def sample_efficiency_table(experiments: dict[str, pd.DataFrame], settings) -> p
                     "n_boot": settings.bootstrap_samples,
                 }
             )
-    return pd.DataFrame(rows, columns=COLUMNS)
+    return pd.DataFrame(rows, columns=SAMPLE_EFFICIENCY_COLUMNS)

@@ -16,33 +16,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fomaml_math.analysis.tables import META_TEST_POOL, POOLED, experiment_order, init_order, task_order
 from fomaml_math.errors import ConfigError
-from fomaml_math.evaluation.rows import (
-    BASE,
-    BASE_SEED,
-    INITS,
-    KEY,
-    OPTIONAL_DEFAULTS,
-    REQUIRED_COLUMNS,
-    TASK_ROLES,
-)
-from fomaml_math.subjects import MATH_TASKS
-
-POOLED = "all"
-META_TEST_POOL = "meta_test"
-EXPERIMENT_ORDER: tuple[str, ...] = ("in_domain",)
-
-
-def ordered(values: Sequence[str], preferred: Sequence[str]) -> list[str]:
-    """``values`` (deduplicated) in the ``preferred`` order first, then the rest alphabetically."""
-    unique = list(dict.fromkeys(values))
-    return [v for v in preferred if v in unique] + sorted(v for v in unique if v not in preferred)
-
-
-def task_order(tasks: Sequence[str]) -> list[str]:
-    """Tasks in the MATH subject order, others alphabetically; the pools (``meta_test``, ``all``) last."""
-    pools = [p for p in (META_TEST_POOL, POOLED) if p in tasks]
-    return ordered([t for t in tasks if t not in (POOLED, META_TEST_POOL)], MATH_TASKS) + pools
+from fomaml_math.evaluation.rows import BASE, BASE_SEED, KEY, OPTIONAL_DEFAULTS, REQUIRED_COLUMNS, TASK_ROLES
 
 
 def _read_one(path: Path, flag: str) -> pd.DataFrame:
@@ -115,7 +91,7 @@ def split_experiments(evals: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """
     trained = evals[evals["init"] != BASE]
     base = evals[evals["init"] == BASE]
-    names = ordered(list(trained["experiment"].unique()) or list(base["experiment"].unique()), EXPERIMENT_ORDER)
+    names = experiment_order(list(trained["experiment"].unique()) or list(base["experiment"].unique()))
     frames: dict[str, pd.DataFrame] = {}
     for name in names:
         rows = trained[trained["experiment"] == name]
@@ -171,7 +147,7 @@ def build_design(cells: pd.DataFrame, cluster: str = "train_seed") -> Design:
     problems = problems.reset_index(drop=True)
     columns = pd.MultiIndex.from_frame(problems)
     seeds, correct, nll = {}, {}, {}
-    for init in ordered(list(cells["init"].unique()), INITS):
+    for init in init_order(list(cells["init"].unique())):
         rows = cells[cells["init"] == init]
         for name, target in (("correct", correct), ("nll", nll)):
             table = rows.pivot_table(index=cluster, columns=["task", "problem_id"], values=name, aggfunc="mean")

@@ -19,14 +19,20 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from fomaml_math.analysis import style
+from fomaml_math.analysis import style, tables
 from fomaml_math.analysis.calibration import load_calibration
-from fomaml_math.analysis.evaldata import EXPERIMENT_ORDER, META_TEST_POOL
+from fomaml_math.analysis.labels import init_label, task_label
 from fomaml_math.analysis.outputs import FIGURES
-from fomaml_math.analysis.stats import ALL_SEEDS, POOLED, StatsSettings, ordered, read_table, task_order
+from fomaml_math.analysis.tables import (
+    ALL_SEEDS,
+    META_TEST_POOL,
+    POOLED,
+    experiment_order,
+    init_order,
+    task_order,
+)
 from fomaml_math.config import add_settings_arguments, settings_from_args
 from fomaml_math.errors import ConfigError
-from fomaml_math.evaluation.rows import INITS
 
 OUTPUT_FILES: tuple[str, ...] = tuple(f"{stem}.{ext}" for stem in FIGURES for ext in ("pdf", "png"))
 # The comparison the significance marks and the heatmap show.
@@ -74,7 +80,7 @@ _SERIES_COLOURS = {  # as many colours per run as its longest panel has series (
 
 
 def _inits(table: pd.DataFrame) -> list[str]:
-    return ordered(list(table["init"].unique()), INITS)
+    return init_order(list(table["init"].unique()))
 
 
 def _shot_ticks(ax: Axes, shots: Sequence[int]) -> None:
@@ -146,7 +152,7 @@ def _mark_significance(
 
 def _legend(fig: Figure, ax: Axes, ci_level: float) -> None:
     """One legend above the panels (inside an axes it would hide lines), with the marks explained."""
-    a, b = (style.init_label(i) for i in HEADLINE.split("-"))
+    a, b = (init_label(i) for i in HEADLINE.split("-"))
     handles, labels = ax.get_legend_handles_labels()
     fig.legend(
         handles,
@@ -159,7 +165,7 @@ def _legend(fig: Figure, ax: Axes, ci_level: float) -> None:
 
 
 def experiments_of(table: pd.DataFrame) -> list[str]:
-    return ordered(list(table["experiment"].unique()), EXPERIMENT_ORDER) if "experiment" in table.columns else [""]
+    return experiment_order(list(table["experiment"].unique())) if "experiment" in table.columns else [""]
 
 
 def _of_experiment(table: pd.DataFrame, experiment: str) -> pd.DataFrame:
@@ -255,7 +261,7 @@ def accuracy_vs_shots_by_task_figure(accuracy: pd.DataFrame, comparisons: pd.Dat
             ax.set_gid(f"task:{task}")
             _plot_inits(ax, rows, "accuracy", "accuracy_ci_low", "accuracy_ci_high", PERCENT, "acc", inits)
             _mark_significance(ax, rows, comparisons, task, "acc_stars", "accuracy_ci_high", PERCENT)
-            ax.set_title(style.task_label(task))
+            ax.set_title(task_label(task))
             _shot_ticks(ax, accuracy["shots"])
             ax.margins(y=0.12)
         for ax in axes[len(tasks) :]:
@@ -314,12 +320,12 @@ def gain_heatmap_figure(comparisons: pd.DataFrame, comparison: str = HEADLINE) -
         if pools and len(tasks) > pools:
             ax.axhline(len(tasks) - pools - 0.5, color="white", linewidth=2.0)
         ax.set_xticks(range(len(shots)), [str(s) for s in shots])
-        ax.set_yticks(range(len(tasks)), [style.task_label(t) for t in tasks])
+        ax.set_yticks(range(len(tasks)), [task_label(t) for t in tasks])
         ax.set_xlabel("Shots (k)")
         ax.grid(False)
         a, _, b = comparison.partition("-")
         colorbar = fig.colorbar(image, ax=ax, shrink=0.9)
-        colorbar.set_label(f"{style.init_label(a)} − {style.init_label(b)} accuracy (pp)")
+        colorbar.set_label(f"{init_label(a)} − {init_label(b)} accuracy (pp)")
     return fig
 
 
@@ -401,10 +407,10 @@ def calibration_figure(calibration: dict[str, pd.DataFrame] | None) -> Figure:
             return fig
         by_lr, by_step = fig.subplots(1, 2)
         chosen, grid, curve = calibration["chosen"], calibration["grid"], calibration["curve"]
-        inits = ordered(list(chosen["init"].unique()), INITS)
+        inits = init_order(list(chosen["init"].unique()))
         for row in chosen.itertuples(index=False):
             line_style = style.init_style(row.init, inits.index(row.init))
-            label = style.init_label(row.init) + (f" (seed {row.train_seed})" if row.train_seed >= 0 else "")
+            label = init_label(row.init) + (f" (seed {row.train_seed})" if row.train_seed >= 0 else "")
             tag = f"{row.init}:{row.train_seed}"
             mine = (
                 (grid["init"] == row.init)
@@ -468,9 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = StatsSettings.from_settings(settings_from_args(args, "figures"))
-    accuracy = read_table(args.stats_dir, "accuracy.tsv")
-    comparisons = read_table(args.stats_dir, "comparisons.tsv")
+    settings = tables.StatsSettings.from_settings(settings_from_args(args, "figures"))
+    accuracy = tables.read_table(args.stats_dir, "accuracy.tsv")
+    comparisons = tables.read_table(args.stats_dir, "comparisons.tsv")
     fomaml = load_metrics(args.fomaml_metrics, "--fomaml-metrics")
     sft = load_metrics(args.sft_metrics, "--sft-metrics")
     calibration = load_calibration(args.calibration) if args.calibration else None

@@ -1,5 +1,7 @@
 """Seed-aware inference: a mean (difference) over a clusters × problems design, its standard error, t-interval,
-two-sided test, TOST equivalence test and minimum detectable effect.
+two-sided test, TOST equivalence test and minimum detectable effect; Holm's adjustment; and the paired tests and
+effect sizes of one training seed (exact McNemar, Wilcoxon signed-rank, Cohen's h, the discordant odds ratio).
+The bootstrap is in ``analysis.resampling``.
 
 The design (``docs/statistics.md``, "Seed-aware uncertainty"): each initialisation contributes a matrix
 ``Y[s, i]`` of per-problem scores (repeats already averaged), one row per *cluster* (a training seed; for the
@@ -185,3 +187,59 @@ def mcnemar_smallest_p(n_pairs: int) -> float:
 def wilcoxon_smallest_p(n_nonzero: int) -> float:
     """Exact two-sided Wilcoxon signed-rank test with n non-zero differences: 2 / 2^n."""
     return min(1.0, 2.0 ** (1 - n_nonzero)) if n_nonzero > 0 else 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Paired tests and effect sizes over problems (each tested against a hand computation or the reference library)
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Exact (binomial) McNemar p-value, two-sided, from the discordant counts b and c."""
+    if b + c == 0:
+        return 1.0
+    return float(scipy_stats.binomtest(int(b), int(b + c), 0.5, alternative="two-sided").pvalue)
+
+
+def wilcoxon_test(differences: np.ndarray, alpha: float | None = None) -> tuple[float, float, str]:
+    """Two-sided Wilcoxon signed-rank test of paired differences: (statistic, p, note).
+
+    Zero differences are dropped (``zero_method="wilcox"``); with fewer than two values or no
+    non-zero difference there is no test: (NaN, NaN, reason). When ``alpha`` is given and the
+    exact test could not reach it even in the most extreme case, the note says so.
+    """
+    diffs = np.asarray(differences, dtype=np.float64)
+    diffs = diffs[~np.isnan(diffs)]
+    if diffs.size < 2:
+        return math.nan, math.nan, f"no test: {diffs.size} paired value(s), need at least 2"
+    nonzero = int(np.count_nonzero(diffs))
+    if nonzero == 0:
+        return math.nan, math.nan, "no test: all differences are zero"
+    result = scipy_stats.wilcoxon(diffs, zero_method="wilcox", alternative="two-sided", method="auto")
+    note = ""
+    smallest_p = 2.0 ** (1 - nonzero)  # all signs equal, exact null distribution (underflows to 0, no error)
+    if alpha is not None and smallest_p >= alpha:
+        note = f"only {nonzero} non-zero difference(s): p cannot fall below {smallest_p:.3g}"
+    return float(result.statistic), float(result.pvalue), note
+
+
+def significance_stars(p_adjusted: float, alpha: float) -> str:
+    """'' when not significant at ``alpha``; otherwise *, ** (p < 0.01) or *** (p < 0.001)."""
+    if not (p_adjusted < alpha):  # also catches NaN
+        return ""
+    if p_adjusted < 0.001:
+        return "***"
+    if p_adjusted < 0.01:
+        return "**"
+    return "*"
+
+
+def cohens_h(p_a: float, p_b: float) -> float:
+    """Cohen's h for two proportions: 2·asin(√p_a) − 2·asin(√p_b)."""
+    return float(2.0 * np.arcsin(np.sqrt(p_a)) - 2.0 * np.arcsin(np.sqrt(p_b)))
+
+
+def discordant_odds_ratio(b: int, c: int) -> float:
+    """McNemar's conditional odds ratio b / c (inf when c = 0 < b, NaN when b = c = 0)."""
+    if c == 0:
+        return math.inf if b > 0 else math.nan
+    return b / c

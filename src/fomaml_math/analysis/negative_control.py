@@ -16,33 +16,8 @@ import pandas as pd
 
 from fomaml_math.analysis import inference
 from fomaml_math.analysis.evaldata import build_design, primary_pool, task_roles
+from fomaml_math.analysis.tables import CONTROL_COLUMNS, POOLED, StatsSettings
 from fomaml_math.errors import ConfigError
-
-CONTROL_COLUMNS = [
-    "experiment",
-    "init",
-    "train_seed",
-    "pool",
-    "shots",
-    "main_shot_seed",
-    "control_shot_seed",
-    "n_problems",
-    "n_draws_main",
-    "n_draws_control",
-    "acc_main",
-    "acc_control",
-    "acc_diff",
-    "acc_diff_se",
-    "acc_diff_df",
-    "acc_diff_ci_low",
-    "acc_diff_ci_high",
-    "acc_p",
-    "acc_p_holm",
-    "significant",
-    "tost_p",
-    "equivalent",
-    "note",
-]
 
 
 def _one(control: pd.DataFrame, column: str) -> object:
@@ -52,7 +27,9 @@ def _one(control: pd.DataFrame, column: str) -> object:
     return values[0]
 
 
-def control_table(experiments: dict[str, pd.DataFrame], control: pd.DataFrame | None, settings) -> pd.DataFrame:
+def control_table(
+    experiments: dict[str, pd.DataFrame], control: pd.DataFrame | None, settings: StatsSettings
+) -> pd.DataFrame:
     """One row per shot count k > 0 of the control, Holm-adjusted over its shot counts (its own family)."""
     if control is None or control.empty:
         return pd.DataFrame(columns=CONTROL_COLUMNS)
@@ -68,7 +45,7 @@ def control_table(experiments: dict[str, pd.DataFrame], control: pd.DataFrame | 
         raise ConfigError(f"--control-eval: shot_seed {clash[0]} is also the main evaluation's: not independent draws")
     roles = task_roles(frame)
     pool = primary_pool(roles)
-    pool_tasks = {t for t, r in roles.items() if pool == "all" or r == "meta_test"}
+    pool_tasks = {t for t, r in roles.items() if pool == POOLED or r == "meta_test"}
     rows = []
     for shots in sorted(k for k in control["shots"].unique() if k > 0):
         sides = {

@@ -8,8 +8,8 @@ same trained model, adapted or not): per seed and problem ``d[s, i] = ȳ_k[s, i]
 and :func:`fomaml_math.analysis.inference.crossed_estimate` of ``d`` gives its seed-aware standard error (with one
 cluster, e.g. the base model, the paired t-test over problems). Holm over the table's rows (one family).
 
-Input: the evaluation rows (:func:`fomaml_math.analysis.evaldata.load_eval`). Not yet wired into ``stats`` or
-``summary``: :func:`positive_control_table` is the function to call there.
+Input: the evaluation rows (:func:`fomaml_math.analysis.evaldata.load_eval`); the stats stage writes the table as
+``positive_control.tsv`` and the summary reports it.
 """
 
 from __future__ import annotations
@@ -17,13 +17,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from fomaml_math.analysis.evaldata import META_TEST_POOL, POOLED, per_problem, split_experiments, task_roles
+from fomaml_math.analysis.evaldata import per_problem, split_experiments, task_roles
 from fomaml_math.analysis.inference import crossed_estimate, holm_adjust, t_interval, t_test_p
-
-COLUMNS: tuple[str, ...] = (
-    "experiment", "init", "pool", "shots", "n_seeds", "n_problems", "acc_0", "acc_k", "gain", "gain_se", "gain_df",
-    "gain_ci_low", "gain_ci_high", "p", "p_holm", "detected",
-)  # fmt: skip
+from fomaml_math.analysis.tables import META_TEST_POOL, POOLED, POSITIVE_CONTROL_COLUMNS, StatsSettings
 
 
 def _paired_differences(cells: pd.DataFrame, shots: int) -> tuple[np.ndarray, np.ndarray, float, float]:
@@ -37,7 +33,7 @@ def _paired_differences(cells: pd.DataFrame, shots: int) -> tuple[np.ndarray, np
     return k_shot - zero, strata, float(np.nanmean(zero)), float(np.nanmean(k_shot))
 
 
-def positive_control_table(evals: pd.DataFrame, *, ci_level: float = 0.95, alpha: float = 0.05) -> pd.DataFrame:
+def positive_control_table(evals: pd.DataFrame, settings: StatsSettings) -> pd.DataFrame:
     """One row per (experiment, init, pool ∈ {meta_test if any, all}) at the experiment's largest shot count."""
     rows = []
     for experiment, experiment_rows in split_experiments(evals).items():
@@ -55,7 +51,7 @@ def positive_control_table(evals: pd.DataFrame, *, ci_level: float = 0.95, alpha
                     continue
                 diffs, strata, acc_0, acc_k = _paired_differences(chosen, largest)
                 estimate = crossed_estimate(diffs, None, strata)
-                low, high = t_interval(estimate, ci_level)
+                low, high = t_interval(estimate, settings.ci_level)
                 rows.append(
                     {
                         "experiment": experiment,
@@ -74,7 +70,7 @@ def positive_control_table(evals: pd.DataFrame, *, ci_level: float = 0.95, alpha
                         "p": t_test_p(estimate),
                     }
                 )
-    table = pd.DataFrame(rows, columns=[c for c in COLUMNS if c not in ("p_holm", "detected")])
+    table = pd.DataFrame(rows, columns=[c for c in POSITIVE_CONTROL_COLUMNS if c not in ("p_holm", "detected")])
     table["p_holm"] = holm_adjust(table["p"].to_numpy()) if len(table) else []
-    table["detected"] = (table["gain"] > 0) & (table["p_holm"] < alpha)
-    return table[list(COLUMNS)]
+    table["detected"] = (table["gain"] > 0) & (table["p_holm"] < settings.alpha)
+    return table[list(POSITIVE_CONTROL_COLUMNS)]

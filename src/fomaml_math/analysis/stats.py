@@ -11,9 +11,11 @@ the tables every figure and summary number comes from:
 - ``primary.tsv``: the primary family's rows of ``comparisons.tsv``;
 - ``across_tasks.tsv``: the cross-task analysis (every task weighted equally) per (experiment, shots, comparison);
 - ``control.tsv``: the negative control (A/A); ``generation.tsv``, ``adaptation.tsv``, ``adaptation_summary.tsv``:
-  what generation and adaptation did; ``sample_efficiency.tsv``: the shots one init needs to match another.
+  what generation and adaptation did; ``sample_efficiency.tsv``: the shots one init needs to match another;
+  ``positive_control.tsv``: each init's gain at the largest k over its own 0-shot accuracy.
 
-Definitions in ``docs/statistics.md``.
+The stage only: the tables' columns and reading are in ``analysis.tables``, the statistics in ``analysis.inference``
+and ``analysis.resampling``. Definitions in ``docs/statistics.md``.
 """
 
 from __future__ import annotations
@@ -23,248 +25,56 @@ import math
 import warnings
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats as scipy_stats
 
-from fomaml_math.analysis import inference
+from fomaml_math.analysis import effects, efficiency, inference, negative_control
 from fomaml_math.analysis.evaldata import (
-    BASE,
-    META_TEST_POOL,
-    POOLED,
     Design,
     build_design,
     load_eval,
-    ordered,
     per_problem,
     pools,
     primary_pool,
     split_experiments,
-    task_order,
     task_roles,
 )
-from fomaml_math.analysis.inference import holm_adjust
+from fomaml_math.analysis.inference import (
+    cohens_h,
+    discordant_odds_ratio,
+    holm_adjust,
+    mcnemar_exact,
+    significance_stars,
+    wilcoxon_test,
+)
 from fomaml_math.analysis.outputs import STATS_FILES
+from fomaml_math.analysis.positive_control import positive_control_table
+from fomaml_math.analysis.resampling import percentile_interval, stratified_bootstrap
+from fomaml_math.analysis.tables import (
+    ACCURACY_COLUMNS,
+    ACROSS_TASKS_COLUMNS,
+    ALL_SEEDS,
+    COMPARISON_COLUMNS,
+    COMPARISONS,
+    META_TEST_POOL,
+    POOLED,
+    PROBLEM_BOOTSTRAP,
+    SEED_T,
+    StatsSettings,
+    comparison_name,
+    experiment_order,
+    init_order,
+    sort_in_order,
+    task_order,
+)
 from fomaml_math.config import add_settings_arguments, settings_from_args
-from fomaml_math.errors import ConfigError
-from fomaml_math.evaluation.rows import INITS
+from fomaml_math.evaluation.rows import BASE
 from fomaml_math.io import write_tsv
 
-__all__ = [
-    "BASE",
-    "INITS",
-    "META_TEST_POOL",
-    "POOLED",
-    "holm_adjust",
-    "load_eval",
-    "ordered",
-    "per_problem",
-    "task_order",
-]
-
-# (a, b) reads "a − b": positive accuracy differences favour a, negative NLL differences favour a.
-COMPARISONS: tuple[tuple[str, str], ...] = (("fomaml", "sft"), ("fomaml", "base"), ("sft", "base"))
-DEFAULT_PRIMARY: tuple[str, ...] = ("fomaml-sft", "fomaml-base")
-DEFAULT_EQUIVALENCE_MARGIN_PP = 2.0
-POWER = 0.8
-ALL_SEEDS = "all"
-OUTPUT_FILES = STATS_FILES  # (analysis.outputs: names the Snakefile declares)
-# Bootstrap replicates are drawn in blocks of about this many resampled indices (bounds memory).
-_BLOCK_ELEMENTS = 1 << 22
-
-
-def comparison_name(a: str, b: str) -> str:
-    return f"{a}-{b}"
-
-
-@dataclass(frozen=True)
-class StatsSettings:
-    seed: int
-    bootstrap_samples: int
-    ci_level: float
-    alpha: float
-    equivalence_margin_pp: float = DEFAULT_EQUIVALENCE_MARGIN_PP
-    primary_comparisons: tuple[str, ...] = DEFAULT_PRIMARY
-
-    @property
-    def margin(self) -> float:
-        """The equivalence margin as a difference of proportions."""
-        return self.equivalence_margin_pp / 100.0
-
-    @classmethod
-    def from_settings(cls, settings: dict[str, Any]) -> StatsSettings:
-        """From the stage settings ``{"seed": ..., "stats": {...}}`` (config.stage_settings)."""
-        try:
-            stats = settings["stats"]
-            made = cls(
-                seed=int(settings["seed"]),
-                bootstrap_samples=int(stats["bootstrap_samples"]),
-                ci_level=float(stats["ci_level"]),
-                alpha=float(stats["alpha"]),
-                equivalence_margin_pp=float(stats.get("equivalence_margin_pp", DEFAULT_EQUIVALENCE_MARGIN_PP)),
-                primary_comparisons=tuple(stats.get("primary", {}).get("comparisons", DEFAULT_PRIMARY)),
-            )
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise ConfigError(
-                f"settings: missing {exc} (expected seed and stats.bootstrap_samples, stats.ci_level, stats.alpha)"
-            ) from exc
-        if made.bootstrap_samples < 1:
-            raise ConfigError(f"stats.bootstrap_samples: expected a positive integer, got {made.bootstrap_samples}")
-        for key in ("ci_level", "alpha"):
-            value = getattr(made, key)
-            if not 0 < value < 1:
-                raise ConfigError(f"stats.{key}: expected a number strictly between 0 and 1, got {value}")
-        if not 0 < made.equivalence_margin_pp < 100:
-            raise ConfigError(
-                f"stats.equivalence_margin_pp: expected percentage points in (0, 100), got {made.equivalence_margin_pp}"
-            )
-        known = {comparison_name(a, b) for a, b in COMPARISONS}
-        unknown = [c for c in made.primary_comparisons if c not in known]
-        if unknown or not made.primary_comparisons:
-            raise ConfigError(
-                f"stats.primary.comparisons: expected a non-empty list of {', '.join(sorted(known))}, got "
-                f"{list(made.primary_comparisons)}"
-            )
-        return made
-        return made
-
-
-# ---------------------------------------------------------------------------------------------
-# Statistical building blocks (each tested against a hand computation or the reference library)
-
-
-def resample_counts(rng: np.random.Generator, n: int, rows: int) -> np.ndarray:
-    """``rows`` bootstrap resamples of ``n`` units, as counts: entry (b, i) = draws of unit i in resample b.
-
-    Drawn as ``rng.integers(0, n, size=(rows, n))`` (row b = the indices of resample b), then
-    counted, so a replicate's mean is a matrix product instead of a gather.
-    """
-    indices = rng.integers(0, n, size=(rows, n))
-    flat = (indices + (np.arange(rows) * n)[:, None]).ravel()
-    return np.bincount(flat, minlength=rows * n).reshape(rows, n).astype(np.float64)
-
-
-def stratified_bootstrap(
-    strata: Sequence[np.ndarray],
-    n_boot: int,
-    rngs: Sequence[np.random.Generator],
-    *,
-    block_rows: int | None = None,
-) -> tuple[list[np.ndarray], np.ndarray]:
-    """Bootstrap replicates of column means, per stratum and pooled over strata.
-
-    ``strata[k]`` is an (n_k × m) matrix, one row per unit (problem) and one column per quantity;
-    NaN marks a missing value. Each replicate resamples the rows of every stratum with replacement
-    (n_k draws, from ``rngs[k]``); a column's statistic is the mean over the drawn rows where it is
-    not missing: per stratum, and pooled (ratio of the sums over all strata, i.e. the mean over all
-    units, which weights strata by size while keeping each stratum's size fixed).
-
-    Returns (per-stratum replicates, each n_boot × m; pooled replicates, n_boot × m).
-    """
-    if not strata:
-        raise ValueError("stratified_bootstrap: no strata")
-    width = strata[0].shape[1]
-    values = [np.nan_to_num(np.asarray(x, dtype=np.float64), nan=0.0) for x in strata]
-    present = [(~np.isnan(np.asarray(x, dtype=np.float64))).astype(np.float64) for x in strata]
-    if block_rows is None:
-        block_rows = max(1, _BLOCK_ELEMENTS // max(x.shape[0] for x in strata))
-    per_stratum = [np.empty((n_boot, width)) for _ in strata]
-    pooled = np.empty((n_boot, width))
-    with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 = no unit present in a replicate -> NaN
-        for start in range(0, n_boot, block_rows):
-            stop = min(n_boot, start + block_rows)
-            numerator = np.zeros((stop - start, width))
-            denominator = np.zeros((stop - start, width))
-            for k, rng in enumerate(rngs):
-                counts = resample_counts(rng, values[k].shape[0], stop - start)
-                num, den = counts @ values[k], counts @ present[k]
-                per_stratum[k][start:stop] = num / den
-                numerator += num
-                denominator += den
-            pooled[start:stop] = numerator / denominator
-    return per_stratum, pooled
-
-
-def percentile_interval(replicates: np.ndarray, ci_level: float) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile bootstrap interval per column (NaN where a column has no finite replicate)."""
-    tail = (1.0 - ci_level) / 2.0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns -> NaN, not a warning
-        low, high = np.nanquantile(replicates, [tail, 1.0 - tail], axis=0)
-    return low, high
-
-
-def bootstrap_mean_ci(
-    values: np.ndarray, *, n_boot: int, ci_level: float, rng: np.random.Generator
-) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean of ``values`` (one stratum; paired data: pass differences)."""
-    column = np.asarray(values, dtype=np.float64).reshape(-1, 1)
-    (replicates,), _ = stratified_bootstrap([column], n_boot, [rng])
-    low, high = percentile_interval(replicates, ci_level)
-    return float(low[0]), float(high[0])
-
-
-def mcnemar_exact(b: int, c: int) -> float:
-    """Exact (binomial) McNemar p-value, two-sided, from the discordant counts b and c."""
-    if b + c == 0:
-        return 1.0
-    return float(scipy_stats.binomtest(int(b), int(b + c), 0.5, alternative="two-sided").pvalue)
-
-
-def wilcoxon_test(differences: np.ndarray, alpha: float | None = None) -> tuple[float, float, str]:
-    """Two-sided Wilcoxon signed-rank test of paired differences: (statistic, p, note).
-
-    Zero differences are dropped (``zero_method="wilcox"``); with fewer than two values or no
-    non-zero difference there is no test: (NaN, NaN, reason). When ``alpha`` is given and the
-    exact test could not reach it even in the most extreme case, the note says so.
-    """
-    diffs = np.asarray(differences, dtype=np.float64)
-    diffs = diffs[~np.isnan(diffs)]
-    if diffs.size < 2:
-        return math.nan, math.nan, f"no test: {diffs.size} paired value(s), need at least 2"
-    nonzero = int(np.count_nonzero(diffs))
-    if nonzero == 0:
-        return math.nan, math.nan, "no test: all differences are zero"
-    result = scipy_stats.wilcoxon(diffs, zero_method="wilcox", alternative="two-sided", method="auto")
-    note = ""
-    smallest_p = 2.0 ** (1 - nonzero)  # all signs equal, exact null distribution (underflows to 0, no error)
-    if alpha is not None and smallest_p >= alpha:
-        note = f"only {nonzero} non-zero difference(s): p cannot fall below {smallest_p:.3g}"
-    return float(result.statistic), float(result.pvalue), note
-
-
-def significance_stars(p_adjusted: float, alpha: float) -> str:
-    """'' when not significant at ``alpha``; otherwise *, ** (p < 0.01) or *** (p < 0.001)."""
-    if not (p_adjusted < alpha):  # also catches NaN
-        return ""
-    if p_adjusted < 0.001:
-        return "***"
-    if p_adjusted < 0.01:
-        return "**"
-    return "*"
-
-
-def cohens_h(p_a: float, p_b: float) -> float:
-    """Cohen's h for two proportions: 2·asin(√p_a) − 2·asin(√p_b)."""
-    return float(2.0 * np.arcsin(np.sqrt(p_a)) - 2.0 * np.arcsin(np.sqrt(p_b)))
-
-
-def discordant_odds_ratio(b: int, c: int) -> float:
-    """McNemar's conditional odds ratio b / c (inf when c = 0 < b, NaN when b = c = 0)."""
-    if c == 0:
-        return math.inf if b > 0 else math.nan
-    return b / c
-
-
-# ---------------------------------------------------------------------------------------------
-# Tables
-
-SEED_T = "seed-t"  # t-interval over training seeds and problems (crossed design, inference.crossed_estimate)
-PROBLEM_BOOTSTRAP = "problem-bootstrap"  # one training seed: percentile bootstrap over problems
+POWER = 0.8  # of the minimum detectable effect
 
 
 def _stratum_rng(seed: int, task: str, shots: int) -> np.random.Generator:
@@ -595,11 +405,10 @@ def _finish_comparisons(comparisons: pd.DataFrame, settings: StatsSettings) -> p
 
 
 def _sort(frame: pd.DataFrame, by: str) -> pd.DataFrame:
-    experiments = ordered(list(frame["experiment"].unique()), ("in_domain",))
-    tasks = task_order(list(frame["task"].unique()))
-    orders = {"experiment": experiments, "task": tasks}
+    orders = {"experiment": experiment_order(list(frame["experiment"].unique()))}
+    orders["task"] = task_order(list(frame["task"].unique()))
     if by == "init":
-        orders["init"] = ordered(list(frame["init"].unique()), INITS)
+        orders["init"] = init_order(list(frame["init"].unique()))
         orders["train_seed"] = [
             ALL_SEEDS,
             *sorted((s for s in frame["train_seed"].unique() if s != ALL_SEEDS), key=int),
@@ -607,123 +416,7 @@ def _sort(frame: pd.DataFrame, by: str) -> pd.DataFrame:
     else:
         orders["comparison"] = [comparison_name(a, b) for a, b in COMPARISONS]
     columns = ["experiment", "task", "shots", by, *(["train_seed"] if by == "init" else [])]
-
-    def key(series: pd.Series) -> pd.Series:
-        if series.name in orders:
-            return series.map({v: k for k, v in enumerate(orders[series.name])})
-        return series
-
-    return frame.sort_values(columns, key=key).reset_index(drop=True)
-
-
-ACCURACY_COLUMNS = [
-    "experiment",
-    "init",
-    "train_seed",
-    "task",
-    "task_role",
-    "shots",
-    "n_seeds",
-    "n_problems",
-    "n_repeats",
-    "accuracy",
-    "accuracy_se",
-    "accuracy_df",
-    "accuracy_ci_low",
-    "accuracy_ci_high",
-    "ci_method",
-    "accuracy_seed_sd",
-    "accuracy_repeat_sd",
-    "nll_n",
-    "nll_mean",
-    "nll_ci_low",
-    "nll_ci_high",
-    "no_answer_rate",
-    "grade_failure_rate",
-    "truncation_rate",
-    "mean_gen_tokens",
-]
-COMPARISON_COLUMNS = [
-    "experiment",
-    "task",
-    "task_role",
-    "shots",
-    "comparison",
-    "init_a",
-    "init_b",
-    "family",
-    "family_size",
-    "n_problems",
-    "n_seeds_a",
-    "n_seeds_b",
-    "acc_a",
-    "acc_b",
-    "acc_diff",
-    "acc_diff_se",
-    "acc_diff_df",
-    "acc_diff_ci_low",
-    "acc_diff_ci_high",
-    "ci_method",
-    "seed_note",
-    "acc_test",
-    "acc_p",
-    "acc_p_holm",
-    "acc_significant",
-    "acc_stars",
-    "acc_min_p_holm",
-    "acc_can_reach_alpha",
-    "tost_p_lower",
-    "tost_p_upper",
-    "tost_p",
-    "tost_p_holm",
-    "equivalent",
-    "verdict",
-    "mde_alpha",
-    "mde",
-    "cohens_h",
-    "n_a_better",
-    "n_b_better",
-    "n_tied",
-    "discordant_odds_ratio",
-    "mcnemar_p",
-    "nll_n",
-    "nll_a",
-    "nll_b",
-    "nll_diff",
-    "nll_diff_se",
-    "nll_diff_ci_low",
-    "nll_diff_ci_high",
-    "nll_test",
-    "nll_p",
-    "nll_p_holm",
-    "nll_significant",
-    "nll_stars",
-    "wilcoxon_stat",
-    "wilcoxon_p",
-    "nll_note",
-]
-_ACROSS_FIELDS = (
-    "macro_diff",
-    "macro_se",
-    "macro_df",
-    "macro_ci_low",
-    "macro_ci_high",
-    "p",
-    "p_holm",
-    "significant",
-    "stars",
-    "n_positive",
-    "n_negative",
-    "wilcoxon_stat",
-    "wilcoxon_p",
-    "wilcoxon_p_holm",
-    "wilcoxon_min_p_holm",
-    "wilcoxon_can_reach_alpha",
-    "note",
-)
-ACROSS_TASKS_COLUMNS = ["experiment", "pool", "shots", "comparison", "n_tasks"] + [
-    f"{prefix}_{field}" for prefix in ("acc", "nll") for field in _ACROSS_FIELDS
-]
+    return sort_in_order(frame, columns, orders).reset_index(drop=True)
 
 
 def _finish_across(across: pd.DataFrame, alpha: float) -> pd.DataFrame:
@@ -744,9 +437,6 @@ def compute_tables(
     evals: pd.DataFrame, settings: StatsSettings, control: pd.DataFrame | None = None
 ) -> dict[str, pd.DataFrame]:
     """Every table of the stage, keyed by output file name."""
-    from fomaml_math.analysis import effects, efficiency, negative_control
-    from fomaml_math.analysis.positive_control import positive_control_table
-
     experiments = split_experiments(evals)
     accuracy_rows, comparison_rows, across_rows, descriptive = [], [], [], []
     for name, frame in experiments.items():
@@ -776,25 +466,8 @@ def compute_tables(
         "adaptation.tsv": adaptation,
         "adaptation_summary.tsv": effects.adaptation_summary(adaptation),
         "sample_efficiency.tsv": efficiency.sample_efficiency_table(experiments, settings),
-        "positive_control.tsv": positive_control_table(evals, ci_level=settings.ci_level, alpha=settings.alpha),
+        "positive_control.tsv": positive_control_table(evals, settings),
     }
-
-
-def read_table(stats_dir: str | Path, name: str) -> pd.DataFrame:
-    """Read one table written by this stage (text cells come back as strings, empty ones as '')."""
-    path = Path(stats_dir) / name
-    if not path.is_file():
-        raise ConfigError(f"{path}: not found (run the stats stage first)")
-    with open(path) as handle:
-        header = handle.readline().rstrip("\n").split("\t")
-    text = ("_stars", "_note", "_method", "_test", "verdict", "family", "task_role", "experiment")
-    text_columns = {c: str for c in header if c.endswith(text) or c in ("task", "init", "pool", "comparison", "note")}
-    if "train_seed" in header and name == "accuracy.tsv":
-        text_columns["train_seed"] = str  # "all" or a seed number
-    frame = pd.read_csv(path, sep="\t", dtype=text_columns)
-    for column in text_columns:
-        frame[column] = frame[column].fillna("")
-    return frame
 
 
 # ---------------------------------------------------------------------------------------------
@@ -823,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PARQUET",
         help="the negative control: one trained model re-evaluated under an independent shot_seed (optional)",
     )
-    parser.add_argument("--output-dir", required=True, type=Path, help=f"writes {', '.join(OUTPUT_FILES)}")
+    parser.add_argument("--output-dir", required=True, type=Path, help=f"writes {', '.join(STATS_FILES)}")
     return parser
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import matplotlib
 from matplotlib.figure import Figure
 
+from fomaml_math.analysis.labels import INIT_LABELS
 from fomaml_math.io import atomic_path
 
 # Okabe & Ito (2008), "Color Universal Design": distinguishable under the common colour-vision deficiencies.
@@ -31,9 +32,9 @@ OKABE_ITO: dict[str, str] = {
 # Fixed per initialisation so a colour means the same thing in every figure; markers and dashes
 # keep the lines apart in greyscale print too.
 INIT_STYLE: dict[str, dict[str, Any]] = {
-    "base": {"color": OKABE_ITO["black"], "marker": "o", "linestyle": "--", "label": "Base"},
-    "sft": {"color": OKABE_ITO["blue"], "marker": "s", "linestyle": "-", "label": "SFT"},
-    "fomaml": {"color": OKABE_ITO["vermillion"], "marker": "^", "linestyle": "-", "label": "FOMAML"},
+    "base": {"color": OKABE_ITO["black"], "marker": "o", "linestyle": "--", "label": INIT_LABELS["base"]},
+    "sft": {"color": OKABE_ITO["blue"], "marker": "s", "linestyle": "-", "label": INIT_LABELS["sft"]},
+    "fomaml": {"color": OKABE_ITO["vermillion"], "marker": "^", "linestyle": "-", "label": INIT_LABELS["fomaml"]},
 }
 _EXTRA_COLOURS = (OKABE_ITO["bluish_green"], OKABE_ITO["reddish_purple"], OKABE_ITO["orange"], OKABE_ITO["sky_blue"])
 
@@ -43,17 +44,6 @@ DIVERGING_CMAP = "PuOr_r"
 SINGLE_COLUMN_IN = 3.3
 DOUBLE_COLUMN_IN = 6.9
 PNG_DPI = 200
-
-TASK_LABELS: dict[str, str] = {
-    "algebra": "Algebra",
-    "counting_and_probability": "Counting & Prob.",
-    "geometry": "Geometry",
-    "intermediate_algebra": "Interm. Algebra",
-    "number_theory": "Number Theory",
-    "prealgebra": "Prealgebra",
-    "precalculus": "Precalculus",
-    "all": "All tasks",
-}
 
 RC_PARAMS: dict[str, Any] = {
     "font.size": 8,
@@ -89,14 +79,6 @@ def init_style(init: str, position: int = 0) -> dict[str, Any]:
         return dict(INIT_STYLE[init])
     colour = _EXTRA_COLOURS[position % len(_EXTRA_COLOURS)]
     return {"color": colour, "marker": "D", "linestyle": ":", "label": init}
-
-
-def init_label(init: str) -> str:
-    return INIT_STYLE.get(init, {}).get("label", init)
-
-
-def task_label(task: str) -> str:
-    return TASK_LABELS.get(task, task.replace("_", " ").capitalize())
 
 
 def save_figure(fig: Figure, output_dir: str | Path, stem: str) -> list[Path]:

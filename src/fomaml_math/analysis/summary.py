@@ -14,12 +14,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from fomaml_math.analysis import style
 from fomaml_math.analysis.calibration import load_calibration
-from fomaml_math.analysis.evaldata import EXPERIMENT_ORDER, META_TEST_POOL, POOLED, ordered, task_order
-from fomaml_math.analysis.stats import ALL_SEEDS, StatsSettings, read_table
+from fomaml_math.analysis.labels import init_label, task_label
+from fomaml_math.analysis.tables import (
+    ALL_SEEDS,
+    META_TEST_POOL,
+    POOLED,
+    StatsSettings,
+    experiment_order,
+    init_order,
+    read_table,
+    task_order,
+)
 from fomaml_math.config import add_settings_arguments, settings_from_args
-from fomaml_math.evaluation.rows import INITS
 from fomaml_math.io import write_text
 
 Formatter = Callable[[float], str]
@@ -67,7 +74,7 @@ def _interval(fmt: Formatter, value: float, low: float, high: float) -> str:
 
 def _comparison_label(name: str) -> str:
     a, _, b = name.partition("-")
-    return f"{style.init_label(a)} − {style.init_label(b)}"
+    return f"{init_label(a)} − {init_label(b)}"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -77,7 +84,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _experiments(frame: pd.DataFrame) -> list[str]:
-    return ordered(list(frame["experiment"].unique()), EXPERIMENT_ORDER) if len(frame) else []
+    return experiment_order(list(frame["experiment"].unique())) if len(frame) else []
 
 
 def _pool_text(pool: str, accuracy: pd.DataFrame, experiment: str) -> str:
@@ -93,7 +100,7 @@ def _accuracy_table(accuracy: pd.DataFrame, experiment: str, task: str) -> list[
     rows = accuracy[
         (accuracy["experiment"] == experiment) & (accuracy["task"] == task) & (accuracy["train_seed"] == ALL_SEEDS)
     ]
-    inits = ordered(list(rows["init"].unique()), INITS)
+    inits = init_order(list(rows["init"].unique()))
     body = []
     for shots in sorted(rows["shots"].unique()):
         line = [str(int(shots))]
@@ -108,7 +115,7 @@ def _accuracy_table(accuracy: pd.DataFrame, experiment: str, task: str) -> list[
                 text += f" (seed SD {fmt_percent(c['accuracy_seed_sd'])}, {int(c['n_seeds'])} seeds)"
             line.append(text)
         body.append(line)
-    return _table(["Shots", *(style.init_label(i) for i in inits)], body)
+    return _table(["Shots", *(init_label(i) for i in inits)], body)
 
 
 def _primary_section(accuracy: pd.DataFrame, primary: pd.DataFrame, settings: StatsSettings) -> list[str]:
@@ -181,13 +188,13 @@ def _positive_control_lines(table: pd.DataFrame | None, settings: StatsSettings)
         tasks = "held-out" if row.pool == META_TEST_POOL else "all"
         gain = _interval(fmt_points, row.gain, row.gain_ci_low, row.gain_ci_high)
         lines.append(
-            f"| {row.experiment} | {tasks} | {style.init_label(row.init)} | {int(row.shots)} | "
+            f"| {row.experiment} | {tasks} | {init_label(row.init)} | {int(row.shots)} | "
             f"{fmt_percent(row.acc_0)} | {fmt_percent(row.acc_k)} | {gain} | {fmt_p(row.p_holm)} | "
             f"{'**yes**' if bool(row.detected) else 'no'} |"
         )
     held_out = table[table["pool"] == META_TEST_POOL]
     focus = held_out if not held_out.empty else table
-    detected = [style.init_label(i) for i in focus.loc[focus["detected"].astype(bool), "init"]]
+    detected = [init_label(i) for i in focus.loc[focus["detected"].astype(bool), "init"]]
     where = "on the held-out tasks" if not held_out.empty else "over all tasks"
     verdict = (
         f"**Positive control detected** {where}: {', '.join(detected)} improve(s) with k (Holm p < {settings.alpha:g})."
@@ -205,13 +212,13 @@ def _control_lines(control: pd.DataFrame | None, settings: StatsSettings) -> lis
     if control["acc_p_holm"].isna().all():  # nothing varied between the two draws' outcomes: no test possible
         return [
             *lines,
-            f"Not testable: {style.init_label(first['init'])} (experiment `{first['experiment']}`) gave identical "
+            f"Not testable: {init_label(first['init'])} (experiment `{first['experiment']}`) gave identical "
             "outcomes under both shot seeds on every problem (no variation; see docs/statistics.md).",
             "",
         ]
     worst = control.loc[control["acc_p_holm"].idxmin()]
     what = (
-        f"{style.init_label(first['init'])} (experiment `{first['experiment']}`, training seed {first['train_seed']}) "
+        f"{init_label(first['init'])} (experiment `{first['experiment']}`, training seed {first['train_seed']}) "
         f"evaluated under shot seeds {first['main_shot_seed']} and {first['control_shot_seed']}, "
         f"shots {', '.join(str(int(k)) for k in control['shots'])}: largest |difference| "
         f"{100 * control['acc_diff'].abs().max():.1f} pp, smallest Holm p {fmt_p(worst['acc_p_holm'])}"
@@ -237,7 +244,7 @@ def _held_out_lines(accuracy: pd.DataFrame, comparisons: pd.DataFrame) -> list[s
         tasks = [t for t in task_order(list(held["task"].unique())) if t != POOLED]
         lines += [f"### `{experiment}`", ""]
         for task in tasks:
-            title = "held-out tasks pooled" if task == META_TEST_POOL else style.task_label(task)
+            title = "held-out tasks pooled" if task == META_TEST_POOL else task_label(task)
             lines += [f"{title}:", "", *_accuracy_table(accuracy, experiment, task), ""]
         cmp = comparisons[
             (comparisons["experiment"] == experiment)
@@ -245,7 +252,7 @@ def _held_out_lines(accuracy: pd.DataFrame, comparisons: pd.DataFrame) -> list[s
         ]
         for row in cmp.sort_values(["task", "shots"]).itertuples(index=False):
             lines.append(
-                f"- {style.task_label(row.task)}, {row.shots} shots, {_comparison_label(row.comparison)}: "
+                f"- {task_label(row.task)}, {row.shots} shots, {_comparison_label(row.comparison)}: "
                 f"{_interval(fmt_points, row.acc_diff, row.acc_diff_ci_low, row.acc_diff_ci_high)} pp, "
                 f"p (Holm, secondary) {fmt_p(row.acc_p_holm, row.acc_stars)}"
             )
@@ -260,7 +267,7 @@ def _generation_lines(generation: pd.DataFrame | None) -> list[str]:
     body = [
         [
             row.experiment,
-            style.init_label(row.init),
+            init_label(row.init),
             str(int(row.shots)),
             fmt_percent(row.no_answer_rate),
             fmt_percent(row.truncation_rate),
@@ -286,7 +293,7 @@ def _adaptation_lines(adaptation: pd.DataFrame | None) -> list[str]:
         body.append(
             [
                 row.experiment,
-                style.init_label(row.init),
+                init_label(row.init),
                 str(int(row.shots)),
                 f"{row.adapt_optimizer or 'n/a'} lr {row.adapt_lr:.3g}" if math.isfinite(row.adapt_lr) else "n/a",
                 f"{fmt_nll(row.support_loss_before)} → {fmt_nll(row.support_loss_after)}",
@@ -309,7 +316,7 @@ def _adaptation_lines(adaptation: pd.DataFrame | None) -> list[str]:
     flagged = adaptation[adaptation["low_change"].astype(bool)]
     for row in flagged.itertuples(index=False):
         lines.append(
-            f"- **Near no-op adaptation**: {style.init_label(row.init)} at {row.shots} shots (`{row.experiment}`) "
+            f"- **Near no-op adaptation**: {init_label(row.init)} at {row.shots} shots (`{row.experiment}`) "
             f"changed {fmt_percent(row.outputs_changed)}% of outputs (< 1%)."
         )
     return [*lines, ""] if len(flagged) else lines
@@ -331,7 +338,7 @@ def _calibration_lines(calibration: dict[str, pd.DataFrame] | None) -> list[str]
     ]
     body = [
         [
-            style.init_label(row.init),
+            init_label(row.init),
             row.experiment or "shared",
             str(row.train_seed),
             row.optimizer,
@@ -347,7 +354,7 @@ def _calibration_lines(calibration: dict[str, pd.DataFrame] | None) -> list[str]
     edges = chosen[chosen["at_grid_edge"].astype(str) != ""]
     for row in edges.itertuples(index=False):
         lines.append(
-            f"- **At the grid's edge**: {style.init_label(row.init)} ({row.experiment or 'shared'}, seed "
+            f"- **At the grid's edge**: {init_label(row.init)} ({row.experiment or 'shared'}, seed "
             f"{row.train_seed}) chose the {row.at_grid_edge} rate ({row.lr:.3g}); the best rate may lie beyond "
             "`calibration.lr_grid`: extend it."
         )
@@ -360,7 +367,7 @@ def _efficiency_lines(efficiency: pd.DataFrame | None) -> list[str]:
         return [*lines, "Not computed (an initialisation with at least two shot counts and a reference needed).", ""]
     for row in efficiency.itertuples(index=False):
         lines.append(
-            f"- `{row.experiment}`: {style.init_label(row.learner)} reaches {style.init_label(row.reference)}'s "
+            f"- `{row.experiment}`: {init_label(row.learner)} reaches {init_label(row.reference)}'s "
             f"{row.reference_shots}-shot accuracy ({fmt_percent(row.target_accuracy)}%) at "
             + (
                 f"{fmt_shots(row.shots_to_match)} shots"
@@ -386,7 +393,7 @@ def _exploratory_lines(comparisons: pd.DataFrame, across: pd.DataFrame, settings
     body = [
         [
             row.experiment,
-            style.task_label(row.task),
+            task_label(row.task),
             str(int(row.shots)),
             _comparison_label(row.comparison),
             _interval(fmt_points, row.acc_diff, row.acc_diff_ci_low, row.acc_diff_ci_high),
