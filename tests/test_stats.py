@@ -38,6 +38,8 @@ SETTINGS = {
         "alpha": 0.05,
         "equivalence_margin_pp": 2.0,
         "primary": {"comparisons": ["fomaml-sft", "fomaml-base"]},
+        "target_effect_pp": 3.0,
+        "assumed": {"seed_sd_pp": 1.0, "draw_sd_pp": 2.0, "problem_var": 0.05},
     },
 }
 
@@ -309,8 +311,18 @@ def test_primary_family_its_holm_tost_verdict_and_mde(stats_dir: Path) -> None:
                 2 * scipy_stats.t.sf(abs(row.acc_diff) / row.acc_diff_se, row.acc_diff_df)
             )
             assert row.tost_p == pytest.approx(inference.tost(est, margin)[2])
+            # The MDE with the test's own t: 80% power (noncentral t, df of the test) at alpha / 6, and more
+            # than the normal formula claims; the power column is the same function at the 3 pp target.
+            # (inference.power is checked against a simulated t-test in test_power.py.)
+            assert inference.power(row.mde, row.acc_diff_se, row.acc_diff_df, 0.05 / 6) == pytest.approx(0.8, abs=1e-6)
             z = scipy_stats.norm.ppf(1 - 0.05 / 6 / 2) + scipy_stats.norm.ppf(0.8)
-            assert row.mde == pytest.approx(z * row.acc_diff_se)
+            assert row.mde > z * row.acc_diff_se
+            assert row.power_at_target == pytest.approx(
+                inference.power(0.03, row.acc_diff_se, row.acc_diff_df, 0.05 / 6)
+            )
+            assert row.tost_min_p_holm == pytest.approx(
+                min(1.0, 6 * scipy_stats.t.sf(margin / row.acc_diff_se, row.acc_diff_df))
+            )
             expected = (
                 ("better" if row.acc_diff > 0 else "worse")
                 if row.acc_p_holm < 0.05

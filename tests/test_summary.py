@@ -74,7 +74,8 @@ def test_primary_rows_carry_the_table_numbers_and_verdicts(stats_dir: Path, tmp_
         line = f"| {row.shots} | {label} | {diff} | {summary.fmt_p(row.acc_p_holm, row.acc_stars)} | "
         line += f"{summary.fmt_p(row.tost_p_holm)} | {verdict}"
         assert line in text
-        assert f"{100 * row.mde:.1f} | seed-t (3/" in text
+        mde = f"{100 * row.mde:.1f}" if row.mde <= 1 else "> 100"
+        assert f"| {mde} | {summary.fmt_percent(row.power_at_target)} | seed-t (3/" in text
     accuracy = read_table(stats_dir, "accuracy.tsv")
     row = accuracy[
         (accuracy.experiment == "in_domain")

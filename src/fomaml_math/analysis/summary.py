@@ -118,6 +118,12 @@ def _accuracy_table(accuracy: pd.DataFrame, experiment: str, task: str) -> list[
     return _table(["Shots", *(init_label(i) for i in inits)], body)
 
 
+def _mde_text(mde: float) -> str:
+    if not math.isfinite(mde):
+        return "n/a"
+    return f"{100 * mde:.1f}" if mde <= 1.0 else "> 100"  # beyond any possible difference of accuracies
+
+
 def _primary_section(accuracy: pd.DataFrame, primary: pd.DataFrame, settings: StatsSettings) -> list[str]:
     margin = f"±{settings.equivalence_margin_pp:g} pp"
     lines = [
@@ -128,8 +134,9 @@ def _primary_section(accuracy: pd.DataFrame, primary: pd.DataFrame, settings: St
         f"the difference test is significant (Holm p < {settings.alpha:g}), *equivalent* when TOST concludes "
         f"equivalence within {margin} (Holm-adjusted TOST p < {settings.alpha:g}), otherwise *inconclusive*. "
         f"MDE: the smallest true difference detectable with 80% power at alpha/m (m = family size), from the "
-        f"observed standard error. Accuracy in %, {settings.ci_level:.0%} intervals, differences in percentage "
-        "points (pp).",
+        f"observed standard error and the t quantiles of the test's own df (n/a where nothing varied); power: "
+        f"that test's power at the target effect of {settings.target_effect_pp:g} pp. Accuracy in %, "
+        f"{settings.ci_level:.0%} intervals (truncated to the possible range), differences in percentage points (pp).",
         "",
     ]
     if primary.empty:
@@ -152,22 +159,30 @@ def _primary_section(accuracy: pd.DataFrame, primary: pd.DataFrame, settings: St
                     fmt_p(row.acc_p_holm, row.acc_stars),
                     fmt_p(row.tost_p_holm),
                     verdict,
-                    f"{100 * row.mde:.1f}" if math.isfinite(row.mde) else "n/a",
+                    _mde_text(row.mde),
+                    fmt_percent(row.power_at_target),
                     f"{row.ci_method} ({int(row.n_seeds_a)}/{int(row.n_seeds_b)} seeds)",
                 ]
             )
         header = ["Shots", "Comparison", "Difference (pp)", "p (Holm)", "TOST p (Holm)", "Verdict", "MDE (pp)"]
-        lines += [*_table([*header, "Interval"], body), ""]
+        lines += [*_table([*header, f"Power at {settings.target_effect_pp:g} pp (%)", "Interval"], body), ""]
+        notes = []
         blocked = rows[~rows["acc_can_reach_alpha"].astype(bool)]
         for row in blocked.itertuples(index=False):
-            lines.append(
+            notes.append(
                 f"- Cannot reach alpha: {_comparison_label(row.comparison)} at {row.shots} shots "
                 f"(smallest achievable Holm p {row.acc_min_p_holm:.3g} ≥ {settings.alpha:g})."
             )
-        for note in sorted(set(rows["seed_note"]) - {""}):
-            lines.append(f"- Intervals without seed variance: {note}.")
-        if len(blocked) or (set(rows["seed_note"]) - {""}):
-            lines.append("")
+        no_equivalence = rows[~rows["tost_can_reach_alpha"].astype(bool)]
+        if len(no_equivalence):
+            which = "every comparison" if len(no_equivalence) == len(rows) else f"{len(no_equivalence)} comparison(s)"
+            notes.append(
+                f"- Equivalence within {margin} cannot be concluded for {which}: even an estimate of exactly 0 "
+                f"would leave the Holm-adjusted TOST p ≥ {settings.alpha:g} (smallest reachable: "
+                f"{no_equivalence['tost_min_p_holm'].min():.3g}); the standard errors are too large for the margin."
+            )
+        notes += [f"- Intervals without seed variance: {note}." for note in sorted(set(rows["seed_note"]) - {""})]
+        lines += [*notes, ""] if notes else []
     return lines
 
 
@@ -295,7 +310,7 @@ def _adaptation_lines(adaptation: pd.DataFrame | None) -> list[str]:
                 row.experiment,
                 init_label(row.init),
                 str(int(row.shots)),
-                f"{row.adapt_optimizer or 'n/a'} lr {row.adapt_lr:.3g}" if math.isfinite(row.adapt_lr) else "n/a",
+                row.adapt_choices,
                 f"{fmt_nll(row.support_loss_before)} → {fmt_nll(row.support_loss_after)}",
                 f"{fmt_nll_diff(row.nll_change)} ({fmt_points(row.nll_change_rel)}%)",
                 "n/a" if not math.isfinite(row.weight_change) else f"{row.weight_change:.2e}",

@@ -81,11 +81,17 @@ class StatsSettings:
     alpha: float
     equivalence_margin_pp: float
     primary_comparisons: tuple[str, ...]
+    target_effect_pp: float
 
     @property
     def margin(self) -> float:
         """The equivalence margin as a difference of proportions."""
         return self.equivalence_margin_pp / 100.0
+
+    @property
+    def target_effect(self) -> float:
+        """The effect the study is sized for, as a difference of proportions."""
+        return self.target_effect_pp / 100.0
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> StatsSettings:
@@ -99,11 +105,12 @@ class StatsSettings:
                 alpha=float(stats["alpha"]),
                 equivalence_margin_pp=float(stats["equivalence_margin_pp"]),
                 primary_comparisons=tuple(stats["primary"]["comparisons"]),
+                target_effect_pp=float(stats["target_effect_pp"]),
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(
                 f"settings: missing {exc} (expected seed and stats.bootstrap_samples, stats.ci_level, stats.alpha, "
-                "stats.equivalence_margin_pp, stats.primary.comparisons)"
+                "stats.equivalence_margin_pp, stats.primary.comparisons, stats.target_effect_pp)"
             ) from exc
         if made.bootstrap_samples < 1:
             raise ConfigError(f"stats.bootstrap_samples: expected a positive integer, got {made.bootstrap_samples}")
@@ -188,10 +195,13 @@ COMPARISON_COLUMNS = [
     "tost_p_upper",
     "tost_p",
     "tost_p_holm",
+    "tost_min_p_holm",
+    "tost_can_reach_alpha",
     "equivalent",
     "verdict",
     "mde_alpha",
     "mde",
+    "power_at_target",
     "cohens_h",
     "n_a_better",
     "n_b_better",
@@ -272,11 +282,8 @@ GENERATION_COLUMNS = [
     "mean_gen_tokens",
     "grade_failure_rate",
 ]
-# The adaptation's settings and support loss, per adaptation and averaged.
+# The adaptation's support loss, per adaptation and averaged.
 _ADAPTATION_FIELDS = [
-    "adapt_optimizer",
-    "adapt_lr",
-    "adapt_steps",
     "support_loss_before",
     "support_loss_after",
     "support_loss_change",
@@ -290,6 +297,9 @@ ADAPTATION_COLUMNS = [
     "shots",
     "repeat",
     "n_problems",
+    "adapt_optimizer",
+    "adapt_lr",
+    "adapt_steps",
     *_ADAPTATION_FIELDS,
     "nll_zero_shot",
     "nll_after",
@@ -302,6 +312,7 @@ ADAPTATION_SUMMARY_COLUMNS = [
     "init",
     "shots",
     "n_runs",
+    "adapt_choices",  # each training seed's (optimizer, lr, steps) as used, never an average of rates
     *_ADAPTATION_FIELDS,
     "nll_change",
     "nll_change_rel",

@@ -1,0 +1,68 @@
+"""The primary contrast's power calculation against hand and closed-form values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from fomaml_math.analysis.inference import minimum_detectable_effect, power
+from fomaml_math.analysis.power import (
+    Design,
+    VarianceComponents,
+    contrast_se,
+    plan_contrast,
+)
+
+
+def test_contrast_se_matches_the_hand_computation() -> None:
+    components = VarianceComponents.from_pp(1.0, 2.0, 0.05)
+    se, df = contrast_se(components, Design(seeds=3, draws=3, shot_counts=4, problems=500))
+    seed_part = 2 * (0.01**2 + 0.02**2 / 12) / 3  # 8.888…e-5, 4 df
+    problem_part = 0.05 / 500  # 1e-4, 499 df
+    variance = seed_part + problem_part
+    assert se == pytest.approx(math.sqrt(variance), rel=1e-12)
+    assert df == pytest.approx(variance**2 / (seed_part**2 / 4 + problem_part**2 / 499), rel=1e-12)
+
+
+def test_one_seed_with_seed_variance_has_no_t_test() -> None:
+    se, df = contrast_se(VarianceComponents.from_pp(1.0, 0.0, 0.05), Design(1, 3, 4, 500))
+    assert se > 0 and df == 0.0
+    assert math.isnan(minimum_detectable_effect(se, df, 0.05))
+
+
+@pytest.mark.parametrize("df", [2.0, 4.5, 30.0, math.inf])
+def test_power_at_zero_is_alpha_and_at_the_mde_is_the_target(df: float) -> None:
+    se = 0.01
+    assert power(0.0, se, df, 0.05) == pytest.approx(0.05, abs=1e-9)
+    mde = minimum_detectable_effect(se, df, 0.05, 0.8)
+    assert power(mde, se, df, 0.05) == pytest.approx(0.8, abs=1e-9)
+
+
+def test_mde_approaches_the_normal_formula_with_many_df_and_grows_with_few() -> None:
+    se = 0.01
+    normal = (scipy_stats.norm.ppf(0.975) + scipy_stats.norm.ppf(0.8)) * se  # 2.8016 se
+    assert minimum_detectable_effect(se, 1e7, 0.05) == pytest.approx(normal, rel=1e-4)
+    # With few df the t quantiles are larger: the MDE must be well above the normal one (t(2): ~ 4.3 + 1.1).
+    assert minimum_detectable_effect(se, 2.0, 0.05) > 1.8 * normal
+
+
+def test_power_matches_a_simulated_t_test() -> None:
+    """Empirical power of a two-sided t-test with df = 8 against the noncentral-t formula."""
+    rng = np.random.default_rng(0)
+    df, se, effect, alpha = 8, 1.0, 2.5, 0.05
+    # t = (effect + se·Z) / (se·sqrt(χ²_df / df))
+    t = (effect + rng.standard_normal(200_000)) / np.sqrt(rng.chisquare(df, 200_000) / df)
+    empirical = float(np.mean(np.abs(t) > scipy_stats.t.ppf(1 - alpha / 2, df)))
+    assert power(effect, se, df, alpha) == pytest.approx(empirical, abs=0.005)
+
+
+def test_plan_contrast_adjusts_alpha_for_the_family() -> None:
+    components = VarianceComponents.from_pp(1.0, 2.0, 0.05)
+    design = Design(3, 3, 4, 500)
+    one = plan_contrast(components, design, alpha=0.05, family_size=1, target=0.03)
+    two = plan_contrast(components, design, alpha=0.05, family_size=2, target=0.03)
+    assert two.alpha == 0.025
+    assert two.mde > one.mde and two.power_at_target < one.power_at_target
