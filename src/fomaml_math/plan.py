@@ -194,7 +194,7 @@ def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: P
         "calibrate": instances if calibrated else 0,
         "evaluate": instances * len(shots) + (control_conditions // repeats if repeats else 0),
         "stats/figures/summary/experiments/manifest": 5,
-        "data + env (download_math, split_tasks, check_env)": 3,
+        "data + env (ingest, split_tasks, check_env)": 3,
     }  # fmt: skip
     return {
         "model": config["model"]["name_or_path"],

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import sys
 from pathlib import Path
 
 SRC_DIR = str(Path(__file__).resolve().parents[1])
@@ -32,9 +35,6 @@ def job_interpreter_warning() -> str | None:
     Rules call ``python -m fomaml_math`` and ``accelerate`` from the PATH; run Snakemake from an
     environment that is not activated and the jobs fail with ``No module named ...``.
     """
-    import shutil
-    import sys
-
     found = shutil.which("python")
     ours = Path(sys.executable).parent
     if found is not None and Path(found).parent.resolve() == ours.resolve():
@@ -46,17 +46,7 @@ def job_interpreter_warning() -> str | None:
     )
 
 
-def parse_run(run: str) -> tuple[str | None, str, int | None]:
-    """``base`` -> (None, "base", None); ``<experiment>/<method>/seed-<s>`` -> (experiment, method, s)."""
-    if run == "base":
-        return None, "base", None
-    experiment, method, seed = run.split("/")
-    return experiment, method, int(seed.removeprefix("seed-"))
-
-
 def adaptation_choice(calibration_json: str | Path) -> tuple[float, int]:
     """The (learning rate, steps) a calibration file chose."""
-    import json
-
     chosen = json.loads(Path(calibration_json).read_text())["chosen"]
     return float(chosen["lr"]), int(chosen["num_steps"])

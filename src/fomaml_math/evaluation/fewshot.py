@@ -505,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shot-seed", type=int, default=None, help="seed of the shot draws (default: the seed)")
     parser.add_argument("--meta-test", nargs="*", default=[], help="tasks held out of this experiment's training")
     args = parser.parse_args(argv)
-    settings = settings_from_args(args, "eval")
+    settings = settings_from_args(args, "evaluate")
     started = time.perf_counter()
     ev = settings["eval"]
     if args.shots < 0:
