@@ -127,8 +127,9 @@ def test_the_copy_is_restored_even_when_the_block_fails(workspace: dict[str, Pat
 
 def _run(config: dict[str, Any], workspace: dict[str, Path], out: Path) -> int:
     return main(
-        ["--settings", json.dumps(stage_settings(config, "evaluate")), "--init", "sft", "--model", str(workspace["model"]),
-         "--tasks-dir", str(workspace["tasks"]), "--shots", "0", "--output", str(out), "--no-progress"]
+        ["--settings", json.dumps(stage_settings(config, "evaluate")), "--init", "sft",
+         "--model", str(workspace["model"]), "--tasks-dir", str(workspace["tasks"]), "--shots", "0",
+         "--output", str(out), "--no-progress"]
     )  # fmt: skip
 
 
