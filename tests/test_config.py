@@ -217,11 +217,11 @@ def test_sft_budget_matches_fomaml_example_passes(demo_config):
 
 def test_stage_settings_isolate_unrelated_changes(demo_config):
     changed = _set(demo_config, "fomaml.inner_lr", 0.5)
-    for stage in ("ingest", "split", "build_tiny_model", "train_sft", "eval", "stats"):
+    for stage in ("ingest", "split_tasks", "build_tiny_model", "train_sft", "evaluate", "stats"):
         assert stage_settings(changed, stage) == stage_settings(demo_config, stage), stage
     assert stage_settings(changed, "train_fomaml") != stage_settings(demo_config, "train_fomaml")
     more_shots = _set(demo_config, "eval.shots", [0, 5, 10, 25, 50, 100])
-    assert stage_settings(more_shots, "eval") == stage_settings(demo_config, "eval")
+    assert stage_settings(more_shots, "evaluate") == stage_settings(demo_config, "evaluate")
     # the SFT budget follows FOMAML's size, so it does rerun when total_steps changes
     longer = _set(demo_config, "fomaml.total_steps", 120)
     assert stage_settings(longer, "train_sft")["sft"]["steps"] == 720

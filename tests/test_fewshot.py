@@ -46,7 +46,7 @@ def settings(demo_config: dict, workspace: dict[str, Path]) -> dict[str, Any]:
         num_inner_steps=2,
         optimizer="sgd",  # these tests check the SGD inner loop (test_adapt.py covers adam)
     )
-    return stage_settings(demo_config, "eval")
+    return stage_settings(demo_config, "evaluate")
 
 
 class InlineGrader:

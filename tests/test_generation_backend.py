@@ -88,17 +88,17 @@ def _same_weights(a: Any, b: Any) -> bool:
 
 
 def test_backend_settings_appear_only_when_they_act(config: dict[str, Any]) -> None:
-    hf = stage_settings(config, "eval")["eval"]
+    hf = stage_settings(config, "evaluate")["eval"]
     assert "backend" not in hf and "vllm" not in hf  # hf: the evaluation's settings (and cache keys) as before
     config["eval"]["backend"] = "vllm"
-    ev = stage_settings(config, "eval")["eval"]
+    ev = stage_settings(config, "evaluate")["eval"]
     assert ev["backend"] == "vllm" and ev["vllm"]["dtype"] == "auto" and ev["vllm"]["max_num_seqs"] == 256
 
 
 def test_a_second_copy_follows_the_adaptation_and_returns(workspace: dict[str, Path], config: dict[str, Any]) -> None:
     model, tokenizer = load_model_and_tokenizer(workspace["model"])
     model.eval()
-    settings = stage_settings(config, "eval")
+    settings = stage_settings(config, "evaluate")
     task = load_task(workspace["tasks"], "algebra", 4)
     backend = CopyBackend(model)
     initial = copy.deepcopy(model)
@@ -129,8 +129,9 @@ def test_the_copy_is_restored_even_when_the_block_fails(workspace: dict[str, Pat
 
 def _run(config: dict[str, Any], workspace: dict[str, Path], out: Path) -> int:
     return main(
-        ["--settings", json.dumps(stage_settings(config, "eval")), "--init", "sft", "--model", str(workspace["model"]),
-         "--tasks-dir", str(workspace["tasks"]), "--shots", "0", "--output", str(out), "--no-progress"]
+        ["--settings", json.dumps(stage_settings(config, "evaluate")), "--init", "sft",
+         "--model", str(workspace["model"]), "--tasks-dir", str(workspace["tasks"]), "--shots", "0",
+         "--output", str(out), "--no-progress"]
     )  # fmt: skip
 
 
@@ -141,7 +142,7 @@ def test_bad_backend_settings_fail_in_one_line(
     config["eval"]["vllm"] = {"dtype": "auto", "tensor_parallel": 2}
     with pytest.raises(ConfigError, match=r"eval\.vllm: unknown setting\(s\) \['tensor_parallel'\]"):
         _run(config, workspace, tmp_path / "a.parquet")
-    settings = stage_settings(config, "eval")
+    settings = stage_settings(config, "evaluate")
     settings["eval"]["backend"] = "tgi"
     out = str(tmp_path / "b.parquet")
     with pytest.raises(ConfigError, match=r"eval\.backend: expected one of"):

@@ -70,7 +70,7 @@ def test_missing_local_model_is_a_config_error(tmp_path: Path) -> None:
 
 def test_main_builds_a_loadable_folder(tmp_path: Path) -> None:
     tasks = make_task_files(tmp_path / "tasks")
-    settings = {"seed": 1, "tiny": TINY, "max_seq_len": 64}
+    settings = {"seed": 1, "tiny": TINY, "max_seq_len": 64, "instruction": ""}
     out = tmp_path / "tiny-base"
     assert main(["--settings", json.dumps(settings), "--tasks-dir", str(tasks), "--output", str(out)]) == 0
     assert (out / "model.safetensors").is_file() and (out / "chat_template.jinja").is_file()
@@ -83,7 +83,7 @@ def test_main_builds_a_loadable_folder(tmp_path: Path) -> None:
 
 
 def test_main_without_tiny_settings_fails_clearly(tmp_path: Path) -> None:
-    settings = {"seed": 1, "tiny": None, "max_seq_len": 64}
+    settings = {"seed": 1, "tiny": None, "max_seq_len": 64, "instruction": ""}
     with pytest.raises(ConfigError, match=r"model\.tiny"):
         main(["--settings", json.dumps(settings), "--tasks-dir", str(tmp_path), "--output", str(tmp_path / "m")])
 

@@ -68,7 +68,7 @@ def evaluated(tmp_path_factory) -> tuple[dict, dict[int, pd.DataFrame], Path]:
     table, tasks = root / "math.parquet", root / "tasks"
     run_stage("ingest", "--settings", settings("ingest"), "--output", str(table), "--report", str(root / "r.json"))
     run_stage(
-        "split-tasks", "--settings", settings("split"), "--input", str(table), "--out-dir", str(tasks),
+        "split-tasks", "--settings", settings("split_tasks"), "--input", str(table), "--out-dir", str(tasks),
         "--stats", str(root / "split_stats.tsv"),
     )  # fmt: skip
     init, base = root / "tiny-init", root / "tiny-base"
@@ -83,7 +83,7 @@ def evaluated(tmp_path_factory) -> tuple[dict, dict[int, pd.DataFrame], Path]:
     for k in (0, LARGEST_K):
         output = root / f"base/shots-{k}.parquet"
         run_stage(
-            "evaluate", "--settings", settings("eval"), "--init", "base", "--model", str(base), "--tasks-dir",
+            "evaluate", "--settings", settings("evaluate"), "--init", "base", "--model", str(base), "--tasks-dir",
             str(tasks), "--shots", str(k), "--output", str(output), "--no-progress",
         )  # fmt: skip
         frames[k] = pd.read_parquet(output)

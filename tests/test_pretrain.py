@@ -30,10 +30,10 @@ def built(tmp_path_factory) -> tuple[dict, Path, Path]:
     table, tasks, init = root / "math.parquet", root / "tasks", root / "tiny-init"
     for stage, argv in (
         ("ingest", ["--output", str(table), "--report", str(root / "r.json")]),
-        ("split", ["--input", str(table), "--out-dir", str(tasks), "--stats", str(root / "s.tsv")]),
+        ("split_tasks", ["--input", str(table), "--out-dir", str(tasks), "--stats", str(root / "s.tsv")]),
         ("build_tiny_model", ["--tasks-dir", str(tasks), "--output", str(init)]),
     ):
-        command = {"split": "split-tasks", "build_tiny_model": "build-tiny-model"}.get(stage, stage)
+        command = stage.replace("_", "-")  # the settings key, hyphenated
         assert cli_main([command, "--settings", json.dumps(stage_settings(config, stage)), *argv]) == 0
     return config, tasks, init
 

@@ -123,7 +123,7 @@ def test_profile_names_only_existing_rules_and_plugin_resources(tmp_path):
     # The tiny-model config has every rule (build_tiny_model only exists there).
     root = make_workspace(tmp_path)
     rules = set(snakemake(root, "--list-rules").stdout.split())
-    assert {"train", "evaluate", "check_env", "download_math", "split_tasks"} <= rules
+    assert {"train", "evaluate", "evaluate_base", "calibrate_base", "check_env", "ingest", "split_tasks"} <= rules
     for section in ("set-resources", "set-threads"):
         unknown = set(profile.get(section, {})) - rules
         assert not unknown, f"{section} names rules that do not exist (Snakemake ignores them): {sorted(unknown)}"
@@ -138,15 +138,16 @@ def test_dry_run_plans_the_full_dag_with_the_profile_resources(tmp_path):
     jobs = dry_run_jobs(root)
     # The same jobs as a local run plans (the default profile), the whole DAG.
     assert Counter(job["rule"] for job in jobs) == planned_jobs(root)
-    assert {"check_env", "download_math", "split_tasks", "build_tiny_model", "train", "evaluate", "stats"} <= {
-        job["rule"] for job in jobs
-    }
+    planned_rules = {job["rule"] for job in jobs}
+    assert {"check_env", "ingest", "split_tasks", "build_tiny_model", "train", "evaluate", "evaluate_base"} <= (
+        planned_rules
+    )
     for job in jobs:
         for key, value in expected_resources(profile, job["rule"]).items():
             assert job["resources"].get(key) == value, (job["rule"], key, job["resources"])
     # The CPU-only test config asks for no GPUs: the GPU count comes from the config, not the profile.
     for job in jobs:
-        if job["rule"] in ("train", "evaluate"):
+        if job["rule"] in ("train", "evaluate", "evaluate_base"):
             assert job["resources"]["gpu"] == 0
             assert "--gpus" not in sbatch_command(job)
 
@@ -161,10 +162,11 @@ def test_paper_config_asks_slurm_for_the_gpus_accelerate_uses(tmp_path):
     config = read_config(root)
     runs = len(config["experiments"]) * 2 * len(config["replicates"]["seeds"])
     shots = len(config["eval"]["shots"])
-    assert len(by_rule["train"]) == runs and len(by_rule["calibrate"]) == runs + 1  # + the shared base
+    assert len(by_rule["train"]) == runs and len(by_rule["calibrate"]) == runs and len(by_rule["calibrate_base"]) == 1
     # The evaluations wait for their calibration (a checkpoint); the dry run plans them all.
-    assert len(by_rule["evaluate"]) == (runs + 1) * shots + (shots - 1)  # + the negative control (k > 0)
-    for job in by_rule["calibrate"]:
+    assert len(by_rule["evaluate"]) == runs * shots + (shots - 1)  # + the negative control (k > 0)
+    assert len(by_rule["evaluate_base"]) == shots
+    for job in by_rule["calibrate"] + by_rule["calibrate_base"]:
         command = sbatch_command(job)
         assert job["resources"]["gpu"] == 1 and " --gpus=1" in command and " -t 240" in command, command
 
@@ -175,7 +177,7 @@ def test_paper_config_asks_slurm_for_the_gpus_accelerate_uses(tmp_path):
         command = sbatch_command(job)
         for flag in ("-p gpu", "--gpus=4", "--nodes=1", "--cpus-per-task=32", "--mem 480000", "-t 2880"):
             assert f" {flag}" in command, (flag, command)
-    for job in by_rule["evaluate"]:
+    for job in by_rule["evaluate"] + by_rule["evaluate_base"]:
         assert job["resources"]["gpu"] == compute["eval_gpus_per_job"] == 1
         assert "--per-job 1 " in job["shell"]
         command = sbatch_command(job)
@@ -185,7 +187,7 @@ def test_paper_config_asks_slurm_for_the_gpus_accelerate_uses(tmp_path):
     (check_env,) = by_rule["check_env"]
     assert check_env["resources"]["gpu"] == compute["gpus"]
     assert " --gpus=4" in sbatch_command(check_env)
-    (download,) = by_rule["download_math"]
+    (download,) = by_rule["ingest"]
     command = sbatch_command(download)
     assert " -p cpu" in command and " -t 60" in command and " --mem 16000" in command and "--gpus" not in command
 
@@ -287,7 +289,7 @@ def test_data_stages_run_through_slurm(tmp_path):
     submitted = re.findall(r"has been submitted with SLURM jobid (\d+) \(log: (\S+)\)", output)
     assert len(submitted) == 2, output[-4000:]
     run_id = re.search(r"SLURM run ID: (\S+)", output).group(1)
-    for rule, (job_id, log) in zip(["download_math", "split_tasks"], submitted, strict=True):
+    for rule, (job_id, log) in zip(["ingest", "split_tasks"], submitted, strict=True):
         record = slurm_job_record(job_id)
         assert record["JobState"] == "COMPLETED", record
         assert record["Partition"] == TEST_PARTITION and record["Comment"] == f"rule_{rule}", record

@@ -131,7 +131,7 @@ def test_engine_is_back_at_the_initialisation_after_k_shots(
     loaded: tuple[Any, Any, VLLMBackend], workspace: dict[str, Path], eval_settings: dict[str, Any]
 ) -> None:
     model, tokenizer, backend = loaded
-    settings = stage_settings(eval_settings, "eval")
+    settings = stage_settings(eval_settings, "evaluate")
     task = load_task(workspace["tasks"], "algebra", 4)
     probe = encode_prompts(tokenizer, [problem_messages(p, []) for p in task.test["problem"]])
     logprobs_before = _engine_logprobs(backend, probe)
@@ -173,7 +173,7 @@ def test_one_engine_per_evaluation_job(
     outputs = {}
     for backend in ("hf", "vllm"):
         eval_settings["eval"]["backend"] = backend
-        settings = stage_settings(eval_settings, "eval")
+        settings = stage_settings(eval_settings, "evaluate")
         out = tmp_path / backend / "shots-3.parquet"
         code = fewshot.main(
             ["--settings", json.dumps(settings), "--init", "sft", "--model", str(workspace["model"]),

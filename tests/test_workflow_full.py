@@ -102,8 +102,9 @@ def test_full_dag_outputs(finished):
 
 
 def test_test_files_are_read_only_by_the_evaluation(tmp_path):
-    """Of every job the DAG plans, only `evaluate` reads a task's test.parquet to score it; the offline tiny base's
-    pretraining reads the test problem texts only to exclude them from its corpus (decontamination)."""
+    """Of every job the DAG plans, only `evaluate` (and `evaluate_base`) reads a task's test.parquet to score it;
+    the offline tiny base's pretraining reads the test problem texts only to exclude them from its corpus
+    (decontamination)."""
     root = make_workspace(tmp_path)
     result = snakemake(root, "--dry-run")
     rule = None
@@ -113,7 +114,7 @@ def test_test_files_are_read_only_by_the_evaluation(tmp_path):
             rule = match.group(1)
         elif line.strip().startswith("input:") and "/test.parquet" in line:
             readers.add(rule)
-    assert readers == {"evaluate", "pretrain_tiny_base"}
+    assert readers == {"evaluate", "evaluate_base", "pretrain_tiny_base"}
 
 
 def test_a_second_run_does_nothing(workspace):
@@ -126,7 +127,14 @@ def test_b_adding_a_shot_count_reruns_only_new_evaluations_and_analysis(workspac
     instances = len(runs(config))
     # one new evaluation per initialisation instance, and the negative control's new shot count
     # (and the manifest, which records the resolved config)
-    assert planned_jobs(workspace) == {"evaluate": instances + 1, "stats": 1, "figures": 1, "summary": 1, "manifest": 1}
+    assert planned_jobs(workspace) == {
+        "evaluate": instances,  # the trained runs' (instances - 1) and the control's
+        "evaluate_base": 1,
+        "stats": 1,
+        "figures": 1,
+        "summary": 1,
+        "manifest": 1,
+    }
     evals = [p for p in planned_outputs(workspace) if p.endswith("shots-3.parquet")]
     expected = [f"results/{folder}/eval/shots-3.parquet" for folder in runs(config).values()]
     assert sorted(evals) == sorted([*expected, f"results/{RUN.format(method='fomaml')}/eval-control/shots-3.parquet"])
@@ -144,7 +152,7 @@ def test_c_changing_inner_lr_reruns_fomaml_and_what_follows_only(workspace):
     result = snakemake(workspace)
     ran = executed(result)
     # The rate FOMAML was trained with joins every initialisation's calibration grid (the same grid for all).
-    assert ran.get("train") == 1 and ran.get("calibrate") == len(runs(config))
+    assert ran.get("train") == 1 and ran.get("calibrate") == len(runs(config)) - 1 and ran.get("calibrate_base") == 1
     changed = {
         f
         for f in runs(config).values()
@@ -153,8 +161,8 @@ def test_c_changing_inner_lr_reruns_fomaml_and_what_follows_only(workspace):
     fomaml_run = RUN.format(method="fomaml")
     # Evaluations rerun for FOMAML (new model, and its control) and wherever the chosen rate changed, only.
     expected_evals = len(config["eval"]["shots"]) * len(changed | {fomaml_run}) + len(config["eval"]["shots"]) - 1
-    assert ran.get("evaluate") == expected_evals, (ran, changed)
-    assert "split_tasks" not in ran and "download_math" not in ran
+    assert ran.get("evaluate", 0) + ran.get("evaluate_base", 0) == expected_evals, (ran, changed)
+    assert "split_tasks" not in ran and "ingest" not in ran
     assert planned_jobs(workspace) == {}
 
 

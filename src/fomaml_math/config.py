@@ -319,7 +319,7 @@ def stage_settings(
         }
     if stage == "ingest":
         return {"seed": seed, "data": config["data"], "tasks": config["tasks"]["names"]}
-    if stage == "split":
+    if stage == "split_tasks":
         return {"seed": seed, "tasks": config["tasks"]}  # experiments split nothing: the roles are shared
     if stage == "build_tiny_model":
         return {
@@ -342,7 +342,7 @@ def stage_settings(
     if stage == "train_sft":
         sft = config["sft"] | {"steps": sft_budget_steps(config)}
         return _train_settings(config, "sft", sft, experiment=experiment, train_seed=train_seed)
-    if stage == "eval":
+    if stage == "evaluate":
         # ``shots`` is left out: each job gets its own shot count as a wildcard, so adding a
         # shot count must not rerun the evaluations that already exist. The generation backend's
         # settings appear only when they act (eval.backend vllm): the default hf keeps its old settings.
@@ -364,7 +364,7 @@ def stage_settings(
             "mixed_precision": config["compute"]["mixed_precision"],
             "prompt": {"instruction": instruction(config)},
         }
-    if stage in ("stats", "figures", "report"):
+    if stage in ("stats", "figures", "summary"):
         return {"seed": seed, "stats": config["stats"]}
     raise KeyError(f"unknown stage {stage!r}")
 

@@ -14,6 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
+import torch
+from huggingface_hub import constants
+
 from fomaml_math.config import add_settings_arguments, settings_from_args
 from fomaml_math.io import write_json, write_text
 
@@ -46,8 +50,6 @@ def _package_versions() -> dict[str, str | None]:
 
 
 def _devices() -> dict[str, Any]:
-    import torch
-
     info: dict[str, Any] = {
         "cuda_available": torch.cuda.is_available(),
         "cuda_version": torch.version.cuda,
@@ -63,9 +65,6 @@ def _devices() -> dict[str, Any]:
 
 def _hub_reachable(repo_id: str, revision: str | None, repo_type: str) -> tuple[bool, str]:
     """Is a hub repo usable: in the local cache, or (when online) answering on the hub?"""
-    import huggingface_hub
-    from huggingface_hub import constants
-
     probe = "config.json" if repo_type == "model" else "README.md"
     cached = huggingface_hub.try_to_load_from_cache(repo_id, probe, revision=revision, repo_type=repo_type)
     if isinstance(cached, str):
@@ -83,13 +82,13 @@ def _hub_reachable(repo_id: str, revision: str | None, repo_type: str) -> tuple[
 
 def _model_status(model: dict[str, Any]) -> dict[str, Any]:
     name = model["name_or_path"]
-    if model.get("tiny"):
+    if model["tiny"]:
         return {"name_or_path": name, "ok": True, "detail": "tiny model built locally by the build_tiny_model rule"}
     if Path(name).exists():
         ok = (Path(name) / "config.json").is_file()
         detail = "local folder" if ok else "local folder without config.json (not a Hugging Face model folder)"
         return {"name_or_path": name, "ok": ok, "detail": detail}
-    ok, detail = _hub_reachable(name, model.get("revision"), "model")
+    ok, detail = _hub_reachable(name, model["revision"], "model")
     return {"name_or_path": name, "ok": ok, "detail": detail}
 
 
@@ -108,7 +107,7 @@ def _data_status(data: dict[str, Any]) -> dict[str, Any]:
     dataset = data["hub"]["dataset"]
     if Path(dataset).is_dir():
         return {"source": source, "dataset": dataset, "ok": True, "detail": "local dataset folder"}
-    ok, detail = _hub_reachable(dataset, data["hub"].get("revision"), "dataset")
+    ok, detail = _hub_reachable(dataset, data["hub"]["revision"], "dataset")
     return {"source": source, "dataset": dataset, "ok": ok, "detail": detail}
 
 

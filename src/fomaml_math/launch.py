@@ -16,7 +16,7 @@ def accelerate_launch_prefix(compute: dict[str, Any]) -> str:
     nproc = int(compute["num_processes"])
     flags = ["--num_processes", str(nproc), "--num_machines", "1", "--dynamo_backend", "no"]
     env = ""
-    if compute.get("accelerate_config"):
+    if compute["accelerate_config"]:
         flags = ["--config_file", str(compute["accelerate_config"]), *flags]
     if compute["gpus"] == 0:
         env = "env ACCELERATE_USE_CPU=1 "
@@ -25,6 +25,6 @@ def accelerate_launch_prefix(compute: dict[str, Any]) -> str:
             flags.insert(0, "--multi_gpu")
     else:
         flags += ["--mixed_precision", str(compute["mixed_precision"])]
-        if nproc > 1 and not compute.get("accelerate_config"):
+        if nproc > 1 and not compute["accelerate_config"]:
             flags.insert(0, "--multi_gpu")
     return env + "accelerate launch " + shlex.join(flags)

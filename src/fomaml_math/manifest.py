@@ -20,6 +20,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import HfApi, snapshot_download
+
 from fomaml_math.config import REPO_ROOT
 from fomaml_math.errors import ConfigError
 from fomaml_math.io import write_json
@@ -60,6 +62,7 @@ def resolved_revision(repo_id: str, revision: str | None, repo_type: str) -> dic
     snapshot's commit (offline), or the hub's answer when online and nothing is cached."""
     path = Path(repo_id)
     if path.exists():
+        # lazily: it imports torch (seconds), and only a local model folder needs it
         from fomaml_math.training.data import model_fingerprint
 
         return {
@@ -69,15 +72,11 @@ def resolved_revision(repo_id: str, revision: str | None, repo_type: str) -> dic
         }
     out: dict[str, Any] = {"source": "hub", "repo_id": repo_id, "requested": revision, "commit": None}
     try:
-        from huggingface_hub import snapshot_download
-
         snapshot = snapshot_download(repo_id, repo_type=repo_type, revision=revision, local_files_only=True)
         out["commit"] = Path(snapshot).name
         out["how"] = "local cache"
     except Exception as exc:  # not cached: ask the hub if we may
         try:
-            from huggingface_hub import HfApi
-
             info = HfApi().repo_info(repo_id, repo_type=repo_type, revision=revision)
             out["commit"], out["how"] = info.sha, "hub"
         except Exception as online_exc:
@@ -104,14 +103,14 @@ def build_manifest(config: dict[str, Any], data_files: Sequence[Path], summaries
     data = config["data"]
     model = config["model"]
     dataset = (
-        resolved_revision(data["hub"]["dataset"], data["hub"].get("revision"), "dataset")
+        resolved_revision(data["hub"]["dataset"], data["hub"]["revision"], "dataset")
         if data["source"] == "hub"
-        else {"source": data["source"], "path": data.get("local", {}).get("path")}
+        else {"source": data["source"], "path": data["local"]["path"]}
     )
     base = (
         {"source": "built locally", "path": model["name_or_path"]}
-        if model.get("tiny")
-        else resolved_revision(model["name_or_path"], model.get("revision"), "model")
+        if model["tiny"]
+        else resolved_revision(model["name_or_path"], model["revision"], "model")
     )
     trained = {}
     for path in summaries:

@@ -15,7 +15,10 @@ from typing import Any
 
 import pandas as pd
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
+from fomaml_math.batching import user_turn
 from fomaml_math.config import add_settings_arguments, settings_from_args
 from fomaml_math.errors import ConfigError
 from fomaml_math.io import atomic_dir
@@ -64,8 +67,6 @@ def load_model_and_tokenizer(
     The tokenizer pads on the left (for batched generation) and always has a pad token; training
     batches are padded by :mod:`fomaml_math.batching` itself and do not depend on ``padding_side``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     name = str(name_or_path)
     if _looks_like_path(name) and not Path(name).is_dir():
         raise ConfigError(f"model.name_or_path: {name} is not a model folder (build or download it first)")
@@ -97,9 +98,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, model_max_length: 
     cannot hold the 256 bytes, so it becomes character-level BPE over the corpus's most frequent
     characters, with ``<unk>`` for the rest and ``▁`` standing for spaces.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     # The chat scaffolding's words must be in the vocabulary too.
     corpus = [*texts, "user\n", "assistant\n", "system\n"]
     byte_level = vocab_size >= BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS)
@@ -138,8 +136,6 @@ def build_tiny_model(
 
     ``tiny`` holds the keys of ``model.tiny`` in the config (:data:`TINY_KEYS`).
     """
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
     missing = [k for k in TINY_KEYS if k not in tiny]
     if missing:
         raise ConfigError(f"model.tiny: missing {missing}")
@@ -186,8 +182,6 @@ def read_task_texts(
     """User turns (problem + ``instruction``) and solutions of ``<tasks_dir>/<task>/<split>.parquet``, in a stable
     order (by task, split, id).  The instruction is in every user turn, so the tokenizer learns it as a few
     tokens instead of spending a short context on byte fallbacks."""
-    from fomaml_math.batching import user_turn
-
     tasks_dir = Path(tasks_dir)
     files = sorted(p for split in splits for p in tasks_dir.glob(f"*/{split}.parquet"))
     if not files:
@@ -207,10 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="output HF model folder, e.g. results/models/tiny-base")
     args = parser.parse_args(argv)
     settings = settings_from_args(args, "build_tiny_model")
-    tiny = settings.get("tiny")
+    tiny = settings["tiny"]
     if not tiny:
         raise ConfigError("model.tiny: must be a mapping to build a tiny model (it is null in this config)")
-    texts = read_task_texts(args.tasks_dir, instruction=str(settings.get("instruction", "")))
+    texts = read_task_texts(args.tasks_dir, instruction=str(settings["instruction"]))
     seed, max_seq_len = int(settings["seed"]), int(settings["max_seq_len"])
     model, tokenizer = build_tiny_model(tiny, texts, seed=seed, max_seq_len=max_seq_len)
     info = {

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from fomaml_math.config import experiment_names, load_config, meta_test_tasks, sft_budget_steps, training_tasks
 from fomaml_math.errors import ConfigError
 
@@ -58,7 +60,7 @@ class Assumptions:
 def architecture(config: Mapping[str, Any]) -> dict[str, int]:
     """Layer shape of the configured model (tiny mapping, local folder, or a shipped paper model)."""
     model = config["model"]
-    if model.get("tiny"):
+    if model["tiny"]:
         return {**model["tiny"], "tie_word_embeddings": True}
     name = str(model["name_or_path"])
     local = Path(name) / "config.json"
@@ -92,8 +94,6 @@ def mean_example_tokens(tasks_dir: Path, tasks: list[str], assumed: float | None
         return assumed, "given"
     files = [tasks_dir / t / f"{s}.parquet" for t in tasks for s in ("support", "query")]
     if all(f.is_file() for f in files):
-        import pandas as pd
-
         frame = pd.concat([pd.read_parquet(f, columns=["problem", "solution"]) for f in files])
         chars = (frame["problem"].str.len() + frame["solution"].str.len()).mean()
         return float(
@@ -104,11 +104,9 @@ def mean_example_tokens(tasks_dir: Path, tasks: list[str], assumed: float | None
 
 def test_problems(config: Mapping[str, Any], tasks_dir: Path) -> tuple[float, str]:
     tasks = config["tasks"]["names"]
-    cap = config["eval"].get("max_test_problems")
+    cap = config["eval"]["max_test_problems"]
     files = [tasks_dir / t / "test.parquet" for t in tasks]
     if all(f.is_file() for f in files):
-        import pandas as pd
-
         counts = [len(pd.read_parquet(f, columns=["id"])) for f in files]
         total = sum(min(c, cap) if cap else c for c in counts)
         return float(total), "counted"
@@ -117,7 +115,7 @@ def test_problems(config: Mapping[str, Any], tasks_dir: Path) -> tuple[float, st
         if config["data"]["source"] != "synthetic"
         else 0.3 * float(config["data"]["synthetic"]["problems_per_task"])
     )
-    if config["tasks"]["split"].get("test_subset") == "math500":
+    if config["tasks"]["split"]["test_subset"] == "math500":
         per_task = 500 / 7
     if cap:
         per_task = min(per_task, float(cap))
@@ -150,7 +148,7 @@ def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: P
     ev = config["eval"]
     adapt_steps = int(ev["num_inner_steps"])
     cal = config["calibration"]
-    cal_steps = max(cal.get("steps_grid") or [adapt_steps])
+    cal_steps = max(cal["steps_grid"] or [adapt_steps])
     lr_count = len(set(cal["lr_grid"]) | {fo["inner_lr"]})
     monitor = cal["max_monitor_examples"]
     cal_flops_per_instance = (
@@ -194,7 +192,7 @@ def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: P
         "calibrate": instances if calibrated else 0,
         "evaluate": instances * len(shots) + (control_conditions // repeats if repeats else 0),
         "stats/figures/summary/experiments/manifest": 5,
-        "data + env (download_math, split_tasks, check_env)": 3,
+        "data + env (ingest, split_tasks, check_env)": 3,
     }  # fmt: skip
     return {
         "model": config["model"]["name_or_path"],

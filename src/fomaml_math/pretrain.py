@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     settings = settings_from_args(args, "pretrain_tiny_base")
-    if not settings.get("pretrain"):
+    if not settings["pretrain"]:
         raise ConfigError("model.pretrain: null in this config, so there is nothing to pretrain")
     corpus = pretrain_corpus(settings, args.tasks_dir)
     model, tokenizer = load_model_and_tokenizer(args.init_model)

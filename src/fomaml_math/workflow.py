@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 from pathlib import Path
 
 from fomaml_math.evaluation.choice import read_choice
@@ -34,9 +36,6 @@ def job_interpreter_warning() -> str | None:
     Rules call ``python -m fomaml_math`` and ``accelerate`` from the PATH; run Snakemake from an
     environment that is not activated and the jobs fail with ``No module named ...``.
     """
-    import shutil
-    import sys
-
     found = shutil.which("python")
     ours = Path(sys.executable).parent
     if found is not None and Path(found).parent.resolve() == ours.resolve():
@@ -46,14 +45,6 @@ def job_interpreter_warning() -> str | None:
         f"Snakemake): jobs may not find the packages; activate the environment first "
         f"(source {ours.parent}/bin/activate), unless you use --software-deployment-method conda"
     )
-
-
-def parse_run(run: str) -> tuple[str | None, str, int | None]:
-    """``base`` -> (None, "base", None); ``<experiment>/<method>/seed-<s>`` -> (experiment, method, s)."""
-    if run == "base":
-        return None, "base", None
-    experiment, method, seed = run.split("/")
-    return experiment, method, int(seed.removeprefix("seed-"))
 
 
 def adaptation_choice(calibration_json: str | Path) -> tuple[float, int]:

@@ -72,7 +72,7 @@ rule summary:
     conda:
         ENV
     params:
-        settings=settings("report"),
+        settings=settings("summary"),
         stats_dir=lambda wildcards, input: str(Path(input.stats[0]).parent),
         calibration=lambda wildcards, input: f"--calibration {' '.join(input.calibration)}" if input.calibration else "",
     shell:

@@ -8,16 +8,19 @@ SRC = str(Path(workflow.basedir).parent / "src")
 if SRC not in sys.path:
     sys.path.insert(0, SRC)
 
-from fomaml_math.errors import ConfigError
-from fomaml_math.config import control_shot_seed, meta_test_tasks, stage_settings, validate_config
-from fomaml_math.launch import accelerate_launch_prefix
 from snakemake.settings.types import DeploymentMethod
+
+from fomaml_math.analysis.outputs import FIGURES, STATS_FILES
+from fomaml_math.config import control_shot_seed, meta_test_tasks, stage_settings, validate_config
+from fomaml_math.data.taskfiles import ROLES_FILE, SPLITS
+from fomaml_math.errors import ConfigError
+from fomaml_math.evaluation.rows import BASE, METHODS
+from fomaml_math.launch import accelerate_launch_prefix
 from fomaml_math.workflow import (
     adaptation_choice,
     export_package_path,
     job_interpreter_warning,
     output_dir,
-    parse_run,
     tasks_dir,
 )
 
@@ -36,7 +39,7 @@ ENV = "../../envs/fomaml-math.yaml"
 # eval.backend vllm: evaluation jobs run in the second pinned environment (transformers < 5.20, docs/vllm.md) -
 # its conda env under --software-deployment-method conda, else the interpreter of .venv-vllm (make setup-vllm;
 # FOMAML_VLLM_PYTHON overrides). Every other rule keeps the main environment.
-EVAL_BACKEND = config["eval"].get("backend", "hf")
+EVAL_BACKEND = config["eval"]["backend"]
 ENV_EVAL = "../../envs/vllm.yaml" if EVAL_BACKEND == "vllm" else ENV
 _CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
 EVAL_PYTHON = (
@@ -45,24 +48,26 @@ EVAL_PYTHON = (
     else os.environ.get("FOMAML_VLLM_PYTHON", str(Path(workflow.basedir).parent / ".venv-vllm" / "bin" / "python"))
 )
 TASKS = list(config["tasks"]["names"])
-SPLITS = ["support", "query", "dev_pool", "dev_monitor", "test"]
-METHODS = ["sft", "fomaml"]
 EXPERIMENTS = [e["name"] for e in config["experiments"]]
 SEEDS = [int(s) for s in config["replicates"]["seeds"]]
-from fomaml_math.analysis.outputs import FIGURES, STATS_FILES
-
 STATS_TABLES = [Path(name).stem for name in STATS_FILES]
 SHOTS = [int(k) for k in config["eval"]["shots"]]
 TINY = config["model"]["tiny"] is not None
 BASE_MODEL = config["model"]["name_or_path"]
 # With model.pretrain the tiny model is built here and pretrained into BASE_MODEL; without, built into BASE_MODEL.
-PRETRAIN = TINY and config["model"].get("pretrain") is not None
+PRETRAIN = TINY and config["model"]["pretrain"] is not None
 TINY_INIT = "results/models/tiny-init" if PRETRAIN else BASE_MODEL
 COMPUTE = config["compute"]
 TRAIN_GPUS = COMPUTE["num_processes"] if COMPUTE["gpus"] > 0 else 0
 # The evaluation's learning rate comes from the calibration stage (finetune mode only).
 CALIBRATED = config["calibration"]["enabled"] and config["eval"]["mode"] == "finetune"
 CONTROL = config["replicates"]["negative_control"]
+
+# A trained run's folder under results/ (the base is results/base/); one value per wildcard.
+RUN = "{experiment}/{method}/seed-{seed}"
+RUN_MODEL = f"results/{RUN}/model"
+TASKS_DIR = "results/data/tasks"
+ROLES = f"{TASKS_DIR}/{ROLES_FILE}"
 
 
 def settings(stage, **kwargs):
@@ -71,10 +76,13 @@ def settings(stage, **kwargs):
 
 
 def task_files(splits=SPLITS):
-    return expand("results/data/tasks/{task}/{split}.parquet", task=TASKS, split=splits)
+    return expand(f"{TASKS_DIR}/{{task}}/{{split}}.parquet", task=TASKS, split=splits)
 
 
-ROLES = "results/data/tasks/roles.parquet"
+def on_gpus(command):
+    """``command`` under the slot allocator: it waits for ``resources.gpu`` free devices and sets
+    CUDA_VISIBLE_DEVICES (Snakemake counts GPUs but gives a job no devices of its own)."""
+    return f"python -m fomaml_math.devices run --per-job {{resources.gpu}} --lock-dir results/.gpu-locks -- {command}"
 
 
 def base_model_input():
@@ -82,48 +90,58 @@ def base_model_input():
     return [BASE_MODEL] if TINY else []
 
 
+def run_model(wildcards, input):
+    """A trained run's model folder, its input."""
+    return input.model
+
+
+def base_model(wildcards):
+    """The base: the tiny model's folder (an input), or a hub model or local folder (not a file target)."""
+    return BASE_MODEL
+
+
 def trained_runs():
-    return [f"{e}/{m}/seed-{s}" for e in EXPERIMENTS for m in METHODS for s in SEEDS]
-
-
-def run_model(wildcards):
-    return BASE_MODEL if wildcards.run == "base" else f"results/{wildcards.run}/model"
-
-
-def run_model_input(wildcards):
-    return base_model_input() if wildcards.run == "base" else [run_model(wildcards)]
+    return [RUN.format(experiment=e, method=m, seed=s) for e in EXPERIMENTS for m in METHODS for s in SEEDS]
 
 
 def train_settings(wildcards):
     return settings(f"train_{wildcards.method}", experiment=wildcards.experiment, train_seed=int(wildcards.seed))
 
 
+def run_args(wildcards):
+    """--experiment/--train-seed of a trained run (the calibration and evaluation of its model)."""
+    return f"--experiment {wildcards.experiment} --train-seed {int(wildcards.seed)}"
+
+
+def control_args(wildcards):
+    """The negative control's --shot-seed (``eval-control`` evaluations only)."""
+    return [f"--shot-seed {control_shot_seed(config)}"] if wildcards.kind == "eval-control" else []
+
+
 def eval_args(wildcards):
-    """--experiment/--train-seed/--meta-test (and the control's --shot-seed) of one evaluation job."""
-    experiment, _, seed = parse_run(wildcards.run)
-    args = []
-    if experiment is not None:
-        args += ["--experiment", experiment, "--train-seed", str(seed)]
-        held_out = meta_test_tasks(config, experiment)
-        if held_out:
-            args += ["--meta-test", *held_out]
-    else:
-        args += ["--experiment", "shared"]
-    if wildcards.kind == "eval-control":
-        args += ["--shot-seed", str(control_shot_seed(config))]
-    return " ".join(args)
+    """--experiment/--train-seed/--meta-test (and the control's --shot-seed) of a trained run's evaluation."""
+    held_out = meta_test_tasks(config, wildcards.experiment)
+    meta_test = [" ".join(["--meta-test", *held_out])] if held_out else []
+    return " ".join([run_args(wildcards), *meta_test, *control_args(wildcards)])
 
 
-def calibrate_args(wildcards):
-    experiment, _, seed = parse_run(wildcards.run)
-    return "" if experiment is None else f"--experiment {experiment} --train-seed {seed}"
+def base_eval_args(wildcards):
+    """The base's evaluation: one shared initialisation of every experiment."""
+    return " ".join(["--experiment shared", *control_args(wildcards)])
+
+
+def calibration_job(wildcards):
+    """The calibration checkpoint of an evaluation's initialisation (a trained run, else the base)."""
+    if "experiment" in wildcards.keys():
+        return checkpoints.calibrate.get(experiment=wildcards.experiment, method=wildcards.method, seed=wildcards.seed)
+    return checkpoints.calibrate_base.get()
 
 
 def chosen_adaptation(wildcards):
     """(lr, steps) the calibration chose for this run; read once the checkpoint has run."""
     if not CALIBRATED:
         return float(config["eval"]["inner_lr"]), int(config["eval"]["num_inner_steps"])
-    return adaptation_choice(checkpoints.calibrate.get(run=wildcards.run).output[0])
+    return adaptation_choice(calibration_job(wildcards).output[0])
 
 
 def choice_flag(wildcards):
@@ -135,16 +153,20 @@ def choice_flag(wildcards):
     return [f"results/calibration-choices/{config['eval']['optimizer']}-lr{lr!r}-steps{steps}.flag"]
 
 
+def adapt_args(wildcards):
+    return "--adapt-lr {!r} --adapt-steps {}".format(*chosen_adaptation(wildcards))
+
+
 def eval_file(run, shots, kind="eval"):
     return f"results/{run}/{kind}/shots-{shots}.parquet"
 
 
 def all_eval_files():
-    return [eval_file(run, k) for run in ["base", *trained_runs()] for k in SHOTS]
+    return [eval_file(run, k) for run in [BASE, *trained_runs()] for k in SHOTS]
 
 
 def control_runs():
-    return [f"{EXPERIMENTS[0]}/fomaml/seed-{SEEDS[0]}"] if CONTROL else []
+    return [RUN.format(experiment=EXPERIMENTS[0], method="fomaml", seed=SEEDS[0])] if CONTROL else []
 
 
 def control_eval_files():
@@ -152,7 +174,7 @@ def control_eval_files():
 
 
 def calibration_files():
-    return [f"results/{run}/calibration.json" for run in ["base", *trained_runs()]] if CALIBRATED else []
+    return [f"results/{run}/calibration.json" for run in [BASE, *trained_runs()]] if CALIBRATED else []
 
 
 def all_targets():

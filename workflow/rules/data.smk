@@ -1,4 +1,5 @@
-rule download_math:
+# The log and benchmark keep their names from when this rule was download_math.
+rule ingest:
     output:
         table="results/data/math.parquet",
         report="results/data/ingest_report.json",
@@ -28,7 +29,7 @@ rule split_tasks:
     conda:
         ENV
     params:
-        settings=settings("split"),
+        settings=settings("split_tasks"),
         out_dir=lambda wildcards, output: str(Path(output.tasks[0]).parent.parent),
     shell:
         "python -m fomaml_math split-tasks --settings {params.settings:q} --input {input.table} --out-dir {params.out_dir}"

@@ -3,33 +3,44 @@
 # known. One evaluation job per (initialisation, shot count): adding a shot count adds jobs and reruns
 # nothing else. Each job takes `eval_gpus_per_job` GPUs; the slot allocator gives concurrent jobs distinct
 # devices (Snakemake counts GPUs but sets no CUDA_VISIBLE_DEVICES per job).
+# A trained run's rule has the wildcards {experiment}/{method}/seed-{seed}; the base's (`*_base`) reads the
+# literal results/base/. `use rule` would make the base's calibration a plain rule, not a checkpoint
+# (snakemake#2530), so both calibrations come from one loop, each with its own name.
 
 
-checkpoint calibrate:
-    input:
-        tasks=task_files(["dev_pool", "dev_monitor"]),
-        model=run_model_input,
-    output:
-        "results/{run}/calibration.json",
-    log:
-        "results/logs/calibrate/{run}.log",
-    benchmark:
-        "results/benchmarks/calibrate/{run}.tsv"
-    conda:
-        ENV
-    threads: 1
-    resources:
-        gpu=COMPUTE["eval_gpus_per_job"],
-    params:
-        settings=settings("calibrate"),
-        model=run_model,
-        tasks_dir=tasks_dir,
-        init=lambda wildcards: parse_run(wildcards.run)[1],
-        run_args=calibrate_args,
-    shell:
-        "python -m fomaml_math.devices run --per-job {resources.gpu} --lock-dir results/.gpu-locks --"
-        " python -m fomaml_math calibrate --settings {params.settings:q} --init {params.init} --model {params.model}"
-        " --tasks-dir {params.tasks_dir} {params.run_args} --output {output} --no-progress > {log} 2>&1"
+for name, run, model_input, model, init, args in [
+    ("calibrate", RUN, RUN_MODEL, run_model, "{method}", run_args),
+    ("calibrate_base", BASE, base_model_input(), base_model, BASE, ""),
+]:
+
+    checkpoint:
+        name:
+            name
+        input:
+            tasks=task_files(["dev_pool", "dev_monitor"]),
+            model=model_input,
+        output:
+            f"results/{run}/calibration.json",
+        log:
+            f"results/logs/calibrate/{run}.log",
+        benchmark:
+            f"results/benchmarks/calibrate/{run}.tsv"
+        conda:
+            ENV
+        threads: 1
+        resources:
+            gpu=COMPUTE["eval_gpus_per_job"],
+        params:
+            settings=settings("calibrate"),
+            model=model,
+            tasks_dir=tasks_dir,
+            init=init,
+            run_args=args,
+        shell:
+            on_gpus(
+                "python -m fomaml_math calibrate --settings {params.settings:q} --init {params.init} --model {params.model}"
+                " --tasks-dir {params.tasks_dir} {params.run_args} --output {output} --no-progress > {log} 2>&1"
+            )
 
 
 rule calibration_choice:
@@ -46,31 +57,49 @@ rule calibration_choice:
 rule evaluate:
     input:
         tasks=task_files(["dev_pool", "test"]),
-        model=run_model_input,
+        model=RUN_MODEL,
         choice=choice_flag,
     output:
-        table="results/{run}/{kind}/shots-{shots}.parquet",
-        summary="results/{run}/{kind}/shots-{shots}.summary.json",
+        table=f"results/{RUN}/{{kind}}/shots-{{shots}}.parquet",
+        summary=f"results/{RUN}/{{kind}}/shots-{{shots}}.summary.json",
     log:
-        "results/logs/{kind}/{run}/shots-{shots}.log",
+        f"results/logs/{{kind}}/{RUN}/shots-{{shots}}.log",
     benchmark:
-        "results/benchmarks/{kind}/{run}/shots-{shots}.tsv"
+        f"results/benchmarks/{{kind}}/{RUN}/shots-{{shots}}.tsv"
     conda:
         ENV_EVAL
     threads: 1
     resources:
         gpu=COMPUTE["eval_gpus_per_job"],
     params:
-        settings=settings("eval"),
+        settings=settings("evaluate"),
         model=run_model,
         tasks_dir=tasks_dir,
-        init=lambda wildcards: parse_run(wildcards.run)[1],
-        adapt=lambda wildcards: "--adapt-lr {!r} --adapt-steps {}".format(*chosen_adaptation(wildcards)),
+        init="{method}",
+        adapt=adapt_args,
         run_args=eval_args,
         python=EVAL_PYTHON,
     shell:
-        "python -m fomaml_math.devices run --per-job {resources.gpu}"
-        " --lock-dir results/.gpu-locks --"
-        " {params.python:q} -m fomaml_math evaluate --settings {params.settings:q} --init {params.init} --model {params.model}"
-        " --tasks-dir {params.tasks_dir} --shots {wildcards.shots} {params.adapt} {params.run_args}"
-        " --output {output.table} > {log} 2>&1"
+        on_gpus(
+            "{params.python:q} -m fomaml_math evaluate --settings {params.settings:q} --init {params.init} --model {params.model}"
+            " --tasks-dir {params.tasks_dir} --shots {wildcards.shots} {params.adapt} {params.run_args}"
+            " --output {output.table} > {log} 2>&1"
+        )
+
+
+use rule evaluate as evaluate_base with:
+    input:
+        tasks=task_files(["dev_pool", "test"]),
+        model=base_model_input(),
+        choice=choice_flag,
+    output:
+        table=f"results/{BASE}/{{kind}}/shots-{{shots}}.parquet",
+        summary=f"results/{BASE}/{{kind}}/shots-{{shots}}.summary.json",
+    log:
+        f"results/logs/{{kind}}/{BASE}/shots-{{shots}}.log",
+    benchmark:
+        f"results/benchmarks/{{kind}}/{BASE}/shots-{{shots}}.tsv"
+    params:
+        model=base_model,
+        init=BASE,
+        run_args=base_eval_args,

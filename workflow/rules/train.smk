@@ -10,15 +10,15 @@ rule train:
         base=base_model_input(),
         env=ancient("results/env/report.json"),
     output:
-        model=directory("results/{experiment}/{method}/seed-{seed}/model"),
-        metrics_jsonl="results/{experiment}/{method}/seed-{seed}/metrics.jsonl",
+        model=directory(RUN_MODEL),
+        metrics_jsonl=f"results/{RUN}/metrics.jsonl",
         metrics_csv=report(
-            "results/{experiment}/{method}/seed-{seed}/metrics.csv",
+            f"results/{RUN}/metrics.csv",
             caption="../report/training_metrics.rst",
             category="Training",
             subcategory="{experiment}",
         ),
-        summary="results/{experiment}/{method}/seed-{seed}/train_summary.json",
+        summary=f"results/{RUN}/train_summary.json",
     log:
         "results/logs/train/{experiment}_{method}_seed-{seed}.log",
     benchmark:
@@ -31,11 +31,12 @@ rule train:
     params:
         settings=train_settings,
         launch=accelerate_launch_prefix(COMPUTE),
-        checkpoint_dir="results/checkpoints/{experiment}/{method}/seed-{seed}",
-        output_dir="results/{experiment}/{method}/seed-{seed}",
+        checkpoint_dir=f"results/checkpoints/{RUN}",
+        output_dir=f"results/{RUN}",
         tasks_dir=tasks_dir,
     shell:
-        "python -m fomaml_math.devices run --per-job {resources.gpu}"
-        " --lock-dir results/.gpu-locks -- {params.launch} -m fomaml_math train-{wildcards.method} --settings {params.settings:q}"
-        " --tasks-dir {params.tasks_dir} --output-dir {params.output_dir}"
-        " --checkpoint-dir {params.checkpoint_dir} > {log} 2>&1"
+        on_gpus(
+            "{params.launch} -m fomaml_math train-{wildcards.method} --settings {params.settings:q}"
+            " --tasks-dir {params.tasks_dir} --output-dir {params.output_dir}"
+            " --checkpoint-dir {params.checkpoint_dir} > {log} 2>&1"
+        )

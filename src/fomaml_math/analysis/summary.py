@@ -510,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = StatsSettings.from_settings(settings_from_args(args, "report"))
+    settings = StatsSettings.from_settings(settings_from_args(args, "summary"))
     tables, notes = read_tables(args.stats_dir)
     calibration = load_calibration(args.calibration) if args.calibration else None
     for note in notes:

@@ -293,7 +293,8 @@ def _load_hub_split(dataset: str, revision: str | None, task: str, split: str) -
     """Rows of one subject and split; None when a local saved copy lacks that split."""
     local_copy = Path(dataset)
     if local_copy.is_dir():
-        from datasets import load_from_disk  # imported lazily: slow, and only the hub source needs it
+        # datasets imported lazily: ~3 s (python -X importtime), and only the hub source needs it
+        from datasets import load_from_disk
 
         subject_dir = local_copy / task
         if not subject_dir.is_dir():
@@ -303,7 +304,7 @@ def _load_hub_split(dataset: str, revision: str | None, task: str, split: str) -
             )
         saved = load_from_disk(str(subject_dir))
         return saved.get(split)
-    from datasets import load_dataset
+    from datasets import load_dataset  # lazily, as above
     from datasets.exceptions import DatasetsError
 
     try:
@@ -378,9 +379,9 @@ def build_table(settings: Mapping[str, Any]) -> tuple[pd.DataFrame, IngestReport
     if source == "hub":
         dataset = _setting(settings, "data.hub.dataset")
         report.location = dataset
-        raw_records = read_hub(dataset, settings["data"]["hub"].get("revision"), tasks, report)
+        raw_records = read_hub(dataset, _setting(settings, "data.hub.revision"), tasks, report)
     elif source == "local":
-        path = settings["data"].get("local", {}).get("path")
+        path = _setting(settings, "data.local.path")
         report.location = path
         raw_records = read_local(path, tasks, report)
     elif source == "synthetic":

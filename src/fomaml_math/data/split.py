@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stats", required=True, help="TSV of problems per task and split")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    split_tasks(settings_from_args(args, "split"), args.input, args.out_dir, args.stats)
+    split_tasks(settings_from_args(args, "split_tasks"), args.input, args.out_dir, args.stats)
     return 0
 
 

@@ -146,7 +146,7 @@ def build_summary(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    raw = settings_from_args(args, "eval")
+    raw = settings_from_args(args, "evaluate")
     started = time.perf_counter()
     if args.shots < 0:
         raise ConfigError(f"--shots: must be >= 0, got {args.shots}")

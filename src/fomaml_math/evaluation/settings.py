@@ -37,7 +37,7 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """``config.stage_settings(config, "eval")`` as the evaluation reads it."""
+    """``config.stage_settings(config, "evaluate")`` as the evaluation reads it."""
 
     seed: int
     mode: str  # finetune | in_context
