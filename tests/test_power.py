@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats as scipy_stats
 
@@ -13,6 +14,7 @@ from fomaml_math.analysis.power import (
     Design,
     VarianceComponents,
     contrast_se,
+    estimate_components,
     plan_contrast,
 )
 
@@ -66,3 +68,28 @@ def test_plan_contrast_adjusts_alpha_for_the_family() -> None:
     two = plan_contrast(components, design, alpha=0.05, family_size=2, target=0.03)
     assert two.alpha == 0.025
     assert two.mde > one.mde and two.power_at_target < one.power_at_target
+
+
+def test_pilot_estimates_recover_simulated_components() -> None:
+    """estimate_components on a simulated finished study (seed SD 2 pp, draw SD 3 pp, problem variance 0.04)."""
+    rng = np.random.default_rng(5)
+    seeds, draws, shots, n = 8, 4, (5, 10, 25), 600
+    interaction = rng.normal(
+        0.0, math.sqrt(0.04 / 2), (2, n)
+    )  # each arm's per-problem effect: var of the difference 0.04
+    rows = []
+    for arm, init in enumerate(("fomaml", "sft")):
+        for seed in range(seeds):
+            seed_effect = rng.normal(0.0, 0.02)
+            for k in shots:
+                for repeat in range(draws):
+                    y = 0.5 + seed_effect + rng.normal(0.0, 0.03) + interaction[arm] + rng.normal(0.0, 0.05, n)
+                    rows += [
+                        {"experiment": "in_domain", "train_seed": seed, "init": init, "task": "algebra", "shots": k,
+                         "repeat": repeat, "problem_id": str(i), "correct": y[i], "task_role": "train"}
+                        for i in range(n)
+                    ]  # fmt: skip
+    components = estimate_components(pd.DataFrame(rows))
+    assert components.draw_sd == pytest.approx(math.sqrt(0.03**2 + 0.05**2 / n), rel=0.15)
+    assert components.seed_sd == pytest.approx(0.02, rel=0.5)  # 8 seeds per arm: a rough estimate, as expected
+    assert components.problem_var == pytest.approx(0.04, rel=0.15)

@@ -27,7 +27,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+import pandas as pd
+
+from fomaml_math.analysis.evaldata import primary_pool, split_experiments, task_roles
 from fomaml_math.analysis.inference import minimum_detectable_effect, power
+from fomaml_math.analysis.tables import META_TEST_POOL
+from fomaml_math.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -97,3 +103,42 @@ def plan_contrast(
         power_at_target=power(target, se, df, level),
         target=target,
     )
+
+
+def estimate_components(evals: pd.DataFrame, a: str = "fomaml", b: str = "sft") -> VarianceComponents:
+    """Method-of-moments variance components of the ``a − b`` contrast from a finished study's evaluation rows.
+
+    Per experiment, on its primary pool (held-out tasks if any, else all) at every k > 0, for each arm:
+    the draw variance is the pooled within-(seed, k) variance of the per-draw accuracies; the seed variance is the
+    variance of the per-seed accuracies (averaged over k and draws) less the draw part it contains
+    (σ²_draw / (R K), truncated at 0). The problem variance is the variance over problems of the per-problem
+    difference of the arms' mean accuracies. Components are averaged over arms and experiments.
+    """
+    seed_vars, draw_vars, problem_vars = [], [], []
+    for frame in split_experiments(evals).values():
+        roles = task_roles(frame)
+        pool = primary_pool(roles)
+        rows = frame[(frame["shots"] > 0) & frame["init"].isin([a, b])]
+        if pool == META_TEST_POOL:
+            rows = rows[rows["task"].map(roles) == "meta_test"]
+        if set(rows["init"]) != {a, b}:
+            continue
+        for _, arm in rows.groupby("init"):
+            draws = arm.groupby(["train_seed", "shots", "repeat"])["correct"].mean()
+            within = draws.groupby(level=["train_seed", "shots"]).var(ddof=1).dropna()
+            draw_var = float(within.mean()) if len(within) else 0.0
+            per_seed = draws.groupby(level="train_seed").mean()
+            if len(per_seed) >= 2:
+                cells = draws.groupby(level="train_seed").size().mean()  # R x K per seed
+                seed_vars.append(max(0.0, float(per_seed.var(ddof=1)) - draw_var / cells))
+            draw_vars.append(draw_var)
+        means = rows.groupby(["init", "task", "problem_id"])["correct"].mean().unstack("init").dropna()
+        if len(means) >= 2:
+            problem_vars.append(float((means[a] - means[b]).var(ddof=1)))
+    if not problem_vars:
+        raise ConfigError(f"--pilot: no experiment with both {a} and {b} evaluated at k > 0")
+
+    def mean(values: list[float]) -> float:
+        return float(np.mean(values)) if values else 0.0
+
+    return VarianceComponents(math.sqrt(mean(seed_vars)), math.sqrt(mean(draw_vars)), mean(problem_vars))
