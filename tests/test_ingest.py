@@ -13,8 +13,9 @@ import pytest
 from fomaml_math.__main__ import main as cli_main
 from fomaml_math.config import stage_settings
 from fomaml_math.data import ingest
-from fomaml_math.data.ingest import COLUMNS, RULE_COLUMN, build_table, parse_level, subject_to_task
+from fomaml_math.data.ingest import build_table, parse_level, subject_to_task
 from fomaml_math.data.synthetic import solve_synthetic
+from fomaml_math.data.taskfiles import COLUMNS, RULE_COLUMN
 from fomaml_math.errors import ConfigError
 from fomaml_math.subjects import MATH_TASKS
 

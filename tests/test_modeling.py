@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fomaml_math.errors import ConfigError
-from fomaml_math.modeling import IM_END, build_tiny_model, load_model_and_tokenizer, main
+from fomaml_math.modeling import IM_END, build_tiny_model, load_model_and_tokenizer
+from fomaml_math.tiny_model import main
 from tests.fixtures_tiny import TINY, corpus, make_task_files, shared_workspace, tiny_model_and_tokenizer
 
 

@@ -11,10 +11,12 @@ import pandas as pd
 import pytest
 
 from fomaml_math.data import ingest
-from fomaml_math.data.ingest import COLUMNS, RULE_COLUMN, build_table
+from fomaml_math.data.ingest import build_table
 from fomaml_math.data.split import STATS_COLUMNS, main, make_splits, split_sizes, split_tasks, validate_splits
 from fomaml_math.data.taskfiles import (
+    COLUMNS,
     DEV_SPLITS,
+    RULE_COLUMN,
     SPLITS,
     TRAIN_SPLITS,
     LeakageError,

@@ -13,7 +13,7 @@ STAGES: dict[str, str] = {
     "check-env": "fomaml_math.envcheck",
     "ingest": "fomaml_math.data.ingest",
     "split-tasks": "fomaml_math.data.split",
-    "build-tiny-model": "fomaml_math.modeling",
+    "build-tiny-model": "fomaml_math.tiny_model",
     "pretrain-tiny-base": "fomaml_math.pretrain",
     "train-fomaml": "fomaml_math.training.fomaml",
     "train-sft": "fomaml_math.training.sft",

@@ -1,25 +1,22 @@
-"""Model loading (hub id or local folder) and the offline tiny Qwen3 model (stage ``build-tiny-model``).
+"""Model loading (hub id or local folder), saving, and the offline tiny Qwen3 model and its tokenizer.
 
 The same :func:`load_model_and_tokenizer` serves Qwen3-4B-Instruct from the hub and the tiny model
 built here, because the tiny model is saved as an ordinary Hugging Face folder (``save_pretrained``):
 a Qwen3 config, safetensors weights, and a byte-level BPE tokenizer with a Qwen-style chat template.
+The stage that builds it from the task files is :mod:`fomaml_math.tiny_model`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-from fomaml_math.batching import user_turn
-from fomaml_math.config import add_settings_arguments, settings_from_args
 from fomaml_math.errors import ConfigError
 from fomaml_math.io import atomic_dir
 
@@ -174,48 +171,3 @@ def save_model(model: Any, tokenizer: Any, output: str | Path, *, extra: dict[st
         tokenizer.save_pretrained(tmp)
         if extra is not None:
             (tmp / "build_info.json").write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
-
-
-def read_task_texts(
-    tasks_dir: str | Path, splits: tuple[str, ...] = ("support", "query"), *, instruction: str = ""
-) -> list[str]:
-    """User turns (problem + ``instruction``) and solutions of ``<tasks_dir>/<task>/<split>.parquet``, in a stable
-    order (by task, split, id).  The instruction is in every user turn, so the tokenizer learns it as a few
-    tokens instead of spending a short context on byte fallbacks."""
-    tasks_dir = Path(tasks_dir)
-    files = sorted(p for split in splits for p in tasks_dir.glob(f"*/{split}.parquet"))
-    if not files:
-        raise ConfigError(f"--tasks-dir: no {'/'.join(splits)} parquet files under {tasks_dir}")
-    texts: list[str] = []
-    for path in files:
-        frame = pd.read_parquet(path, columns=["id", "problem", "solution"]).sort_values("id", kind="stable")
-        for problem, solution in zip(frame["problem"], frame["solution"], strict=True):
-            texts.extend((user_turn(str(problem), instruction), str(solution)))
-    return texts
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fomaml_math build-tiny-model", description=__doc__)
-    add_settings_arguments(parser)
-    parser.add_argument("--tasks-dir", required=True, help="results/data/tasks (support+query train the tokenizer)")
-    parser.add_argument("--output", required=True, help="output HF model folder, e.g. results/models/tiny-base")
-    args = parser.parse_args(argv)
-    settings = settings_from_args(args, "build_tiny_model")
-    tiny = settings["tiny"]
-    if not tiny:
-        raise ConfigError("model.tiny: must be a mapping to build a tiny model (it is null in this config)")
-    texts = read_task_texts(args.tasks_dir, instruction=str(settings["instruction"]))
-    seed, max_seq_len = int(settings["seed"]), int(settings["max_seq_len"])
-    model, tokenizer = build_tiny_model(tiny, texts, seed=seed, max_seq_len=max_seq_len)
-    info = {
-        "settings": settings,
-        "num_texts": len(texts),
-        "tokenizer_size": len(tokenizer),
-        "num_parameters": sum(p.numel() for p in model.parameters()),
-    }
-    save_model(model, tokenizer, args.output, extra=info)
-    print(
-        f"tiny Qwen3 model: {info['num_parameters']:,} parameters, tokenizer of {len(tokenizer)} tokens "
-        f"trained on {len(texts)} texts -> {args.output}"
-    )
-    return 0

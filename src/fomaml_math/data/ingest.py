@@ -37,16 +37,13 @@ import pandas as pd
 from fomaml_math.config import add_settings_arguments, settings_from_args
 from fomaml_math.data.answers import extract_boxed_answer
 from fomaml_math.data.synthetic import generate_synthetic
+from fomaml_math.data.taskfiles import COLUMNS, RULE_COLUMN
 from fomaml_math.errors import ConfigError
 from fomaml_math.io import write_json, write_parquet
 from fomaml_math.subjects import MATH_TASKS, task_family
 
 logger = logging.getLogger(__name__)
 
-COLUMNS: tuple[str, ...] = ("id", "task", "source_split", "level", "problem", "solution", "answer")
-# Synthetic tasks only: the task's hidden rule (JSON), kept with every problem so that answers can be recomputed
-# (solve_synthetic) and never rendered to a model. Hub and local tables have no such column.
-RULE_COLUMN = "rule"
 SOURCE_SPLITS: tuple[str, ...] = ("train", "test")
 SKIP_REASONS: tuple[str, ...] = ("bad_json", "missing_field", "bad_level", "unknown_subject", "no_boxed_answer")
 _EXAMPLES_PER_REASON = 5

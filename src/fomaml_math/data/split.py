@@ -47,10 +47,11 @@ from typing import Any
 import pandas as pd
 
 from fomaml_math.config import add_settings_arguments, settings_from_args, split_settings
-from fomaml_math.data.ingest import COLUMNS, RULE_COLUMN
 from fomaml_math.data.math500 import select_math500
 from fomaml_math.data.taskfiles import (
+    COLUMNS,
     ROLES_FILE,
+    RULE_COLUMN,
     SPLITS,
     SplitValidationError,
 )

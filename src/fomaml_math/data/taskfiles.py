@@ -1,4 +1,4 @@
-"""The task files contract: the five data roles, their file layout, and how every stage reads them.
+"""The data contract: the normalised table's columns, the five data roles, their files, and how stages read them.
 
 ``<tasks_dir>/<task>/<role>.parquet`` per task and role, plus the role index ``<tasks_dir>/roles.parquet``
 (docs/data.md).  The split stage writes them; training, calibration, evaluation and pretraining read
@@ -14,6 +14,12 @@ from typing import Any
 import pandas as pd
 
 from fomaml_math.errors import ConfigError
+
+# The normalised MATH table (results/data/math.parquet), which the task files extend by a ``split`` column.
+COLUMNS: tuple[str, ...] = ("id", "task", "source_split", "level", "problem", "solution", "answer")
+# Synthetic tasks only: the task's hidden rule (JSON), kept with every problem so that answers can be recomputed
+# (solve_synthetic) and never rendered to a model. Hub and local tables have no such column.
+RULE_COLUMN = "rule"
 
 SPLITS: tuple[str, ...] = ("support", "query", "dev_pool", "dev_monitor", "test")
 TRAIN_SPLITS: tuple[str, ...] = ("support", "query")
