@@ -62,7 +62,7 @@ def stats_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_primary_rows_carry_the_table_numbers_and_verdicts(stats_dir: Path, tmp_path: Path) -> None:
     text = _summarise(stats_dir, tmp_path, write_calibration(tmp_path / "cal"))
-    primary = read_table(stats_dir, "primary.tsv")
+    primary = read_table(stats_dir, "per_shot.tsv")
     assert "### Experiment `in_domain`: all 3 task(s) pooled" in text
     assert "### Experiment `heldout_geometry`: held-out task(s) geometry pooled" in text
     for row in primary.itertuples():

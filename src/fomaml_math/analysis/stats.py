@@ -52,6 +52,7 @@ from fomaml_math.analysis.inference import (
 )
 from fomaml_math.analysis.outputs import STATS_FILES
 from fomaml_math.analysis.positive_control import positive_control_table
+from fomaml_math.analysis.primary import primary_table
 from fomaml_math.analysis.resampling import percentile_interval, stratified_bootstrap
 from fomaml_math.analysis.tables import (
     ACCURACY_COLUMNS,
@@ -330,8 +331,8 @@ def _experiment_tables(
             for a, b in pairs:
                 row = _comparison_row(design, pool, mask, boot, column, a, b, settings)
                 if row is not None:
-                    primary = pool == main_pool and row["comparison"] in settings.primary_comparisons
-                    at_shots.append(where | {"family": "primary" if primary else "secondary"} | row)
+                    per_shot = pool == main_pool and row["comparison"] in settings.per_shot_comparisons
+                    at_shots.append(where | {"family": "per_shot" if per_shot else "secondary"} | row)
         comparison_rows += at_shots
         task_level = pd.DataFrame([r for r in at_shots if r["task"] not in (POOLED, META_TEST_POOL)])
         mask = design.mask(main_pool, roles)
@@ -478,7 +479,8 @@ def compute_tables(
     return {
         "accuracy.tsv": accuracy,
         "comparisons.tsv": comparisons,
-        "primary.tsv": comparisons[comparisons["family"] == "primary"].reset_index(drop=True),
+        "primary.tsv": primary_table(experiments, settings),
+        "per_shot.tsv": comparisons[comparisons["family"] == "per_shot"].reset_index(drop=True),
         "across_tasks.tsv": across,
         "control.tsv": negative_control.control_table(experiments, control, settings),
         "generation.tsv": effects.generation_table(experiments),
@@ -529,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         write_tsv(args.output_dir / name, frame)
     print(
         f"stats: {len(tables['accuracy.tsv'])} accuracy rows, {len(tables['comparisons.tsv'])} comparisons "
-        f"({len(tables['primary.tsv'])} primary), {settings.bootstrap_samples} bootstrap samples -> {args.output_dir}"
+        f"({len(tables['per_shot.tsv'])} per-shot, {len(tables['primary.tsv'])} primary contrast(s)), "
+        f"{settings.bootstrap_samples} bootstrap samples -> {args.output_dir}"
     )
     return 0

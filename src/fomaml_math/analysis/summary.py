@@ -1,8 +1,9 @@
 """The study's results as Markdown (``results/summary.md``), read off the stats tables.
 
 Every number is a cell of a ``results/stats`` table (or of a calibration file), only rounded for display.
-Layout: the primary family with its verdicts, the negative control, the held-out tasks, generation and
-adaptation, calibration and adaptation speed, sample efficiency, then the exploratory per-task section.
+Layout: the Answer (the pre-registered primary contrast), the per-shot family with its verdicts, the
+positive and negative controls, the held-out tasks, generation and adaptation, calibration and adaptation
+speed, sample efficiency, then the exploratory per-task section.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ OPTIONAL_TABLES = (
     "adaptation_summary.tsv",
     "sample_efficiency.tsv",
     "positive_control.tsv",
+    "primary.tsv",
 )
 VERDICTS = {"better": "**better**", "worse": "**worse**", "inconclusive": "inconclusive"}
 
@@ -118,6 +120,41 @@ def _accuracy_table(accuracy: pd.DataFrame, experiment: str, task: str) -> list[
     return _table(["Shots", *(init_label(i) for i in inits)], body)
 
 
+def _answer_lines(primary: pd.DataFrame | None, settings: StatsSettings) -> list[str]:
+    """The Answer: the pre-registered primary contrast's verdict per experiment, with its power."""
+    a, b = settings.primary_contrast.split("-")
+    label = f"{init_label(a)} − {init_label(b)}"
+    lines = ["## Answer", ""]
+    if primary is None or primary.empty:
+        return [*lines, f"The primary contrast ({label}, averaged over k > 0) could not be computed.", ""]
+    margin = f"±{settings.equivalence_margin_pp:g} pp"
+    for row in primary.itertuples(index=False):
+        pool = "its held-out tasks" if row.pool == META_TEST_POOL else "all its tasks"
+        verdict = {
+            "better": f"**{init_label(a)} is better**",
+            "worse": f"**{init_label(a)} is worse**",
+            "equivalent": f"**equivalent within {margin}**",
+            "inconclusive": "**inconclusive**",
+        }[row.verdict]
+        reach = [] if row.tost_can_reach_alpha else [f"equivalence within {margin} was not reachable at this se"]
+        lines.append(
+            f"- `{row.experiment}` ({pool}, {int(row.n_problems)} problems, k = {row.shots}, "
+            f"{int(row.n_seeds_a)}/{int(row.n_seeds_b)} seeds): {label} = "
+            f"{_interval(fmt_points, row.diff, row.ci_low, row.ci_high)} pp, "
+            f"Holm p {fmt_p(row.p_holm)} over {int(row.family_size)} experiment(s): {verdict}. "
+            f"Power at the target {settings.target_effect_pp:g} pp: {fmt_percent(row.power_at_target)}%; "
+            f"MDE (80%) {_mde_text(row.mde)} pp" + "".join(f"; {r}" for r in reach) + "."
+        )
+    lines += [
+        "",
+        f"Pre-registered (`stats.primary.contrast`): {label} on each experiment's primary pool, averaged with equal "
+        f"weight over the evaluated k > 0; seed-aware t-test, {settings.ci_level:.0%} interval truncated to the "
+        "possible range; TOST for equivalence. Everything below is secondary.",
+        "",
+    ]
+    return lines
+
+
 def _mde_text(mde: float) -> str:
     if not math.isfinite(mde):
         return "n/a"
@@ -127,10 +164,11 @@ def _mde_text(mde: float) -> str:
 def _primary_section(accuracy: pd.DataFrame, primary: pd.DataFrame, settings: StatsSettings) -> list[str]:
     margin = f"±{settings.equivalence_margin_pp:g} pp"
     lines = [
-        "## Primary family (confirmatory)",
+        "## Per-shot comparisons (secondary family)",
         "",
-        f"Per experiment: {', '.join(_comparison_label(c) for c in settings.primary_comparisons)} at every shot "
-        f"count, pooled; Holm-adjusted within the experiment's primary family only. Verdict: *better*/*worse* when "
+        f"Per experiment: {', '.join(_comparison_label(c) for c in settings.per_shot_comparisons)} at every shot "
+        f"count, pooled; Holm-adjusted within the experiment's per-shot family only (not confirmatory). Verdict: "
+        "*better*/*worse* when "
         f"the difference test is significant (Holm p < {settings.alpha:g}), *equivalent* when TOST concludes "
         f"equivalence within {margin} (Holm-adjusted TOST p < {settings.alpha:g}), otherwise *inconclusive*. "
         f"MDE: the smallest true difference detectable with 80% power at alpha/m (m = family size), from the "
@@ -140,7 +178,7 @@ def _primary_section(accuracy: pd.DataFrame, primary: pd.DataFrame, settings: St
         "",
     ]
     if primary.empty:
-        return [*lines, "No primary comparison could be made (FOMAML and SFT or Base missing).", ""]
+        return [*lines, "No per-shot comparison could be made (FOMAML and SFT or Base missing).", ""]
     for experiment in _experiments(primary):
         rows = primary[primary["experiment"] == experiment].sort_values(["shots", "comparison"])
         pool = rows["task"].iloc[0]
@@ -442,7 +480,7 @@ def render_summary(
 ) -> str:
     """The Markdown text of ``summary.md`` from the stats tables (missing optional tables: None)."""
     accuracy, comparisons = tables["accuracy.tsv"], tables["comparisons.tsv"]
-    primary = comparisons[comparisons["family"] == "primary"]
+    per_shot = comparisons[comparisons["family"] == "per_shot"]
     seeds = accuracy.loc[accuracy["train_seed"] == ALL_SEEDS, "n_seeds"]
     lines = [
         "# FOMAML vs SFT on MATH: results",
@@ -454,7 +492,8 @@ def render_summary(
     ]
     if len(seeds) and seeds.max() < 2:
         lines += ["One training seed: intervals and tests cover test-problem sampling only, not training variance.", ""]
-    lines += _primary_section(accuracy, primary, settings)
+    lines += _answer_lines(tables.get("primary.tsv"), settings)
+    lines += _primary_section(accuracy, per_shot, settings)
     lines += _positive_control_lines(tables.get("positive_control.tsv"), settings)
     lines += _control_lines(tables.get("control.tsv"), settings)
     lines += _held_out_lines(accuracy, comparisons)
@@ -472,8 +511,9 @@ def render_summary(
         f"df; with one seed: percentile bootstrap over problems ({settings.bootstrap_samples} resamples, seed "
         f"{settings.seed}) and the exact McNemar test.",
         f"- Equivalence: TOST within ±{settings.equivalence_margin_pp:g} pp with the same standard error.",
-        "- Families: primary (pooled, per experiment), secondary (everything else, exploratory), cross-task and "
-        "the negative control, each Holm-adjusted on its own.",
+        "- Families: the primary contrast (one test per experiment, Holm over the experiments); per-shot (pooled, per "
+        "experiment) and secondary (everything else), both exploratory; cross-task and the negative control; each "
+        "Holm-adjusted on its own.",
         "- Full tables in `results/stats/`; definitions in `docs/statistics.md`.",
         "",
     ]

@@ -80,7 +80,8 @@ class StatsSettings:
     ci_level: float
     alpha: float
     equivalence_margin_pp: float
-    primary_comparisons: tuple[str, ...]
+    primary_contrast: str
+    per_shot_comparisons: tuple[str, ...]
     target_effect_pp: float
 
     @property
@@ -104,13 +105,15 @@ class StatsSettings:
                 ci_level=float(stats["ci_level"]),
                 alpha=float(stats["alpha"]),
                 equivalence_margin_pp=float(stats["equivalence_margin_pp"]),
-                primary_comparisons=tuple(stats["primary"]["comparisons"]),
+                primary_contrast=str(stats["primary"]["contrast"]),
+                per_shot_comparisons=tuple(stats["per_shot"]["comparisons"]),
                 target_effect_pp=float(stats["target_effect_pp"]),
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(
                 f"settings: missing {exc} (expected seed and stats.bootstrap_samples, stats.ci_level, stats.alpha, "
-                "stats.equivalence_margin_pp, stats.primary.comparisons, stats.target_effect_pp)"
+                "stats.equivalence_margin_pp, stats.primary.contrast, stats.per_shot.comparisons, "
+                "stats.target_effect_pp)"
             ) from exc
         if made.bootstrap_samples < 1:
             raise ConfigError(f"stats.bootstrap_samples: expected a positive integer, got {made.bootstrap_samples}")
@@ -123,11 +126,15 @@ class StatsSettings:
                 f"stats.equivalence_margin_pp: expected percentage points in (0, 100), got {made.equivalence_margin_pp}"
             )
         known = {comparison_name(a, b) for a, b in COMPARISONS}
-        unknown = [c for c in made.primary_comparisons if c not in known]
-        if unknown or not made.primary_comparisons:
+        unknown = [c for c in made.per_shot_comparisons if c not in known]
+        if unknown or not made.per_shot_comparisons:
             raise ConfigError(
-                f"stats.primary.comparisons: expected a non-empty list of {', '.join(sorted(known))}, got "
-                f"{list(made.primary_comparisons)}"
+                f"stats.per_shot.comparisons: expected a non-empty list of {', '.join(sorted(known))}, got "
+                f"{list(made.per_shot_comparisons)}"
+            )
+        if made.primary_contrast not in known:
+            raise ConfigError(
+                f"stats.primary.contrast: expected one of {', '.join(sorted(known))}, got {made.primary_contrast!r}"
             )
         return made
 
@@ -362,3 +369,38 @@ def read_table(stats_dir: str | Path, name: str) -> pd.DataFrame:
     for column in text_columns:
         frame[column] = frame[column].fillna("")
     return frame
+
+
+# primary.tsv: the pre-registered primary contrast, one row per experiment (analysis.primary).
+PRIMARY_COLUMNS = [
+    "experiment",
+    "pool",
+    "contrast",
+    "shots",
+    "n_shot_counts",
+    "n_problems",
+    "n_seeds_a",
+    "n_seeds_b",
+    "acc_a",
+    "acc_b",
+    "diff",
+    "se",
+    "df",
+    "seed_var",
+    "problem_var",
+    "ci_low",
+    "ci_high",
+    "p",
+    "p_holm",
+    "significant",
+    "tost_p",
+    "tost_p_holm",
+    "equivalent",
+    "tost_min_p",
+    "tost_can_reach_alpha",
+    "family_size",
+    "planned_alpha",
+    "mde",
+    "power_at_target",
+    "verdict",
+]
