@@ -9,6 +9,7 @@ the base model evaluated once for both (as the shared base evaluation writes it)
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ SETTINGS = {
         "primary": {"contrast": "fomaml-sft"},
         "per_shot": {"comparisons": ["fomaml-sft", "fomaml-base"]},
         "target_effect_pp": 3.0,
+        "planted": {"replicates": 40},
         "assumed": {"seed_sd_pp": 1.0, "draw_sd_pp": 2.0, "problem_var": 0.05},
     },
 }
@@ -576,3 +578,16 @@ def test_primary_contrast_averages_over_k_and_adjusts_over_experiments(stats_dir
             else ("equivalent" if row.tost_p_holm < 0.05 else "inconclusive")
         )
         assert row.verdict == expected
+
+
+def test_planted_table_is_computed_on_the_studys_outcomes(stats_dir: Path) -> None:
+    """planted.tsv: one row per experiment with a complete primary design, rates in [0, 1] with their MC error."""
+    planted = read_table(stats_dir, "planted.tsv")
+    assert sorted(planted.experiment) == sorted(EXPERIMENTS)
+    assert (planted.replicates == SETTINGS["stats"]["planted"]["replicates"]).all()
+    np.testing.assert_allclose(planted.alpha, 0.05 / len(EXPERIMENTS))
+    for row in planted.itertuples():
+        assert 0.0 <= row.false_positive_rate <= 1.0 and 0.0 <= row.power <= 1.0
+        n = row.replicates
+        assert row.power_mc_se == pytest.approx(math.sqrt(row.power * (1 - row.power) / n))
+        assert row.n_seeds == len(SEEDS) and row.n_shot_counts == len([k for k in SHOTS if k > 0])

@@ -11,6 +11,7 @@ STATS_FILES: tuple[str, ...] = (
     "comparisons.tsv",
     "primary.tsv",
     "per_shot.tsv",
+    "planted.tsv",
     "across_tasks.tsv",
     "control.tsv",
     "generation.tsv",

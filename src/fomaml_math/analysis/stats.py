@@ -51,6 +51,7 @@ from fomaml_math.analysis.inference import (
     wilcoxon_test,
 )
 from fomaml_math.analysis.outputs import STATS_FILES
+from fomaml_math.analysis.planted import planted_table
 from fomaml_math.analysis.positive_control import positive_control_table
 from fomaml_math.analysis.primary import primary_table
 from fomaml_math.analysis.resampling import percentile_interval, stratified_bootstrap
@@ -481,6 +482,7 @@ def compute_tables(
         "comparisons.tsv": comparisons,
         "primary.tsv": primary_table(experiments, settings),
         "per_shot.tsv": comparisons[comparisons["family"] == "per_shot"].reset_index(drop=True),
+        "planted.tsv": planted_table(experiments, settings),
         "across_tasks.tsv": across,
         "control.tsv": negative_control.control_table(experiments, control, settings),
         "generation.tsv": effects.generation_table(experiments),

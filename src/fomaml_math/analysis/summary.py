@@ -38,6 +38,7 @@ OPTIONAL_TABLES = (
     "sample_efficiency.tsv",
     "positive_control.tsv",
     "primary.tsv",
+    "planted.tsv",
 )
 VERDICTS = {"better": "**better**", "worse": "**worse**", "inconclusive": "inconclusive"}
 
@@ -120,7 +121,7 @@ def _accuracy_table(accuracy: pd.DataFrame, experiment: str, task: str) -> list[
     return _table(["Shots", *(init_label(i) for i in inits)], body)
 
 
-def _answer_lines(primary: pd.DataFrame | None, settings: StatsSettings) -> list[str]:
+def _answer_lines(primary: pd.DataFrame | None, planted: pd.DataFrame | None, settings: StatsSettings) -> list[str]:
     """The Answer: the pre-registered primary contrast's verdict per experiment, with its power."""
     a, b = settings.primary_contrast.split("-")
     label = f"{init_label(a)} − {init_label(b)}"
@@ -145,6 +146,17 @@ def _answer_lines(primary: pd.DataFrame | None, settings: StatsSettings) -> list
             f"Power at the target {settings.target_effect_pp:g} pp: {fmt_percent(row.power_at_target)}%; "
             f"MDE (80%) {_mde_text(row.mde)} pp" + "".join(f"; {r}" for r in reach) + "."
         )
+    if planted is not None and not planted.empty:
+        lines += ["", "The analysis checked on this study's own outcomes (planted-effect check, `planted.tsv`):", ""]
+        for row in planted.itertuples(index=False):
+            lines.append(
+                f"- `{row.experiment}`: arm labels permuted within seed × k × draw × problem, {int(row.replicates)} "
+                f"re-analyses: false-positive rate {fmt_percent(row.false_positive_rate)}% ± "
+                f"{fmt_percent(row.false_positive_rate_mc_se)} (nominal {100 * row.alpha:.2g}%); with "
+                f"{100 * row.target_effect:g} pp planted: power {fmt_percent(row.power)}% ± "
+                f"{fmt_percent(row.power_mc_se)} "
+                f"(closed form from the observed se: {fmt_percent(row.closed_form_power)}%)."
+            )
     lines += [
         "",
         f"Pre-registered (`stats.primary.contrast`): {label} on each experiment's primary pool, averaged with equal "
@@ -492,7 +504,7 @@ def render_summary(
     ]
     if len(seeds) and seeds.max() < 2:
         lines += ["One training seed: intervals and tests cover test-problem sampling only, not training variance.", ""]
-    lines += _answer_lines(tables.get("primary.tsv"), settings)
+    lines += _answer_lines(tables.get("primary.tsv"), tables.get("planted.tsv"), settings)
     lines += _primary_section(accuracy, per_shot, settings)
     lines += _positive_control_lines(tables.get("positive_control.tsv"), settings)
     lines += _control_lines(tables.get("control.tsv"), settings)

@@ -83,6 +83,7 @@ class StatsSettings:
     primary_contrast: str
     per_shot_comparisons: tuple[str, ...]
     target_effect_pp: float
+    planted_replicates: int
 
     @property
     def margin(self) -> float:
@@ -108,12 +109,13 @@ class StatsSettings:
                 primary_contrast=str(stats["primary"]["contrast"]),
                 per_shot_comparisons=tuple(stats["per_shot"]["comparisons"]),
                 target_effect_pp=float(stats["target_effect_pp"]),
+                planted_replicates=int(stats["planted"]["replicates"]),
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(
                 f"settings: missing {exc} (expected seed and stats.bootstrap_samples, stats.ci_level, stats.alpha, "
                 "stats.equivalence_margin_pp, stats.primary.contrast, stats.per_shot.comparisons, "
-                "stats.target_effect_pp)"
+                "stats.target_effect_pp, stats.planted.replicates)"
             ) from exc
         if made.bootstrap_samples < 1:
             raise ConfigError(f"stats.bootstrap_samples: expected a positive integer, got {made.bootstrap_samples}")
@@ -403,4 +405,21 @@ PRIMARY_COLUMNS = [
     "mde",
     "power_at_target",
     "verdict",
+]
+# planted.tsv: the planted-effect check of the primary analysis, one row per experiment (analysis.planted).
+PLANTED_COLUMNS = [
+    "experiment",
+    "contrast",
+    "n_seeds",
+    "n_shot_counts",
+    "n_draws",
+    "n_problems",
+    "replicates",
+    "alpha",
+    "target_effect",
+    "false_positive_rate",
+    "false_positive_rate_mc_se",
+    "power",
+    "power_mc_se",
+    "closed_form_power",
 ]
