@@ -33,17 +33,20 @@ def test_cluster_and_problem_parts_by_hand() -> None:
     b = np.array([[0.0, 0.0, 1.0, 0.0]])
     est = inference.crossed_estimate(a, b, np.array(["t"] * 4))
     seed_means = a.mean(axis=1)  # 0.75, 0.5, 0.75
-    cluster = seed_means.var(ddof=1) / 3
     residual = a - a.mean(axis=1, keepdims=True) - a.mean(axis=0, keepdims=True) + a.mean()
     share = (4 * (1 / 4) ** 2) * (residual**2).sum() / (2 * 3) / 3
+    raw = seed_means.var(ddof=1) / 3  # 0.0069
     d = a.mean(axis=0) - b[0]
-    problem = max(0.0, d.var(ddof=1) / 4 - share)
+    problem = max(0.0, d.var(ddof=1) / 4 - share)  # 0.0255 - 0.0255 = 0
     assert est.estimate == pytest.approx(d.mean())
-    assert est.cluster_var == pytest.approx(cluster)
+    # raw + problem is below the residual share (0.0255), one of its own components: the share is the cluster
+    # part, with the residual's (S - 1)(N - 1) = 6 df.
+    assert raw + problem < share
+    assert est.cluster_var == pytest.approx(share)
     assert est.problem_var == pytest.approx(problem)
-    assert est.se == pytest.approx(math.sqrt(cluster + problem))
-    parts = [(cluster, 2), (problem, 3)]
-    df = (cluster + problem) ** 2 / sum(v * v / k for v, k in parts if v > 0)
+    assert est.se == pytest.approx(math.sqrt(share + problem))
+    parts = [(share, 6), (problem, 3)]
+    df = (share + problem) ** 2 / sum(v * v / k for v, k in parts if v > 0)
     assert est.df == pytest.approx(df)
     assert est.method == inference.SEEDS_AND_PROBLEMS
     low, high = inference.t_interval(est, 0.95)
@@ -73,15 +76,85 @@ def test_tost_on_a_made_up_table() -> None:
     assert (low > -0.02 and high < 0.02) == (p < 0.05)
 
 
-def test_minimum_detectable_effect_closed_form() -> None:
+def test_minimum_detectable_effect_uses_t_at_the_tests_df() -> None:
     se = 0.013
-    assert inference.minimum_detectable_effect(se, 0.05) == pytest.approx((1.959964 + 0.841621) * se, rel=1e-6)
+    # Many df: the normal closed form (z_{1-a/2} + z_power) se (which ignores the far tail's 1e-6 of power).
+    assert inference.minimum_detectable_effect(se, math.inf, 0.05) == pytest.approx(
+        (1.959964 + 0.841621) * se, rel=1e-5
+    )
     z = scipy_stats.norm.ppf(1 - 0.05 / 10 / 2) + scipy_stats.norm.ppf(0.8)
-    assert inference.minimum_detectable_effect(se, 0.005) == pytest.approx(z * se)
-    # At the MDE, a z-test at that alpha has 80% power.
-    mde = inference.minimum_detectable_effect(se, 0.01)
-    power = scipy_stats.norm.sf(scipy_stats.norm.ppf(1 - 0.005) - mde / se)
-    assert power == pytest.approx(0.8, abs=1e-4)
+    assert inference.minimum_detectable_effect(se, 1e9, 0.005) == pytest.approx(z * se, rel=1e-5)
+    # Issue 18's example: se 4.78 pp at alpha/m = 0.05/8 with 1.7 df. The z formula claimed 17.1 pp; with t the
+    # MDE is several times larger, and the t-test has exactly 80% power there.
+    se, df, alpha = 0.0478, 1.7, 0.05 / 8
+    mde = inference.minimum_detectable_effect(se, df, alpha)
+    assert mde > 4 * (scipy_stats.norm.ppf(1 - alpha / 2) + scipy_stats.norm.ppf(0.8)) * se
+    crit = scipy_stats.t.ppf(1 - alpha / 2, df)
+    power = scipy_stats.nct.sf(crit, df, mde / se) + scipy_stats.nct.cdf(-crit, df, mde / se)
+    assert power == pytest.approx(0.8, abs=1e-6)
+    # No variation, no test: n/a, never 0.
+    assert math.isnan(inference.minimum_detectable_effect(0.0, 10.0, 0.05))
+
+
+def test_tost_reachability_by_hand() -> None:
+    # The best case is an estimate of exactly 0: P(T_10 > 0.02 / 0.03).
+    assert inference.tost_smallest_p(0.03, 10.0, 0.02) == pytest.approx(scipy_stats.t.sf(2 / 3, 10))
+    est = inference.Estimate(0.0, 0.03, 10.0, 100, 3, 3, 0.0, 0.0009)
+    assert inference.tost(est, 0.02)[2] == pytest.approx(inference.tost_smallest_p(0.03, 10.0, 0.02))
+    # se 2.8 pp at ±2 pp (issue 18): even a perfect 0 leaves TOST p > 0.05: equivalence unreachable.
+    assert inference.tost_smallest_p(0.028, 3.0, 0.02) > 0.05
+    assert math.isnan(inference.tost_smallest_p(0.0, 3.0, 0.02))
+
+
+def test_agreeing_seed_means_keep_the_residual() -> None:
+    """Issue 18's defect: two seeds with equal means that disagree on problems gave se = 0 and a point interval.
+    The cluster part is at least the seed x problem residual share, so se > 0 where the data vary."""
+    a = np.array([[1.0, 0.0, 1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0, 1.0, 0.0]])  # equal means, 2 problems differ
+    b = np.array([[1.0, 0.0, 1.0, 0.0, 1.0, 0.0]])  # one untrained cluster
+    est = inference.crossed_estimate(a, b, np.array(["t"] * 6))
+    w = np.full(6, 1 / 6)
+    residual = a - a.mean(axis=1, keepdims=True) - a.mean(axis=0, keepdims=True) + a.mean()
+    share = float(np.sum(w**2)) * float(np.sum(residual**2)) / (1 * 5) / 2
+    d = a.mean(axis=0) - b[0]
+    problem = max(0.0, float(np.sum(w**2)) * d.var(ddof=1) - share)
+    assert a.mean(axis=1).var(ddof=1) == 0.0  # the raw seed part is 0 by chance
+    assert est.cluster_var == pytest.approx(share) and share > 0
+    assert est.se == pytest.approx(math.sqrt(share + problem))
+    low, high = inference.t_interval(est, 0.95)
+    assert low < est.estimate < high
+
+
+def test_interval_is_truncated_to_the_parameter_range() -> None:
+    est = inference.Estimate(0.15, 0.15, 1.0, 60, 2, 0, 0.02, 0.0025)  # 1 df: t = 12.7
+    raw = inference.t_interval(est, 0.95)
+    assert raw[0] < 0 and raw[1] > 1
+    assert inference.t_interval(est, 0.95, inference.ACCURACY_RANGE) == (0.0, 1.0)
+    diff = inference.Estimate(-0.175, 0.17, 1.0, 60, 2, 2, 0.02, 0.0009)
+    assert inference.t_interval(diff, 0.95, inference.DIFFERENCE_RANGE) == (-1.0, 1.0)
+    narrow = inference.Estimate(0.5, 0.01, 30.0, 600, 3, 0, 0.0, 0.0001)
+    assert inference.t_interval(narrow, 0.95, inference.ACCURACY_RANGE) == inference.t_interval(narrow, 0.95)
+
+
+@pytest.mark.parametrize("seeds", [2, 3, 5])
+def test_bounded_accuracy_interval_coverage(seeds: int) -> None:
+    """Binary outcomes near the floor (true accuracy ~ 6%, seed SD 3 pp): the truncated seed-t interval lies in
+    [0, 1] and covers the true accuracy >= 91% at 2, 3 and 5 seeds (400 studies; Monte Carlo SE ~1.1 pp)."""
+    rng = np.random.default_rng(seeds)
+    n, studies = 90, 400
+    # The estimand: expected accuracy over problems and seeds (the clip at 0 lifts it a little above 0.06).
+    big = rng.beta(0.6, 9.4, 2_000_000) + rng.normal(0.0, 0.03, 2_000_000)
+    truth = float(np.mean(np.clip(big, 0.0, 1.0)))
+    strata = np.repeat(np.arange(3), n // 3)
+    hits = 0
+    for _ in range(studies):
+        difficulty = rng.beta(0.6, 9.4, n)  # per-problem p, mean 0.06
+        seed_shift = rng.normal(0.0, 0.03, (seeds, 1))
+        p = np.clip(difficulty + seed_shift, 0.0, 1.0)
+        y = (rng.random((seeds, n)) < p).astype(float)
+        low, high = inference.t_interval(inference.crossed_estimate(y, None, strata), 0.95, inference.ACCURACY_RANGE)
+        assert 0.0 <= low <= high <= 1.0
+        hits += low <= truth <= high
+    assert hits / studies >= 0.91
 
 
 def test_smallest_achievable_adjusted_p() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,8 @@ def test_training_hours_follow_the_formula(demo_config: dict, tmp_path: Path) ->
 def test_plan_cli_prints_jobs_hours_and_assumptions(repo_root: Path, capsys: pytest.CaptureFixture) -> None:
     assert plan.main(["--configfile", str(repo_root / "config" / "config.yaml"), "--tasks-dir", "/nonexistent"]) == 0
     out = capsys.readouterr().out
-    for text in ("jobs per rule:", "GPU-hours (estimate):", "MFU 40%", "tokens per example (assumed", "disk:"):
+    expected = ("jobs per rule:", "GPU-hours (estimate):", "MFU 40%", "tokens per example (assumed", "disk:")
+    for text in (*expected, "primary contrast (fomaml - sft, mean over k > 0)", "MDE (pp)", "alternative designs"):
         assert text in out, text
 
 
@@ -65,3 +67,38 @@ def test_manifest_records_commit_config_data_hash_and_versions(tmp_path: Path, d
     assert written["packages"]["torch"] and written["packages"]["snakemake"]
     assert isinstance(written["git"]["dirty"], bool) and len(written["git"]["commit"]) == 40
     assert written["base_model"]["source"] == "built locally"
+
+
+def test_plan_sizes_the_primary_contrast_from_the_assumed_components(repo_root: Path) -> None:
+    """The power section is analysis.power on the configured design: hand-checked se and the family's alpha."""
+    config = load_config(repo_root / "config" / "config.yaml")
+    components, source = plan.assumed_components(config)
+    assert source == "stats.assumed" and components.seed_sd == pytest.approx(
+        config["stats"]["assumed"]["seed_sd_pp"] / 100
+    )
+    section = plan.power_section(config, Path("/nonexistent"), components, source)
+    experiments = config["experiments"]
+    assert section["family_size"] == len(experiments)
+    by_name = {r["experiment"]: r for r in section["experiments"]}
+    held_out = next(e for e in experiments if e["meta_test"])
+    row = by_name[held_out["name"]]
+    # No split data: MATH's 5,000 test problems, 1/7 per subject.
+    assert row["problems"] == round(5000 / 7 * len(held_out["meta_test"]))
+    s, r, k = (
+        len(config["replicates"]["seeds"]),
+        config["eval"]["repeats"],
+        len([x for x in config["eval"]["shots"] if x]),
+    )
+    variance = (
+        2 * (components.seed_sd**2 + components.draw_sd**2 / (r * k)) / s + components.problem_var / row["problems"]
+    )
+    assert row["se"] == pytest.approx(math.sqrt(variance))
+    assert row["alpha"] == pytest.approx(config["stats"]["alpha"] / len(experiments))
+    designs = plan.alternative_designs(config, plan.Assumptions(), Path("/nonexistent"), components)
+    configured = [d for d in designs if d["seeds"] == s and d["draws"] == r and d["test_subset"] == "all"]
+    assert len(configured) == 1
+    assert configured[0]["mde_pp"][held_out["name"]] == pytest.approx(100 * row["mde"])
+    # More seeds: smaller MDE, more GPU-hours.
+    more = [d for d in designs if d["seeds"] > s and d["draws"] == r and d["test_subset"] == "all"]
+    assert all(d["mde_pp"][held_out["name"]] < configured[0]["mde_pp"][held_out["name"]] for d in more)
+    assert all(d["gpu_hours"] > configured[0]["gpu_hours"] for d in more)

@@ -9,6 +9,7 @@ the base model evaluated once for both (as the shared base evaluation writes it)
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,11 @@ SETTINGS = {
         "ci_level": 0.95,
         "alpha": 0.05,
         "equivalence_margin_pp": 2.0,
-        "primary": {"comparisons": ["fomaml-sft", "fomaml-base"]},
+        "primary": {"contrast": "fomaml-sft"},
+        "per_shot": {"comparisons": ["fomaml-sft", "fomaml-base"]},
+        "target_effect_pp": 3.0,
+        "planted": {"replicates": 40},
+        "assumed": {"seed_sd_pp": 1.0, "draw_sd_pp": 2.0, "problem_var": 0.05},
     },
 }
 
@@ -221,7 +226,8 @@ def _stats(**changes) -> dict:
         (_stats(bootstrap_samples=0), "bootstrap_samples: expected"),
         (_stats(ci_level=1.5), "ci_level: expected"),
         (_stats(equivalence_margin_pp=0), "equivalence_margin_pp: expected"),
-        (_stats(primary={"comparisons": ["a-b"]}), "stats.primary.comparisons: expected"),
+        (_stats(per_shot={"comparisons": ["a-b"]}), "stats.per_shot.comparisons: expected"),
+        (_stats(primary={"contrast": "fomaml-fomaml"}), "stats.primary.contrast: expected"),
     ],
 )
 def test_settings_errors_are_one_line(stats_settings: dict, message: str) -> None:
@@ -288,10 +294,10 @@ def test_generation_rates_in_accuracy_and_generation_tables(stats_dir: Path) -> 
     np.testing.assert_allclose(merged.truncation_rate, merged.truncation_rate_g)
 
 
-def test_primary_family_its_holm_tost_verdict_and_mde(stats_dir: Path) -> None:
+def test_per_shot_family_its_holm_tost_verdict_and_mde(stats_dir: Path) -> None:
     comparisons = read_table(stats_dir, "comparisons.tsv")
-    primary = read_table(stats_dir, "primary.tsv")
-    assert set(primary.family) == {"primary"}
+    primary = read_table(stats_dir, "per_shot.tsv")
+    assert set(primary.family) == {"per_shot"}
     assert len(primary) == len(EXPERIMENTS) * 2 * len(SHOTS)
     assert set(primary.comparison) == {"fomaml-sft", "fomaml-base"}
     # In-domain: all tasks pooled; the held-out experiment: its held-out tasks.
@@ -309,8 +315,18 @@ def test_primary_family_its_holm_tost_verdict_and_mde(stats_dir: Path) -> None:
                 2 * scipy_stats.t.sf(abs(row.acc_diff) / row.acc_diff_se, row.acc_diff_df)
             )
             assert row.tost_p == pytest.approx(inference.tost(est, margin)[2])
+            # The MDE with the test's own t: 80% power (noncentral t, df of the test) at alpha / 6, and more
+            # than the normal formula claims; the power column is the same function at the 3 pp target.
+            # (inference.power is checked against a simulated t-test in test_power.py.)
+            assert inference.power(row.mde, row.acc_diff_se, row.acc_diff_df, 0.05 / 6) == pytest.approx(0.8, abs=1e-6)
             z = scipy_stats.norm.ppf(1 - 0.05 / 6 / 2) + scipy_stats.norm.ppf(0.8)
-            assert row.mde == pytest.approx(z * row.acc_diff_se)
+            assert row.mde > z * row.acc_diff_se
+            assert row.power_at_target == pytest.approx(
+                inference.power(0.03, row.acc_diff_se, row.acc_diff_df, 0.05 / 6)
+            )
+            assert row.tost_min_p_holm == pytest.approx(
+                min(1.0, 6 * scipy_stats.t.sf(margin / row.acc_diff_se, row.acc_diff_df))
+            )
             expected = (
                 ("better" if row.acc_diff > 0 else "worse")
                 if row.acc_p_holm < 0.05
@@ -478,7 +494,7 @@ def test_shared_and_per_experiment_base_rows_give_the_same_tables(tmp_path: Path
     settings = StatsSettings.from_settings(SETTINGS)
     shared = stats.compute_tables(load_eval([_write(tmp_path, frame)]), settings)
     copied = stats.compute_tables(load_eval([_write(tmp_path, per_experiment)]), settings)
-    for name in ("accuracy.tsv", "comparisons.tsv", "primary.tsv", "generation.tsv"):
+    for name in ("accuracy.tsv", "comparisons.tsv", "primary.tsv", "per_shot.tsv", "generation.tsv"):
         pd.testing.assert_frame_equal(shared[name], copied[name])
     # Held-out experiment: the base rows take the experiment's roles (geometry held out).
     accuracy = shared["accuracy.tsv"]
@@ -497,7 +513,8 @@ def test_missing_init_skips_its_comparisons(tmp_path: Path) -> None:
     comparisons = read_table(out, "comparisons.tsv")
     assert set(comparisons.comparison) == {"fomaml-base"}
     assert set(read_table(out, "accuracy.tsv").init) == {"base", "fomaml"}
-    assert set(read_table(out, "primary.tsv").comparison) == {"fomaml-base"}
+    assert set(read_table(out, "per_shot.tsv").comparison) == {"fomaml-base"}
+    assert read_table(out, "primary.tsv").empty  # fomaml-sft: SFT is missing
 
 
 def test_older_files_without_the_new_columns_still_analyse(tmp_path: Path) -> None:
@@ -508,7 +525,7 @@ def test_older_files_without_the_new_columns_still_analyse(tmp_path: Path) -> No
     assert set(evals.loc[evals.init == "base", "train_seed"]) == {-1}
     tables = stats.compute_tables(evals, StatsSettings.from_settings(SETTINGS))
     assert tables["generation.tsv"].truncation_rate.isna().all()
-    assert len(tables["primary.tsv"]) == 2 * len(SHOTS)
+    assert len(tables["per_shot.tsv"]) == 2 * len(SHOTS)
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path: Path) -> None:
@@ -525,3 +542,52 @@ def test_bad_inputs_give_one_line_errors(tmp_path: Path) -> None:
     pd.read_parquet(paths[0]).assign(task_role="test").to_parquet(role)
     with pytest.raises(ConfigError, match="task_role"):
         load_eval([role])
+
+
+def test_primary_contrast_averages_over_k_and_adjusts_over_experiments(stats_dir: Path, tmp_path: Path) -> None:
+    """primary.tsv: one row per experiment, the seed-aware estimate on the mean over k > 0 (by hand from the
+    per-problem rows), Holm over the experiments, verdicts and planned power at alpha / m."""
+    primary = read_table(stats_dir, "primary.tsv").set_index("experiment")
+    assert sorted(primary.index) == sorted(EXPERIMENTS)
+    assert (primary["contrast"] == "fomaml-sft").all() and (primary["family_size"] == len(EXPERIMENTS)).all()
+    evals = load_eval(write_synthetic_eval(tmp_path / "eval"))
+    for name, held_out in EXPERIMENTS.items():
+        rows = evals[(evals.experiment == name) & (evals.shots > 0) & evals.init.isin(["fomaml", "sft"])]
+        if held_out:
+            rows = rows[rows.task.isin(held_out)]
+        # Repeats, then k: every (init, seed, problem) weighs each k equally.
+        cell = rows.groupby(["init", "train_seed", "task", "problem_id", "shots"])["correct"].mean()
+        cell = cell.groupby(["init", "train_seed", "task", "problem_id"]).mean()
+        matrices = {i: cell.loc[i].unstack(["task", "problem_id"]).sort_index(axis=1) for i in ("fomaml", "sft")}
+        strata = matrices["fomaml"].columns.get_level_values("task").to_numpy()
+        est = inference.crossed_estimate(matrices["fomaml"].to_numpy(), matrices["sft"].to_numpy(), strata)
+        row = primary.loc[name]
+        assert row["diff"] == pytest.approx(est.estimate)
+        assert row["se"] == pytest.approx(est.se)
+        assert row["df"] == pytest.approx(est.df)
+        assert row["shots"] == ",".join(str(k) for k in SHOTS if k > 0)
+        assert -1.0 <= row["ci_low"] <= row["diff"] <= row["ci_high"] <= 1.0
+        assert row["mde"] == pytest.approx(
+            inference.minimum_detectable_effect(est.se, est.df, 0.05 / len(EXPERIMENTS)), rel=1e-9
+        )
+    np.testing.assert_allclose(primary["p_holm"], multipletests(primary["p"], method="holm")[1])
+    for row in primary.itertuples():
+        expected = (
+            ("better" if row.diff > 0 else "worse")
+            if row.p_holm < 0.05
+            else ("equivalent" if row.tost_p_holm < 0.05 else "inconclusive")
+        )
+        assert row.verdict == expected
+
+
+def test_planted_table_is_computed_on_the_studys_outcomes(stats_dir: Path) -> None:
+    """planted.tsv: one row per experiment with a complete primary design, rates in [0, 1] with their MC error."""
+    planted = read_table(stats_dir, "planted.tsv")
+    assert sorted(planted.experiment) == sorted(EXPERIMENTS)
+    assert (planted.replicates == SETTINGS["stats"]["planted"]["replicates"]).all()
+    np.testing.assert_allclose(planted.alpha, 0.05 / len(EXPERIMENTS))
+    for row in planted.itertuples():
+        assert 0.0 <= row.false_positive_rate <= 1.0 and 0.0 <= row.power <= 1.0
+        n = row.replicates
+        assert row.power_mc_se == pytest.approx(math.sqrt(row.power * (1 - row.power) / n))
+        assert row.n_seeds == len(SEEDS) and row.n_shot_counts == len([k for k in SHOTS if k > 0])

@@ -62,7 +62,7 @@ def stats_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_primary_rows_carry_the_table_numbers_and_verdicts(stats_dir: Path, tmp_path: Path) -> None:
     text = _summarise(stats_dir, tmp_path, write_calibration(tmp_path / "cal"))
-    primary = read_table(stats_dir, "primary.tsv")
+    primary = read_table(stats_dir, "per_shot.tsv")
     assert "### Experiment `in_domain`: all 3 task(s) pooled" in text
     assert "### Experiment `heldout_geometry`: held-out task(s) geometry pooled" in text
     for row in primary.itertuples():
@@ -74,7 +74,8 @@ def test_primary_rows_carry_the_table_numbers_and_verdicts(stats_dir: Path, tmp_
         line = f"| {row.shots} | {label} | {diff} | {summary.fmt_p(row.acc_p_holm, row.acc_stars)} | "
         line += f"{summary.fmt_p(row.tost_p_holm)} | {verdict}"
         assert line in text
-        assert f"{100 * row.mde:.1f} | seed-t (3/" in text
+        mde = f"{100 * row.mde:.1f}" if row.mde <= 1 else "> 100"
+        assert f"| {mde} | {summary.fmt_percent(row.power_at_target)} | seed-t (3/" in text
     accuracy = read_table(stats_dir, "accuracy.tsv")
     row = accuracy[
         (accuracy.experiment == "in_domain")

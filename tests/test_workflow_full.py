@@ -87,7 +87,7 @@ def test_full_dag_outputs(finished):
         assert "dev/loss_after" in metrics.columns and not any(c.startswith("heldout/") for c in metrics.columns)
     control = sorted((finished / f"results/{RUN.format(method='fomaml')}/eval-control").glob("*.parquet"))
     assert [p.name for p in control] == [f"shots-{k}.parquet" for k in shots if k > 0]
-    for name in ("accuracy", "comparisons", "primary", "generation", "adaptation", "control"):
+    for name in ("accuracy", "comparisons", "primary", "per_shot", "generation", "adaptation", "control"):
         assert not pd.read_csv(finished / f"results/stats/{name}.tsv", sep="\t").empty, name
     for figure in ("accuracy_vs_shots", "gain_heatmap", "training_curves", "calibration"):
         assert (finished / f"results/figures/{figure}.pdf").stat().st_size > 0

@@ -28,15 +28,18 @@ else from an assumption that is printed.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from fomaml_math.analysis.evaldata import load_eval
+from fomaml_math.analysis.power import Design, VarianceComponents, estimate_components, plan_contrast
 from fomaml_math.config import experiment_names, load_config, meta_test_tasks, sft_budget_steps, training_tasks
 from fomaml_math.errors import ConfigError
 
@@ -102,14 +105,14 @@ def mean_example_tokens(tasks_dir: Path, tasks: list[str], assumed: float | None
     return float(DEFAULT_EXAMPLE_TOKENS), "assumed (no split data yet)"
 
 
-def test_problems(config: Mapping[str, Any], tasks_dir: Path) -> tuple[float, str]:
+def test_problems_per_task(config: Mapping[str, Any], tasks_dir: Path) -> tuple[dict[str, float], str]:
+    """Test problems each task is evaluated on: counted from the split data, else assumed (and said so)."""
     tasks = config["tasks"]["names"]
     cap = config["eval"]["max_test_problems"]
-    files = [tasks_dir / t / "test.parquet" for t in tasks]
-    if all(f.is_file() for f in files):
-        counts = [len(pd.read_parquet(f, columns=["id"])) for f in files]
-        total = sum(min(c, cap) if cap else c for c in counts)
-        return float(total), "counted"
+    files = {t: tasks_dir / t / "test.parquet" for t in tasks}
+    if all(f.is_file() for f in files.values()):
+        counts = {t: len(pd.read_parquet(f, columns=["id"])) for t, f in files.items()}
+        return {t: float(min(c, cap) if cap else c) for t, c in counts.items()}, "counted"
     per_task = (
         DEFAULT_TEST_PROBLEMS_PER_TASK
         if config["data"]["source"] != "synthetic"
@@ -119,7 +122,12 @@ def test_problems(config: Mapping[str, Any], tasks_dir: Path) -> tuple[float, st
         per_task = 500 / 7
     if cap:
         per_task = min(per_task, float(cap))
-    return per_task * len(tasks), "assumed (no split data yet)"
+    return dict.fromkeys(tasks, per_task), "assumed (no split data yet)"
+
+
+def test_problems(config: Mapping[str, Any], tasks_dir: Path) -> tuple[float, str]:
+    per_task, source = test_problems_per_task(config, tasks_dir)
+    return sum(per_task.values()), source
 
 
 def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: Path) -> dict[str, Any]:
@@ -220,6 +228,112 @@ def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: P
     }
 
 
+def primary_design(config: Mapping[str, Any], tasks_dir: Path, experiment: str) -> Design:
+    """The primary contrast's design in one experiment: its seeds, draws, k > 0 and primary-pool problems."""
+    per_task, _ = test_problems_per_task(config, tasks_dir)
+    held_out = meta_test_tasks(dict(config), experiment)
+    pool = held_out or list(config["tasks"]["names"])  # the held-out tasks if any, else every task
+    return Design(
+        seeds=len(config["replicates"]["seeds"]),
+        draws=int(config["eval"]["repeats"]),
+        shot_counts=len([k for k in config["eval"]["shots"] if int(k) > 0]),
+        problems=max(1, round(sum(per_task[t] for t in pool))),
+    )
+
+
+def power_section(
+    config: Mapping[str, Any], tasks_dir: Path, components: VarianceComponents, source: str
+) -> dict[str, Any]:
+    """The primary contrast's se, df, MDE (80%) and power at the target effect, per experiment."""
+    stats = config["stats"]
+    experiments = experiment_names(dict(config))
+    rows = []
+    for name in experiments:
+        design = primary_design(config, tasks_dir, name)
+        planned = plan_contrast(
+            components,
+            design,
+            alpha=float(stats["alpha"]),
+            family_size=len(experiments),
+            target=float(stats["target_effect_pp"]) / 100.0,
+        )
+        rows.append({"experiment": name, **asdict(design), **asdict(planned)})
+    return {
+        "contrast": "fomaml - sft, mean over k > 0",
+        "alpha": float(stats["alpha"]),
+        "family_size": len(experiments),
+        "target_effect_pp": float(stats["target_effect_pp"]),
+        "components": {
+            "seed_sd_pp": 100 * components.seed_sd,
+            "draw_sd_pp": 100 * components.draw_sd,
+            "problem_var": components.problem_var,
+            "source": source,
+        },
+        "experiments": rows,
+    }
+
+
+def alternative_designs(
+    config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: Path, components: VarianceComponents
+) -> list[dict[str, Any]]:
+    """Seeds x draws x test sets beside the configured one: each design's primary MDE per experiment and GPU-hours."""
+    test_sets = [config["tasks"]["split"]["test_subset"]]
+    if config["data"]["source"] != "synthetic" and config["tasks"]["split"]["scheme"] == "source_test":
+        test_sets = ["all", "math500"]
+    seeds_now = len(config["replicates"]["seeds"])
+    rows = []
+    for seeds in sorted({seeds_now, 3, 5, 8}):
+        for draws in sorted({int(config["eval"]["repeats"]), 3, 5}):
+            for test_set in test_sets:
+                variant = copy.deepcopy(dict(config))
+                variant["replicates"]["seeds"] = list(range(seeds))
+                variant["eval"]["repeats"] = draws
+                variant["tasks"]["split"]["test_subset"] = test_set
+                planned = power_section(variant, tasks_dir, components, "")
+                rows.append(
+                    {
+                        "seeds": seeds,
+                        "draws": draws,
+                        "test_subset": test_set,
+                        "mde_pp": {r["experiment"]: 100 * r["mde"] for r in planned["experiments"]},
+                        "gpu_hours": build_plan(variant, assumptions, tasks_dir)["gpu_hours_total"],
+                    }
+                )
+    return rows
+
+
+def render_power(section: Mapping[str, Any], designs: list[Mapping[str, Any]]) -> str:
+    c = section["components"]
+    lines = [
+        f"primary contrast ({section['contrast']}), two-sided t-test at alpha {section['alpha']:g} / "
+        f"{section['family_size']} experiment(s) (Holm's first step), 80% power:",
+        f"  {'experiment':<24} {'problems':>8} {'seeds':>5} {'draws':>5} {'k':>3} {'se (pp)':>8} {'df':>6} "
+        f"{'MDE (pp)':>9} {'power at ' + format(section['target_effect_pp'], 'g') + ' pp':>16}",
+    ]
+    for r in section["experiments"]:
+        mde = "n/a" if not math.isfinite(r["mde"]) else f"{100 * r['mde']:.1f}"
+        power_text = "n/a" if not math.isfinite(r["power_at_target"]) else f"{r['power_at_target']:.0%}"
+        lines.append(
+            f"  {r['experiment']:<24} {r['problems']:>8} {r['seeds']:>5} {r['draws']:>5} {r['shot_counts']:>3} "
+            f"{100 * r['se']:>8.2f} {r['df']:>6.1f} {mde:>9} {power_text:>16}"
+        )
+    lines.append(
+        f"  variance components ({c['source']}): seed SD {c['seed_sd_pp']:.2f} pp, draw SD {c['draw_sd_pp']:.2f} pp, "
+        f"per-problem difference variance {c['problem_var']:.4f}"
+    )
+    if designs:
+        names = list(designs[0]["mde_pp"])
+        lines += [
+            "",
+            "alternative designs (primary MDE in pp per experiment; GPU-hours as above):",
+            f"  {'seeds':>5} {'draws':>5} {'test':>8} " + " ".join(f"{n[:16]:>16}" for n in names) + f" {'GPU-h':>8}",
+        ]
+        for d in designs:
+            mdes = " ".join(f"{d['mde_pp'][n]:>16.1f}" for n in names)
+            lines.append(f"  {d['seeds']:>5} {d['draws']:>5} {d['test_subset']:>8} {mdes} {d['gpu_hours']:>8.1f}")
+    return "\n".join(lines) + "\n"
+
+
 def render(plan: Mapping[str, Any], gpus: int) -> str:
     a = plan["assumptions"]
     lines = [
@@ -256,12 +370,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-tokens-per-s", type=float, default=Assumptions.decode_tokens_per_s)
     parser.add_argument("--example-tokens", type=float, default=None, help="override the mean tokens per example")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument(
+        "--pilot",
+        type=Path,
+        default=None,
+        help="a finished study's results/ folder: estimate the variance components from its evaluations "
+        "instead of stats.assumed",
+    )
     args = parser.parse_args(argv)
     config = load_config(args.configfile)
     if not 0 < args.mfu <= 1:
         raise ConfigError(f"--mfu: expected a fraction in (0, 1], got {args.mfu}")
     assumptions = Assumptions(args.mfu, args.peak_tflops, args.decode_tokens_per_s, example_tokens=args.example_tokens)
     plan = build_plan(config, assumptions, args.tasks_dir)
+    components, source = assumed_components(config)
+    if args.pilot is not None:
+        paths = sorted(args.pilot.glob("*/*/seed-*/eval/shots-*.parquet"))
+        if not paths:
+            raise ConfigError(f"--pilot: no <experiment>/<method>/seed-<s>/eval/shots-<k>.parquet under {args.pilot}")
+        components, source = estimate_components(load_eval(paths)), f"estimated from {len(paths)} files in {args.pilot}"
+    plan["power"] = power_section(config, args.tasks_dir, components, source)
+    plan["designs"] = alternative_designs(config, assumptions, args.tasks_dir, components)
     gpus = int(config["compute"]["gpus"])
-    print(json.dumps(plan, indent=2) if args.json else render(plan, gpus), end="")
+    text = render(plan, gpus) + "\n" + render_power(plan["power"], plan["designs"])
+    print(json.dumps(plan, indent=2) if args.json else text, end="")
     return 0
+
+
+def assumed_components(config: Mapping[str, Any]) -> tuple[VarianceComponents, str]:
+    assumed = config["stats"]["assumed"]
+    components = VarianceComponents.from_pp(assumed["seed_sd_pp"], assumed["draw_sd_pp"], assumed["problem_var"])
+    return components, "stats.assumed"

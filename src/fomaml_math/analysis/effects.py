@@ -92,6 +92,20 @@ def adaptation_table(experiments: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return _order(pd.concat(parts, ignore_index=True), ADAPTATION_COLUMNS, ["init", "train_seed", "task", "shots"])
 
 
+def _choice_text(row: pd.Series) -> str:
+    if not (isinstance(row["adapt_optimizer"], str) and row["adapt_optimizer"]) or pd.isna(row["adapt_lr"]):
+        return "n/a"
+    return f"{row['adapt_optimizer']} lr {row['adapt_lr']:.3g} x {int(row['adapt_steps'])}"
+
+
+def _choices(group: pd.DataFrame) -> str:
+    """Each training seed's adaptation as it was used: one text when all seeds agree, else one per seed."""
+    per_seed = group.groupby("train_seed", sort=True).first().apply(_choice_text, axis=1)
+    if per_seed.nunique() == 1:
+        return str(per_seed.iloc[0])
+    return "; ".join(f"seed {seed}: {text}" for seed, text in per_seed.items())
+
+
 def adaptation_summary(adaptation: pd.DataFrame) -> pd.DataFrame:
     """Per (experiment, init, shots): means over the adaptations (seeds × tasks × repeats, each weighted equally)."""
     if adaptation.empty:
@@ -99,9 +113,6 @@ def adaptation_summary(adaptation: pd.DataFrame) -> pd.DataFrame:
     grouped = adaptation.groupby(["experiment", "init", "shots"], sort=False)
     table = grouped.agg(
         n_runs=("repeat", "size"),
-        adapt_optimizer=("adapt_optimizer", lambda s: ",".join(sorted(set(s.astype(str)) - {""}))),
-        adapt_lr=("adapt_lr", "mean"),
-        adapt_steps=("adapt_steps", "mean"),
         support_loss_before=("support_loss_before", "mean"),
         support_loss_after=("support_loss_after", "mean"),
         support_loss_change=("support_loss_change", "mean"),
@@ -110,5 +121,7 @@ def adaptation_summary(adaptation: pd.DataFrame) -> pd.DataFrame:
         nll_change_rel=("nll_change_rel", "mean"),
         outputs_changed=("outputs_changed", "mean"),
     ).reset_index()
+    choices = grouped.apply(_choices, include_groups=False).rename("adapt_choices").reset_index()
+    table = table.merge(choices, on=["experiment", "init", "shots"], how="left")
     table["low_change"] = table["outputs_changed"] < LOW_CHANGE  # NaN (nothing to compare) is not flagged
     return _order(table, ADAPTATION_SUMMARY_COLUMNS, ["init", "shots"])

@@ -27,10 +27,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import integrate, optimize
 from scipy import stats as scipy_stats
 from statsmodels.stats.multitest import multipletests
 
 SEEDS_AND_PROBLEMS = "seeds+problems"
+# Parameter ranges intervals are truncated to (t_interval): an accuracy, a difference of two; NLL is unbounded.
+ACCURACY_RANGE = (0.0, 1.0)
+DIFFERENCE_RANGE = (-1.0, 1.0)
+UNBOUNDED = (-math.inf, math.inf)
 PROBLEMS_ONLY = "problems"
 
 
@@ -113,7 +118,13 @@ def crossed_estimate(
         if in_stratum.sum() >= 2:
             problem_var += float(np.sum(w[in_stratum] ** 2)) * float(np.var(per_problem[in_stratum], ddof=1))
             problem_df += int(in_stratum.sum()) - 1
-    problem_var = max(0.0, problem_var - sum(share for _, (_, share) in clusters))
+    residual_share = sum(share for _, (_, share) in clusters)
+    problem_var = max(0.0, problem_var - residual_share)
+    if sum(v for v, _ in parts) + problem_var < residual_share:
+        # The cluster means agree by chance (e.g. two seeds with equal accuracy that disagree on problems): the
+        # moment estimate fell below one of its own non-negative components, the residual. Use that component as
+        # the cluster part (its df: the residual's), so se is never 0 while the data vary.
+        parts = [(share, (x.shape[0] - 1) * (n - 1)) for x, (_, share) in clusters]
     parts.append((problem_var, problem_df))
     variance = sum(v for v, _ in parts)
     # Welch–Satterthwaite over the non-zero parts.
@@ -123,12 +134,20 @@ def crossed_estimate(
     return Estimate(estimate, math.sqrt(variance), df, n, a.shape[0], n_b, cluster_var, problem_var)
 
 
-def t_interval(est: Estimate, ci_level: float) -> tuple[float, float]:
-    """``estimate ± t_{(1+ci)/2, df} · se`` (a point interval when se = 0)."""
+def t_interval(
+    est: Estimate, ci_level: float, bounds: tuple[float, float] = (-math.inf, math.inf)
+) -> tuple[float, float]:
+    """``estimate ± t_{(1+ci)/2, df} · se``, truncated to the parameter's range ``bounds`` (a point when se = 0).
+
+    Truncation never changes coverage: the true value always lies within its range (an accuracy in [0, 1], a
+    difference of two in [−1, 1]), so it is inside the truncated interval exactly when it is inside the raw
+    one (simulated in tests/test_inference.py at 2, 3 and 5 seeds).
+    """
     if not math.isfinite(est.se):
         return math.nan, math.nan
     half = float(scipy_stats.t.ppf(0.5 + ci_level / 2.0, est.df)) * est.se if est.se > 0 else 0.0
-    return est.estimate - half, est.estimate + half
+    low, high = bounds
+    return max(low, est.estimate - half), min(high, est.estimate + half)
 
 
 def t_test_p(est: Estimate, null: float = 0.0) -> float:
@@ -153,14 +172,59 @@ def tost(est: Estimate, margin: float) -> tuple[float, float, float]:
     return lower, upper, max(lower, upper)
 
 
-def minimum_detectable_effect(se: float, alpha: float, power: float = 0.8) -> float:
-    """Smallest true difference a two-sided level-``alpha`` test detects with ``power`` (normal approximation).
-
-    MDE = (z_{1−alpha/2} + z_{power}) · se; e.g. 2.8016 · se at alpha = 0.05 and 80% power.
-    """
-    if not math.isfinite(se):
+def power(effect: float, se: float, df: float, alpha: float) -> float:
+    """Power of the two-sided level-``alpha`` t-test with ``df`` degrees of freedom against a true ``effect``
+    (noncentral t; normal for infinite df). NaN where no test exists (se = 0 or not finite, df <= 0)."""
+    if not (math.isfinite(se) and se > 0 and df > 0):
         return math.nan
-    return float((scipy_stats.norm.ppf(1.0 - alpha / 2.0) + scipy_stats.norm.ppf(power)) * se)
+    shift = effect / se
+    if math.isinf(df):
+        crit = float(scipy_stats.norm.ppf(1 - alpha / 2))
+        return float(scipy_stats.norm.sf(crit - shift) + scipy_stats.norm.cdf(-crit - shift))
+    crit = float(scipy_stats.t.ppf(1 - alpha / 2, df))
+    value = float(scipy_stats.nct.sf(crit, df, shift) + scipy_stats.nct.cdf(-crit, df, shift))
+    if math.isfinite(value):
+        return value
+
+    # scipy's noncentral t fails at few df and large shifts: integrate T = (Z + shift) / sqrt(V / df) over V ~ χ²_df.
+    def tails(v: float) -> float:
+        scale = crit * math.sqrt(v / df)
+        return float(scipy_stats.norm.sf(scale - shift) + scipy_stats.norm.cdf(-scale - shift))
+
+    return float(integrate.quad(lambda v: tails(v) * scipy_stats.chi2.pdf(v, df), 0.0, math.inf, limit=200)[0])
+
+
+def minimum_detectable_effect(se: float, df: float, alpha: float, target_power: float = 0.8) -> float:
+    """Smallest true difference the two-sided level-``alpha`` t-test (``df``) detects with ``target_power``.
+
+    Solves :func:`power` = ``target_power`` (so the two always agree); about (t_{1−α/2} + t_{power}) · se, and
+    2.8016 · se with many df at alpha 0.05 and 80% power. NaN ("n/a") where no test exists (se = 0).
+    """
+    if not (math.isfinite(se) and se > 0 and df > 0):
+        return math.nan
+    upper = se
+    while power(upper, se, df, alpha) < target_power:
+        upper *= 2.0
+    return float(optimize.brentq(lambda d: power(d, se, df, alpha) - target_power, 0.0, upper, xtol=1e-12 * se))
+
+
+def tost_smallest_p(se: float, df: float, margin: float) -> float:
+    """The smallest TOST p this design can reach: at an estimate of exactly 0, ``P(T > margin / se)``.
+
+    A test whose ``tost_smallest_p`` (times its family size under Holm) is >= alpha cannot conclude
+    equivalence whatever the data: its standard error is too large for the margin.
+    """
+    if not (math.isfinite(se) and se > 0 and df > 0):
+        return math.nan
+    return float(scipy_stats.t.sf(margin / se, df))
+
+
+def t_test_smallest_p(se: float, df: float, largest_effect: float) -> float:
+    """The smallest two-sided t-test p this design can reach: at the largest possible |estimate|
+    (``largest_effect``: 1 for a difference of accuracies)."""
+    if not (math.isfinite(se) and se > 0 and df > 0):
+        return math.nan
+    return float(2.0 * scipy_stats.t.sf(largest_effect / se, df))
 
 
 def holm_adjust(pvalues: Sequence[float] | np.ndarray) -> np.ndarray:

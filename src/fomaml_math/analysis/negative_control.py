@@ -58,7 +58,7 @@ def control_table(
         cells = cells.groupby(["init", "repeat", "task", "problem_id"], as_index=False)[["correct", "nll"]].mean()
         design = build_design(cells, cluster="repeat")
         est = inference.crossed_estimate(design.correct["main"], design.correct["control"], design.strata)
-        low, high = inference.t_interval(est, settings.ci_level)
+        low, high = inference.t_interval(est, settings.ci_level, inference.DIFFERENCE_RANGE)
         with np.errstate(invalid="ignore"):
             acc_main = float(np.nanmean(design.correct["main"]))
             acc_control = float(np.nanmean(design.correct["control"]))

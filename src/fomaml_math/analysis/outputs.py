@@ -10,6 +10,8 @@ STATS_FILES: tuple[str, ...] = (
     "accuracy.tsv",
     "comparisons.tsv",
     "primary.tsv",
+    "per_shot.tsv",
+    "planted.tsv",
     "across_tasks.tsv",
     "control.tsv",
     "generation.tsv",

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from fomaml_math.analysis.evaldata import per_problem, split_experiments, task_roles
-from fomaml_math.analysis.inference import crossed_estimate, holm_adjust, t_interval, t_test_p
+from fomaml_math.analysis.inference import DIFFERENCE_RANGE, crossed_estimate, holm_adjust, t_interval, t_test_p
 from fomaml_math.analysis.tables import META_TEST_POOL, POOLED, POSITIVE_CONTROL_COLUMNS, StatsSettings
 
 
@@ -51,7 +51,7 @@ def positive_control_table(evals: pd.DataFrame, settings: StatsSettings) -> pd.D
                     continue
                 diffs, strata, acc_0, acc_k = _paired_differences(chosen, largest)
                 estimate = crossed_estimate(diffs, None, strata)
-                low, high = t_interval(estimate, settings.ci_level)
+                low, high = t_interval(estimate, settings.ci_level, DIFFERENCE_RANGE)
                 rows.append(
                     {
                         "experiment": experiment,

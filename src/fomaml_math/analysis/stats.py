@@ -51,7 +51,9 @@ from fomaml_math.analysis.inference import (
     wilcoxon_test,
 )
 from fomaml_math.analysis.outputs import STATS_FILES
+from fomaml_math.analysis.planted import planted_table
 from fomaml_math.analysis.positive_control import positive_control_table
+from fomaml_math.analysis.primary import primary_table
 from fomaml_math.analysis.resampling import percentile_interval, stratified_bootstrap
 from fomaml_math.analysis.tables import (
     ACCURACY_COLUMNS,
@@ -118,10 +120,17 @@ def _bootstrap(
     return intervals
 
 
-def _interval(est: inference.Estimate, boot: tuple[np.ndarray, np.ndarray], column: int, ci_level: float):
-    """The seed-aware t-interval with two or more seeds; the problem bootstrap with one (and its method)."""
+def _interval(
+    est: inference.Estimate,
+    boot: tuple[np.ndarray, np.ndarray],
+    column: int,
+    ci_level: float,
+    bounds: tuple[float, float] = inference.UNBOUNDED,
+):
+    """The seed-aware t-interval (truncated to ``bounds``) with two or more seeds; the problem bootstrap with one
+    (within range by construction); and the method's name."""
     if est.method == inference.SEEDS_AND_PROBLEMS:
-        return (*inference.t_interval(est, ci_level), SEED_T)
+        return (*inference.t_interval(est, ci_level, bounds), SEED_T)
     return float(boot[0][column]), float(boot[1][column]), PROBLEM_BOOTSTRAP
 
 
@@ -140,7 +149,7 @@ def _accuracy_rows(
         if np.all(np.isnan(correct)):
             continue
         acc = inference.crossed_estimate(correct, None, strata)
-        low, high, method = _interval(acc, boot[pool], column["acc", init], settings.ci_level)
+        low, high, method = _interval(acc, boot[pool], column["acc", init], settings.ci_level, inference.ACCURACY_RANGE)
         nll_est = inference.crossed_estimate(nll, None, strata)
         nll_low, nll_high, _ = _interval(nll_est, boot[pool], column["nll", init], settings.ci_level)
         with warnings.catch_warnings():
@@ -190,7 +199,7 @@ def _comparison_row(
     acc = inference.crossed_estimate(ca, cb, strata)
     if acc.n_problems == 0:
         return None
-    low, high, method = _interval(acc, boot[pool], column["dacc", name], settings.ci_level)
+    low, high, method = _interval(acc, boot[pool], column["dacc", name], settings.ci_level, inference.DIFFERENCE_RANGE)
     mean_a, mean_b = _seed_mean(ca), _seed_mean(cb)
     paired = ~np.isnan(mean_a) & ~np.isnan(mean_b)
     diff = mean_a[paired] - mean_b[paired]
@@ -226,7 +235,12 @@ def _comparison_row(
         "seed_note": _seed_note(design, (a, b)),
         "acc_test": "t" if seed_t else "mcnemar",
         "acc_p": inference.t_test_p(acc) if seed_t else mcnemar_p,
-        "acc_min_p": 0.0 if seed_t else inference.mcnemar_smallest_p(acc.n_problems),
+        # The smallest p the test can reach: the t-test's at a difference of 100 pp, McNemar's with every pair
+        # discordant one way.
+        "acc_min_p": (
+            inference.t_test_smallest_p(acc.se, acc.df, 1.0) if seed_t else inference.mcnemar_smallest_p(acc.n_problems)
+        ),
+        "tost_min_p": inference.tost_smallest_p(acc.se, acc.df, settings.margin),
         "tost_p_lower": tost_lower,
         "tost_p_upper": tost_upper,
         "tost_p": tost_p,
@@ -260,7 +274,8 @@ def _across_row(
     strata = design.strata[mask]
     for prefix, matrices in (("acc", design.correct), ("nll", design.nll)):
         est = inference.crossed_estimate(matrices[a][:, mask], matrices[b][:, mask], strata, weighting="task")
-        low, high = inference.t_interval(est, settings.ci_level) if est.n_problems else (math.nan, math.nan)
+        bounds = inference.DIFFERENCE_RANGE if prefix == "acc" else inference.UNBOUNDED
+        low, high = inference.t_interval(est, settings.ci_level, bounds) if est.n_problems else (math.nan, math.nan)
         diffs = task_rows[f"{prefix}_diff"].to_numpy(dtype=np.float64)
         finite = diffs[~np.isnan(diffs)]
         stat, p, note = wilcoxon_test(finite, alpha=settings.alpha)
@@ -317,8 +332,8 @@ def _experiment_tables(
             for a, b in pairs:
                 row = _comparison_row(design, pool, mask, boot, column, a, b, settings)
                 if row is not None:
-                    primary = pool == main_pool and row["comparison"] in settings.primary_comparisons
-                    at_shots.append(where | {"family": "primary" if primary else "secondary"} | row)
+                    per_shot = pool == main_pool and row["comparison"] in settings.per_shot_comparisons
+                    at_shots.append(where | {"family": "per_shot" if per_shot else "secondary"} | row)
         comparison_rows += at_shots
         task_level = pd.DataFrame([r for r in at_shots if r["task"] not in (POOLED, META_TEST_POOL)])
         mask = design.mask(main_pool, roles)
@@ -393,14 +408,20 @@ def _finish_comparisons(comparisons: pd.DataFrame, settings: StatsSettings) -> p
         for p, m in zip(comparisons["acc_min_p"], comparisons["family_size"], strict=True)
     ]
     comparisons["acc_can_reach_alpha"] = comparisons["acc_min_p_holm"] < alpha
+    # TOST's reachability the same way: its best case (an estimate of exactly 0) times the family size.
+    comparisons["tost_min_p_holm"] = [
+        inference.smallest_adjusted_p(p, m) if math.isfinite(p) else math.nan
+        for p, m in zip(comparisons["tost_min_p"], comparisons["family_size"], strict=True)
+    ]
+    comparisons["tost_can_reach_alpha"] = comparisons["tost_min_p_holm"] < alpha
     comparisons["equivalent"] = comparisons["tost_p_holm"] < alpha
     comparisons["verdict"] = comparisons.apply(_verdict, axis=1)
-    # Power at the threshold the test must pass as the family's smallest p (alpha / m, Holm's first step).
+    # Power at the threshold the test must pass as the family's smallest p (alpha / m, Holm's first step), with
+    # the t quantiles of the test's own df; n/a (NaN) where se = 0 (nothing varied, no test).
     comparisons["mde_alpha"] = alpha / comparisons["family_size"].clip(lower=1)
-    comparisons["mde"] = [
-        inference.minimum_detectable_effect(se, a, POWER)
-        for se, a in zip(comparisons["acc_diff_se"], comparisons["mde_alpha"], strict=True)
-    ]
+    designs = list(zip(comparisons["acc_diff_se"], comparisons["acc_diff_df"], comparisons["mde_alpha"], strict=True))
+    comparisons["mde"] = [inference.minimum_detectable_effect(se, df, a, POWER) for se, df, a in designs]
+    comparisons["power_at_target"] = [inference.power(settings.target_effect, se, df, a) for se, df, a in designs]
     return comparisons
 
 
@@ -459,7 +480,9 @@ def compute_tables(
     return {
         "accuracy.tsv": accuracy,
         "comparisons.tsv": comparisons,
-        "primary.tsv": comparisons[comparisons["family"] == "primary"].reset_index(drop=True),
+        "primary.tsv": primary_table(experiments, settings),
+        "per_shot.tsv": comparisons[comparisons["family"] == "per_shot"].reset_index(drop=True),
+        "planted.tsv": planted_table(experiments, settings),
         "across_tasks.tsv": across,
         "control.tsv": negative_control.control_table(experiments, control, settings),
         "generation.tsv": effects.generation_table(experiments),
@@ -510,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         write_tsv(args.output_dir / name, frame)
     print(
         f"stats: {len(tables['accuracy.tsv'])} accuracy rows, {len(tables['comparisons.tsv'])} comparisons "
-        f"({len(tables['primary.tsv'])} primary), {settings.bootstrap_samples} bootstrap samples -> {args.output_dir}"
+        f"({len(tables['per_shot.tsv'])} per-shot, {len(tables['primary.tsv'])} primary contrast(s)), "
+        f"{settings.bootstrap_samples} bootstrap samples -> {args.output_dir}"
     )
     return 0

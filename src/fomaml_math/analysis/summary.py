@@ -1,8 +1,9 @@
 """The study's results as Markdown (``results/summary.md``), read off the stats tables.
 
 Every number is a cell of a ``results/stats`` table (or of a calibration file), only rounded for display.
-Layout: the primary family with its verdicts, the negative control, the held-out tasks, generation and
-adaptation, calibration and adaptation speed, sample efficiency, then the exploratory per-task section.
+Layout: the Answer (the pre-registered primary contrast), the per-shot family with its verdicts, the
+positive and negative controls, the held-out tasks, generation and adaptation, calibration and adaptation
+speed, sample efficiency, then the exploratory per-task section.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ OPTIONAL_TABLES = (
     "adaptation_summary.tsv",
     "sample_efficiency.tsv",
     "positive_control.tsv",
+    "primary.tsv",
+    "planted.tsv",
 )
 VERDICTS = {"better": "**better**", "worse": "**worse**", "inconclusive": "inconclusive"}
 
@@ -118,22 +121,76 @@ def _accuracy_table(accuracy: pd.DataFrame, experiment: str, task: str) -> list[
     return _table(["Shots", *(init_label(i) for i in inits)], body)
 
 
+def _answer_lines(primary: pd.DataFrame | None, planted: pd.DataFrame | None, settings: StatsSettings) -> list[str]:
+    """The Answer: the pre-registered primary contrast's verdict per experiment, with its power."""
+    a, b = settings.primary_contrast.split("-")
+    label = f"{init_label(a)} − {init_label(b)}"
+    lines = ["## Answer", ""]
+    if primary is None or primary.empty:
+        return [*lines, f"The primary contrast ({label}, averaged over k > 0) could not be computed.", ""]
+    margin = f"±{settings.equivalence_margin_pp:g} pp"
+    for row in primary.itertuples(index=False):
+        pool = "its held-out tasks" if row.pool == META_TEST_POOL else "all its tasks"
+        verdict = {
+            "better": f"**{init_label(a)} is better**",
+            "worse": f"**{init_label(a)} is worse**",
+            "equivalent": f"**equivalent within {margin}**",
+            "inconclusive": "**inconclusive**",
+        }[row.verdict]
+        reach = [] if row.tost_can_reach_alpha else [f"equivalence within {margin} was not reachable at this se"]
+        lines.append(
+            f"- `{row.experiment}` ({pool}, {int(row.n_problems)} problems, k = {row.shots}, "
+            f"{int(row.n_seeds_a)}/{int(row.n_seeds_b)} seeds): {label} = "
+            f"{_interval(fmt_points, row.diff, row.ci_low, row.ci_high)} pp, "
+            f"Holm p {fmt_p(row.p_holm)} over {int(row.family_size)} experiment(s): {verdict}. "
+            f"Power at the target {settings.target_effect_pp:g} pp: {fmt_percent(row.power_at_target)}%; "
+            f"MDE (80%) {_mde_text(row.mde)} pp" + "".join(f"; {r}" for r in reach) + "."
+        )
+    if planted is not None and not planted.empty:
+        lines += ["", "The analysis checked on this study's own outcomes (planted-effect check, `planted.tsv`):", ""]
+        for row in planted.itertuples(index=False):
+            lines.append(
+                f"- `{row.experiment}`: arm labels permuted within seed × k × draw × problem, {int(row.replicates)} "
+                f"re-analyses: false-positive rate {fmt_percent(row.false_positive_rate)}% ± "
+                f"{fmt_percent(row.false_positive_rate_mc_se)} (nominal {100 * row.alpha:.2g}%); with "
+                f"{100 * row.target_effect:g} pp planted: power {fmt_percent(row.power)}% ± "
+                f"{fmt_percent(row.power_mc_se)} "
+                f"(closed form from the observed se: {fmt_percent(row.closed_form_power)}%)."
+            )
+    lines += [
+        "",
+        f"Pre-registered (`stats.primary.contrast`): {label} on each experiment's primary pool, averaged with equal "
+        f"weight over the evaluated k > 0; seed-aware t-test, {settings.ci_level:.0%} interval truncated to the "
+        "possible range; TOST for equivalence. Everything below is secondary.",
+        "",
+    ]
+    return lines
+
+
+def _mde_text(mde: float) -> str:
+    if not math.isfinite(mde):
+        return "n/a"
+    return f"{100 * mde:.1f}" if mde <= 1.0 else "> 100"  # beyond any possible difference of accuracies
+
+
 def _primary_section(accuracy: pd.DataFrame, primary: pd.DataFrame, settings: StatsSettings) -> list[str]:
     margin = f"±{settings.equivalence_margin_pp:g} pp"
     lines = [
-        "## Primary family (confirmatory)",
+        "## Per-shot comparisons (secondary family)",
         "",
-        f"Per experiment: {', '.join(_comparison_label(c) for c in settings.primary_comparisons)} at every shot "
-        f"count, pooled; Holm-adjusted within the experiment's primary family only. Verdict: *better*/*worse* when "
+        f"Per experiment: {', '.join(_comparison_label(c) for c in settings.per_shot_comparisons)} at every shot "
+        f"count, pooled; Holm-adjusted within the experiment's per-shot family only (not confirmatory). Verdict: "
+        "*better*/*worse* when "
         f"the difference test is significant (Holm p < {settings.alpha:g}), *equivalent* when TOST concludes "
         f"equivalence within {margin} (Holm-adjusted TOST p < {settings.alpha:g}), otherwise *inconclusive*. "
         f"MDE: the smallest true difference detectable with 80% power at alpha/m (m = family size), from the "
-        f"observed standard error. Accuracy in %, {settings.ci_level:.0%} intervals, differences in percentage "
-        "points (pp).",
+        f"observed standard error and the t quantiles of the test's own df (n/a where nothing varied); power: "
+        f"that test's power at the target effect of {settings.target_effect_pp:g} pp. Accuracy in %, "
+        f"{settings.ci_level:.0%} intervals (truncated to the possible range), differences in percentage points (pp).",
         "",
     ]
     if primary.empty:
-        return [*lines, "No primary comparison could be made (FOMAML and SFT or Base missing).", ""]
+        return [*lines, "No per-shot comparison could be made (FOMAML and SFT or Base missing).", ""]
     for experiment in _experiments(primary):
         rows = primary[primary["experiment"] == experiment].sort_values(["shots", "comparison"])
         pool = rows["task"].iloc[0]
@@ -152,22 +209,30 @@ def _primary_section(accuracy: pd.DataFrame, primary: pd.DataFrame, settings: St
                     fmt_p(row.acc_p_holm, row.acc_stars),
                     fmt_p(row.tost_p_holm),
                     verdict,
-                    f"{100 * row.mde:.1f}" if math.isfinite(row.mde) else "n/a",
+                    _mde_text(row.mde),
+                    fmt_percent(row.power_at_target),
                     f"{row.ci_method} ({int(row.n_seeds_a)}/{int(row.n_seeds_b)} seeds)",
                 ]
             )
         header = ["Shots", "Comparison", "Difference (pp)", "p (Holm)", "TOST p (Holm)", "Verdict", "MDE (pp)"]
-        lines += [*_table([*header, "Interval"], body), ""]
+        lines += [*_table([*header, f"Power at {settings.target_effect_pp:g} pp (%)", "Interval"], body), ""]
+        notes = []
         blocked = rows[~rows["acc_can_reach_alpha"].astype(bool)]
         for row in blocked.itertuples(index=False):
-            lines.append(
+            notes.append(
                 f"- Cannot reach alpha: {_comparison_label(row.comparison)} at {row.shots} shots "
                 f"(smallest achievable Holm p {row.acc_min_p_holm:.3g} ≥ {settings.alpha:g})."
             )
-        for note in sorted(set(rows["seed_note"]) - {""}):
-            lines.append(f"- Intervals without seed variance: {note}.")
-        if len(blocked) or (set(rows["seed_note"]) - {""}):
-            lines.append("")
+        no_equivalence = rows[~rows["tost_can_reach_alpha"].astype(bool)]
+        if len(no_equivalence):
+            which = "every comparison" if len(no_equivalence) == len(rows) else f"{len(no_equivalence)} comparison(s)"
+            notes.append(
+                f"- Equivalence within {margin} cannot be concluded for {which}: even an estimate of exactly 0 "
+                f"would leave the Holm-adjusted TOST p ≥ {settings.alpha:g} (smallest reachable: "
+                f"{no_equivalence['tost_min_p_holm'].min():.3g}); the standard errors are too large for the margin."
+            )
+        notes += [f"- Intervals without seed variance: {note}." for note in sorted(set(rows["seed_note"]) - {""})]
+        lines += [*notes, ""] if notes else []
     return lines
 
 
@@ -295,7 +360,7 @@ def _adaptation_lines(adaptation: pd.DataFrame | None) -> list[str]:
                 row.experiment,
                 init_label(row.init),
                 str(int(row.shots)),
-                f"{row.adapt_optimizer or 'n/a'} lr {row.adapt_lr:.3g}" if math.isfinite(row.adapt_lr) else "n/a",
+                row.adapt_choices,
                 f"{fmt_nll(row.support_loss_before)} → {fmt_nll(row.support_loss_after)}",
                 f"{fmt_nll_diff(row.nll_change)} ({fmt_points(row.nll_change_rel)}%)",
                 "n/a" if not math.isfinite(row.weight_change) else f"{row.weight_change:.2e}",
@@ -427,7 +492,7 @@ def render_summary(
 ) -> str:
     """The Markdown text of ``summary.md`` from the stats tables (missing optional tables: None)."""
     accuracy, comparisons = tables["accuracy.tsv"], tables["comparisons.tsv"]
-    primary = comparisons[comparisons["family"] == "primary"]
+    per_shot = comparisons[comparisons["family"] == "per_shot"]
     seeds = accuracy.loc[accuracy["train_seed"] == ALL_SEEDS, "n_seeds"]
     lines = [
         "# FOMAML vs SFT on MATH: results",
@@ -439,7 +504,8 @@ def render_summary(
     ]
     if len(seeds) and seeds.max() < 2:
         lines += ["One training seed: intervals and tests cover test-problem sampling only, not training variance.", ""]
-    lines += _primary_section(accuracy, primary, settings)
+    lines += _answer_lines(tables.get("primary.tsv"), tables.get("planted.tsv"), settings)
+    lines += _primary_section(accuracy, per_shot, settings)
     lines += _positive_control_lines(tables.get("positive_control.tsv"), settings)
     lines += _control_lines(tables.get("control.tsv"), settings)
     lines += _held_out_lines(accuracy, comparisons)
@@ -457,8 +523,9 @@ def render_summary(
         f"df; with one seed: percentile bootstrap over problems ({settings.bootstrap_samples} resamples, seed "
         f"{settings.seed}) and the exact McNemar test.",
         f"- Equivalence: TOST within ±{settings.equivalence_margin_pp:g} pp with the same standard error.",
-        "- Families: primary (pooled, per experiment), secondary (everything else, exploratory), cross-task and "
-        "the negative control, each Holm-adjusted on its own.",
+        "- Families: the primary contrast (one test per experiment, Holm over the experiments); per-shot (pooled, per "
+        "experiment) and secondary (everything else), both exploratory; cross-task and the negative control; each "
+        "Holm-adjusted on its own.",
         "- Full tables in `results/stats/`; definitions in `docs/statistics.md`.",
         "",
     ]

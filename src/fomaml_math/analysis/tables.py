@@ -80,12 +80,20 @@ class StatsSettings:
     ci_level: float
     alpha: float
     equivalence_margin_pp: float
-    primary_comparisons: tuple[str, ...]
+    primary_contrast: str
+    per_shot_comparisons: tuple[str, ...]
+    target_effect_pp: float
+    planted_replicates: int
 
     @property
     def margin(self) -> float:
         """The equivalence margin as a difference of proportions."""
         return self.equivalence_margin_pp / 100.0
+
+    @property
+    def target_effect(self) -> float:
+        """The effect the study is sized for, as a difference of proportions."""
+        return self.target_effect_pp / 100.0
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> StatsSettings:
@@ -98,12 +106,16 @@ class StatsSettings:
                 ci_level=float(stats["ci_level"]),
                 alpha=float(stats["alpha"]),
                 equivalence_margin_pp=float(stats["equivalence_margin_pp"]),
-                primary_comparisons=tuple(stats["primary"]["comparisons"]),
+                primary_contrast=str(stats["primary"]["contrast"]),
+                per_shot_comparisons=tuple(stats["per_shot"]["comparisons"]),
+                target_effect_pp=float(stats["target_effect_pp"]),
+                planted_replicates=int(stats["planted"]["replicates"]),
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(
                 f"settings: missing {exc} (expected seed and stats.bootstrap_samples, stats.ci_level, stats.alpha, "
-                "stats.equivalence_margin_pp, stats.primary.comparisons)"
+                "stats.equivalence_margin_pp, stats.primary.contrast, stats.per_shot.comparisons, "
+                "stats.target_effect_pp, stats.planted.replicates)"
             ) from exc
         if made.bootstrap_samples < 1:
             raise ConfigError(f"stats.bootstrap_samples: expected a positive integer, got {made.bootstrap_samples}")
@@ -116,11 +128,15 @@ class StatsSettings:
                 f"stats.equivalence_margin_pp: expected percentage points in (0, 100), got {made.equivalence_margin_pp}"
             )
         known = {comparison_name(a, b) for a, b in COMPARISONS}
-        unknown = [c for c in made.primary_comparisons if c not in known]
-        if unknown or not made.primary_comparisons:
+        unknown = [c for c in made.per_shot_comparisons if c not in known]
+        if unknown or not made.per_shot_comparisons:
             raise ConfigError(
-                f"stats.primary.comparisons: expected a non-empty list of {', '.join(sorted(known))}, got "
-                f"{list(made.primary_comparisons)}"
+                f"stats.per_shot.comparisons: expected a non-empty list of {', '.join(sorted(known))}, got "
+                f"{list(made.per_shot_comparisons)}"
+            )
+        if made.primary_contrast not in known:
+            raise ConfigError(
+                f"stats.primary.contrast: expected one of {', '.join(sorted(known))}, got {made.primary_contrast!r}"
             )
         return made
 
@@ -188,10 +204,13 @@ COMPARISON_COLUMNS = [
     "tost_p_upper",
     "tost_p",
     "tost_p_holm",
+    "tost_min_p_holm",
+    "tost_can_reach_alpha",
     "equivalent",
     "verdict",
     "mde_alpha",
     "mde",
+    "power_at_target",
     "cohens_h",
     "n_a_better",
     "n_b_better",
@@ -272,11 +291,8 @@ GENERATION_COLUMNS = [
     "mean_gen_tokens",
     "grade_failure_rate",
 ]
-# The adaptation's settings and support loss, per adaptation and averaged.
+# The adaptation's support loss, per adaptation and averaged.
 _ADAPTATION_FIELDS = [
-    "adapt_optimizer",
-    "adapt_lr",
-    "adapt_steps",
     "support_loss_before",
     "support_loss_after",
     "support_loss_change",
@@ -290,6 +306,9 @@ ADAPTATION_COLUMNS = [
     "shots",
     "repeat",
     "n_problems",
+    "adapt_optimizer",
+    "adapt_lr",
+    "adapt_steps",
     *_ADAPTATION_FIELDS,
     "nll_zero_shot",
     "nll_after",
@@ -302,6 +321,7 @@ ADAPTATION_SUMMARY_COLUMNS = [
     "init",
     "shots",
     "n_runs",
+    "adapt_choices",  # each training seed's (optimizer, lr, steps) as used, never an average of rates
     *_ADAPTATION_FIELDS,
     "nll_change",
     "nll_change_rel",
@@ -351,3 +371,55 @@ def read_table(stats_dir: str | Path, name: str) -> pd.DataFrame:
     for column in text_columns:
         frame[column] = frame[column].fillna("")
     return frame
+
+
+# primary.tsv: the pre-registered primary contrast, one row per experiment (analysis.primary).
+PRIMARY_COLUMNS = [
+    "experiment",
+    "pool",
+    "contrast",
+    "shots",
+    "n_shot_counts",
+    "n_problems",
+    "n_seeds_a",
+    "n_seeds_b",
+    "acc_a",
+    "acc_b",
+    "diff",
+    "se",
+    "df",
+    "seed_var",
+    "problem_var",
+    "ci_low",
+    "ci_high",
+    "p",
+    "p_holm",
+    "significant",
+    "tost_p",
+    "tost_p_holm",
+    "equivalent",
+    "tost_min_p",
+    "tost_can_reach_alpha",
+    "family_size",
+    "planned_alpha",
+    "mde",
+    "power_at_target",
+    "verdict",
+]
+# planted.tsv: the planted-effect check of the primary analysis, one row per experiment (analysis.planted).
+PLANTED_COLUMNS = [
+    "experiment",
+    "contrast",
+    "n_seeds",
+    "n_shot_counts",
+    "n_draws",
+    "n_problems",
+    "replicates",
+    "alpha",
+    "target_effect",
+    "false_positive_rate",
+    "false_positive_rate_mc_se",
+    "power",
+    "power_mc_se",
+    "closed_form_power",
+]
