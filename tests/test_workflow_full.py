@@ -93,8 +93,8 @@ def test_full_dag_outputs(finished):
         assert (finished / f"results/figures/{figure}.pdf").stat().st_size > 0
         assert (finished / f"results/figures/{figure}.png").stat().st_size > 0
     summary = (finished / "results/summary.md").read_text()
-    for section in ("Primary family", "Positive control", "Negative control", "Generation", "Adaptation effect",
-                    "Calibration"):  # fmt: skip
+    sections = ("## Answer", "Per-shot comparisons", "Positive control", "Negative control", "Generation")
+    for section in (*sections, "Adaptation effect", "Calibration"):
         assert section in summary, section
     assert "Positive control detected" in summary or "Positive control not detected" in summary
     assert (finished / "results/report.html").stat().st_size > 10_000
