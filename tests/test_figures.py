@@ -278,3 +278,20 @@ def test_report_captions_render(repo_root: Path, demo_config: dict) -> None:
         assert html["body"].strip(), path.name
     rendered = env.from_string((report_dir / "accuracy_vs_shots.rst").read_text())
     assert "95% confidence band (t-interval over training" in rendered.render(snakemake=snakemake)
+
+
+def test_rule_adoption_reads_back_as_the_table(stats_dir: Path) -> None:
+    """One panel per experiment on its primary pool (held-out, else in-domain), the base's 0-shot share dashed."""
+    table = read_table(stats_dir, "rule_adoption.tsv")
+    fig = figures.rule_adoption_vs_shots_figure(table, 0.95)
+    for experiment, pool in (("in_domain", "in_domain"), ("heldout_geometry", "meta_test")):
+        lines = _lines(_panel(fig, experiment))
+        rows = table[(table.experiment == experiment) & (table.pool == pool)]
+        for init in ("base", "sft", "fomaml"):
+            mine = rows[rows.init == init].sort_values("shots")
+            np.testing.assert_allclose(lines[f"adopt:{init}"].get_ydata(), 100 * mine.share)
+        np.testing.assert_allclose(lines["adopt:base0"].get_ydata(), [100 * rows.base_share_0.iloc[0]] * 2)
+    empty = figures.rule_adoption_vs_shots_figure(table.iloc[:0], 0.95)
+    assert [a.get_text() for a in by_gid(empty, "missing")] == [
+        "rule adoption: not applicable (no task with a synthetic rule)"
+    ]

@@ -102,6 +102,14 @@ def test_control_generation_adaptation_and_calibration_sections(stats_dir: Path,
     assert "| Base | shared | -1 | sgd | 0.001 | 5 | 1.400 → 1.000 | 3 of 5 |" in text
     assert "| FOMAML | shared | 0 | sgd | 0.0001 | 5 |" in text
     assert "## Held-out tasks" in text and "Geometry:" in text
+    # The rule-adoption control (every gold answer of the synthetic study is "1": digit 1) comes first.
+    assert text.index("## Positive control: rule adoption") < text.index("## Secondary positive control")
+    adoption = read_table(stats_dir, "rule_adoption.tsv")
+    held = adoption[(adoption.experiment == "heldout_geometry") & (adoption.pool == "meta_test")]
+    assert "### `heldout_geometry`: held-out task(s) geometry pooled; Base 0-shot share " in text
+    row = held[(held.init == "fomaml") & (held.shots == 10)].iloc[0]
+    share = f"{100 * row.share:.1f} [{100 * row.share_ci_low:.1f}, {100 * row.share_ci_high:.1f}]"
+    assert f"| FOMAML | 10 | {share} | {_pp(row['diff'])} [" in text
     assert "## Exploratory: per task (secondary family)" in text
 
 
@@ -161,7 +169,9 @@ def test_the_positive_control_line_names_the_detected_inits() -> None:
                           "p_holm": [0.4, 0.001, 0.02], "detected": [False, True, True]})  # fmt: skip
     settings = StatsSettings.from_settings(SETTINGS)
     text = "\n".join(summary._positive_control_lines(table, settings))
-    assert "**Positive control detected** on the held-out tasks: SFT, FOMAML" in text
+    assert "## Secondary positive control: accuracy gain" in text
+    assert "**Accuracy gain detected** on the held-out tasks: SFT, FOMAML" in text
+    assert "Positive control detected" not in text  # the phrase belongs to the rule-adoption control
     assert "| heldout | held-out | Base | 50 | 10.0 | 12.0 |" in text
 
 

@@ -3,8 +3,8 @@ clusters × problems matrices every interval is computed from.
 
 One row per (experiment, train_seed, shot_seed, init, task, shots, repeat, test problem). Columns the
 evaluation of an older version did not write get documented defaults (one experiment ``main``, training
-seed 0 — base: −1 —, every task in the ``train`` role, unknown truncation and adaptation effect), so older
-result folders still analyse.
+seed 0 — base: −1 —, every task in the ``train`` role, unknown truncation and adaptation effect; no gold or
+extracted answers: no rule-adoption control), so older result folders still analyse.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ import pandas as pd
 from fomaml_math.analysis.tables import META_TEST_POOL, POOLED, experiment_order, init_order, task_order
 from fomaml_math.errors import ConfigError
 from fomaml_math.evaluation.rows import BASE, BASE_SEED, KEY, OPTIONAL_DEFAULTS, REQUIRED_COLUMNS, TASK_ROLES
+
+# The answers, kept for the rule-adoption control (analysis.rule_adoption); None where a file lacks them.
+ANSWER_COLUMNS: tuple[str, ...] = ("gold", "extracted")
 
 
 def _read_one(path: Path, flag: str) -> pd.DataFrame:
@@ -39,6 +42,9 @@ def _read_one(path: Path, flag: str) -> pd.DataFrame:
     for column, default in OPTIONAL_DEFAULTS.items():
         if column not in frame.columns:
             frame[column] = default
+    for column in ANSWER_COLUMNS:
+        if column not in frame.columns:
+            frame[column] = None
     if "train_seed" not in frame.columns:
         frame["train_seed"] = np.where(frame["init"] == BASE, BASE_SEED, 0)
     bad_roles = sorted(set(frame["task_role"].astype(str)) - set(TASK_ROLES))
@@ -46,7 +52,7 @@ def _read_one(path: Path, flag: str) -> pd.DataFrame:
         raise ConfigError(
             f"{flag} {path}: task_role must be one of {', '.join(TASK_ROLES)}, got {', '.join(bad_roles)}"
         )
-    return frame[[*REQUIRED_COLUMNS, "train_seed", *OPTIONAL_DEFAULTS]]
+    return frame[[*REQUIRED_COLUMNS, "train_seed", *OPTIONAL_DEFAULTS, *ANSWER_COLUMNS]]
 
 
 def load_eval(paths: Sequence[str | Path], flag: str = "--eval") -> pd.DataFrame:
@@ -69,6 +75,8 @@ def load_eval(paths: Sequence[str | Path], flag: str = "--eval") -> pd.DataFrame
             "shot_seed": int,
         }
     )
+    for column in ANSWER_COLUMNS:  # text, None where missing (a parquet "string" column reads back as object)
+        evals[column] = evals[column].astype(object).where(evals[column].notna(), None)
     evals["correct"] = evals["correct"].astype(bool).astype(np.float64)
     for column in ("nll", "gen_tokens", "support_loss_before", "support_loss_after", "weight_change", "adapt_lr"):
         evals[column] = pd.to_numeric(evals[column], errors="coerce").astype(np.float64)

@@ -3,7 +3,7 @@
 Each ``*_figure`` function returns a matplotlib Figure; every plotted artist carries a ``gid``
 (e.g. ``acc:fomaml``, ``sig:10``, ``fomaml:meta/loss``) so tests can read the data back and
 compare it with ``results/stats``. Nothing here computes a statistic: every number shown is a
-cell of ``accuracy.tsv`` or ``comparisons.tsv`` (or a logged training metric).
+cell of ``accuracy.tsv``, ``comparisons.tsv`` or ``rule_adoption.tsv`` (or a logged training metric).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from fomaml_math.analysis.labels import init_label, task_label
 from fomaml_math.analysis.outputs import FIGURES
 from fomaml_math.analysis.tables import (
     ALL_SEEDS,
+    IN_DOMAIN_POOL,
     META_TEST_POOL,
     POOLED,
     experiment_order,
@@ -437,6 +438,60 @@ def calibration_figure(calibration: dict[str, pd.DataFrame] | None) -> Figure:
     return fig
 
 
+def rule_adoption_vs_shots_figure(table: pd.DataFrame | None, ci_level: float) -> Figure:
+    """Share of answers that follow the task's own rule against shots, one panel per experiment (gid
+    ``experiment:<name>``) on its held-out pool (else its in-domain pool): one line per initialisation with its CI
+    band (gids ``adopt:<init>``, ``adopt:<init>:ci``) and the base's 0-shot share dashed (gid ``adopt:base0``).
+    Without a task with a synthetic rule (real MATH: an empty table) or without the table: one panel saying so
+    (gid ``missing``)."""
+    experiments = experiments_of(table) if table is not None and len(table) else []
+    width = style.SINGLE_COLUMN_IN if len(experiments) <= 1 else style.DOUBLE_COLUMN_IN
+    with style.context():
+        fig = Figure(figsize=(width, 2.7), layout="constrained")
+        if not experiments:
+            ax = fig.add_subplot()
+            text = (
+                "rule adoption: no rule_adoption.tsv"
+                if table is None
+                else "rule adoption: not applicable (no task with a synthetic rule)"
+            )
+            ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, gid="missing")
+            ax.set_axis_off()
+            return fig
+        axes = fig.subplots(1, len(experiments), sharey=True, squeeze=False).ravel()
+        for ax, experiment in zip(axes, experiments, strict=True):
+            rows = _of_experiment(table, experiment)
+            pool = META_TEST_POOL if (rows["pool"] == META_TEST_POOL).any() else IN_DOMAIN_POOL
+            pooled = rows[rows["pool"] == pool].assign(train_seed=ALL_SEEDS)  # over all seeds: no per-seed lines
+            ax.set_gid(f"experiment:{experiment}")
+            _plot_inits(ax, pooled, "share", "share_ci_low", "share_ci_high", PERCENT, "adopt", _inits(pooled))
+            reference = pooled["base_share_0"].dropna()
+            if len(reference):
+                ax.axhline(
+                    float(reference.iloc[0]) * PERCENT,
+                    color=style.init_style("base", 0)["color"],
+                    linestyle="--",
+                    linewidth=0.8,
+                    label="Base, 0 shots",
+                    gid="adopt:base0",
+                )
+            _shot_ticks(ax, pooled["shots"])
+            ax.set_ylim(0, 100)
+            title = "held-out tasks" if pool == META_TEST_POOL else "in-domain tasks"
+            ax.set_title(f"{experiment} ({title})" if len(experiments) > 1 else title.capitalize())
+        axes[0].set_ylabel("Answers with the task's units digit (%)")
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(
+            handles,
+            labels,
+            loc="outside upper center",
+            ncols=len(labels),
+            title=f"shaded: {ci_level:.0%} CI; dashed: the base model's 0-shot share",
+            title_fontsize=6,
+        )
+    return fig
+
+
 def build_figures(
     accuracy: pd.DataFrame,
     comparisons: pd.DataFrame,
@@ -444,9 +499,11 @@ def build_figures(
     sft_metrics: pd.DataFrame | None,
     ci_level: float,
     calibration: dict[str, pd.DataFrame] | None = None,
+    rule_adoption: pd.DataFrame | None = None,
 ) -> dict[str, Figure]:
     """Every figure of the study, keyed by file stem (:data:`FIGURES`)."""
     return {
+        "rule_adoption_vs_shots": rule_adoption_vs_shots_figure(rule_adoption, ci_level),
         "calibration": calibration_figure(calibration),
         "accuracy_vs_shots": accuracy_vs_shots_figure(accuracy, comparisons, ci_level),
         "accuracy_vs_shots_by_task": accuracy_vs_shots_by_task_figure(accuracy, comparisons, ci_level),
@@ -462,7 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Draw the study's figures (PDF + PNG) from results/stats and the training metrics.",
     )
     add_settings_arguments(parser)
-    parser.add_argument("--stats-dir", required=True, type=Path, help="folder with accuracy.tsv and comparisons.tsv")
+    parser.add_argument(
+        "--stats-dir", required=True, type=Path, help="folder with accuracy.tsv, comparisons.tsv and rule_adoption.tsv"
+    )
     parser.add_argument("--fomaml-metrics", type=Path, help="results/models/fomaml/metrics.csv")
     parser.add_argument("--sft-metrics", type=Path, help="results/models/sft/metrics.csv")
     parser.add_argument(
@@ -480,7 +539,10 @@ def main(argv: list[str] | None = None) -> int:
     fomaml = load_metrics(args.fomaml_metrics, "--fomaml-metrics")
     sft = load_metrics(args.sft_metrics, "--sft-metrics")
     calibration = load_calibration(args.calibration) if args.calibration else None
-    figures = build_figures(accuracy, comparisons, fomaml, sft, settings.ci_level, calibration)
+    # Optional: a stats folder written before the rule-adoption control gets a panel saying the table is missing.
+    has_adoption = (args.stats_dir / "rule_adoption.tsv").is_file()
+    adoption = tables.read_table(args.stats_dir, "rule_adoption.tsv") if has_adoption else None
+    figures = build_figures(accuracy, comparisons, fomaml, sft, settings.ci_level, calibration, adoption)
     for stem, fig in figures.items():
         style.save_figure(fig, args.output_dir, stem)
     print(f"figures: {len(figures)} figures (PDF + PNG) -> {args.output_dir}")

@@ -18,6 +18,7 @@ STATS_FILES: tuple[str, ...] = (
     "adaptation.tsv",
     "adaptation_summary.tsv",
     "sample_efficiency.tsv",
+    "rule_adoption.tsv",
     "positive_control.tsv",
 )
 FIGURES: tuple[str, ...] = (
@@ -27,4 +28,5 @@ FIGURES: tuple[str, ...] = (
     "nll_vs_shots",
     "training_curves",
     "calibration",
+    "rule_adoption_vs_shots",
 )

@@ -12,7 +12,9 @@ the tables every figure and summary number comes from:
 - ``across_tasks.tsv``: the cross-task analysis (every task weighted equally) per (experiment, shots, comparison);
 - ``control.tsv``: the negative control (A/A); ``generation.tsv``, ``adaptation.tsv``, ``adaptation_summary.tsv``:
   what generation and adaptation did; ``sample_efficiency.tsv``: the shots one init needs to match another;
-  ``positive_control.tsv``: each init's gain at the largest k over its own 0-shot accuracy.
+  ``rule_adoption.tsv``: the positive control, the share of answers that follow the evaluated task's own hidden
+  rule (synthetic tasks only), per init, k and pool, against the base's 0-shot share; ``positive_control.tsv``
+  (secondary): each init's accuracy gain at the largest k over its own 0-shot accuracy.
 
 The stage only: the tables' columns and reading are in ``analysis.tables``, the statistics in ``analysis.inference``
 and ``analysis.resampling``. Definitions in ``docs/statistics.md``.
@@ -55,6 +57,7 @@ from fomaml_math.analysis.planted import planted_table
 from fomaml_math.analysis.positive_control import positive_control_table
 from fomaml_math.analysis.primary import primary_table
 from fomaml_math.analysis.resampling import percentile_interval, stratified_bootstrap
+from fomaml_math.analysis.rule_adoption import rule_adoption_table
 from fomaml_math.analysis.tables import (
     ACCURACY_COLUMNS,
     ACROSS_TASKS_COLUMNS,
@@ -489,6 +492,7 @@ def compute_tables(
         "adaptation.tsv": adaptation,
         "adaptation_summary.tsv": effects.adaptation_summary(adaptation),
         "sample_efficiency.tsv": efficiency.sample_efficiency_table(experiments, settings),
+        "rule_adoption.tsv": rule_adoption_table(experiments, settings),
         "positive_control.tsv": positive_control_table(evals, settings),
     }
 

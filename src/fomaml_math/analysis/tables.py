@@ -23,6 +23,7 @@ from fomaml_math.subjects import MATH_TASKS
 
 POOLED = "all"  # the pool of every task (a ``task`` or ``pool`` value)
 META_TEST_POOL = "meta_test"  # the pool of the held-out tasks
+IN_DOMAIN_POOL = "in_domain"  # the pool of the train-role (meta-trained on) tasks (rule_adoption.tsv)
 ALL_SEEDS = "all"  # ``train_seed`` of a row over every training seed (accuracy.tsv)
 EXPERIMENT_ORDER: tuple[str, ...] = ("in_domain",)
 # (a, b) reads "a − b": positive accuracy differences favour a, negative NLL differences favour a.
@@ -47,9 +48,9 @@ def ordered(values: Sequence[str], preferred: Sequence[str]) -> list[str]:
 
 
 def task_order(tasks: Sequence[str]) -> list[str]:
-    """Tasks in the MATH subject order, others alphabetically; the pools (``meta_test``, ``all``) last."""
-    pools = [p for p in (META_TEST_POOL, POOLED) if p in tasks]
-    return ordered([t for t in tasks if t not in (POOLED, META_TEST_POOL)], MATH_TASKS) + pools
+    """Tasks in the MATH subject order, others alphabetically; the pools (meta_test, in_domain, all) last."""
+    pools = [p for p in (META_TEST_POOL, IN_DOMAIN_POOL, POOLED) if p in tasks]
+    return ordered([t for t in tasks if t not in pools], MATH_TASKS) + pools
 
 
 def experiment_order(experiments: Sequence[str]) -> list[str]:
@@ -349,6 +350,13 @@ SAMPLE_EFFICIENCY_COLUMNS = [
 POSITIVE_CONTROL_COLUMNS: tuple[str, ...] = (
     "experiment", "init", "pool", "shots", "n_seeds", "n_problems", "acc_0", "acc_k", "gain", "gain_se", "gain_df",
     "gain_ci_low", "gain_ci_high", "p", "p_holm", "detected",
+)  # fmt: skip
+# rule_adoption.tsv: the share of answers that follow the evaluated task's own rule (analysis.rule_adoption), per
+# (experiment, pool, init, shots); diff and its test against the base's 0-shot share (k > 0), Holm per pool.
+RULE_ADOPTION_COLUMNS: tuple[str, ...] = (
+    "experiment", "pool", "init", "shots", "n_seeds", "n_problems", "share", "share_se", "share_df", "share_ci_low",
+    "share_ci_high", "no_answer_share", "base_share_0", "diff", "diff_se", "diff_df", "diff_ci_low", "diff_ci_high",
+    "p", "family_size", "p_holm", "detected",
 )  # fmt: skip
 
 
