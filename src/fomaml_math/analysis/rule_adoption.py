@@ -64,6 +64,7 @@ from fomaml_math.evaluation.rows import BASE
 from fomaml_math.subjects import is_synthetic_task
 
 _INTEGER = re.compile(r"^\s*[+-]?(\d+)\s*$")
+_FAMILY_COLUMNS = ("family_size", "p_holm", "detected")  # filled per (experiment, pool) after all rows exist
 
 
 def units_digit(answer: object) -> int | None:
@@ -200,6 +201,3 @@ def rule_adoption_table(experiments: dict[str, pd.DataFrame], settings: StatsSet
     }
     table = sort_in_order(table, ["experiment", "pool", "init", "shots"], orders).reset_index(drop=True)
     return table[list(RULE_ADOPTION_COLUMNS)]
-
-
-_FAMILY_COLUMNS = ("family_size", "p_holm", "detected")
