@@ -1,6 +1,6 @@
 """The prepared GPU check (issue 13): one command that measures the paper's training path on one lent GPU.
 
-    python bench/gpu_check.py --out DIR                         # a CUDA machine: about 4.5 minutes on an H200
+    python bench/gpu_check.py --out DIR                         # a CUDA machine: about 5 minutes on an H200
     python bench/gpu_check.py --device cpu --quick --out DIR    # the same code on a tiny config (CI, < 1 minute)
     make gpu-check OUT=DIR [ARGS="--budget-s 200"]
 
@@ -30,6 +30,11 @@ Sections (README "Performance: the GPU check" says how to read them):
 5. Single-process FSDP2: ``fully_shard`` through the project's fsdp training path (same meta-gradient as the
    unsharded model, a meta-step, a checkpoint save/load).  Multi-GPU paths remain untested.
 6. The GPU slot allocator (``fomaml_math.devices``) with real ``CUDA_VISIBLE_DEVICES``.
+7. FOMAML's configured inner loop (``--config``, default the paper config: ``fomaml.inner_optimizer``,
+   ``inner_lr``, ``num_inner_steps``, ``inner_batch_size``) at Qwen3-4B's shape (random weights, synthetic
+   MATH-like rows of one task): the relative weight change ``||dw|| / ||w||``, the largest per-weight change,
+   and the support and held-out NLL before and after the inner loop, beside the other optimizer at the same
+   rate for contrast; the evidence for choosing the paper's inner loop (``--quick``: the tiny shape).
 
 FLOPs (model FLOPs, as in MFU; gradient-checkpointing recompute is not counted): a training pass over a row of
 ``s`` tokens costs ``6 * N * s + 6 * L * H * d_head * s**2``.  ``N`` counts the weights of every matrix
@@ -75,7 +80,7 @@ import torch  # noqa: E402
 import fomaml_math  # noqa: E402
 from fomaml_math import devices  # noqa: E402
 from fomaml_math.adapt import MicroBatches, WeightSnapshot, adapted, sft_loss_fn, trainable_parameters  # noqa: E402
-from fomaml_math.batching import EncodedExample, SFTBatch, collate  # noqa: E402
+from fomaml_math.batching import EncodedExample, SFTBatch, collate, encode_example, summed_nll  # noqa: E402
 from fomaml_math.data.synthetic import generate_synthetic  # noqa: E402
 from fomaml_math.evaluation.generate import generate_greedy, stop_token_ids  # noqa: E402
 from fomaml_math.evaluation.job import precision_context  # noqa: E402
@@ -109,6 +114,7 @@ SECTIONS: list[tuple[str, str, float]] = [
     ("4_generation", "HF greedy generation", 0.21),
     ("5_fsdp2_single", "Single-process FSDP2 smoke", 0.10),
     ("6_slot_allocator", "GPU slot allocator", 0.05),
+    ("7_inner_loop", "FOMAML inner loop: weight and NLL change", 0.10),
 ]
 
 
@@ -1233,6 +1239,130 @@ def _gpu_uuid() -> str | None:
 # --------------------------------------------------------------------------------------- main
 
 
+# --------------------------------------------------------------------------------------- 7: the inner loop
+
+
+def inner_loop_config(path: Path) -> dict[str, Any]:
+    """FOMAML's inner loop as a config file sets it (plain YAML: no jsonschema on the lent machine).
+
+    The schema's default for a missing ``inner_optimizer`` is ``sgd`` (what old configs meant).
+    """
+    import yaml  # PyYAML: a dependency of transformers / huggingface_hub, present wherever they are
+
+    fo = yaml.safe_load(path.read_text())["fomaml"]
+    return {
+        "optimizer": str(fo.get("inner_optimizer", "sgd")),
+        "lr": float(fo["inner_lr"]),
+        "num_steps": int(fo["num_inner_steps"]),
+        "batch_size": int(fo["inner_batch_size"]),
+        "query_batch_size": int(fo["query_batch_size"]),
+    }
+
+
+def _nll(runtime: Any, model: Any, batches: Sequence[SFTBatch]) -> float:
+    """Token-weighted NLL over ``batches`` (no grad; autocast per forward as in training)."""
+    total, count = summed_nll(model, batches, runtime.autocast, runtime.device)
+    return total / max(count, 1)
+
+
+def _measure_inner_loop(
+    runtime: Any, model: Any, support: list[SFTBatch], held_out: list[SFTBatch], loop: dict[str, Any], optimizer: str
+) -> dict[str, Any]:
+    """One ``adapted`` block as FOMAML runs it: weight change and NLLs before/after, restore checked."""
+    snapshot = WeightSnapshot(model, "same" if runtime.device.type == "cuda" else "cpu")
+    before = {"support": _nll(runtime, model, support), "held_out": _nll(runtime, model, held_out)}
+    synchronize(runtime.device)
+    t0 = time.perf_counter()
+    with adapted(
+        model,
+        support,
+        inner_lr=loop["lr"],
+        num_steps=loop["num_steps"],
+        snapshot=snapshot,
+        loss_fn=loss_fn_for(runtime, split_rows=False),
+        optimizer=optimizer,  # type: ignore[arg-type]
+        measure_change=True,
+    ) as result:
+        synchronize(runtime.device)
+        seconds = time.perf_counter() - t0
+        after = {"support": _nll(runtime, model, support), "held_out": _nll(runtime, model, held_out)}
+        with torch.no_grad():
+            pairs = zip(snapshot.params, snapshot.buffers, strict=True)
+            largest = max(float((p.detach() - b.to(p.device)).abs().max()) for p, b in pairs)
+    return {
+        "optimizer": optimizer,
+        "inner_loop_s": seconds,
+        "weight_change_rel": result.weight_change,
+        "max_abs_weight_change": largest,
+        "max_abs_change_over_lr_x_steps": largest / (loop["lr"] * loop["num_steps"]),
+        "support_losses_per_step": result.support_losses,
+        "support_nll_before": before["support"],
+        "support_nll_after": after["support"],
+        "support_nll_change": after["support"] - before["support"],
+        "held_out_nll_before": before["held_out"],
+        "held_out_nll_after": after["held_out"],
+        "held_out_nll_change": after["held_out"] - before["held_out"],
+        "restored_bitwise": snapshot.matches(),
+    }
+
+
+def section_inner_loop(ctx: Context, sec: Section, deadline: Deadline) -> None:
+    s = ctx.sizes
+    loop = inner_loop_config(ctx.args.config)
+    sec.results["config"] = {"file": str(ctx.args.config), **loop}
+    if ctx.cuda and s.run_4b:
+        shape = {k: int(v) for k, v in SHAPE_4B.items() if not k.startswith("_") and k != "tie_word_embeddings"}
+        where = "Qwen3-4B shape"
+        if not deadline.has(40):
+            raise SkipSection(f"budget ({deadline.left():.0f} s left, the 4B build needs ~40)")
+    else:
+        shape = dict(s.small)
+        where = "small shape (no CUDA or --quick / --no-4b): the code path, not the 4B numbers"
+        sec.skip("Qwen3-4B shape", "needs CUDA" if not ctx.cuda else "disabled (--quick or --no-4b)")
+    free_memory()
+    started = time.perf_counter()
+    model, tokenizer = build_model(shape, ctx.device, 2048)
+    model.train()
+    sec.results["model"] = {"where": where, "shape": shape, "parameters": total_params(shape)}
+    sec.results["model"]["build_s"] = time.perf_counter() - started
+    # One task's rows, problems the tokenizer's corpus (seed 0) never saw: support batches and a held-out batch.
+    rows = [r for r in generate_synthetic(MATH_TASKS[:1], 64, seed=11)]
+    encoded = [encode_example(tokenizer, r["problem"], r["solution"], 512) for r in rows]
+    pad, bs = int(tokenizer.pad_token_id), loop["batch_size"]
+    support = [collate(encoded[i * bs : (i + 1) * bs], pad) for i in range(loop["num_steps"])]
+    rest = encoded[loop["num_steps"] * bs :]
+    held_out = [collate(rest[i : i + 8], pad) for i in range(0, min(len(rest), 32), 8)]
+    sec.results["data"] = {
+        "task": MATH_TASKS[0],
+        "support_rows": loop["num_steps"] * bs,
+        "held_out_rows": sum(b.num_examples for b in held_out),
+        "mean_tokens_per_row": sum(len(e.input_ids) for e in encoded) / len(encoded),
+    }
+    runtime = ctx.runtime(ctx.amp)
+    other = "sgd" if loop["optimizer"] == "adam" else "adam"
+    for label, optimizer in (("configured", loop["optimizer"]), (f"contrast ({other}, same lr)", other)):
+        if label != "configured" and not deadline.has(2 * sec.results["configured"]["inner_loop_s"] + 5):
+            sec.skip(label, "section budget")
+            continue
+        measured = _measure_inner_loop(runtime, model, support, held_out, loop, optimizer)
+        sec.results[label] = measured
+        finite = all(math.isfinite(x) for x in measured["support_losses_per_step"])
+        sec.check(f"{label}: support losses finite", finite, measured["support_losses_per_step"])
+        sec.check(f"{label}: meta-weights restored bitwise", measured["restored_bitwise"], measured["restored_bitwise"])
+    c = sec.results["configured"]
+    sec.notes.append(
+        f"{where}: {loop['optimizer']} at lr {loop['lr']:g} x {loop['num_steps']} steps moves the weights by "
+        f"{c['weight_change_rel']:.3g} of their norm; support NLL {c['support_nll_before']:.3f} -> "
+        f"{c['support_nll_after']:.3f}, held-out {c['held_out_nll_before']:.3f} -> {c['held_out_nll_after']:.3f}"
+    )
+    sec.notes.append(
+        "random weights: the NLLs are not a pretrained model's, but Adam's per-weight step (~lr, whatever the "
+        "gradient's scale), so ||dw|| / ||w|| should roughly carry over to pretrained weights of similar norm"
+    )
+    del model
+    free_memory()
+
+
 SECTION_FUNCS: dict[str, Callable[[Context, Section, Deadline], None]] = {
     "1_bf16_adaptation": section_bf16,
     "2_meta_step_vs_sft": section_meta_step,
@@ -1240,6 +1370,7 @@ SECTION_FUNCS: dict[str, Callable[[Context, Section, Deadline], None]] = {
     "4_generation": section_generation,
     "5_fsdp2_single": section_fsdp,
     "6_slot_allocator": section_slots,
+    "7_inner_loop": section_inner_loop,
 }
 
 
@@ -1363,7 +1494,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for gpu_check.json and gpu_check.md")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:1, cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes everywhere (CPU CI: well under a minute)")
-    parser.add_argument("--budget-s", type=float, default=270.0, help="global time budget, shared out over sections")
+    parser.add_argument("--budget-s", type=float, default=300.0, help="global time budget, shared out over sections")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=ROOT / "config" / "config.yaml",
+        help="section 7: the config whose fomaml inner loop is measured (default: the paper config)",
+    )
     parser.add_argument(
         "--dtype",
         choices=("auto", "bf16", "fp32"),

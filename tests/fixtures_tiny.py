@@ -132,6 +132,7 @@ def train_settings(model_dir: str | Path, *, method: str = "fomaml", tasks: Sequ
             "meta_batch_size": 2,
             "num_inner_steps": 2,
             "inner_lr": 0.05,
+            "inner_optimizer": "sgd",
             "inner_batch_size": 4,
             "query_batch_size": 4,
             "outer_lr": 0.003,

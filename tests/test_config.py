@@ -76,7 +76,27 @@ BAD_CONFIGS = [
     ("eval.repeats", 0, "eval.repeats: expected a number >= 1, got 0"),
     ("stats.ci_level", 1.0, "stats.ci_level: expected a number < 1, got 1.0"),
     ("seed", _DELETE, "'seed' is a required property"),
+    ("fomaml.inner_optimizer", "rmsprop", "fomaml.inner_optimizer: expected one of ['sgd', 'adam']"),
+    ("select.criterion", "best", "select.criterion: expected one of ['last', 'best_dev', 'tuned']"),
+    (
+        "fomaml.inner_optimizer",
+        "sgd",
+        "fomaml.inner_optimizer: sgd, but eval.optimizer is adam (eval.mode finetune); FOMAML must be meta-trained "
+        "with the optimizer it is evaluated with",
+    ),
 ]
+
+
+def test_fomaml_inner_optimizer_follows_the_evaluation_only_when_it_adapts(demo_config):
+    """The mismatch matters only where the evaluation fine-tunes (in_context adapts nothing)."""
+    assert demo_config["fomaml"]["inner_optimizer"] == demo_config["eval"]["optimizer"] == "adam"
+    in_context = _set(_set(demo_config, "fomaml.inner_optimizer", "sgd"), "eval.mode", "in_context")
+    assert validate_config(in_context)["fomaml"]["inner_optimizer"] == "sgd"
+    both_sgd = _set(_set(demo_config, "fomaml.inner_optimizer", "sgd"), "eval.optimizer", "sgd")
+    validate_config(both_sgd)
+    mismatch = r"^config error at fomaml\.inner_optimizer: adam, but eval\.optimizer is sgd"
+    with pytest.raises(ConfigError, match=mismatch):
+        validate_config(_set(demo_config, "eval.optimizer", "sgd"))
 
 
 @pytest.mark.parametrize(("key", "value", "message"), BAD_CONFIGS, ids=lambda v: str(v)[:30])
@@ -160,9 +180,16 @@ def test_split_rules(demo_config):
 def test_defaults_are_filled(demo_config):
     del demo_config["fomaml"]["warmup_steps"]
     del demo_config["eval"]["mode"]
+    del demo_config["select"]["criterion"]
     validate_config(demo_config)
     assert demo_config["fomaml"]["warmup_steps"] == 0
     assert demo_config["eval"]["mode"] == "finetune"
+    assert demo_config["select"]["criterion"] == "tuned"  # candidates for the tuner
+    # an old config without the new keys keeps its meaning: plain-SGD inner loop, evaluated with SGD
+    old = {k: v for k, v in demo_config["fomaml"].items() if k != "inner_optimizer"}
+    old_eval = {k: v for k, v in demo_config["eval"].items() if k != "optimizer"}
+    config = validate_config(_set(_set(demo_config, "fomaml", old), "eval", old_eval))
+    assert config["fomaml"]["inner_optimizer"] == config["eval"]["optimizer"] == "sgd"
 
 
 def test_both_shipped_configs_are_valid(repo_root):
@@ -175,8 +202,12 @@ def test_both_shipped_configs_are_valid(repo_root):
     assert (paper["fomaml"]["total_steps"], paper["fomaml"]["save_freq"], paper["fomaml"]["test_freq"]) == (
         5000,
         500,
-        100,
+        1000,  # 5 candidate checkpoints per run (select.criterion tuned), not the seed's 50
     )
+    assert sft_budget_steps(paper) / paper["sft"]["test_freq"] == paper["fomaml"]["total_steps"] / 1000 == 5
+    assert paper["fomaml"]["inner_optimizer"] == paper["eval"]["optimizer"] == "adam"
+    assert paper["fomaml"]["inner_lr"] in paper["calibration"]["lr_grid"]
+    assert paper["select"]["criterion"] == "tuned"
     assert paper["tasks"]["split"] == {
         "scheme": "source_test",
         "test_subset": "all",

@@ -242,3 +242,113 @@ def test_bf16_autocast_path_runs(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     assert all(t.dtype == torch.float32 for t in load_file(tmp_path / "out" / "model" / "model.safetensors").values())
+
+
+ADAM_INNER_LR, ADAM_STEPS = 0.01, 3
+
+
+def _adam_reference(model: torch.nn.Module, episode: fomaml.Episode) -> tuple[list, list[float], float, list]:
+    """By hand: a deep copy, torch.optim.Adam (foreach=False, no weight decay) on the support batches.
+
+    Returns the weights after every inner step, the support loss of every step (before its update),
+    the query loss at the adapted weights and its gradient there (the first-order meta-gradient).
+    """
+    from fomaml_math.batching import sft_loss
+
+    fast = copy.deepcopy(model)
+    params = list(fast.parameters())
+    optimizer = torch.optim.Adam(params, lr=ADAM_INNER_LR, foreach=False, weight_decay=0.0)
+    weights, losses = [], []
+    for step in range(ADAM_STEPS):
+        optimizer.zero_grad()
+        loss, _ = sft_loss(fast, episode.support[step % len(episode.support)])
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        weights.append([p.detach().clone() for p in params])
+    query_loss, _ = sft_loss(fast, episode.query)
+    grads = torch.autograd.grad(query_loss, params)
+    return weights, losses, float(query_loss.detach()), [g.detach() for g in grads]
+
+
+def test_adam_inner_loop_equals_torch_adam_step_by_step(monkeypatch) -> None:
+    """FOMAML's inner loop with ``inner_optimizer: adam``: every inner step, the support losses, the query loss
+    and the first-order meta-gradient equal a torch.optim.Adam reference; the meta-weights come back; a second
+    task starts from fresh Adam moments (two identical episodes give identical results)."""
+    model, tok = tiny_model_and_tokenizer(seed=3)
+    episode = _episodes(tok)[0]
+    want_weights, want_losses, want_query, want_grad = _adam_reference(model, episode)
+    meta_weights = [p.detach().clone() for p in model.parameters()]
+
+    seen: list[list[torch.Tensor]] = []
+    optimizers: list[str] = []
+    original = fomaml.adapted
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        optimizers.append(kwargs["optimizer"])
+        kwargs["on_step"] = lambda _: seen.append([p.detach().clone() for p in model.parameters()])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fomaml, "adapted", recording)
+    support, query = fomaml.accumulate_meta_gradient(
+        Runtime.local(),
+        model,
+        [episode],
+        inner_lr=ADAM_INNER_LR,
+        num_inner_steps=ADAM_STEPS,
+        snapshot=WeightSnapshot(model, "cpu"),
+        inner_optimizer="adam",
+    )
+    assert optimizers == ["adam"] and len(seen) == ADAM_STEPS
+    for step, (got, want) in enumerate(zip(seen, want_weights, strict=True)):
+        for (name, _), a, b in zip(model.named_parameters(), got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=f"inner step {step + 1}: {name}")
+    moved = max(float((a - b).abs().max()) for a, b in zip(want_weights[-1], meta_weights, strict=True))
+    assert moved > 0.5 * ADAM_INNER_LR  # Adam's first steps move weights by ~lr: the comparison is not vacuous
+    assert support.shape == (1, ADAM_STEPS)
+    assert support[0].tolist() == pytest.approx(want_losses, rel=1e-6)
+    assert query[0] == pytest.approx(want_query, rel=1e-6)
+    for (name, p), g in zip(model.named_parameters(), want_grad, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7, msg=name)  # first-order: the query gradient
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), meta_weights, strict=True))  # restored
+
+    # Two identical episodes: the second starts from the restored weights and zero moments, so it repeats the first.
+    for p in model.parameters():
+        p.grad = None
+    seen.clear()
+    support, query = fomaml.accumulate_meta_gradient(
+        Runtime.local(),
+        model,
+        [episode, episode],
+        inner_lr=ADAM_INNER_LR,
+        num_inner_steps=ADAM_STEPS,
+        snapshot=WeightSnapshot(model, "cpu"),
+        inner_optimizer="adam",
+    )
+    assert support[0].tolist() == support[1].tolist() and query[0] == query[1]
+    for a, b in zip(seen[ADAM_STEPS - 1], seen[2 * ADAM_STEPS - 1], strict=True):
+        assert torch.equal(a, b)
+    for p, g in zip(model.parameters(), want_grad, strict=True):
+        torch.testing.assert_close(p.grad, 2 * g, rtol=1e-5, atol=2e-7)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), meta_weights, strict=True))
+
+
+def test_the_configured_inner_optimizer_reaches_every_adaptation(tmp_path: Path, monkeypatch) -> None:
+    """``fomaml.inner_optimizer`` goes from the settings to every task's ``adapted`` call, and into the summary."""
+    optimizers: list[str] = []
+    original = fomaml.adapted
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        optimizers.append(kwargs["optimizer"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fomaml, "adapted", recording)
+    settings = train_settings(shared_workspace() / "model")
+    settings["fomaml"].update(inner_optimizer="adam", inner_lr=0.01, total_steps=2, test_freq=2, save_freq=2)
+    assert _run(settings, tmp_path / "out", tmp_path / "ckpt") == 0
+    assert optimizers == ["adam"] * 2 * settings["fomaml"]["meta_batch_size"]  # the dev monitoring uses kshot's
+    summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
+    assert summary["inner_loop"] == {"optimizer": "adam", "lr": 0.01, "num_steps": 2, "batch_size": 4}
+    settings["fomaml"]["inner_optimizer"] = "lion"
+    with pytest.raises(ConfigError, match=r"fomaml\.inner_optimizer: expected one of \['sgd', 'adam'\]"):
+        _run(settings, tmp_path / "out2", tmp_path / "ckpt2")

@@ -28,6 +28,7 @@ SECTIONS = (
     "4_generation",
     "5_fsdp2_single",
     "6_slot_allocator",
+    "7_inner_loop",
 )
 
 HIDE = textwrap.dedent(
@@ -101,6 +102,30 @@ def test_cpu_quick_mode_writes_every_section_without_errors(quick_run) -> None:
     assert skipped["3_estimate_4b"] == ["Qwen3-4B real shape, random weights, one meta-step: needs CUDA"]
     assert any("needs CUDA" in s for s in skipped["6_slot_allocator"])
     assert not skipped["1_bf16_adaptation"] and not skipped["4_generation"] and not skipped["5_fsdp2_single"]
+    assert skipped["7_inner_loop"] == ["Qwen3-4B shape: needs CUDA"]
+
+
+def test_inner_loop_section_measures_the_configured_inner_loop(quick_run) -> None:
+    """Section 7 reads the paper config's inner loop and reports the weight and NLL change it causes."""
+    from fomaml_math.config import load_config
+
+    fo = load_config(ROOT / "config" / "config.yaml")["fomaml"]
+    results = quick_run[0]["sections"]["7_inner_loop"]["results"]
+    loop = results["config"]
+    assert (loop["optimizer"], loop["lr"], loop["num_steps"], loop["batch_size"]) == (
+        fo["inner_optimizer"],
+        fo["inner_lr"],
+        fo["num_inner_steps"],
+        fo["inner_batch_size"],
+    )
+    configured = results["configured"]
+    assert configured["optimizer"] == fo["inner_optimizer"] and len(configured["support_losses_per_step"]) == 5
+    assert 0 < configured["weight_change_rel"] < 1 and configured["restored_bitwise"]
+    change = configured["support_nll_after"] - configured["support_nll_before"]
+    assert configured["support_nll_change"] == pytest.approx(change) and change < 0  # it fits its support rows
+    assert math.isfinite(configured["held_out_nll_change"])
+    contrast = results["contrast (sgd, same lr)"]
+    assert contrast["optimizer"] == "sgd" and contrast["weight_change_rel"] < configured["weight_change_rel"]
 
 
 def test_bf16_section_compares_against_the_float32_reference(quick_run) -> None:

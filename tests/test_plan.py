@@ -46,6 +46,32 @@ def test_training_hours_follow_the_formula(demo_config: dict, tmp_path: Path) ->
     assert result["jobs"]["train"] == 2 * runs and result["jobs"]["calibrate"] == 2 * runs + 1
 
 
+def test_disk_counts_one_candidate_folder_per_monitoring_step(repo_root: Path) -> None:
+    """select.criterion tuned keeps a 4-byte-per-parameter folder per dev-monitoring step of every run."""
+    config = load_config(repo_root / "config" / "config.yaml")
+    assert config["select"]["criterion"] == "tuned"
+    assumptions = plan.Assumptions()
+    tuned = plan.build_plan(config, assumptions, Path("/nonexistent"))
+    params = tuned["parameters"]
+    runs = len(config["experiments"]) * len(config["replicates"]["seeds"])
+    assert tuned["candidates_per_run"] == {"fomaml": 5, "sft": 5}  # test_freq 1000 of 5000, 6000 of 30000
+    assert tuned["disk_parts_gb"]["kept weights (candidates, best slots, final models)"] == pytest.approx(
+        runs * (5 + 5) * 4 * params / 1e9
+    )
+    config["fomaml"]["test_freq"] = 300  # 5000 / 300: 16 full intervals and the last step
+    assert plan.candidate_count(config, "fomaml") == 17
+    assert plan.build_plan(config, assumptions, Path("/nonexistent"))["disk_gb"] == pytest.approx(
+        tuned["disk_gb"] + runs * 12 * 4 * params / 1e9
+    )
+    for criterion, copies in (("best_dev", 2), ("last", 1)):  # best slot + model/, or model/ alone
+        config["select"]["criterion"] = criterion
+        result = plan.build_plan(config, assumptions, Path("/nonexistent"))
+        assert result["candidates_per_run"] == {"fomaml": 1, "sft": 1}
+        assert result["disk_parts_gb"]["kept weights (candidates, best slots, final models)"] == pytest.approx(
+            runs * 2 * copies * 4 * params / 1e9
+        )
+
+
 def test_plan_cli_prints_jobs_hours_and_assumptions(repo_root: Path, capsys: pytest.CaptureFixture) -> None:
     assert plan.main(["--configfile", str(repo_root / "config" / "config.yaml"), "--tasks-dir", "/nonexistent"]) == 0
     out = capsys.readouterr().out

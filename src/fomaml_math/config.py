@@ -129,6 +129,12 @@ def _iter_semantic_errors(config: dict[str, Any]) -> Iterator[str]:
     data = config["data"]
     if data["source"] == "local" and not data["local"].get("path"):
         yield "data.local.path: required when data.source is 'local' (MATH archive folder, .jsonl or .parquet)"
+    inner, adapt = config["fomaml"]["inner_optimizer"], config["eval"]["optimizer"]
+    if config["eval"]["mode"] == "finetune" and inner != adapt:
+        yield (
+            f"fomaml.inner_optimizer: {inner}, but eval.optimizer is {adapt} (eval.mode finetune); FOMAML must be "
+            "meta-trained with the optimizer it is evaluated with: set both to the same value"
+        )
     sft = config["sft"]
     if sft["budget"] == "steps" and not sft.get("steps"):
         yield "sft.steps: required (a positive integer) when sft.budget is 'steps'"

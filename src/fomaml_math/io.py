@@ -76,3 +76,25 @@ def write_parquet(path: str | Path, frame: pd.DataFrame) -> None:
 def write_tsv(path: str | Path, frame: pd.DataFrame) -> None:
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, sep="\t", index=False)
+
+
+def link_tree(source: str | Path, target: str | Path) -> None:
+    """Recreate the folder ``source`` at ``target`` (created if absent) with hard links to its files.
+
+    No file is copied when both lie on one filesystem (a 16 GB model folder costs no disk twice);
+    across filesystems, or where links are not allowed, each file is copied.  Hidden entries
+    (Snakemake's ``.snakemake_timestamp``, temporaries) are skipped.  Not atomic by itself: call it
+    inside :func:`atomic_dir`.
+    """
+    source, target = Path(source), Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    for entry in sorted(source.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            link_tree(entry, target / entry.name)
+            continue
+        try:
+            os.link(entry, target / entry.name)
+        except OSError:
+            shutil.copy2(entry, target / entry.name)

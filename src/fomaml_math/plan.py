@@ -16,8 +16,11 @@ and an estimate of GPU-hours and disk, with every assumption beside the number i
   generation: test problems x generated tokens / decode throughput (a per-GPU tokens/s assumption),
   plus the gold-NLL forward.
 * **Disk**: per trained run ``keep_checkpoints`` checkpoints (fp32 weights + AdamW's two moments:
-  12 bytes per parameter), the best-dev slot (4 bytes) and the final model (4 bytes per parameter,
-  float32 safetensors).
+  12 bytes per parameter), and the kept weights at 4 bytes per parameter (float32 safetensors):
+  with ``select.criterion: tuned`` one candidate folder per dev-monitoring step
+  (``ceil(steps / test_freq)``; ``model/`` and the output's ``candidates/`` are hard links to them),
+  with ``best_dev`` the best-dev slot and the final model, with ``last`` the final model; plus the
+  base model once.
 
 N comes from the model's architecture: a local folder's ``config.json``, a tiny config, or the
 shipped ``resources/qwen3_4b_instruct_2507.json`` for the paper model (no hub access).  Mean tokens
@@ -130,6 +133,25 @@ def test_problems(config: Mapping[str, Any], tasks_dir: Path) -> tuple[float, st
     return sum(per_task.values()), source
 
 
+def monitoring_steps(config: Mapping[str, Any], method: str) -> int:
+    """Dev-monitoring steps of one training run: every ``test_freq`` steps from 1, and always the last."""
+    steps = config["fomaml"]["total_steps"] if method == "fomaml" else sft_budget_steps(dict(config))
+    return math.ceil(steps / config[method]["test_freq"])
+
+
+def candidate_count(config: Mapping[str, Any], method: str) -> int:
+    """Candidate folders per run: one per monitoring step with ``select.criterion: tuned``, else the kept step."""
+    return monitoring_steps(config, method) if config["select"]["criterion"] == "tuned" else 1
+
+
+def kept_weight_copies(config: Mapping[str, Any], method: str) -> int:
+    """Full fp32 weight copies a run keeps besides its checkpoints (module docstring, "Disk")."""
+    criterion = config["select"]["criterion"]
+    if criterion == "tuned":
+        return candidate_count(config, method)  # model/ and the output's candidates/ link to them
+    return 2 if criterion == "best_dev" else 1  # best slot + model/, or model/ (its candidate is a link)
+
+
 def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: Path) -> dict[str, Any]:
     arch = architecture(config)
     params = parameter_count(arch)
@@ -165,9 +187,7 @@ def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: P
               for k in cal["shots"])
     )  # fmt: skip
     sel = config["select"]
-    checks = math.ceil(fo["total_steps"] / fo["test_freq"]) + math.ceil(
-        sft_budget_steps(dict(config)) / config["sft"]["test_freq"]
-    )
+    checks = monitoring_steps(config, "fomaml") + monitoring_steps(config, "sft")
     monitor_flops_per_run_pair = checks * len(tasks) * (
         2.0 * params * sel["max_monitor_examples"] * example_tokens * 2
         + 6.0 * params * sel["shots"] * example_tokens * adapt_steps
@@ -194,7 +214,13 @@ def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: P
         "evaluate_generation": generated / assumptions.decode_tokens_per_s / 3600,
     }
     keep = {m: int(config[m]["keep_checkpoints"]) for m in ("fomaml", "sft")}
-    disk_bytes = runs * sum(keep.values()) * 12 * params + 2 * runs * (4 + 4) * params + 4 * params
+    kept_copies = sum(kept_weight_copies(config, m) for m in ("fomaml", "sft"))
+    disk_parts = {
+        "checkpoints": runs * sum(keep.values()) * 12 * params,
+        "kept weights (candidates, best slots, final models)": runs * kept_copies * 4 * params,
+        "base model": 4 * params,
+    }
+    disk_bytes = sum(disk_parts.values())
     jobs = {
         "train": 2 * runs,
         "calibrate": instances if calibrated else 0,
@@ -212,6 +238,8 @@ def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: P
         "gpu_hours": hours,
         "gpu_hours_total": sum(hours.values()),
         "disk_gb": disk_bytes / 1e9,
+        "disk_parts_gb": {k: v / 1e9 for k, v in disk_parts.items()},
+        "candidates_per_run": {m: candidate_count(config, m) for m in ("fomaml", "sft")},
         "assumptions": {
             "mfu": assumptions.mfu,
             "peak_tflops_per_gpu": assumptions.peak_tflops,
@@ -348,7 +376,9 @@ def render(plan: Mapping[str, Any], gpus: int) -> str:
         *(f"  {part:<52} {value:10.1f}" for part, value in plan["gpu_hours"].items()),
         f"  {'total':<52} {plan['gpu_hours_total']:10.1f}"
         f"   (= {plan['gpu_hours_total'] / max(gpus, 1):.1f} h wall on {gpus} GPU(s), perfect packing)",
-        f"disk: {plan['disk_gb']:.0f} GB (checkpoints x runs, best slots, final models)",
+        f"disk: {plan['disk_gb']:.0f} GB ("
+        + ", ".join(f"{part} {value:.0f}" for part, value in plan["disk_parts_gb"].items())
+        + f"; candidates per run: {', '.join(f'{m} {n}' for m, n in plan['candidates_per_run'].items())})",
         "",
         "assumptions:",
         f"  MFU {a['mfu']:.0%} of {a['peak_tflops_per_gpu']:g} TFLOP/s per GPU (training, adaptation, NLL)",

@@ -19,6 +19,9 @@ rule train:
             subcategory="{experiment}",
         ),
         summary=f"results/{RUN}/train_summary.json",
+        # select.criterion tuned: one HF folder per dev-monitoring step (step-N/), for the tuner; last/best_dev: the
+        # kept step only. Hard links into the checkpoint dir's copies, which survive a rerun (see the header).
+        candidates=directory(f"results/{RUN}/candidates"),
     log:
         "results/logs/train/{experiment}_{method}_seed-{seed}.log",
     benchmark:

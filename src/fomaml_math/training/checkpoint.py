@@ -262,3 +262,68 @@ def load_checkpoint(
     if runtime.rank < len(rngs):
         set_rng_state(rngs[runtime.rank])
     return state
+
+
+# ------------------------------------------------------------------ candidates (select.criterion: tuned)
+
+CANDIDATES_DIR = "candidates"  # <root>/candidates/step-N/ (HF folders) + step-N.json (step, resume key)
+
+
+def candidate_name(step: int) -> str:
+    """``step-N`` (not zero-padded): the folder name in the checkpoint dir and in ``<output-dir>/candidates/``."""
+    return f"{STEP_PREFIX}{step}"
+
+
+def candidate_folder(root: Path, step: int) -> Path:
+    return root / CANDIDATES_DIR / candidate_name(step)
+
+
+def list_candidates(root: Path, key: str) -> list[tuple[int, Path]]:
+    """Complete candidates of resume key ``key`` as ``(step, folder)``, by step.
+
+    A candidate is complete when its folder and its ``step-N.json`` exist (the json is written after
+    the folder is renamed into place, so a kill in between leaves a folder that does not count).
+    """
+    base = root / CANDIDATES_DIR
+    if not base.is_dir():
+        return []
+    found = []
+    for state_file in base.glob(f"{STEP_PREFIX}*.json"):
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            continue
+        folder = base / state_file.stem
+        if state.get("resume_key") == key and folder.is_dir() and state_file.stem == candidate_name(state["step"]):
+            found.append((int(state["step"]), folder))
+    return sorted(found)
+
+
+def prune_candidates(root: Path, key: str, *, keep_upto: int) -> list[int]:
+    """Delete every candidate that a run of ``key`` resuming at step ``keep_upto`` will not keep (main process).
+
+    Kept: complete candidates of ``key`` at steps <= ``keep_upto`` (their step is not trained again).
+    Deleted: later ones (those steps are redone), other keys' (stale settings, data or model),
+    incomplete ones and half-written temporaries.  Returns the kept steps.
+    """
+    base = root / CANDIDATES_DIR
+    if not base.is_dir():
+        return []
+    kept = {step: folder for step, folder in list_candidates(root, key) if step <= keep_upto}
+    for path in base.iterdir():
+        name = path.name.removesuffix(".json")
+        if any(name == folder.name for folder in kept.values()):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return sorted(kept)
+
+
+def write_candidate_state(root: Path, step: int, state: dict[str, Any]) -> None:
+    """Mark candidate ``step`` complete (after its folder is in place)."""
+    path = root / CANDIDATES_DIR / f"{candidate_name(step)}.json"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({**state, "step": step}, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)

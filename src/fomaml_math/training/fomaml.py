@@ -1,10 +1,12 @@
 """First-order MAML meta-training (stage ``train-fomaml``), as DESIGN.md's "FOMAML, done right".
 
 One live set of parameters.  Per meta-step: snapshot the meta-weights once; for each task of the
-meta-batch, inside :func:`fomaml_math.adapt.adapted`, run ``num_inner_steps`` plain SGD steps on
-support batches (gradients by ``torch.autograd.grad``, ``.grad`` untouched), compute the query
+meta-batch, inside :func:`fomaml_math.adapt.adapted`, run ``num_inner_steps`` inner steps on
+support batches (``fomaml.inner_optimizer``: plain SGD, or Adam with fresh moments for every task
+of every meta-step; gradients by ``torch.autograd.grad``, ``.grad`` untouched), compute the query
 loss at the adapted weights and ``backward()`` it, so ``.grad`` accumulates the first-order
-meta-gradient; the context manager restores the meta-weights before the next task.  Then
+meta-gradient (no second-order terms, whichever inner optimizer); the context manager restores
+the meta-weights before the next task.  Then
 ``.grad /= meta_batch_size``, clip to ``max_grad_norm``, one AdamW step at the scheduled
 ``outer_lr``, zero ``.grad``.  How processes share the work: :mod:`fomaml_math.training.runtime`.
 """
@@ -20,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fomaml_math.adapt import WeightSnapshot, adapted
+from fomaml_math.adapt import INNER_OPTIMIZERS, InnerOptimizer, WeightSnapshot, adapted
 from fomaml_math.batching import EncodedExample, SFTBatch, collate
 from fomaml_math.errors import ConfigError
 from fomaml_math.training import loop
@@ -107,11 +109,13 @@ def accumulate_meta_gradient(
     inner_lr: float,
     num_inner_steps: int,
     snapshot: WeightSnapshot,
+    inner_optimizer: InnerOptimizer = "sgd",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Add this process's share of ``sum over tasks of d(query loss at adapted weights)/d(weights)`` to ``.grad``.
 
-    ``snapshot`` must hold the current meta-weights.  Returns the support and query losses of all
-    tasks (gathered from every process).
+    ``snapshot`` must hold the current meta-weights.  Each task is one :func:`adapted` call, so an
+    Adam inner loop (``inner_optimizer="adam"``) starts from zero moments for every task.  Returns
+    the support and query losses of all tasks (gathered from every process).
     """
     split = runtime.mode == "fsdp"
     loss_fn = loss_fn_for(runtime, split_rows=split)
@@ -128,6 +132,7 @@ def accumulate_meta_gradient(
             snapshot=snapshot,
             loss_fn=loss_fn,
             grad_mode=runtime.grad_mode,
+            optimizer=inner_optimizer,
         ) as result:
             query_loss, _ = loss_fn(model, episode.query)
             query_loss.backward()  # first-order: the gradient at the adapted weights is the task's meta-gradient
@@ -152,13 +157,20 @@ def meta_step(
     num_inner_steps: int,
     max_grad_norm: float,
     snapshot: WeightSnapshot,
+    inner_optimizer: InnerOptimizer = "sgd",
     step: int = 0,
     checkpoint_hint: str = "no checkpoint was written",
 ) -> MetaStepResult:
     """One FOMAML meta-step on ``episodes`` (the whole meta-batch; each process does its share)."""
     snapshot.refresh()
     support, query = accumulate_meta_gradient(
-        runtime, model, episodes, inner_lr=inner_lr, num_inner_steps=num_inner_steps, snapshot=snapshot
+        runtime,
+        model,
+        episodes,
+        inner_lr=inner_lr,
+        num_inner_steps=num_inner_steps,
+        snapshot=snapshot,
+        inner_optimizer=inner_optimizer,
     )
 
     def checked(grad_norm: float) -> dict[str, float]:
@@ -215,6 +227,10 @@ class FOMAML:
 
     def check(self, settings: TrainSettings, runtime: Runtime) -> None:
         fo, tasks = settings.method, settings.tasks
+        if fo["inner_optimizer"] not in INNER_OPTIMIZERS:
+            raise ConfigError(
+                f"fomaml.inner_optimizer: expected one of {list(INNER_OPTIMIZERS)}, got {fo['inner_optimizer']!r}"
+            )
         if int(fo["meta_batch_size"]) > len(tasks):
             raise ConfigError(
                 f"fomaml.meta_batch_size: {fo['meta_batch_size']} exceeds the {len(tasks)} training tasks"
@@ -244,6 +260,17 @@ class FOMAML:
     def batches(self, settings: TrainSettings, data: dict[str, TaskData], pad_token_id: int) -> MetaBatches:
         return MetaBatches(settings.train_seed, settings.tasks, settings.method.values, data, pad_token_id)
 
+    def summary_facts(self, settings: TrainSettings) -> dict[str, Any]:
+        fo = settings.method  # the inner loop FOMAML was meta-trained with (the evaluation must adapt the same way)
+        return {
+            "inner_loop": {
+                "optimizer": fo["inner_optimizer"],
+                "lr": float(fo["inner_lr"]),
+                "num_steps": int(fo["num_inner_steps"]),
+                "batch_size": int(fo["inner_batch_size"]),
+            }
+        }
+
     def step(self, ctx: StepContext, batch: list[Episode], *, step: int, checkpoint_hint: str) -> StepOutcome:
         fo = ctx.settings.method
         result = meta_step(
@@ -257,6 +284,7 @@ class FOMAML:
             num_inner_steps=int(fo["num_inner_steps"]),
             max_grad_norm=fo.max_grad_norm,
             snapshot=ctx.snapshot,
+            inner_optimizer=fo["inner_optimizer"],
             step=step,
             checkpoint_hint=checkpoint_hint,
         )

@@ -3,7 +3,7 @@
 A :class:`Method` (``training.fomaml.FOMAML``, ``training.sft.SFT``) supplies what differs: its
 settings checks, its batch of step ``s`` and its update.  The loop owns the rest: settings,
 processes, the model, the training data and the leak check, dev monitoring, resume, checkpoints,
-the metrics log, best-dev selection, the divergence stop and the final outputs.
+the metrics log, best-dev selection or the candidates for the tuner, the divergence stop and the final outputs.
 """
 
 from __future__ import annotations
@@ -90,6 +90,10 @@ class Method(Protocol):
         """One update on ``batch`` (every process passes the whole batch); raises TrainingDivergedError."""
         ...
 
+    def summary_facts(self, settings: TrainSettings) -> dict[str, Any]:
+        """Method-specific entries of ``train_summary.json`` (FOMAML: its inner loop)."""
+        ...
+
 
 def train(
     method: Method, raw: dict[str, Any], tasks_dir: Path, output_dir: Path, checkpoint_dir: Path
@@ -160,11 +164,14 @@ def train(
             if run.monitor_due(step):
                 record.update(monitor())
             run.log(record, postfix={"loss": f"{out.loss:.4f}", "gnorm": f"{out.grad_norm:.3f}"})
+            run.keep_candidate(step, tokenizer)  # select.criterion tuned; before the checkpoint (resume)
             run.maybe_save(step)
             run.observe_dev(step, record)
     finally:
         run.close()
-    return run.finish(output_dir, tokenizer, train_examples=batches.examples, started=started)
+    return run.finish(
+        output_dir, tokenizer, train_examples=batches.examples, started=started, facts=method.summary_facts(settings)
+    )
 
 
 def start_run(

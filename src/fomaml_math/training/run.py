@@ -1,4 +1,4 @@
-"""A training run's records: resume, metrics log, wandb, checkpoints, the best-dev slot, final outputs."""
+"""A training run's records: resume, metrics log, wandb, checkpoints, the best-dev slot, candidates, final outputs."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import transformers
 from fomaml_math.batching import EncodedExample
 from fomaml_math.config import settings_hash
 from fomaml_math.errors import ConfigError
-from fomaml_math.io import atomic_dir, write_json
+from fomaml_math.io import atomic_dir, link_tree, write_json
 from fomaml_math.training import checkpoint as ckpt
 from fomaml_math.training.logs import MetricsLog, WandbLogger, progress_bar, write_metrics_outputs
 from fomaml_math.training.monitor import SELECTION_METRIC
@@ -33,10 +33,14 @@ def save_final_model(runtime: Runtime, model: Any, tokenizer: Any, path: Path) -
         state, unwrapped = None, model
     if runtime.is_main:
         config = unwrapped.config
-        config.use_cache = True
-        with atomic_dir(path) as tmp:
-            unwrapped.save_pretrained(tmp, state_dict=state)
-            tokenizer.save_pretrained(tmp)
+        training_value = config.use_cache
+        config.use_cache = True  # the saved config generates with a KV cache
+        try:
+            with atomic_dir(path) as tmp:
+                unwrapped.save_pretrained(tmp, state_dict=state)
+                tokenizer.save_pretrained(tmp)
+        finally:
+            config.use_cache = training_value  # a candidate is saved mid-training: leave the live model as it was
     runtime.barrier()
 
 
@@ -117,6 +121,13 @@ class TrainingRun:
         if best is not None and int(best["step"]) > self.start_step:
             best = None  # written after the checkpoint we resume from: that step will be redone
         self.best: dict[str, Any] | None = best
+        # Candidates (select.criterion tuned) live in the checkpoint dir, which Snakemake never deletes: the ones
+        # written at or before the step we resume from are kept, later ones (and other keys') are redone.
+        if runtime.is_main:
+            kept = ckpt.prune_candidates(self.root, key, keep_upto=self.start_step)
+            if kept and self.criterion == "tuned":
+                print(f"{method}: keeping candidates at steps {kept}", file=sys.stderr)
+        runtime.barrier()
         self._clock = time.perf_counter()
         self._wall_before = float(self.state["wall_time_s"])
         self.bar = progress_bar(
@@ -155,6 +166,32 @@ class TrainingRun:
         """Whether step ``step`` logs the dev monitoring losses (every ``test_freq`` steps, and the last)."""
         return step % self.test_freq == 0 or step == self.total_steps
 
+    def candidate_steps(self) -> list[int]:
+        """The steps ``select.criterion: tuned`` keeps: every dev-monitoring step from 1 (the last included)."""
+        return [s for s in range(1, self.total_steps + 1) if self.monitor_due(s)]
+
+    def keep_candidate(self, step: int, tokenizer: Any) -> None:
+        """With ``tuned``, at a dev-monitoring step: the weights as a Hugging Face folder in the checkpoint dir.
+
+        Called before the step's checkpoint, so a resumed run never lacks a candidate of a step it skips.
+        """
+        if self.criterion != "tuned" or not self.monitor_due(step):
+            return
+        save_final_model(self.runtime, self.model, tokenizer, ckpt.candidate_folder(self.root, step))
+        if self.runtime.is_main:
+            ckpt.write_candidate_state(self.root, step, {"resume_key": self.key, "method": self.method})
+        self.runtime.barrier()
+
+    def _write_candidates(self, output_dir: Path, steps: list[int], source: dict[int, Path]) -> list[dict[str, Any]]:
+        """``<output-dir>/candidates/step-N/`` for ``steps`` (hard links to ``source[N]``), written atomically."""
+        listed = [{"step": s, "path": f"{ckpt.CANDIDATES_DIR}/{ckpt.candidate_name(s)}"} for s in steps]
+        if self.runtime.is_main:
+            with atomic_dir(output_dir / ckpt.CANDIDATES_DIR) as tmp:
+                for s in steps:
+                    link_tree(source[s], tmp / ckpt.candidate_name(s))
+        self.runtime.barrier()
+        return listed
+
     def maybe_save(self, step: int) -> None:
         """Checkpoint every ``save_freq`` steps and at the last step, keeping ``keep_checkpoints``."""
         if step % self.save_freq and step != self.total_steps:
@@ -189,18 +226,41 @@ class TrainingRun:
         self.metrics.close()
 
     def finish(
-        self, output_dir: Path, tokenizer: Any, *, train_examples: Sequence[EncodedExample], started: float
+        self,
+        output_dir: Path,
+        tokenizer: Any,
+        *,
+        train_examples: Sequence[EncodedExample],
+        started: float,
+        facts: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Write ``model/``, ``metrics.jsonl``, ``metrics.csv`` and (last) ``train_summary.json``.
+        """Write ``model/``, ``candidates/``, ``metrics.jsonl``, ``metrics.csv`` and (last) ``train_summary.json``.
 
         ``train_examples``: every example training draws from; ``started``: ``perf_counter()`` when
-        this process's ``train`` began.
+        this process's ``train`` began; ``facts``: the method's own summary entries.
         """
         this_run_wall_time = time.perf_counter() - started  # before the final save, as the trainers measured it
         self.close()
         output_dir = Path(output_dir)
-        selected_step = self.total_steps
-        if self.criterion == "best_dev":
+        selected_step: int | None = self.total_steps
+        if self.criterion == "tuned":
+            # Training selects nothing: every monitored step is a candidate; model/ is the last step's
+            # (the same folder as its candidate, hard-linked).
+            selected_step = None
+            steps = self.candidate_steps()
+            have = dict(ckpt.list_candidates(self.root, self.key))
+            missing = [s for s in steps if s not in have]
+            if missing:
+                raise RuntimeError(
+                    f"select.criterion tuned: candidates {missing} are missing from {self.root / ckpt.CANDIDATES_DIR} "
+                    "(deleted by hand?); delete the checkpoint dir to retrain"
+                )
+            if self.runtime.is_main:
+                with atomic_dir(output_dir / "model") as tmp:
+                    link_tree(have[self.total_steps], tmp)
+            self.runtime.barrier()
+            candidates = self._write_candidates(output_dir, steps, have)
+        elif self.criterion == "best_dev":
             if self.best is None:
                 raise ConfigError(
                     "select.criterion: best_dev, but no dev criterion was logged (select.shots must not exceed "
@@ -209,7 +269,12 @@ class TrainingRun:
             selected_step = int(self.best["step"])
             if selected_step != self.total_steps:
                 ckpt.load_best(self.root, runtime=self.runtime, model=self.model)
-        save_final_model(self.runtime, self.model, tokenizer, output_dir / "model")
+        if self.criterion != "tuned":
+            save_final_model(self.runtime, self.model, tokenizer, output_dir / "model")
+            # One candidate, the kept weights, so the rule's outputs are the same whatever the criterion.
+            assert selected_step is not None
+            candidates = self._write_candidates(output_dir, [selected_step], {selected_step: output_dir / "model"})
+        model_step = self.total_steps if selected_step is None else selected_step
         summary = {
             "method": self.method,
             "steps": self.total_steps,
@@ -230,6 +295,8 @@ class TrainingRun:
                 "metric": None if self.best is None else self.best["metric"],
             },
             "selected_step": selected_step,
+            "model_step": model_step,  # the step whose weights model/ holds
+            "candidates": candidates,  # paths relative to the output dir, in step order
             "final_metrics": {
                 k: v for k, v in self.last.items() if isinstance(v, int | float) and math.isfinite(float(v))
             },
@@ -239,6 +306,7 @@ class TrainingRun:
             "num_train_examples": len(train_examples),
             "num_truncated_examples": sum(e.truncated for e in train_examples),
             "this_run_wall_time_s": this_run_wall_time,
+            **(facts or {}),
         }
         if self.runtime.is_main:
             write_metrics_outputs(self.metrics.records, output_dir)

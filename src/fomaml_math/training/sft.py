@@ -125,6 +125,9 @@ class SFT:
         require_rows(examples, batch_size, setting="sft.batch_size", what="the pooled support+query training data")
         return EpochBatches(examples, EpochSampler(settings.train_seed, len(examples), batch_size), pad_token_id)
 
+    def summary_facts(self, settings: TrainSettings) -> dict[str, Any]:
+        return {}
+
     def step(self, ctx: StepContext, batch: EpochBatch, *, step: int, checkpoint_hint: str) -> StepOutcome:
         loss, grad_norm = sft_step(
             ctx.runtime,
