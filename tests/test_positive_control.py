@@ -42,6 +42,7 @@ def control_config() -> dict:
     config["tasks"]["split"].update(dev_pool=2 * LARGEST_K, dev_monitor=6)
     config["experiments"] = [{"name": "main", "meta_test": []}]
     config["fomaml"]["meta_batch_size"] = 2
+    config["fomaml"]["inner_optimizer"] = "adam"  # must match eval.optimizer (checked by the config)
     config["prompt"]["instruction"] = demo["prompt"]["instruction"]
     config["model"]["tiny"] = copy.deepcopy(demo["model"]["tiny"])
     config["model"]["pretrain"] = {"problems_per_family": 400, "steps": 200, "batch_size": 32, "lr": 3.0e-3}
