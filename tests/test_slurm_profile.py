@@ -162,10 +162,12 @@ def test_paper_config_asks_slurm_for_the_gpus_accelerate_uses(tmp_path):
     config = read_config(root)
     runs = len(config["experiments"]) * 2 * len(config["replicates"]["seeds"])
     shots = len(config["eval"]["shots"])
-    assert len(by_rule["train"]) == runs and len(by_rule["calibrate"]) == runs and len(by_rule["calibrate_base"]) == 1
-    # The evaluations wait for their calibration (a checkpoint); the dry run plans them all.
+    experiments = len(config["experiments"])  # the base is tuned and evaluated per experiment
+    assert len(by_rule["train"]) == runs and len(by_rule["calibrate"]) == runs
+    assert len(by_rule["calibrate_base"]) == experiments
+    # The evaluations wait for their tuner (a checkpoint); the dry run plans them all.
     assert len(by_rule["evaluate"]) == runs * shots + (shots - 1)  # + the negative control (k > 0)
-    assert len(by_rule["evaluate_base"]) == shots
+    assert len(by_rule["evaluate_base"]) == experiments * shots
     for job in by_rule["calibrate"] + by_rule["calibrate_base"]:
         command = sbatch_command(job)
         assert job["resources"]["gpu"] == 1 and " --gpus=1" in command and " -t 240" in command, command

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from fomaml_math.evaluation.choice import read_choice
 from tests.workflow_utils import make_workspace, planned_jobs, planned_outputs, read_config, snakemake, write_config
 
 pytestmark = pytest.mark.slow
@@ -22,9 +23,10 @@ RUN = "main/{method}/seed-0"
 
 
 def runs(config: dict) -> dict[str, str]:
-    """Initialisation instance -> its folder under results/ (the shared base and every trained run)."""
-    out = {"base": "base"}
+    """Initialisation instance -> its folder under results/ (the base, tuned per experiment, and every trained run)."""
+    out = {}
     for experiment in config["experiments"]:
+        out[f"{experiment['name']}/base"] = f"{experiment['name']}/base"
         for method in ("sft", "fomaml"):
             for seed in config["replicates"]["seeds"]:
                 out[f"{experiment['name']}/{method}/{seed}"] = f"{experiment['name']}/{method}/seed-{seed}"
@@ -60,16 +62,22 @@ def test_full_dag_outputs(finished):
     shots = config["eval"]["shots"]
     tasks = finished / "results/data/tasks"
     for label, folder in runs(config).items():
-        init = label.split("/")[1] if "/" in label else "base"
-        calibration = json.loads((finished / f"results/{folder}/calibration.json").read_text())
-        assert calibration["init"] == init and calibration["chosen"]["lr"] in config["calibration"]["lr_grid"]
+        init = label.split("/")[1]
+        path = finished / f"results/{folder}/calibration.json"
+        calibration = json.loads(path.read_text())
+        assert calibration["init"] == init and calibration["tasks"] == sorted(config["tasks"]["names"])
+        assert all(e["lr"] in config["calibration"]["lr_grid"] for e in calibration["chosen"] if e["shots"] > 0)
+        if init != "base":  # best_dev: training kept one candidate, the selected step, and the tuner adapts it
+            selected = json.loads((finished / f"results/{folder}/train_summary.json").read_text())["selected_step"]
+            assert {e["checkpoint"] for e in calibration["chosen"]} == {selected}
         for k in shots:
             frame = pd.read_parquet(finished / f"results/{folder}/eval/shots-{k}.parquet")
             assert set(frame["init"]) == {init} and set(frame["shots"]) == {k}
             assert set(frame["task"]) == set(config["tasks"]["names"])
             assert set(frame["repeat"]) == ({0} if k == 0 else set(range(config["eval"]["repeats"])))
-            if k > 0:  # the calibrated rate is the one the evaluation adapted with
-                assert set(frame["adapt_lr"]) == {calibration["chosen"]["lr"]}
+            if k > 0:  # the tuned adaptation (of k's band) is the one the evaluation adapted with
+                choice = read_choice(path, k)
+                assert set(frame["adapt_lr"]) == {choice.lr} and set(frame["adapt_steps"]) == {choice.num_steps}
             for task in config["tasks"]["names"]:
                 rows = frame[frame["task"] == task]
                 dev_pool = set(pd.read_parquet(tasks / task / "dev_pool.parquet")["id"])
@@ -94,7 +102,7 @@ def test_full_dag_outputs(finished):
         assert (finished / f"results/figures/{figure}.png").stat().st_size > 0
     summary = (finished / "results/summary.md").read_text()
     sections = ("## Answer", "Per-shot comparisons", "Positive control", "Negative control", "Generation")
-    for section in (*sections, "Adaptation effect", "Calibration"):
+    for section in (*sections, "Adaptation effect", "Tuning"):
         assert section in summary, section
     assert "Positive control detected" in summary or "Positive control not detected" in summary
     assert (finished / "results/report.html").stat().st_size > 10_000
@@ -144,7 +152,13 @@ def test_b_adding_a_shot_count_reruns_only_new_evaluations_and_analysis(workspac
 
 def test_c_changing_inner_lr_reruns_fomaml_and_what_follows_only(workspace):
     config = read_config(workspace)
-    before = {f: json.loads((workspace / f"results/{f}/calibration.json").read_text()) for f in runs(config).values()}
+    shots = config["eval"]["shots"]
+
+    def choices() -> dict[tuple[str, int], object]:
+        return {(f, k): read_choice(workspace / f"results/{f}/calibration.json", k) for f in runs(config).values()
+                for k in shots}  # fmt: skip
+
+    before = choices()
     write_config(workspace, config, fomaml__inner_lr=config["fomaml"]["inner_lr"] * 2)
     outputs = planned_outputs(workspace)
     assert f"results/{RUN.format(method='fomaml')}/train_summary.json" in outputs
@@ -153,14 +167,11 @@ def test_c_changing_inner_lr_reruns_fomaml_and_what_follows_only(workspace):
     ran = executed(result)
     # The rate FOMAML was trained with joins every initialisation's calibration grid (the same grid for all).
     assert ran.get("train") == 1 and ran.get("calibrate") == len(runs(config)) - 1 and ran.get("calibrate_base") == 1
-    changed = {
-        f
-        for f in runs(config).values()
-        if json.loads((workspace / f"results/{f}/calibration.json").read_text())["chosen"] != before[f]["chosen"]
-    }
+    after = choices()
     fomaml_run = RUN.format(method="fomaml")
-    # Evaluations rerun for FOMAML (new model, and its control) and wherever the chosen rate changed, only.
-    expected_evals = len(config["eval"]["shots"]) * len(changed | {fomaml_run}) + len(config["eval"]["shots"]) - 1
+    # Evaluations rerun for FOMAML (new model, and its control) and wherever the chosen adaptation changed, only.
+    changed = {key for key in after if after[key] != before[key] or key[0] == fomaml_run}
+    expected_evals = len(changed) + len([k for k in shots if k > 0])
     assert ran.get("evaluate", 0) + ran.get("evaluate_base", 0) == expected_evals, (ran, changed)
     assert "split_tasks" not in ran and "ingest" not in ran
     assert planned_jobs(workspace) == {}
@@ -179,7 +190,7 @@ def test_e_adding_a_seed_runs_only_its_trainings_and_evaluations(workspace):
     write_config(workspace, config, replicates__seeds=[*config["replicates"]["seeds"], 7])
     outputs = planned_outputs(workspace)
     assert {p.split("/")[3] for p in outputs if p.startswith("results/main/")} == {"seed-7"}
-    assert not [p for p in outputs if p.startswith(("results/data/", "results/base/"))]
+    assert not [p for p in outputs if p.startswith(("results/data/", "results/main/base/"))]
     result = snakemake(workspace)
     ran = executed(result)
     shots = len(config["eval"]["shots"])
@@ -197,9 +208,13 @@ def test_f_adding_an_experiment_runs_only_its_own_jobs(workspace):
     ran = executed(result)
     shots = len(config["eval"]["shots"])
     seeds = len(config["replicates"]["seeds"])
-    # The base model's calibration and evaluations are shared: nothing of the base reruns.
-    assert ran == {"train": 2 * seeds, "calibrate": 2 * seeds, "evaluate": 2 * seeds * shots, "stats": 1,
-                   "figures": 1, "summary": 1, "experiments": 1, "manifest": 1}  # fmt: skip
+    # The base is tuned per experiment, on that experiment's training tasks: the new experiment tunes and
+    # evaluates its own base; the first experiment's base reruns nothing.
+    assert ran == {"train": 2 * seeds, "calibrate": 2 * seeds, "calibrate_base": 1, "evaluate": 2 * seeds * shots,
+                   "evaluate_base": shots, "stats": 1, "figures": 1, "summary": 1, "experiments": 1,
+                   "manifest": 1}  # fmt: skip
+    tuned = json.loads((workspace / "results/heldout/base/calibration.json").read_text())
+    assert held_out not in tuned["tasks"]  # true few-shot: never the held-out task's dev data
     summary = json.loads((workspace / "results/heldout/fomaml/seed-0/train_summary.json").read_text())
     assert held_out not in summary["settings"]["train_tasks"]
     frame = pd.read_parquet(

@@ -366,6 +366,10 @@ def stage_settings(
             "calibration": config["calibration"],
             "adaptation": adaptation_settings(config),
             "fomaml_inner_lr": config["fomaml"]["inner_lr"],  # always a candidate (see evaluation.calibrate)
+            # the evaluated shot counts (tuned per count unless calibration.shots gives bands) and the
+            # evaluation's generation, which the accuracy criterion uses as the evaluation does
+            "eval_shots": sorted(int(k) for k in config["eval"]["shots"]),
+            "generation": {k: config["eval"][k] for k in ("max_new_tokens", "gen_batch_size", "grade_timeout_s")},
             "model": _model_settings(config),
             "mixed_precision": config["compute"]["mixed_precision"],
             "prompt": {"instruction": instruction(config)},

@@ -10,8 +10,12 @@ and an estimate of GPU-hours and disk, with every assumption beside the number i
   matched``).  GPU-hours = FLOPs / (peak x MFU) / 3600.
 * **Dev monitoring** every ``test_freq`` steps: forward passes over the monitoring slice before and
   after a k-shot adaptation per task (small next to training; counted).
-* **Calibration**: per initialisation instance, lr grid x tasks x draws x shot counts adaptations
-  (6 x N x k x tokens x steps) and dev forwards after every step.
+* **Tuning** (stage ``calibrate``; docs/evaluation.md, "Tuning"): per candidate checkpoint (the base: one
+  per experiment; a trained run: one per dev-monitoring step with ``select.criterion: tuned``) x the
+  experiment's training tasks x draws x tuned k > 0 x rates: one adaptation of ``max(steps_grid)`` steps
+  (6 x N x k x tokens per step), two dev NLL forwards (solution, final answer) of the monitoring examples
+  before and after every step, and greedy generation of those examples at every step count of the grid
+  and before adapting (decode throughput, as the evaluation).
 * **Evaluation**: per (initialisation, task, shots, repeat) the adaptation (as above) and the
   generation: test problems x generated tokens / decode throughput (a per-GPU tokens/s assumption),
   plus the gold-NLL forward.
@@ -173,18 +177,33 @@ def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: P
     sft_tokens = sft_budget_steps(dict(config)) * config["sft"]["batch_size"] * example_tokens
     runs = len(experiments) * len(seeds)
     calibrated = config["calibration"]["enabled"] and config["eval"]["mode"] == "finetune"
-    instances = 1 + 2 * runs  # the shared base and every trained run
+    instances = (len(experiments) if calibrated else 1) + 2 * runs  # the base (per experiment when tuned), runs
 
     ev = config["eval"]
     adapt_steps = int(ev["num_inner_steps"])
     cal = config["calibration"]
     cal_steps = max(cal["steps_grid"] or [adapt_steps])
+    graded_points = len(set(cal["steps_grid"] or [adapt_steps]) - {0}) + 1  # the grid's step counts and step 0
     lr_count = len(set(cal["lr_grid"]) | {fo["inner_lr"]})
     monitor = cal["max_monitor_examples"]
-    cal_flops_per_instance = (
-        lr_count * len(tasks) * cal["draws"]
-        * sum(6.0 * params * k * example_tokens * cal_steps + 2.0 * params * monitor * example_tokens * cal_steps
-              for k in cal["shots"])
+    evaluated = {int(k) for k in shots}
+    tuned = sorted({int(k) for k in (cal["shots"] or evaluated) if int(k) > 0})
+    train_task_count = {e: len(training_tasks(dict(config), e)) for e in experiments}
+
+    def tuning_hours(task_count: int) -> float:
+        """GPU-hours of the tuner on one candidate checkpoint."""
+        adapt = lr_count * task_count * cal["draws"] * sum(
+            6.0 * params * k * example_tokens * cal_steps + 2 * 2.0 * params * monitor * example_tokens * cal_steps
+            for k in tuned
+        )  # fmt: skip
+        decoded = task_count * monitor * ev["max_new_tokens"] * assumptions.mean_generated_fraction * (
+            1 + len(tuned) * cal["draws"] * lr_count * graded_points
+        )  # fmt: skip
+        return adapt / throughput / 3600 + decoded / assumptions.decode_tokens_per_s / 3600
+
+    candidates = {m: candidate_count(config, m) for m in ("fomaml", "sft")}
+    tuning = sum(
+        tuning_hours(train_task_count[e]) * (1 + len(seeds) * sum(candidates.values())) for e in experiments
     )  # fmt: skip
     sel = config["select"]
     checks = monitoring_steps(config, "fomaml") + monitoring_steps(config, "sft")
@@ -209,7 +228,7 @@ def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: P
         "train_fomaml": runs * fomaml_tokens * per_token / throughput / 3600,
         "train_sft": runs * sft_tokens * per_token / throughput / 3600,
         "dev_monitoring": runs * monitor_flops_per_run_pair / throughput / 3600,
-        "calibrate": (instances * cal_flops_per_instance / throughput / 3600) if calibrated else 0.0,
+        "calibrate": tuning if calibrated else 0.0,
         "evaluate_adaptation": (adapt_flops + nll_flops) / throughput / 3600,
         "evaluate_generation": generated / assumptions.decode_tokens_per_s / 3600,
     }

@@ -7,7 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from fomaml_math.evaluation.choice import read_choice
+from fomaml_math.evaluation.choice import AdaptationChoice, read_choice, read_chosen_model
 
 SRC_DIR = str(Path(__file__).resolve().parents[1])
 
@@ -47,7 +47,14 @@ def job_interpreter_warning() -> str | None:
     )
 
 
-def adaptation_choice(calibration_json: str | Path) -> tuple[float, int]:
-    """The (learning rate, steps) a calibration file chose (:func:`fomaml_math.evaluation.choice.read_choice`)."""
-    choice = read_choice(calibration_json)
-    return choice.lr, choice.num_steps
+def adaptation_choice(calibration_json: str | Path, shots: int) -> tuple[AdaptationChoice, str]:
+    """The adaptation a tuner file chose for an evaluation at ``shots``, and the model folder it adapts
+    (:mod:`fomaml_math.evaluation.choice`)."""
+    return read_choice(calibration_json, shots), read_chosen_model(calibration_json, shots)
+
+
+def choice_flag_name(choice: AdaptationChoice) -> str:
+    """The flag file an evaluation depends on: named by the chosen value, so a retuning that chooses the
+    same value reruns no evaluation."""
+    checkpoint = "model" if choice.checkpoint is None else f"ckpt{choice.checkpoint}"
+    return f"results/calibration-choices/{choice.optimizer}-{checkpoint}-lr{choice.lr!r}-steps{choice.num_steps}.flag"

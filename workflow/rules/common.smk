@@ -18,6 +18,7 @@ from fomaml_math.evaluation.rows import BASE, METHODS
 from fomaml_math.launch import accelerate_launch_prefix
 from fomaml_math.workflow import (
     adaptation_choice,
+    choice_flag_name,
     export_package_path,
     job_interpreter_warning,
     output_dir,
@@ -59,13 +60,17 @@ PRETRAIN = TINY and config["model"]["pretrain"] is not None
 TINY_INIT = "results/models/tiny-init" if PRETRAIN else BASE_MODEL
 COMPUTE = config["compute"]
 TRAIN_GPUS = COMPUTE["num_processes"] if COMPUTE["gpus"] > 0 else 0
-# The evaluation's learning rate comes from the calibration stage (finetune mode only).
+# The evaluation's checkpoint and adaptation come from the tuner, stage `calibrate` (finetune mode only).
 CALIBRATED = config["calibration"]["enabled"] and config["eval"]["mode"] == "finetune"
 CONTROL = config["replicates"]["negative_control"]
 
 # A trained run's folder under results/ (the base is results/base/); one value per wildcard.
 RUN = "{experiment}/{method}/seed-{seed}"
 RUN_MODEL = f"results/{RUN}/model"
+RUN_CANDIDATES = f"results/{RUN}/candidates"
+# The base: tuned per experiment on that experiment's training tasks (true few-shot), so with the tuner it has a
+# folder per experiment; untuned, one shared folder serves every experiment.
+BASE_RUN = f"{{experiment}}/{BASE}" if CALIBRATED else BASE
 TASKS_DIR = "results/data/tasks"
 ROLES = f"{TASKS_DIR}/{ROLES_FILE}"
 
@@ -90,14 +95,28 @@ def base_model_input():
     return [BASE_MODEL] if TINY else []
 
 
-def run_model(wildcards, input):
-    """A trained run's model folder, its input."""
-    return input.model
+def training_tasks(experiment):
+    """The tasks an experiment trains on: the only ones whose dev data its tuning may read."""
+    held_out = set(meta_test_tasks(config, experiment))
+    return [task for task in TASKS if task not in held_out]
 
 
-def base_model(wildcards):
-    """The base: the tiny model's folder (an input), or a hub model or local folder (not a file target)."""
-    return BASE_MODEL
+def tuning_task_files(wildcards):
+    return expand(
+        f"{TASKS_DIR}/{{task}}/{{split}}.parquet",
+        task=training_tasks(wildcards.experiment),
+        split=["dev_pool", "dev_monitor"],
+    )
+
+
+def tuning_args(wildcards):
+    """--experiment, --tasks (training tasks only) and, for a trained run, --train-seed of a tuner job."""
+    seed = [f"--train-seed {int(wildcards.seed)}"] if "seed" in wildcards.keys() else []
+    return " ".join([f"--experiment {wildcards.experiment}", "--tasks", *training_tasks(wildcards.experiment), *seed])
+
+
+def base_runs():
+    return [BASE_RUN.format(experiment=e) for e in EXPERIMENTS] if CALIBRATED else [BASE]
 
 
 def trained_runs():
@@ -126,35 +145,47 @@ def eval_args(wildcards):
 
 
 def base_eval_args(wildcards):
-    """The base's evaluation: one shared initialisation of every experiment."""
-    return " ".join(["--experiment shared", *control_args(wildcards)])
+    """The base's evaluation: per experiment when tuned (its choice is the experiment's), else shared."""
+    if not CALIBRATED:
+        return " ".join(["--experiment shared", *control_args(wildcards)])
+    held_out = meta_test_tasks(config, wildcards.experiment)
+    meta_test = [" ".join(["--meta-test", *held_out])] if held_out else []
+    return " ".join([f"--experiment {wildcards.experiment}", *meta_test, *control_args(wildcards)])
 
 
 def calibration_job(wildcards):
-    """The calibration checkpoint of an evaluation's initialisation (a trained run, else the base)."""
-    if "experiment" in wildcards.keys():
+    """The tuner checkpoint of an evaluation's initialisation (a trained run, else the experiment's base)."""
+    if "method" in wildcards.keys():
         return checkpoints.calibrate.get(experiment=wildcards.experiment, method=wildcards.method, seed=wildcards.seed)
-    return checkpoints.calibrate_base.get()
+    return checkpoints.calibrate_base.get(experiment=wildcards.experiment)
 
 
-def chosen_adaptation(wildcards):
-    """(lr, steps) the calibration chose for this run; read once the checkpoint has run."""
-    if not CALIBRATED:
-        return float(config["eval"]["inner_lr"]), int(config["eval"]["num_inner_steps"])
-    return adaptation_choice(calibration_job(wildcards).output[0])
+def chosen(wildcards):
+    """(AdaptationChoice, model folder) the tuner chose for this evaluation's shot count; read once it has run."""
+    return adaptation_choice(calibration_job(wildcards).output[0], int(wildcards.shots))
 
 
 def choice_flag(wildcards):
-    """A file named by the chosen value: an evaluation depends on the value, not on the calibration's mtime,
-    so a recalibration that chooses the same value reruns no evaluation."""
-    if not CALIBRATED:
-        return []
-    lr, steps = chosen_adaptation(wildcards)
-    return [f"results/calibration-choices/{config['eval']['optimizer']}-lr{lr!r}-steps{steps}.flag"]
+    """A file named by the chosen value: an evaluation depends on the value, not on the tuner file's mtime,
+    so a retuning that chooses the same value reruns no evaluation."""
+    return [choice_flag_name(chosen(wildcards)[0])] if CALIBRATED else []
+
+
+def eval_model(wildcards, input):
+    """The weights evaluated: the tuner's chosen candidate, else the run's model/ (the base: its model)."""
+    if CALIBRATED:
+        return chosen(wildcards)[1]
+    return input.model if "method" in wildcards.keys() else BASE_MODEL
 
 
 def adapt_args(wildcards):
-    return "--adapt-lr {!r} --adapt-steps {}".format(*chosen_adaptation(wildcards))
+    """--adapt-lr/--adapt-steps: the tuner's choice, else the untuned eval settings."""
+    if not CALIBRATED:
+        return "--adapt-lr {!r} --adapt-steps {}".format(
+            float(config["eval"]["inner_lr"]), int(config["eval"]["num_inner_steps"])
+        )
+    choice = chosen(wildcards)[0]
+    return f"--adapt-lr {choice.lr!r} --adapt-steps {choice.num_steps}"
 
 
 def eval_file(run, shots, kind="eval"):
@@ -162,7 +193,7 @@ def eval_file(run, shots, kind="eval"):
 
 
 def all_eval_files():
-    return [eval_file(run, k) for run in [BASE, *trained_runs()] for k in SHOTS]
+    return [eval_file(run, k) for run in [*base_runs(), *trained_runs()] for k in SHOTS]
 
 
 def control_runs():
@@ -174,7 +205,7 @@ def control_eval_files():
 
 
 def calibration_files():
-    return [f"results/{run}/calibration.json" for run in [BASE, *trained_runs()]] if CALIBRATED else []
+    return [f"results/{run}/calibration.json" for run in [*base_runs(), *trained_runs()]] if CALIBRATED else []
 
 
 def all_targets():

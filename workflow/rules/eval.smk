@@ -1,24 +1,41 @@
-# Calibration (one job per initialisation: the shared base, and every trained run) picks the evaluation's
-# adaptation learning rate on dev; it is a checkpoint, so the evaluations read the chosen value when it is
-# known. One evaluation job per (initialisation, shot count): adding a shot count adds jobs and reruns
-# nothing else. Each job takes `eval_gpus_per_job` GPUs; the slot allocator gives concurrent jobs distinct
-# devices (Snakemake counts GPUs but sets no CUDA_VISIBLE_DEVICES per job).
-# A trained run's rule has the wildcards {experiment}/{method}/seed-{seed}; the base's (`*_base`) reads the
-# literal results/base/. `use rule` would make the base's calibration a plain rule, not a checkpoint
-# (snakemake#2530), so both calibrations come from one loop, each with its own name.
+# The tuner (stage `calibrate`; one job per initialisation: every trained run, and the base once per experiment)
+# chooses, per tuned shot count, the kept checkpoint and the adaptation (lr, steps) on the dev data of the
+# experiment's training tasks only (true few-shot: no held-out task's dev data, no test file). It is a
+# checkpoint, so the evaluations read the choice once it is known. One evaluation job per (initialisation, shot
+# count): adding a shot count adds jobs and reruns nothing else. Each job takes `eval_gpus_per_job` GPUs; the
+# slot allocator gives concurrent jobs distinct devices (Snakemake counts GPUs but sets no CUDA_VISIBLE_DEVICES).
+# A trained run's rule has the wildcards {experiment}/{method}/seed-{seed}; the base's (`*_base`) reads
+# results/{experiment}/base/ (tuned) or results/base/ (untuned). `use rule` would make the base's tuner a plain
+# rule, not a checkpoint (snakemake#2530), so both tuners come from one loop, each with its own name.
 
 
-for name, run, model_input, model, init, args in [
-    ("calibrate", RUN, RUN_MODEL, run_model, "{method}", run_args),
-    ("calibrate_base", BASE, base_model_input(), base_model, BASE, ""),
+def trained_candidates(wildcards, input):
+    return f"--train-summary {input.train_summary}"
+
+
+def base_candidate(wildcards):
+    return f"--model {BASE_MODEL}"
+
+
+# Every value a loop iteration differs in goes through the directives, which are evaluated here: a name of
+# the loop read in `shell:` would be read when the job runs, with the last iteration's value.
+for name, run, model_input, init, models in [
+    (
+        "calibrate",
+        RUN,
+        {"train_summary": f"results/{RUN}/train_summary.json", "candidates": RUN_CANDIDATES},
+        "{method}",
+        trained_candidates,
+    ),
+    ("calibrate_base", f"{{experiment}}/{BASE}", {"model": base_model_input()}, BASE, base_candidate),
 ]:
 
     checkpoint:
         name:
             name
         input:
-            tasks=task_files(["dev_pool", "dev_monitor"]),
-            model=model_input,
+            tasks=tuning_task_files,
+            **model_input,
         output:
             f"results/{run}/calibration.json",
         log:
@@ -32,14 +49,14 @@ for name, run, model_input, model, init, args in [
             gpu=COMPUTE["eval_gpus_per_job"],
         params:
             settings=settings("calibrate"),
-            model=model,
             tasks_dir=tasks_dir,
+            tuning_args=tuning_args,
             init=init,
-            run_args=args,
+            models=models,
         shell:
             on_gpus(
-                "python -m fomaml_math calibrate --settings {params.settings:q} --init {params.init} --model {params.model}"
-                " --tasks-dir {params.tasks_dir} {params.run_args} --output {output} --no-progress > {log} 2>&1"
+                "python -m fomaml_math calibrate --settings {params.settings:q} --init {params.init} {params.models}"
+                " --tasks-dir {params.tasks_dir} {params.tuning_args} --output {output} --no-progress > {log} 2>&1"
             )
 
 
@@ -57,7 +74,7 @@ rule calibration_choice:
 rule evaluate:
     input:
         tasks=task_files(["dev_pool", "test"]),
-        model=RUN_MODEL,
+        model=RUN_CANDIDATES if CALIBRATED else RUN_MODEL,
         choice=choice_flag,
     output:
         table=f"results/{RUN}/{{kind}}/shots-{{shots}}.parquet",
@@ -73,7 +90,7 @@ rule evaluate:
         gpu=COMPUTE["eval_gpus_per_job"],
     params:
         settings=settings("evaluate"),
-        model=run_model,
+        model=eval_model,
         tasks_dir=tasks_dir,
         init="{method}",
         adapt=adapt_args,
@@ -93,13 +110,13 @@ use rule evaluate as evaluate_base with:
         model=base_model_input(),
         choice=choice_flag,
     output:
-        table=f"results/{BASE}/{{kind}}/shots-{{shots}}.parquet",
-        summary=f"results/{BASE}/{{kind}}/shots-{{shots}}.summary.json",
+        table=f"results/{BASE_RUN}/{{kind}}/shots-{{shots}}.parquet",
+        summary=f"results/{BASE_RUN}/{{kind}}/shots-{{shots}}.summary.json",
     log:
-        f"results/logs/{{kind}}/{BASE}/shots-{{shots}}.log",
+        f"results/logs/{{kind}}/{BASE_RUN}/shots-{{shots}}.log",
     benchmark:
-        f"results/benchmarks/{{kind}}/{BASE}/shots-{{shots}}.tsv"
+        f"results/benchmarks/{{kind}}/{BASE_RUN}/shots-{{shots}}.tsv"
     params:
-        model=base_model,
+        model=eval_model,
         init=BASE,
         run_args=base_eval_args,

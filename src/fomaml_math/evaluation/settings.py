@@ -81,32 +81,40 @@ class EvalSettings:
 
 @dataclass(frozen=True)
 class CalibrationSettings:
-    """``config.stage_settings(config, "calibrate")`` as the calibration reads it."""
+    """``config.stage_settings(config, "calibrate")`` as the tuner reads it."""
 
     seed: int
+    criterion: str  # accuracy | answer_nll | nll (evaluation.criteria)
     lr_grid: tuple[float, ...]  # ascending, FOMAML's training inner rate included
-    steps_grid: tuple[int, ...]  # ascending
-    shots: tuple[int, ...]
+    steps_grid: tuple[int, ...]  # ascending; 0 (no adaptation) may be a candidate
+    shots: tuple[int, ...]  # the tuned shot counts (0 included when 0 shots are evaluated)
     draws: int
     max_monitor_examples: int
     optimizer: str
     inner_batch_size: int
+    max_new_tokens: int
+    gen_batch_size: int
+    grade_timeout_s: float
     model: ModelSettings
     mixed_precision: str
     instruction: str
 
     @classmethod
     def from_stage(cls, settings: Mapping[str, Any]) -> CalibrationSettings:
-        cal, adaptation = settings["calibration"], settings["adaptation"]
+        cal, adaptation, generation = settings["calibration"], settings["adaptation"], settings["generation"]
         return cls(
             seed=int(settings["seed"]),
+            criterion=str(cal["criterion"]),
             lr_grid=tuple(lr_grid(settings)),
             steps_grid=tuple(steps_grid(settings)),
-            shots=tuple(int(k) for k in cal["shots"]),
+            shots=tuple(tuned_shots(settings)),
             draws=int(cal["draws"]),
             max_monitor_examples=int(cal["max_monitor_examples"]),
             optimizer=str(adaptation["optimizer"]),
             inner_batch_size=int(adaptation["inner_batch_size"]),
+            max_new_tokens=int(generation["max_new_tokens"]),
+            gen_batch_size=int(generation["gen_batch_size"]),
+            grade_timeout_s=float(generation["grade_timeout_s"]),
             model=ModelSettings.from_dict(settings["model"]),
             mixed_precision=str(settings["mixed_precision"]),
             instruction=str(settings["prompt"]["instruction"]),
@@ -125,3 +133,12 @@ def steps_grid(settings: Mapping[str, Any]) -> list[int]:
     """``calibration.steps_grid`` ascending; unset: the evaluation's ``num_inner_steps`` alone."""
     grid = settings["calibration"]["steps_grid"]
     return sorted({int(s) for s in grid}) if grid else [int(settings["adaptation"]["num_inner_steps"])]
+
+
+def tuned_shots(settings: Mapping[str, Any]) -> list[int]:
+    """``calibration.shots`` (bands), or every evaluated shot count; 0 whenever 0 shots are evaluated
+    (its choice is the checkpoint alone: nothing is adapted)."""
+    evaluated = {int(k) for k in settings["eval_shots"]}
+    configured = settings["calibration"]["shots"]
+    shots = {int(k) for k in configured} if configured else {k for k in evaluated if k > 0}
+    return sorted(shots | ({0} & evaluated))

@@ -68,12 +68,12 @@ def repeats_for(shots: int, repeats: int) -> list[int]:
     return [0] if shots == 0 else list(range(int(repeats)))
 
 
-def load_dev_tasks(tasks_dir: str | Path) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
-    """Calibration's data: every task's (``dev_pool``, ``dev_monitor``); the test split is never read."""
-    names = sorted(p.parent.name for p in Path(tasks_dir).glob("*/dev_pool.parquet"))
+def load_dev_tasks(tasks_dir: str | Path, names: Sequence[str]) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
+    """The tuner's data: each named task's (``dev_pool``, ``dev_monitor``), and nothing else: no test file, and
+    no other task's file (a held-out task's dev data is not the tuner's to read)."""
     if not names:
-        raise ConfigError(f"--tasks-dir: no <task>/dev_pool.parquet under {tasks_dir} (rerun split-tasks)")
+        raise ConfigError("--tasks: name at least one training task to tune on")
     return {
         t: (read_role(tasks_dir, t, "dev_pool", POOL_COLUMNS), read_role(tasks_dir, t, "dev_monitor", POOL_COLUMNS))
-        for t in names
+        for t in sorted(set(names))
     }
