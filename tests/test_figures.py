@@ -230,18 +230,60 @@ def test_sft_panel_draws_all_three_series() -> None:
 def test_calibration_figure_reads_back_as_the_files(tmp_path: Path) -> None:
     calibration = load_calibration(write_calibration(tmp_path))
     fig = figures.calibration_figure(calibration)
+    panels = {ax.get_gid(): ax for ax in fig.axes if ax.get_gid()}
+    assert set(panels) == {f"experiment:{e}:{p}" for e in ("in_domain", "heldout_geometry") for p in ("lr", "curve")}
+    grid, curve = calibration["grid"], calibration["curve"]
+    drawn = 0
     for row in calibration["chosen"].itertuples():
-        tag = f"{row.init}:{row.train_seed}"
-        (line,) = by_gid(fig, f"lr:{tag}")
-        grid = calibration["grid"]
-        points = grid[(grid.init == row.init) & (grid.num_steps == row.num_steps)].sort_values("lr")
-        np.testing.assert_allclose(line.get_xdata(), points.lr)
-        np.testing.assert_allclose(line.get_ydata(), points.dev_loss)
-        (chosen,) = by_gid(fig, f"chosen:{tag}")
-        assert chosen.get_xdata()[0] == row.lr
-        (curve,) = by_gid(fig, f"curve:{tag}")
-        assert list(curve.get_xdata()) == list(range(6))
+        tag = f"{row.init}:{row.train_seed}:{row.shots}"
+        by_lr = _lines(panels[f"experiment:{row.experiment}:lr"])
+        by_step = _lines(panels[f"experiment:{row.experiment}:curve"])
+        if row.shots == 0:  # nothing adapted: no rate, no curve
+            assert f"lr:{tag}" not in by_lr and f"curve:{tag}" not in by_step
+            continue
+        drawn += 1
+        mine = (
+            (grid.init == row.init)
+            & (grid.experiment == row.experiment)
+            & (grid.train_seed == row.train_seed)
+            & (grid.checkpoint == row.checkpoint)
+            & (grid.shots == row.shots)
+            & (grid.num_steps == row.num_steps)
+        )
+        points = grid[mine].sort_values("lr")
+        assert len(points) == 3  # every rate of the grid, at the chosen steps and checkpoint
+        np.testing.assert_allclose(by_lr[f"lr:{tag}"].get_xdata(), points.lr)
+        np.testing.assert_allclose(by_lr[f"lr:{tag}"].get_ydata(), 100 * points.accuracy)
+        star = by_lr[f"chosen:{tag}"]
+        assert (star.get_xdata()[0], star.get_ydata()[0]) == pytest.approx((row.lr, 100 * row.accuracy))
+        assert star.get_marker() == "*"
+        line = by_step[f"curve:{tag}"]
+        assert list(line.get_xdata()) == list(range(6)) and line.get_xdata()[0] == 0  # from step 0, unadapted
+        assert line.get_ydata()[0] == pytest.approx(row.nll_before)
+        assert line.get_ydata()[row.num_steps] == pytest.approx(row.nll)
+        mine = (curve.init == row.init) & (curve.train_seed == row.train_seed) & (curve.checkpoint == row.checkpoint)
+        steps = curve[mine & (curve.experiment == row.experiment) & (curve.shots == row.shots) & (curve.lr == row.lr)]
+        np.testing.assert_allclose(line.get_ydata(), steps.sort_values("step").nll)
+        # line style per initialisation
+        assert by_lr[f"lr:{tag}"].get_linestyle() == style.INIT_STYLE[row.init]["linestyle"]
+        assert line.get_color() == style.INIT_STYLE[row.init]["color"]
+    assert drawn == 10  # 5 files x 2 tuned k > 0
+    # two seeds of one initialisation: two lines each, at their own rates (never averaged)
+    in_domain = _lines(panels["experiment:in_domain:lr"])
+    assert (
+        in_domain["chosen:fomaml:0:5"].get_xdata()[0] == 1e-3 and in_domain["chosen:fomaml:1:5"].get_xdata()[0] == 1e-4
+    )
     assert by_gid(figures.calibration_figure(None), "missing")
+
+
+def test_per_init_lines_without_a_train_seed_column(tables: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+    accuracy, comparisons = tables
+    pooled = accuracy[accuracy.train_seed == "all"].drop(columns="train_seed")
+    fig = figures.accuracy_vs_shots_figure(pooled, comparisons, 0.95)
+    lines = _lines(_panel(fig, "in_domain"))
+    assert not [g for g in lines if ":seed:" in str(g)]
+    rows = pooled[(pooled.experiment == "in_domain") & (pooled.task == "all") & (pooled.init == "fomaml")]
+    np.testing.assert_allclose(lines["acc:fomaml"].get_ydata(), 100 * rows.sort_values("shots").accuracy)
 
 
 def test_missing_metrics_file_is_a_one_line_error(tmp_path: Path) -> None:

@@ -4,43 +4,106 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from test_stats import SETTINGS, run_stats, write_control
 
 from fomaml_math.analysis import summary
-from fomaml_math.analysis.calibration import grid_edge
+from fomaml_math.analysis.calibration import load_calibration, steps_to_fraction
 from fomaml_math.analysis.tables import StatsSettings, read_table
+from fomaml_math.errors import ConfigError
 
 
 def _pp(x: float) -> str:
     return f"{100 * x:+.1f}"
 
 
-def calibration_record(init: str, lr: float) -> dict:
-    grid = [
-        {"lr": g, "num_steps": 5, "dev_loss": 1.0 + abs(g - lr) * 1e3, "dev_loss_before": 1.4} for g in (1e-4, 1e-3)
-    ]
-    curve = [{"lr": lr, "step": s, "dev_loss": 1.4 - 0.4 * min(s, 3) / 3} for s in range(6)]
+# A tuner file (stage calibrate) in its format, by hand: checkpoint c starts at dev accuracy 0.2 + c/1000 and dev
+# NLL 2 - c/100; at the best (checkpoint, rate) the NLL falls by 1.0 along the shape, elsewhere by 0.5; the largest
+# rate diverges (NLL Infinity) except where it is the best.  Accuracy is graded at step 0 and the grid's step counts.
+LR_GRID = (1e-4, 1e-3, 1e-2)
+STEPS_GRID = (1, 3, 5)
+TUNED_SHOTS = (5, 10)
+SHAPES = {"fast": (1.0, 0.6, 0.3, 0.08, 0.04, 0.0), "slow": (1.0, 0.8, 0.5, 0.3, 0.15, 0.0)}  # 90% at step 3 / 5
+# (init, experiment, train_seed, chosen checkpoint, chosen rate, shape): the base is tuned per experiment.
+CALIBRATED = (
+    ("base", "in_domain", -1, 0, 1e-3, "fast"),
+    ("base", "heldout_geometry", -1, 0, 1e-3, "fast"),
+    ("sft", "in_domain", 0, 80, 1e-2, "fast"),  # the highest rate: an edge
+    ("fomaml", "in_domain", 0, 80, 1e-3, "fast"),
+    ("fomaml", "in_domain", 1, 40, 1e-4, "slow"),  # another seed, another rate (the lowest: an edge)
+)
+NOTES = {
+    1e-2: "highest rate 0.01: accuracy 0.34 against 0.31 at 0.001, so the optimum may lie beyond the grid",
+    1e-4: "lowest rate 0.0001: accuracy 0.3 against 0.27 at 0.001, so the optimum may lie beyond the grid",
+}
+
+
+def calibration_record(init: str, experiment: str, seed: int, checkpoint: int, lr: float, shape: str,
+                       criterion: str = "accuracy") -> dict:  # fmt: skip
+    checkpoints = [0] if init == "base" else [40, 80]
+    grid, curve = [], []
+    for c in checkpoints:
+        acc0, nll0 = 0.2 + c / 1000, 2.0 - c / 100
+        zero = {"checkpoint": c, "shots": 0, "lr": 0.0, "nll": nll0, "answer_nll": nll0 + 0.5, "accuracy": acc0}
+        curve.append(zero | {"step": 0})
+        grid.append(zero | {"num_steps": 0, "accuracy_half_a": acc0, "accuracy_half_b": acc0})
+        for k in TUNED_SHOTS:
+            for g in LR_GRID:
+                best = c == checkpoint and math.isclose(g, lr)
+                for step, f in enumerate(SHAPES[shape]):
+                    diverged = g == max(LR_GRID) and not best and step > 0
+                    nll = math.inf if diverged else nll0 - (1.0 if best else 0.5) * (1 - f)
+                    graded = step == 0 or step in STEPS_GRID
+                    acc = acc0 + (0.1 if best else 0.05) * step / 5 * k / 5 if graded else None
+                    point = {"checkpoint": c, "shots": k, "lr": g, "nll": nll, "answer_nll": nll + 0.5, "accuracy": acc}
+                    curve.append(point | {"step": step})
+                    if step in STEPS_GRID:
+                        grid.append(point | {"num_steps": step, "accuracy_half_a": acc, "accuracy_half_b": acc})
+    last = max(checkpoints)
+    chosen = [next(p for p in grid if p["shots"] == 0 and p["checkpoint"] == last) | {"edges": [], "edge_note": ""}]
+    for k in TUNED_SHOTS:
+        point = next(
+            p for p in grid if (p["checkpoint"], p["shots"], p["lr"], p["num_steps"]) == (checkpoint, k, lr, 3)
+        )
+        edges = {1e-4: ["lr:lowest"], 1e-2: ["lr:highest"]}.get(lr, [])
+        chosen.append(point | {"edges": edges, "edge_note": NOTES.get(lr, "") if k == 5 else ""})
+    for entry in chosen:
+        entry["criterion_value"] = entry[criterion]
+    rho = {"accuracy": 1.0, "answer_nll": 0.8, "nll": -0.25 - seed / 10, "split_half": 0.6}
     return {
         "init": init,
-        "experiment": None,
-        "train_seed": -1 if init == "base" else 0,
+        "experiment": experiment,
+        "train_seed": seed,
         "optimizer": "sgd",
-        "chosen": {"lr": lr, "num_steps": 5},
+        "criterion": criterion,
+        "tasks": ["algebra", "geometry", "number_theory"],
+        "candidates": [{"step": c, "path": f"models/{init}/candidates/step-{c}"} for c in checkpoints],
+        "lr_grid": list(LR_GRID),
+        "steps_grid": list(STEPS_GRID),
+        "shots": [0, *TUNED_SHOTS],
+        "bands": {"0": 0, "5": 5, "10": 10},
+        "chosen": chosen,
         "grid": grid,
         "curve": curve,
+        "agreement": {"all": rho, "5": rho | {"nll": None}, "10": rho},
+        "per_task": [],
+        "wall_time_s": 1.0,
+        "settings": {},
     }
 
 
-def write_calibration(directory: Path) -> list[Path]:
+def write_calibration(directory: Path, criterion: str = "accuracy") -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
-    for init, lr in (("base", 1e-3), ("sft", 1e-4), ("fomaml", 1e-4)):
-        path = directory / f"{init}.json"
-        path.write_text(json.dumps(calibration_record(init, lr)))
+    for init, experiment, seed, checkpoint, lr, shape in CALIBRATED:
+        path = directory / f"{experiment}-{init}-{seed}.json"
+        record = calibration_record(init, experiment, seed, checkpoint, lr, shape, criterion)
+        path.write_text(json.dumps(record))  # NLLs of diverged points as Infinity, as the tuner writes them
         paths.append(path)
     return paths
 
@@ -98,9 +161,9 @@ def test_control_generation_adaptation_and_calibration_sections(stats_dir: Path,
         f"| {row.experiment} | Base | {row.shots} | {100 * row.no_answer_rate:.1f} | {100 * row.truncation_rate:.1f} |"
         in text
     )
-    # Chosen lr per init and the adaptation speed (curve reaches 90% of its drop at step 3).
-    assert "| Base | shared | -1 | sgd | 0.001 | 5 | 1.400 → 1.000 | 3 of 5 |" in text
-    assert "| FOMAML | shared | 0 | sgd | 0.0001 | 5 |" in text
+    # The tuning section, from the files given on the command line (its rows: test_calibration_section_...).
+    assert text.index("## Adaptation effect") < text.index("## Tuning (checkpoint and adaptation)")
+    assert "| FOMAML | in_domain | 1 | 5 | 40 | sgd | 0.0001 | 3 |" in text and "### Criterion agreement" in text
     assert "## Held-out tasks" in text and "Geometry:" in text
     # The rule-adoption control (every gold answer of the synthetic study is "1": digit 1) comes first.
     assert text.index("## Positive control: rule adoption") < text.index("## Secondary positive control")
@@ -175,6 +238,124 @@ def test_the_positive_control_line_names_the_detected_inits() -> None:
     assert "| heldout | held-out | Base | 50 | 10.0 | 12.0 |" in text
 
 
-def test_grid_edge() -> None:
-    assert grid_edge(1e-3, [1e-2, 1e-3, 3e-3]) == "lowest" and grid_edge(1e-2, [1e-2, 1e-3]) == "highest"
-    assert grid_edge(3e-3, [1e-2, 1e-3, 3e-3]) == "" and grid_edge(1e-3, [1e-3]) == ""
+def test_steps_to_fraction_by_hand() -> None:
+    # reduction 2.0 - 1.0 = 1.0: 90% of it is reached at NLL <= 1.1, first at step 2 (step 0 itself counts)
+    assert steps_to_fraction([0, 1, 2, 3], [2.0, 1.5, 1.05, 1.0], 2.0) == 2
+    assert steps_to_fraction([3, 0, 2, 1], [1.0, 2.0, 1.05, 1.5], 2.0) == 2  # order of the points does not matter
+    assert steps_to_fraction([0, 1, 2], [2.0, math.inf, 1.0], 2.0) == 2  # a diverged step is no reduction
+    assert math.isnan(steps_to_fraction([0, 1, 2], [2.0, 2.1, 2.0], 2.0))  # never falls
+    assert math.isnan(steps_to_fraction([0], [2.0], 2.0))  # 0 shots: nothing adapted
+    assert math.isnan(steps_to_fraction([0, 1], [math.inf, 1.0], math.inf))
+
+
+def test_load_calibration_one_row_per_seed_and_k(tmp_path: Path) -> None:
+    tables = load_calibration(write_calibration(tmp_path))
+    chosen = tables["chosen"]
+    assert len(chosen) == len(CALIBRATED) * (1 + len(TUNED_SHOTS))
+    fomaml = chosen[(chosen.init == "fomaml") & (chosen.shots == 5)].set_index("train_seed")
+    assert sorted(fomaml.index) == [0, 1]  # per seed, never averaged
+    # seed 0: checkpoint 80 (acc 0.28, NLL 1.2 unadapted); at lr 1e-3, 3 steps: acc 0.28 + 0.1 * 3/5 = 0.34,
+    # NLL 1.2 - 1.0 * (1 - 0.08) = 0.28; fast shape: 90% of the drop (NLL <= 1.2 - 0.9) first at step 3.
+    s0 = fomaml.loc[0]
+    assert (s0.checkpoint, s0.lr, s0.num_steps, s0.curve_steps) == (80, 1e-3, 3, 5)
+    assert s0.accuracy_before == pytest.approx(0.28) and s0.accuracy == pytest.approx(0.34)
+    assert s0.nll_before == pytest.approx(1.2) and s0.nll == pytest.approx(0.28)
+    assert s0.steps_to_90 == 3 and s0.edges == "" and s0.edge_note == ""
+    # seed 1: checkpoint 40, the lowest rate (an edge), slow shape: 90% first reached at the last step
+    s1 = fomaml.loc[1]
+    assert (s1.checkpoint, s1.lr, s1.steps_to_90) == (40, 1e-4, 5)
+    assert s1.accuracy_before == pytest.approx(0.24) and s1.nll_before == pytest.approx(1.6)
+    assert s1.edges == "lr:lowest" and s1.edge_note == NOTES[1e-4]
+    zero = chosen[(chosen.init == "fomaml") & (chosen.train_seed == 1) & (chosen.shots == 0)].iloc[0]
+    assert (zero.checkpoint, zero.lr, zero.num_steps, zero.curve_steps) == (80, 0.0, 0, 0)
+    assert math.isnan(zero.steps_to_90) and zero.accuracy_before == zero.accuracy == pytest.approx(0.28)
+    # the diverged points are read back as inf, and a null accuracy as NaN
+    curve = tables["curve"]
+    assert np.isinf(curve.nll).any() and curve.accuracy.isna().any()
+    agreement = tables["agreement"]
+    rows = agreement[(agreement.init == "fomaml") & (agreement.train_seed == 1)]
+    assert list(rows.group) == ["all", "5", "10"]
+    assert rows.nll.iloc[0] == pytest.approx(-0.35) and math.isnan(rows.nll.iloc[1])
+
+
+def _broken(tmp_path: Path, change) -> Path:
+    record = calibration_record(*CALIBRATED[3])
+    change(record)
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(record))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda r: r.pop("agreement"), r"missing key 'agreement'"),
+        (lambda r: r["chosen"][1].pop("lr"), r"chosen\[1\] lacks lr"),
+        (lambda r: r["grid"][2].update(nll="low"), r"grid\[2\]\.nll: expected a number, got 'low'"),
+        (lambda r: r["curve"][1].update(step=1.5), r"curve\[1\]\.step: expected an integer"),
+        (lambda r: r.update(criterion="loss"), r"criterion must be one of accuracy, answer_nll, nll"),
+        (lambda r: r.update(chosen={"lr": 1e-3, "num_steps": 5}), r"chosen must be a non-empty list"),
+        (lambda r: r["agreement"]["all"].pop("split_half"), r"agreement\['all'\] lacks split_half"),
+        (lambda r: r["chosen"][2].update(edges="lr:lowest"), r"chosen\[2\]\.edges must be a list"),
+    ],
+)
+def test_a_bad_calibration_file_is_a_one_line_error(tmp_path: Path, change, message: str) -> None:
+    path = _broken(tmp_path, change)
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_calibration([path])
+    assert str(caught.value).startswith(f"--calibration {path}: ") and "\n" not in str(caught.value)
+
+
+def test_calibration_section_rows_edges_and_agreement(tmp_path: Path) -> None:
+    text = "\n".join(summary._calibration_lines(load_calibration(write_calibration(tmp_path))))
+    assert "## Tuning (checkpoint and adaptation) and adaptation speed" in text
+    # the hand computations of test_load_calibration_one_row_per_seed_and_k, one row per seed and k
+    assert (
+        "| FOMAML | in_domain | 0 | 5 | 80 | sgd | 0.001 | 3 | accuracy 34.0% | 28.0 → 34.0 | 1.200 → 0.280 | 3 of 5 |"
+        in text
+    )
+    assert (
+        "| FOMAML | in_domain | 1 | 5 | 40 | sgd | 0.0001 | 3 | accuracy 30.0% | 24.0 → 30.0 | 1.600 → 0.900 | 5 of 5 |"
+        in text
+    )
+    # k = 10: accuracy gain twice as large, the same NLL curve
+    assert (
+        "| FOMAML | in_domain | 0 | 10 | 80 | sgd | 0.001 | 3 | accuracy 40.0% | 28.0 → 40.0 | 1.200 → 0.280 |" in text
+    )
+    # 0 shots: only the checkpoint (the later one), nothing adapted
+    assert (
+        "| FOMAML | in_domain | 1 | 0 | 80 | sgd | – | 0 | accuracy 28.0% | 28.0 → 28.0 | 1.200 → 1.200 | n/a |" in text
+    )
+    assert "| Base | heldout_geometry | – | 5 | 0 | sgd | 0.001 | 3 |" in text
+    assert sum(line.startswith("| FOMAML | in_domain |") and "| 5 | " in line for line in text.splitlines()) == 2
+    # an edge bullet exactly for the two edge choices (k = 10's note is empty: the edge is named instead)
+    bullets = [line for line in text.splitlines() if line.startswith("- **At the grid's edge**")]
+    assert bullets == [
+        f"- **At the grid's edge**: SFT (in_domain, seed 0, k = 5): {NOTES[1e-2]} (`calibration.lr_grid`).",
+        "- **At the grid's edge**: SFT (in_domain, seed 0, k = 10): the highest rate (`calibration.lr_grid`).",
+        f"- **At the grid's edge**: FOMAML (in_domain, seed 1, k = 5): {NOTES[1e-4]} (`calibration.lr_grid`).",
+        "- **At the grid's edge**: FOMAML (in_domain, seed 1, k = 10): the lowest rate (`calibration.lr_grid`).",
+    ]
+    # the agreement table: group "all", one row per file, the configured criterion in bold
+    assert "### Criterion agreement" in text and "noise ceiling" in text
+    assert "| FOMAML | in_domain | 0 | accuracy | **1.00** | 0.80 | -0.25 | 0.60 |" in text
+    assert "| FOMAML | in_domain | 1 | accuracy | **1.00** | 0.80 | -0.35 | 0.60 |" in text
+    assert "| Base | in_domain | – | accuracy | **1.00** | 0.80 | -0.15 | 0.60 |" in text
+    table = text[text.index("### Criterion agreement") :]
+    assert sum(line.startswith("| ") and "**" in line for line in table.splitlines()) == len(CALIBRATED)
+    nll = "\n".join(summary._calibration_lines(load_calibration(write_calibration(tmp_path / "nll", "nll"))))
+    assert "| FOMAML | in_domain | 0 | 5 | 80 | sgd | 0.001 | 3 | nll 0.280 |" in nll
+    assert "| FOMAML | in_domain | 0 | nll | 1.00 | 0.80 | **-0.25** | 0.60 |" in nll
+
+
+def test_unknown_adaptation_settings_read_back_as_n_a(stats_dir: Path, tmp_path: Path) -> None:
+    """The stats stage writes "n/a" where the adaptation was not recorded; read_table reads it back as NaN."""
+    copy = tmp_path / "stats"
+    shutil.copytree(stats_dir, copy)
+    table = read_table(copy, "adaptation_summary.tsv")
+    table["adapt_choices"] = "n/a"
+    table.to_csv(copy / "adaptation_summary.tsv", sep="\t", index=False)
+    assert read_table(copy, "adaptation_summary.tsv")["adapt_choices"].isna().all()
+    text = _summarise(copy, tmp_path)
+    row = table.iloc[0]
+    assert f"| {row.experiment} | {summary.init_label(row.init)} | {row.shots} | n/a | " in text

@@ -3,7 +3,8 @@
 Each ``*_figure`` function returns a matplotlib Figure; every plotted artist carries a ``gid``
 (e.g. ``acc:fomaml``, ``sig:10``, ``fomaml:meta/loss``) so tests can read the data back and
 compare it with ``results/stats``. Nothing here computes a statistic: every number shown is a
-cell of ``accuracy.tsv``, ``comparisons.tsv`` or ``rule_adoption.tsv`` (or a logged training metric).
+cell of ``accuracy.tsv``, ``comparisons.tsv`` or ``rule_adoption.tsv`` (or a logged training metric, or a value of
+the tuner's calibration files, read by ``analysis.calibration``).
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def _plot_inits(
             continue
         line_style = style.init_style(init, position)
         per_seed = seeds[seeds["init"] == init]
-        if per_seed["train_seed"].nunique() > 1:
+        if "train_seed" in per_seed.columns and per_seed["train_seed"].nunique() > 1:
             for seed, seed_rows in per_seed.groupby("train_seed"):
                 seed_rows = seed_rows.sort_values("shots")
                 ax.plot(
@@ -395,46 +396,69 @@ def training_curves_figure(fomaml: pd.DataFrame | None, sft: pd.DataFrame | None
     return fig
 
 
+def _calibration_panels(by_lr: Axes, by_step: Axes, calibration: dict[str, pd.DataFrame], experiment: str) -> None:
+    """One experiment's tuned choices (k > 0): dev accuracy against the rate, dev NLL against the step."""
+    chosen, grid, curve = (_of_experiment(calibration[name], experiment) for name in ("chosen", "grid", "curve"))
+    chosen = chosen[chosen["shots"] > 0]
+    inits = init_order(list(chosen["init"].unique()))
+    ks = sorted(int(k) for k in chosen["shots"].unique())
+    labelled: set[str] = set()
+    for row in chosen.sort_values(["train_seed", "shots"], ascending=[True, False]).itertuples(index=False):
+        line_style = style.init_style(row.init, inits.index(row.init))
+        # lighter for smaller k, so the bands of one initialisation stay apart
+        alpha = 1.0 if len(ks) == 1 else 0.4 + 0.6 * ks.index(int(row.shots)) / (len(ks) - 1)
+        label = line_style.pop("label") if row.init not in labelled else "_nolegend_"
+        labelled.add(row.init)
+        tag = f"{row.init}:{row.train_seed}:{int(row.shots)}"
+        mine = (
+            (grid["init"] == row.init)
+            & (grid["train_seed"] == row.train_seed)
+            & (grid["checkpoint"] == row.checkpoint)
+            & (grid["shots"] == row.shots)
+        )
+        points = grid[mine & (grid["num_steps"] == row.num_steps)].sort_values("lr")
+        line_style |= {"label": label, "alpha": alpha}
+        by_lr.plot(points["lr"], points["accuracy"].astype(float) * PERCENT, gid=f"lr:{tag}", **line_style)
+        by_lr.plot([row.lr], [row.accuracy * PERCENT], marker="*", markersize=9, linestyle="none",
+                   color=line_style["color"], alpha=alpha, gid=f"chosen:{tag}")  # fmt: skip
+        mine = (
+            (curve["init"] == row.init)
+            & (curve["train_seed"] == row.train_seed)
+            & (curve["checkpoint"] == row.checkpoint)
+            & (curve["shots"] == row.shots)
+        )
+        steps = curve[mine & np.isclose(curve["lr"].astype(float), row.lr)].sort_values("step")
+        by_step.plot(steps["step"], steps["nll"].astype(float), gid=f"curve:{tag}", **(line_style | {"marker": None}))
+    by_lr.set_xscale("log")
+    by_lr.set_xlabel("Adaptation learning rate")
+    by_lr.set_ylabel("Dev accuracy (%)")
+    by_lr.set_title(f"{experiment + ': ' if experiment else ''}at the chosen steps and checkpoint (star: chosen)")
+    by_step.set_xlabel("Adaptation step")
+    by_step.set_ylabel("Dev NLL (nats/token)")
+    by_step.set_title("Adaptation speed at the chosen rate")
+    if labelled:
+        by_step.legend(title="lighter: fewer shots (k)", title_fontsize=6)
+
+
 def calibration_figure(calibration: dict[str, pd.DataFrame] | None) -> Figure:
-    """Left: dev loss after adaptation against the learning rate, per init (gid ``lr:<init>:<seed>``; the chosen
-    rate marked, gid ``chosen:<init>:<seed>``). Right: dev loss per adaptation step at the chosen rate
-    (gid ``curve:<init>:<seed>``). Without calibration files: one panel saying so (gid ``missing``)."""
+    """The tuner's choices, one row of two panels per experiment (gids ``experiment:<name>:lr`` and
+    ``experiment:<name>:curve``), per init, training seed and tuned k > 0. Left: dev accuracy (%) against the
+    adaptation learning rate at the chosen step count and checkpoint (gid ``lr:<init>:<seed>:<k>``; the choice
+    starred, gid ``chosen:<init>:<seed>:<k>``). Right: dev NLL per adaptation step from step 0 at the chosen rate
+    (gid ``curve:<init>:<seed>:<k>``). Without calibration files: one panel saying so (gid ``missing``)."""
     with style.context():
-        fig = Figure(figsize=(style.DOUBLE_COLUMN_IN, 2.6), layout="constrained")
+        experiments = experiments_of(calibration["chosen"]) if calibration is not None else []
+        fig = Figure(figsize=(style.DOUBLE_COLUMN_IN, 2.6 * max(1, len(experiments))), layout="constrained")
         if calibration is None or calibration["chosen"].empty:
             ax = fig.add_subplot()
             ax.text(0.5, 0.5, "no calibration files", ha="center", va="center", transform=ax.transAxes, gid="missing")
             ax.set_axis_off()
             return fig
-        by_lr, by_step = fig.subplots(1, 2)
-        chosen, grid, curve = calibration["chosen"], calibration["grid"], calibration["curve"]
-        inits = init_order(list(chosen["init"].unique()))
-        for row in chosen.itertuples(index=False):
-            line_style = style.init_style(row.init, inits.index(row.init))
-            label = init_label(row.init) + (f" (seed {row.train_seed})" if row.train_seed >= 0 else "")
-            tag = f"{row.init}:{row.train_seed}"
-            mine = (
-                (grid["init"] == row.init)
-                & (grid["train_seed"] == row.train_seed)
-                & (grid["experiment"] == row.experiment)
-            )
-            points = grid[mine & (grid["num_steps"] == row.num_steps)].sort_values("lr")
-            by_lr.plot(points["lr"], points["dev_loss"], gid=f"lr:{tag}", **(line_style | {"label": label}))
-            by_lr.plot(
-                [row.lr], [row.dev_loss], marker="*", markersize=9, color=line_style["color"], gid=f"chosen:{tag}"
-            )
-            mine = (curve["init"] == row.init) & (curve["train_seed"] == row.train_seed)
-            steps = curve[mine & (curve["experiment"] == row.experiment) & np.isclose(curve["lr"], row.lr)]
-            steps = steps.sort_values("step")
-            by_step.plot(steps["step"], steps["dev_loss"], gid=f"curve:{tag}", **(line_style | {"label": label}))
-        by_lr.set_xscale("log")
-        by_lr.set_xlabel("Adaptation learning rate")
-        by_lr.set_ylabel("Dev loss after adaptation")
-        by_lr.set_title("Calibration grid (star: chosen)")
-        by_step.set_xlabel("Adaptation step")
-        by_step.set_ylabel("Dev loss")
-        by_step.set_title("Adaptation speed at the chosen rate")
-        by_step.legend()
+        axes = fig.subplots(len(experiments), 2, squeeze=False)
+        for (by_lr, by_step), experiment in zip(axes, experiments, strict=True):
+            by_lr.set_gid(f"experiment:{experiment}:lr")
+            by_step.set_gid(f"experiment:{experiment}:curve")
+            _calibration_panels(by_lr, by_step, calibration, experiment)
     return fig
 
 

@@ -3,8 +3,9 @@
 Every number is a cell of a ``results/stats`` table (or of a calibration file), only rounded for display.
 Layout: the Answer (the pre-registered primary contrast), the per-shot family with its verdicts, the
 positive controls (rule adoption, then the secondary accuracy gain) and the negative control, the held-out
-tasks, generation and adaptation, calibration and adaptation speed, sample efficiency, then the exploratory
-per-task section.
+tasks, generation and adaptation, the tuning (checkpoint and adaptation per tuned k, with the adaptation
+speed and the criterion's agreement with dev accuracy), sample efficiency, then the exploratory per-task
+section.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from fomaml_math.analysis.tables import (
     experiment_order,
     init_order,
     read_table,
+    sort_in_order,
     task_order,
 )
 from fomaml_math.config import add_settings_arguments, settings_from_args
@@ -414,6 +416,11 @@ def _generation_lines(generation: pd.DataFrame | None) -> list[str]:
     return [*lines, *_table(header, body), ""]
 
 
+def _text(value: object) -> str:
+    """A text cell; "n/a" where the table has none (``read_table`` reads the text "n/a" back as NaN)."""
+    return value if isinstance(value, str) and value else "n/a"
+
+
 def _adaptation_lines(adaptation: pd.DataFrame | None) -> list[str]:
     lines = ["## Adaptation effect", ""]
     if adaptation is None or adaptation.empty:
@@ -430,7 +437,7 @@ def _adaptation_lines(adaptation: pd.DataFrame | None) -> list[str]:
                 row.experiment,
                 init_label(row.init),
                 str(int(row.shots)),
-                row.adapt_choices,
+                _text(row.adapt_choices),
                 f"{fmt_nll(row.support_loss_before)} → {fmt_nll(row.support_loss_after)}",
                 f"{fmt_nll_diff(row.nll_change)} ({fmt_points(row.nll_change_rel)}%)",
                 "n/a" if not math.isfinite(row.weight_change) else f"{row.weight_change:.2e}",
@@ -457,43 +464,102 @@ def _adaptation_lines(adaptation: pd.DataFrame | None) -> list[str]:
     return [*lines, ""] if len(flagged) else lines
 
 
+def _seed_text(seed: int) -> str:
+    return "–" if seed < 0 else str(seed)  # -1: the untrained base, one model for every seed
+
+
+def _criterion_text(criterion: str, value: float) -> str:
+    return f"{criterion} {fmt_percent(value)}%" if criterion == "accuracy" else f"{criterion} {fmt_nll(value)}"
+
+
+def _rho(value: float) -> str:
+    return "n/a" if not math.isfinite(value) else f"{value:.2f}"
+
+
 def _calibration_lines(calibration: dict[str, pd.DataFrame] | None) -> list[str]:
-    lines = ["## Calibration and adaptation speed", ""]
+    lines = ["## Tuning (checkpoint and adaptation) and adaptation speed", ""]
     if calibration is None or calibration["chosen"].empty:
         return [
             *lines,
-            "No calibration files given (`--calibration`): the adaptation learning rate was not calibrated.",
+            "No calibration files given (`--calibration`): neither the checkpoint nor the adaptation was tuned.",
             "",
         ]
-    chosen = calibration["chosen"]
+    orders = {"init": init_order(list(calibration["chosen"]["init"].unique())),
+              "experiment": experiment_order(list(calibration["chosen"]["experiment"].unique()))}  # fmt: skip
+    chosen = sort_in_order(calibration["chosen"], ["experiment", "init", "train_seed", "shots"], orders)
     lines += [
-        "The evaluation's adaptation learning rate per initialisation, chosen on the dev monitoring slice. "
-        "Adaptation speed: steps until the dev loss has made 90% of its largest reduction at the chosen rate.",
+        "Per initialisation, training seed and tuned shot count k, the tuner chose the kept checkpoint (training "
+        "step) and the adaptation (learning rate, steps) jointly on the training tasks' dev data, by the criterion "
+        "shown (accuracy: highest; NLLs: lowest); at 0 shots only the checkpoint. Dev accuracy (%) and dev NLL: "
+        "the checkpoint unadapted → at the choice. Adaptation speed: steps until the dev NLL at the chosen rate "
+        "has made 90% of its largest reduction (n/a: it never falls). One row per training seed; rates are never "
+        "averaged.",
         "",
     ]
     body = [
         [
             init_label(row.init),
             row.experiment or "shared",
-            str(row.train_seed),
+            _seed_text(int(row.train_seed)),
+            str(int(row.shots)),
+            str(int(row.checkpoint)),
             row.optimizer,
-            f"{row.lr:.3g}",
-            str(row.num_steps),
-            f"{fmt_nll(row.dev_loss_before)} → {fmt_nll(row.dev_loss)}",
-            "n/a" if math.isnan(row.steps_to_90) else f"{row.steps_to_90:g} of {row.curve_steps}",
+            "–" if int(row.shots) == 0 else f"{row.lr:.3g}",
+            str(int(row.num_steps)),
+            _criterion_text(row.criterion, row.criterion_value),
+            f"{fmt_percent(row.accuracy_before)} → {fmt_percent(row.accuracy)}",
+            f"{fmt_nll(row.nll_before)} → {fmt_nll(row.nll)}",
+            "n/a" if math.isnan(row.steps_to_90) else f"{row.steps_to_90:g} of {int(row.curve_steps)}",
         ]
         for row in chosen.itertuples(index=False)
     ]
-    header = ["Init", "Experiment", "Seed", "Optimizer", "Chosen lr", "Steps", "Dev loss", "Steps to 90%"]
+    header = ["Init", "Experiment", "Seed", "k", "Checkpoint", "Optimizer", "lr", "Steps", "Criterion",
+              "Dev accuracy (%)", "Dev NLL", "Steps to 90%"]  # fmt: skip
     lines += [*_table(header, body), ""]
-    edges = chosen[chosen["at_grid_edge"].astype(str) != ""]
+    edges = chosen[chosen["edges"].astype(str) != ""]
     for row in edges.itertuples(index=False):
-        lines.append(
-            f"- **At the grid's edge**: {init_label(row.init)} ({row.experiment or 'shared'}, seed "
-            f"{row.train_seed}) chose the {row.at_grid_edge} rate ({row.lr:.3g}); the best rate may lie beyond "
-            "`calibration.lr_grid`: extend it."
+        axes = [edge.split(":")[0] for edge in str(row.edges).split(";")]
+        grids = ", ".join(f"`calibration.{'lr_grid' if axis == 'lr' else 'steps_grid'}`" for axis in axes)
+        named = {"lr": "rate", "num_steps": "step count"}
+        note = row.edge_note or ", ".join(
+            f"the {end} {named.get(axis, axis)}"
+            for axis, _, end in (e.partition(":") for e in str(row.edges).split(";"))
         )
-    return [*lines, ""] if len(edges) else lines
+        seed = f", seed {row.train_seed}" if int(row.train_seed) >= 0 else ""
+        lines.append(
+            f"- **At the grid's edge**: {init_label(row.init)} ({row.experiment or 'shared'}{seed}, "
+            f"k = {int(row.shots)}): {note} ({grids})."
+        )
+    if len(edges):
+        lines.append("")
+    return lines + _agreement_lines(calibration.get("agreement"), orders)
+
+
+def _agreement_lines(agreement: pd.DataFrame | None, orders: dict[str, list[str]]) -> list[str]:
+    if agreement is None or agreement.empty:
+        return []
+    rows = agreement[agreement["group"].astype(str) == "all"]
+    if rows.empty:
+        return []
+    rows = sort_in_order(rows, ["experiment", "init", "train_seed"], orders)
+    lines = [
+        "### Criterion agreement",
+        "",
+        "Spearman's ρ over the tuning grid (every checkpoint, k > 0, rate and step count) between each criterion "
+        "(oriented so higher is better) and dev accuracy: how far the criterion ranks the candidates as accuracy "
+        "does; the tuner's criterion in bold. Accuracy against itself is 1 by construction; split-half is dev "
+        "accuracy's own ρ between the even- and odd-indexed dev examples, the noise ceiling of any criterion "
+        "(n/a: undefined, e.g. accuracy constant over the grid).",
+        "",
+    ]
+    body = []
+    for row in rows.itertuples(index=False):
+        cells = [f"**{_rho(getattr(row, c))}**" if c == row.criterion else _rho(getattr(row, c))
+                 for c in ("accuracy", "answer_nll", "nll")]  # fmt: skip
+        body.append([init_label(row.init), row.experiment or "shared", _seed_text(int(row.train_seed)), row.criterion,
+                     *cells, _rho(row.split_half)])  # fmt: skip
+    header = ["Init", "Experiment", "Seed", "Criterion", "ρ accuracy", "ρ answer NLL", "ρ NLL", "Split-half ρ"]
+    return [*lines, *_table(header, body), ""]
 
 
 def _efficiency_lines(efficiency: pd.DataFrame | None) -> list[str]:
