@@ -115,6 +115,16 @@ def tuning_args(wildcards):
     return " ".join([f"--experiment {wildcards.experiment}", "--tasks", *training_tasks(wildcards.experiment), *seed])
 
 
+def trained_candidates(wildcards, input):
+    """A trained run's tuner candidates: the ones its train_summary.json lists."""
+    return f"--train-summary {input.train_summary}"
+
+
+def base_candidate(wildcards):
+    """The base's one tuner candidate: its model."""
+    return f"--model {BASE_MODEL}"
+
+
 def base_runs():
     return [BASE_RUN.format(experiment=e) for e in EXPERIMENTS] if CALIBRATED else [BASE]
 

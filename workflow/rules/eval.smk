@@ -9,14 +9,6 @@
 # rule, not a checkpoint (snakemake#2530), so both tuners come from one loop, each with its own name.
 
 
-def trained_candidates(wildcards, input):
-    return f"--train-summary {input.train_summary}"
-
-
-def base_candidate(wildcards):
-    return f"--model {BASE_MODEL}"
-
-
 # Every value a loop iteration differs in goes through the directives, which are evaluated here: a name of
 # the loop read in `shell:` would be read when the job runs, with the last iteration's value.
 for name, run, model_input, init, models in [
@@ -34,8 +26,8 @@ for name, run, model_input, init, models in [
         name:
             name
         input:
-            tasks=tuning_task_files,
             **model_input,
+            tasks=tuning_task_files,
         output:
             f"results/{run}/calibration.json",
         log:
