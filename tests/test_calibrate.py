@@ -47,10 +47,11 @@ def test_bands_and_tuned_shots(demo_config: dict) -> None:
     assert band_of(50, [5, 20]) == 20 and band_of(5, [5, 20]) == 5
     assert band_of(10, [5, 20]) == 5  # equidistant on a log scale: the smaller
     assert band_of(0, [0, 5]) == 0
-    settings = stage_settings(demo_config, "calibrate")
-    assert tuned_shots(settings) == [0, 5, 20]  # demo: calibration.shots [5, 20], 0 evaluated
-    settings["calibration"]["shots"] = None
-    assert tuned_shots(settings) == sorted(demo_config["eval"]["shots"])  # every evaluated k
+    assert tuned_shots(stage_settings(demo_config, "calibrate")) == [0, 5, 20]  # demo: bands [5, 20], 0 evaluated
+    demo_config["eval"]["shots"] = [0, 5, 10, 20, 50]  # with bands an added k is not tuned: no tuner reruns
+    assert tuned_shots(stage_settings(demo_config, "calibrate")) == [0, 5, 20]
+    demo_config["calibration"]["shots"] = None
+    assert tuned_shots(stage_settings(demo_config, "calibrate")) == [0, 5, 10, 20, 50]  # every evaluated k
 
 
 def test_grid_always_holds_fomamls_inner_rate(demo_config: dict) -> None:
@@ -152,7 +153,7 @@ def test_candidates_from_a_train_summary(settings: dict[str, Any], tmp_path: Pat
 
 
 def test_a_shot_count_larger_than_a_pool_stops_before_any_work(settings: dict[str, Any], tmp_path: Path) -> None:
-    settings["calibration"]["shots"] = [11]  # the tiny dev_pool holds 10 problems per task
+    settings["tuned_shots"] = [11]  # the tiny dev_pool holds 10 problems per task
     with pytest.raises(ConfigError, match=r"calibration\.shots: 11 shots, but task 'algebra' has only 10 dev_pool"):
         _run(settings, shared_workspace() / "tasks", tmp_path / "x.json")
     assert not (tmp_path / "x.json").exists()

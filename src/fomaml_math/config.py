@@ -306,6 +306,15 @@ def _train_settings(
     }
 
 
+def tuned_shot_counts(config: dict[str, Any]) -> list[int]:
+    """The shot counts the tuner chooses for: ``calibration.shots`` (bands), or every evaluated k > 0; and 0
+    whenever 0 shots are evaluated (its choice is the checkpoint alone: nothing is adapted)."""
+    evaluated = {int(k) for k in config["eval"]["shots"]}
+    configured = config["calibration"]["shots"]
+    shots = {int(k) for k in configured} if configured else {k for k in evaluated if k > 0}
+    return sorted(shots | ({0} & evaluated))
+
+
 def stage_settings(
     config: dict[str, Any], stage: str, *, experiment: str | None = None, train_seed: int | None = None
 ) -> dict[str, Any]:
@@ -366,9 +375,9 @@ def stage_settings(
             "calibration": config["calibration"],
             "adaptation": adaptation_settings(config),
             "fomaml_inner_lr": config["fomaml"]["inner_lr"],  # always a candidate (see evaluation.calibrate)
-            # the evaluated shot counts (tuned per count unless calibration.shots gives bands) and the
-            # evaluation's generation, which the accuracy criterion uses as the evaluation does
-            "eval_shots": sorted(int(k) for k in config["eval"]["shots"]),
+            # the tuned shot counts (not the evaluated ones: with bands, adding an evaluated k reruns no
+            # tuner) and the evaluation's generation, which the accuracy criterion uses as the evaluation does
+            "tuned_shots": tuned_shot_counts(config),
             "generation": {k: config["eval"][k] for k in ("max_new_tokens", "gen_batch_size", "grade_timeout_s")},
             "model": _model_settings(config),
             "mixed_precision": config["compute"]["mixed_precision"],

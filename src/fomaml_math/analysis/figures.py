@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from fomaml_math.analysis import style, tables
 from fomaml_math.analysis.calibration import load_calibration
@@ -430,6 +431,7 @@ def _calibration_panels(by_lr: Axes, by_step: Axes, calibration: dict[str, pd.Da
         steps = curve[mine & np.isclose(curve["lr"].astype(float), row.lr)].sort_values("step")
         by_step.plot(steps["step"], steps["nll"].astype(float), gid=f"curve:{tag}", **(line_style | {"marker": None}))
     by_lr.set_xscale("log")
+    by_lr.xaxis.set_minor_formatter(NullFormatter())  # a grid within one decade labels its minor ticks over each other
     by_lr.set_xlabel("Adaptation learning rate")
     by_lr.set_ylabel("Dev accuracy (%)")
     by_lr.set_title(f"{experiment + ': ' if experiment else ''}at the chosen steps and checkpoint (star: chosen)")

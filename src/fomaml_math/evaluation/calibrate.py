@@ -24,7 +24,8 @@ Spearman's rank correlation of every criterion with dev accuracy, and the split-
 accuracy itself (even- against odd-indexed examples): how far the criterion's optimum is the accuracy's.
 
 Output (``--output``, JSON): ``init``, ``experiment``, ``train_seed``, ``optimizer``, ``criterion``,
-``tasks``, ``candidates``, ``lr_grid``, ``steps_grid``, ``shots``, ``bands`` (evaluated k -> tuned k),
+``tasks``, ``candidates``, ``lr_grid``, ``steps_grid``, ``shots`` (tuned; an evaluated k uses its band,
+:func:`fomaml_math.evaluation.choice.band_of`),
 ``chosen`` (per tuned k: ``shots``, ``checkpoint``, ``lr``, ``num_steps``, the criteria there, ``edges``,
 ``edge_note``), ``grid``, ``curve`` (per checkpoint, k, rate and step 0..max), ``agreement``,
 ``per_task`` and the settings.
@@ -50,7 +51,6 @@ from tqdm.auto import tqdm
 from fomaml_math.adapt import WeightSnapshot, sft_loss_fn
 from fomaml_math.config import add_settings_arguments, settings_from_args
 from fomaml_math.errors import ConfigError
-from fomaml_math.evaluation.choice import band_of
 from fomaml_math.evaluation.criteria import (
     CRITERIA,
     HIGHER_IS_BETTER,
@@ -279,8 +279,9 @@ def _agreement(grid: Sequence[Mapping[str, Any]], shots: Sequence[int]) -> dict[
     return out
 
 
-def _report(records: Records, candidates: Sequence[Candidate], tasks: Sequence[str], cal: CalibrationSettings,
-            evaluated: Sequence[int]) -> dict[str, Any]:  # fmt: skip
+def _report(
+    records: Records, candidates: Sequence[Candidate], tasks: Sequence[str], cal: CalibrationSettings
+) -> dict[str, Any]:
     max_steps = max(cal.steps_grid)
     curve, grid, per_task = [], [], []
     for candidate in candidates:
@@ -315,7 +316,6 @@ def _report(records: Records, candidates: Sequence[Candidate], tasks: Sequence[s
         "lr_grid": list(cal.lr_grid),
         "steps_grid": list(cal.steps_grid),
         "shots": list(cal.shots),
-        "bands": {str(k): band_of(int(k), cal.shots) for k in evaluated},
         "chosen": chosen,
         "grid": grid,
         "curve": curve,
@@ -329,7 +329,6 @@ def tune(
     tasks: Mapping[str, tuple[pd.DataFrame, pd.DataFrame]],
     cal: CalibrationSettings,
     *,
-    evaluated: Sequence[int],
     device: str = "auto",
     snapshot_device: str = "cpu",
     show_progress: bool = False,
@@ -345,7 +344,7 @@ def tune(
             job = load_job_model(candidate.path, cal.model, device=device, mixed_precision=cal.mixed_precision)
             _measure_candidate(job, candidate, tasks, cal, records, grader, snapshot_device=snapshot_device, bar=bar)
             del job
-    return _report(records, candidates, list(tasks), cal, evaluated)
+    return _report(records, candidates, list(tasks), cal)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -387,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     if len({c.step for c in candidates}) != len(candidates):
         raise ConfigError("--candidate: two candidates share a step")
     tasks = load_dev_tasks(args.tasks_dir, args.tasks)
-    report = tune(candidates, tasks, cal, evaluated=settings["eval_shots"], device=args.device,
+    report = tune(candidates, tasks, cal, device=args.device,
                   show_progress=not args.no_progress)  # fmt: skip
     report = {
         "init": args.init,

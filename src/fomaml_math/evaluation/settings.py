@@ -136,9 +136,5 @@ def steps_grid(settings: Mapping[str, Any]) -> list[int]:
 
 
 def tuned_shots(settings: Mapping[str, Any]) -> list[int]:
-    """``calibration.shots`` (bands), or every evaluated shot count; 0 whenever 0 shots are evaluated
-    (its choice is the checkpoint alone: nothing is adapted)."""
-    evaluated = {int(k) for k in settings["eval_shots"]}
-    configured = settings["calibration"]["shots"]
-    shots = {int(k) for k in configured} if configured else {k for k in evaluated if k > 0}
-    return sorted(shots | ({0} & evaluated))
+    """The tuned shot counts (``config.tuned_shot_counts``, resolved into the stage settings)."""
+    return sorted(int(k) for k in settings["tuned_shots"])
