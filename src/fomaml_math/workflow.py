@@ -7,7 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from fomaml_math.evaluation.choice import AdaptationChoice, read_choice, read_chosen_model
+from fomaml_math.evaluation.choice import AdaptationChoice, read_choice_and_model
 
 SRC_DIR = str(Path(__file__).resolve().parents[1])
 
@@ -50,7 +50,7 @@ def job_interpreter_warning() -> str | None:
 def adaptation_choice(calibration_json: str | Path, shots: int) -> tuple[AdaptationChoice, str]:
     """The adaptation a tuner file chose for an evaluation at ``shots``, and the model folder it adapts
     (:mod:`fomaml_math.evaluation.choice`)."""
-    return read_choice(calibration_json, shots), read_chosen_model(calibration_json, shots)
+    return read_choice_and_model(calibration_json, shots)
 
 
 def choice_flag_name(choice: AdaptationChoice) -> str:

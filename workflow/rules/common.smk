@@ -11,7 +11,7 @@ if SRC not in sys.path:
 from snakemake.settings.types import DeploymentMethod
 
 from fomaml_math.analysis.outputs import FIGURES, STATS_FILES
-from fomaml_math.config import control_shot_seed, meta_test_tasks, stage_settings, validate_config
+from fomaml_math.config import control_shot_seed, meta_test_tasks, stage_settings, training_tasks, validate_config
 from fomaml_math.data.taskfiles import ROLES_FILE, SPLITS
 from fomaml_math.errors import ConfigError
 from fomaml_math.evaluation.rows import BASE, METHODS
@@ -95,16 +95,11 @@ def base_model_input():
     return [BASE_MODEL] if TINY else []
 
 
-def training_tasks(experiment):
-    """The tasks an experiment trains on: the only ones whose dev data its tuning may read."""
-    held_out = set(meta_test_tasks(config, experiment))
-    return [task for task in TASKS if task not in held_out]
-
-
 def tuning_task_files(wildcards):
+    """The dev files of the experiment's training tasks: the only ones its tuning may read."""
     return expand(
         f"{TASKS_DIR}/{{task}}/{{split}}.parquet",
-        task=training_tasks(wildcards.experiment),
+        task=training_tasks(config, wildcards.experiment),
         split=["dev_pool", "dev_monitor"],
     )
 
@@ -112,7 +107,9 @@ def tuning_task_files(wildcards):
 def tuning_args(wildcards):
     """--experiment, --tasks (training tasks only) and, for a trained run, --train-seed of a tuner job."""
     seed = [f"--train-seed {int(wildcards.seed)}"] if "seed" in wildcards.keys() else []
-    return " ".join([f"--experiment {wildcards.experiment}", "--tasks", *training_tasks(wildcards.experiment), *seed])
+    return " ".join(
+        [f"--experiment {wildcards.experiment}", "--tasks", *training_tasks(config, wildcards.experiment), *seed]
+    )
 
 
 def trained_candidates(wildcards, input):
@@ -147,20 +144,23 @@ def control_args(wildcards):
     return [f"--shot-seed {control_shot_seed(config)}"] if wildcards.kind == "eval-control" else []
 
 
+def meta_test_args(experiment):
+    """--meta-test <the experiment's held-out tasks> (none: an empty list)."""
+    held_out = meta_test_tasks(config, experiment)
+    return [" ".join(["--meta-test", *held_out])] if held_out else []
+
+
 def eval_args(wildcards):
     """--experiment/--train-seed/--meta-test (and the control's --shot-seed) of a trained run's evaluation."""
-    held_out = meta_test_tasks(config, wildcards.experiment)
-    meta_test = [" ".join(["--meta-test", *held_out])] if held_out else []
-    return " ".join([run_args(wildcards), *meta_test, *control_args(wildcards)])
+    return " ".join([run_args(wildcards), *meta_test_args(wildcards.experiment), *control_args(wildcards)])
 
 
 def base_eval_args(wildcards):
     """The base's evaluation: per experiment when tuned (its choice is the experiment's), else shared."""
     if not CALIBRATED:
         return " ".join(["--experiment shared", *control_args(wildcards)])
-    held_out = meta_test_tasks(config, wildcards.experiment)
-    meta_test = [" ".join(["--meta-test", *held_out])] if held_out else []
-    return " ".join([f"--experiment {wildcards.experiment}", *meta_test, *control_args(wildcards)])
+    experiment = wildcards.experiment
+    return " ".join([f"--experiment {experiment}", *meta_test_args(experiment), *control_args(wildcards)])
 
 
 def calibration_job(wildcards):

@@ -3,8 +3,8 @@
 The tuner (stage ``calibrate``, :mod:`fomaml_math.evaluation.calibrate`) writes, per tuned shot count,
 the kept checkpoint and the adaptation (optimizer, learning rate, steps) it chose jointly: the
 ``chosen`` list of ``calibration.json``.  An evaluated shot count ``k`` uses the entry of its *band*
-(``bands``: the tuned shot count nearest to ``k`` on a log scale, ties to the smaller; 0 shots is its
-own band).  :func:`read_choice` is the one reader, used by the workflow
+(:func:`band_of`: the tuned shot count nearest to ``k`` on a log scale, ties to the smaller; 0 shots is
+its own band).  :func:`read_choice` is the one reader, used by the workflow
 (:func:`fomaml_math.workflow.adaptation_choice`: the flag file named after the value, ``--model``,
 ``--adapt-lr``/``--adapt-steps``), by the evaluation (those flags, or the untuned ``eval`` settings)
 and by the analysis (:mod:`fomaml_math.analysis.calibration`).  Standard library only: the Snakefile
@@ -79,9 +79,14 @@ def read_choice(calibration_json: str | Path, shots: int) -> AdaptationChoice:
 def read_chosen_model(calibration_json: str | Path, shots: int) -> str:
     """The model folder of the checkpoint a tuner file chose for ``shots`` (its ``candidates`` entry's path,
     as the tuner was given it: relative to the workflow's directory when the rules ran it)."""
+    return read_choice_and_model(calibration_json, shots)[1]
+
+
+def read_choice_and_model(calibration_json: str | Path, shots: int) -> tuple[AdaptationChoice, str]:
+    """:func:`read_choice` and :func:`read_chosen_model` from one read of the file (the rules call it per job)."""
     report = json.loads(Path(calibration_json).read_text())
-    step = choice_for(report, shots).checkpoint
+    choice = choice_for(report, shots)
     paths = {int(c["step"]): str(c["path"]) for c in report["candidates"]}
-    if step not in paths:
-        raise ValueError(f"{calibration_json}: the chosen checkpoint {step} is not among its candidates")
-    return paths[step]
+    if choice.checkpoint not in paths:
+        raise ValueError(f"{calibration_json}: the chosen checkpoint {choice.checkpoint} is not among its candidates")
+    return choice, paths[choice.checkpoint]
