@@ -8,14 +8,18 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
+import torch
 from scipy import stats
 
+from fomaml_math.batching import IGNORE_INDEX, collate, encode_example, summed_nll
 from fomaml_math.config import stage_settings
 from fomaml_math.errors import ConfigError
 from fomaml_math.evaluation.calibrate import choose, main
 from fomaml_math.evaluation.choice import AdaptationChoice, band_of, read_choice, read_chosen_model
-from fomaml_math.evaluation.criteria import answer_span, spearman
+from fomaml_math.evaluation.criteria import answer_span, dev_examples, score, spearman
+from fomaml_math.evaluation.job import JobModel
 from fomaml_math.evaluation.settings import lr_grid, steps_grid, tuned_shots
 from fomaml_math.modeling import load_model_and_tokenizer
 from tests.fixtures_tiny import TASKS, make_rows, shared_workspace
@@ -80,6 +84,31 @@ def test_answer_span_holds_exactly_the_boxed_answer() -> None:
     target = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(target[first:last]).strip() == row["answer"]
     assert answer_span(tokenizer, row["problem"], "no boxed answer here", instruction="") is None
+
+
+def test_one_forward_gives_both_nlls_as_separate_forwards_would() -> None:
+    """score's answer NLL (a subset of the one forward's tokens) equals the NLL of answer-only labels."""
+    model, tokenizer = load_model_and_tokenizer(str(shared_workspace() / "model"))
+    rows = make_rows("algebra", "dev_monitor", 5)
+    rows[2]["solution"] = "no boxed answer here"  # counts for nll, not for answer_nll
+    examples = dev_examples(tokenizer, "algebra", pd.DataFrame(rows), max_examples=5, max_seq_len=256,
+                            instruction="", chunk_size=2)  # fmt: skip
+    job = JobModel(model, tokenizer, torch.device("cpu"), "no")
+    got = score(job, examples, grader=None, generation=None)
+    full_sum, full_tokens = summed_nll(model, examples.chunks)
+    answer_sum, answer_tokens = 0.0, 0
+    for row in (r for r in rows if "\\boxed" in r["solution"]):
+        first, last = answer_span(tokenizer, row["problem"], row["solution"], instruction="")
+        encoded = encode_example(tokenizer, row["problem"], row["solution"], 256, instruction="")
+        batch = collate([encoded], tokenizer.pad_token_id)
+        keep = torch.zeros_like(batch.labels, dtype=torch.bool)
+        keep[0, encoded.prompt_len + first : encoded.prompt_len + last] = True
+        batch.labels[~keep] = IGNORE_INDEX
+        row_sum, row_tokens = summed_nll(model, [batch])
+        answer_sum, answer_tokens = answer_sum + row_sum, answer_tokens + row_tokens
+    assert (got.nll_tokens, got.answer_tokens) == (full_tokens, answer_tokens) and 0 < answer_tokens < full_tokens
+    assert got.nll_sum == pytest.approx(full_sum, rel=1e-6)
+    assert got.answer_sum == pytest.approx(answer_sum, rel=1e-5)
 
 
 @pytest.fixture()

@@ -224,6 +224,14 @@ def example_nll(model: Any, batch: SFTBatch) -> tuple[torch.Tensor, torch.Tensor
     return sums, counts
 
 
+@torch.no_grad()
+def token_nll(model: Any, batch: SFTBatch) -> torch.Tensor:
+    """The NLL of every assistant token of ``batch`` (float64, CPU), in the row-major order of its targets
+    (``batch.labels[:, 1:] != IGNORE_INDEX``): one forward serves any subset of the targets."""
+    logits, labels, _ = _target_logits_and_labels(model, batch)
+    return F.cross_entropy(logits, labels, reduction="none").double().cpu()
+
+
 def summed_nll(
     model: Any, batches: Iterable[SFTBatch], autocast: Any = None, device: torch.device | str | None = None
 ) -> tuple[float, int]:

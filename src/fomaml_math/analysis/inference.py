@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import integrate, optimize
+from scipy import optimize
 from scipy import stats as scipy_stats
 from statsmodels.stats.multitest import multipletests
 
@@ -186,12 +186,22 @@ def power(effect: float, se: float, df: float, alpha: float) -> float:
     if math.isfinite(value):
         return value
 
-    # scipy's noncentral t fails at few df and large shifts: integrate T = (Z + shift) / sqrt(V / df) over V ~ χ²_df.
-    def tails(v: float) -> float:
-        scale = crit * math.sqrt(v / df)
-        return float(scipy_stats.norm.sf(scale - shift) + scipy_stats.norm.cdf(-scale - shift))
+    return _power_by_mixture(shift, crit, df)
 
-    return float(integrate.quad(lambda v: tails(v) * scipy_stats.chi2.pdf(v, df), 0.0, math.inf, limit=200)[0])
+
+# Gauss-Legendre nodes on the quantile scale of V ~ chi2_df (mapped from [-1, 1] to (0, 1)): the power's
+# integrand there is smooth and bounded, and 256 nodes agree with scipy's noncentral t to ~3e-8 wherever
+# that is finite (checked at df 0.6-300, shifts 0-40); scipy's adaptive quad was 200x slower and returned 0
+# at df < 1.
+_QUANTILE_NODES, _QUANTILE_WEIGHTS = np.polynomial.legendre.leggauss(256)
+_QUANTILE_NODES, _QUANTILE_WEIGHTS = (_QUANTILE_NODES + 1) / 2, _QUANTILE_WEIGHTS / 2
+
+
+def _power_by_mixture(shift: float, crit: float, df: float) -> float:
+    """P(|T| > crit) for T = (Z + shift) / sqrt(V / df), V ~ chi2_df: the normal tails averaged over V."""
+    scale = crit * np.sqrt(scipy_stats.chi2.ppf(_QUANTILE_NODES, df) / df)
+    tails = scipy_stats.norm.sf(scale - shift) + scipy_stats.norm.cdf(-scale - shift)
+    return float(np.dot(_QUANTILE_WEIGHTS, tails))
 
 
 def minimum_detectable_effect(se: float, df: float, alpha: float, target_power: float = 0.8) -> float:

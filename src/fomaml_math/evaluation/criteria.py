@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from fomaml_math.batching import (
     IGNORE_INDEX,
@@ -26,7 +27,7 @@ from fomaml_math.batching import (
     chat_prompt,
     collate,
     encode_example,
-    summed_nll,
+    token_nll,
 )
 from fomaml_math.data.answers import extract_boxed_answer
 from fomaml_math.evaluation.generate import HFBackend, encode_prompts
@@ -52,7 +53,7 @@ class DevExamples:
 
     task: str
     chunks: list[SFTBatch]  # the full solution is the target
-    answer_chunks: list[SFTBatch]  # only the final answer's tokens are targets
+    answer_targets: list[torch.Tensor]  # per chunk, over its targets (token_nll's order): an answer token?
     prompt_ids: list[list[int]]  # the evaluation's prompt of each problem
     golds: list[str]
 
@@ -99,27 +100,29 @@ def dev_examples(
     pad = tokenizer.pad_token_id
     chunks = [collate(encoded[i : i + chunk_size], pad) for i in range(0, len(encoded), chunk_size)]
     spans = [answer_span(tokenizer, p, s, instruction=instruction) for p, s in zip(problems, solutions, strict=True)]
-    keep = [i for i, span in enumerate(spans) if span is not None]
-    answer_chunks = []
-    for start in range(0, len(keep), chunk_size):
-        part = keep[start : start + chunk_size]
-        batch = collate([encoded[i] for i in part], pad)
-        labels = batch.labels.clone()
-        for row, i in enumerate(part):
-            first, last = spans[i]  # type: ignore[misc]
-            offset = encoded[i].prompt_len
-            labels[row, : offset + first] = IGNORE_INDEX
-            labels[row, offset + last :] = IGNORE_INDEX
-        answer_chunks.append(SFTBatch(batch.input_ids, batch.attention_mask, labels, batch.num_truncated))
+    answer_targets = []
+    for start, chunk in zip(range(0, len(encoded), chunk_size), chunks, strict=True):
+        is_answer = torch.zeros_like(chunk.labels, dtype=torch.bool)
+        for row, span in enumerate(spans[start : start + chunk_size]):
+            if span is not None:
+                offset = encoded[start + row].prompt_len
+                is_answer[row, offset + span[0] : offset + span[1]] = True
+        targets = chunk.labels[:, 1:] != IGNORE_INDEX  # a truncated answer keeps only its kept tokens
+        answer_targets.append(is_answer[:, 1:][targets])
     prompts = [problem_messages(p, instruction=instruction) for p in problems]
     golds = [extract_boxed_answer(s) or "" for s in solutions]  # the table's `answer` is defined the same way
-    return DevExamples(task, chunks, answer_chunks, encode_prompts(tokenizer, prompts), golds)
+    return DevExamples(task, chunks, answer_targets, encode_prompts(tokenizer, prompts), golds)
 
 
 def score(job: JobModel, examples: DevExamples, *, grader: Any, generation: Generation | None) -> Score:
     """The criteria at the model's current weights; accuracy only with ``generation``."""
-    nll_sum, nll_tokens = summed_nll(job.model, examples.chunks, job.autocast, job.device)
-    answer_sum, answer_tokens = summed_nll(job.model, examples.answer_chunks, job.autocast, job.device)
+    nll_sum = answer_sum = 0.0
+    nll_tokens = answer_tokens = 0
+    for chunk, is_answer in zip(examples.chunks, examples.answer_targets, strict=True):
+        with job.autocast():
+            nll = token_nll(job.model, chunk.to(job.device))  # one forward for both NLLs
+        nll_sum, nll_tokens = nll_sum + float(nll.sum()), nll_tokens + int(nll.numel())
+        answer_sum, answer_tokens = answer_sum + float(nll[is_answer].sum()), answer_tokens + int(is_answer.sum())
     correct = None
     if generation is not None:
         outputs = HFBackend(job.autocast).generate(
