@@ -70,8 +70,6 @@ format: setup
 	$(BIN)/ruff check --fix src tests bench
 	$(BIN)/snakefmt workflow
 
-clean:
-	rm -rf results/env results/data results/models results/checkpoints results/eval results/stats \
-	       results/figures results/logs results/benchmarks results/.gpu-locks results/gpu-check results/summary.md \
-	       results/experiments.md results/experiments.csv \
-	       results/report.html .snakemake
+clean:  # everything under results/ but its README (the tracked file): per-experiment folders included
+	find results -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
+	rm -rf .snakemake
