@@ -13,6 +13,7 @@ from fomaml_math.config import (
     load_config,
     settings_hash,
     sft_budget_steps,
+    shot_seed,
     split_settings,
     stage_settings,
     validate_config,
@@ -311,3 +312,15 @@ def test_synthetic_task_names_and_pretraining_rules(demo_config):
     settings = stage_settings(validate_config(copy.deepcopy(demo_config)), "pretrain_tiny_base")
     assert settings["families"] == sorted(MATH_TASKS)  # variants share their family's plain form
     assert settings["pretrain"]["problems_per_family"] == demo_config["model"]["pretrain"]["problems_per_family"]
+
+
+def test_shot_draws_are_nested_in_training_seeds_unless_shared(demo_config):
+    assert demo_config["eval"]["shot_draws"] == "per_seed"  # the default
+    seeds = [shot_seed(demo_config, s) for s in (0, 1, 2)]
+    controls = [shot_seed(demo_config, s, control=True) for s in (0, 1, 2)]
+    assert len(set(seeds + controls + [demo_config["seed"]])) == 7  # every run and its control: their own draws
+    assert shot_seed(demo_config, None) == demo_config["seed"]  # the base: one model, the global seed
+    assert shot_seed(demo_config, 1) == shot_seed(copy.deepcopy(demo_config), 1)  # deterministic
+    demo_config["eval"]["shot_draws"] = "shared"
+    assert {shot_seed(demo_config, s) for s in (0, 1, None)} == {demo_config["seed"]}
+    assert shot_seed(demo_config, 0, control=True) == demo_config["seed"] + 1_000_003

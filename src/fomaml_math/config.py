@@ -12,6 +12,7 @@ import argparse
 import copy
 import hashlib
 import json
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -242,9 +243,18 @@ def training_tasks(config: dict[str, Any], experiment: str | None = None) -> lis
     return [t for t in config["tasks"]["names"] if t not in held_out]
 
 
-def control_shot_seed(config: dict[str, Any]) -> int:
-    """The negative control's shot-draw seed: independent of the evaluation's (``seed``)."""
-    return int(config["seed"]) + 1_000_003
+def shot_seed(config: dict[str, Any], train_seed: int | None, *, control: bool = False) -> int:
+    """The seed of the shot draws of a run's evaluation and tuning (``--shot-seed``).
+
+    ``eval.shot_draws: per_seed`` (default): each training seed gets its own (crc32 of the global seed, the
+    training seed and the stream), so draws are nested in seeds and the between-seed variance of every
+    interval holds the between-draw variance too. The base (``train_seed`` None) and ``shared``: the global
+    seed. The negative control (``control``) draws from a stream of its own, independent of the evaluation's.
+    """
+    seed = int(config["seed"])
+    if config["eval"].get("shot_draws", "per_seed") == "per_seed" and train_seed is not None:
+        return zlib.crc32(f"shots/{seed}/{int(train_seed)}/{'control' if control else 'eval'}".encode())
+    return seed + 1_000_003 if control else seed
 
 
 def sft_budget_steps(config: dict[str, Any]) -> int:

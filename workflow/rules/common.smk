@@ -11,7 +11,7 @@ if SRC not in sys.path:
 from snakemake.settings.types import DeploymentMethod
 
 from fomaml_math.analysis.outputs import FIGURES, STATS_FILES
-from fomaml_math.config import control_shot_seed, meta_test_tasks, stage_settings, training_tasks, validate_config
+from fomaml_math.config import meta_test_tasks, shot_seed, stage_settings, training_tasks, validate_config
 from fomaml_math.data.taskfiles import ROLES_FILE, SPLITS
 from fomaml_math.errors import ConfigError
 from fomaml_math.evaluation.rows import BASE, METHODS
@@ -60,6 +60,8 @@ PRETRAIN = TINY and config["model"]["pretrain"] is not None
 TINY_INIT = "results/models/tiny-init" if PRETRAIN else BASE_MODEL
 COMPUTE = config["compute"]
 TRAIN_GPUS = COMPUTE["num_processes"] if COMPUTE["gpus"] > 0 else 0
+# CPU threads of a training job (compute.train_threads; null: all --cores, which runs trainings one at a time)
+TRAIN_THREADS = COMPUTE.get("train_threads") or workflow.cores
 # The evaluation's checkpoint and adaptation come from the tuner, stage `calibrate` (finetune mode only).
 CALIBRATED = config["calibration"]["enabled"] and config["eval"]["mode"] == "finetune"
 CONTROL = config["replicates"]["negative_control"]
@@ -104,11 +106,22 @@ def tuning_task_files(wildcards):
     )
 
 
+def train_seed_of(wildcards):
+    """The training seed of a job's run (None: the base)."""
+    return int(wildcards.seed) if "seed" in wildcards.keys() else None
+
+
 def tuning_args(wildcards):
-    """--experiment, --tasks (training tasks only) and, for a trained run, --train-seed of a tuner job."""
-    seed = [f"--train-seed {int(wildcards.seed)}"] if "seed" in wildcards.keys() else []
+    """--experiment, --tasks (training tasks only), --shot-seed and, for a trained run, --train-seed of a tuner."""
+    seed = train_seed_of(wildcards)
     return " ".join(
-        [f"--experiment {wildcards.experiment}", "--tasks", *training_tasks(config, wildcards.experiment), *seed]
+        [
+            f"--experiment {wildcards.experiment}",
+            "--tasks",
+            *training_tasks(config, wildcards.experiment),
+            f"--shot-seed {shot_seed(config, seed)}",
+            *([] if seed is None else [f"--train-seed {seed}"]),
+        ]
     )
 
 
@@ -139,9 +152,9 @@ def run_args(wildcards):
     return f"--experiment {wildcards.experiment} --train-seed {int(wildcards.seed)}"
 
 
-def control_args(wildcards):
-    """The negative control's --shot-seed (``eval-control`` evaluations only)."""
-    return [f"--shot-seed {control_shot_seed(config)}"] if wildcards.kind == "eval-control" else []
+def shot_seed_args(wildcards):
+    """--shot-seed of an evaluation: its run's draws (eval.shot_draws), the negative control's own stream."""
+    return [f"--shot-seed {shot_seed(config, train_seed_of(wildcards), control=wildcards.kind == 'eval-control')}"]
 
 
 def meta_test_args(experiment):
@@ -151,16 +164,16 @@ def meta_test_args(experiment):
 
 
 def eval_args(wildcards):
-    """--experiment/--train-seed/--meta-test (and the control's --shot-seed) of a trained run's evaluation."""
-    return " ".join([run_args(wildcards), *meta_test_args(wildcards.experiment), *control_args(wildcards)])
+    """--experiment/--train-seed/--meta-test and --shot-seed of a trained run's evaluation."""
+    return " ".join([run_args(wildcards), *meta_test_args(wildcards.experiment), *shot_seed_args(wildcards)])
 
 
 def base_eval_args(wildcards):
     """The base's evaluation: per experiment when tuned (its choice is the experiment's), else shared."""
     if not CALIBRATED:
-        return " ".join(["--experiment shared", *control_args(wildcards)])
+        return " ".join(["--experiment shared", *shot_seed_args(wildcards)])
     experiment = wildcards.experiment
-    return " ".join([f"--experiment {experiment}", *meta_test_args(experiment), *control_args(wildcards)])
+    return " ".join([f"--experiment {experiment}", *meta_test_args(experiment), *shot_seed_args(wildcards)])
 
 
 def calibration_job(wildcards):

@@ -28,7 +28,7 @@ rule train:
         "results/benchmarks/train/{experiment}_{method}_seed-{seed}.tsv"
     conda:
         ENV
-    threads: workflow.cores
+    threads: TRAIN_THREADS
     resources:
         gpu=TRAIN_GPUS,
     params:

@@ -23,7 +23,7 @@ steps and the later checkpoint.  A point whose criterion is not finite (divergen
 Spearman's rank correlation of every criterion with dev accuracy, and the split-half agreement of dev
 accuracy itself (even- against odd-indexed examples): how far the criterion's optimum is the accuracy's.
 
-Output (``--output``, JSON): ``init``, ``experiment``, ``train_seed``, ``optimizer``, ``criterion``,
+Output (``--output``, JSON): ``init``, ``experiment``, ``train_seed``, ``shot_seed``, ``optimizer``, ``criterion``,
 ``tasks``, ``candidates``, ``lr_grid``, ``steps_grid``, ``shots`` (tuned; an evaluated k uses its band,
 :func:`fomaml_math.evaluation.choice.band_of`),
 ``chosen`` (per tuned k: ``shots``, ``checkpoint``, ``lr``, ``num_steps``, the criteria there, ``edges``,
@@ -40,7 +40,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -371,12 +371,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="calibration JSON")
     parser.add_argument("--experiment", default=None, help="experiment tuned for")
     parser.add_argument("--train-seed", type=int, default=-1, help="training seed of the candidates (-1: base)")
+    parser.add_argument(
+        "--shot-seed", type=int, default=None, help="seed of the tuning's shot draws (default: the settings' seed)"
+    )
     parser.add_argument("--device", choices=DEVICES, default="auto")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     settings = settings_from_args(args, "calibrate")
     started = time.perf_counter()
     cal = CalibrationSettings.from_stage(settings)
+    if args.shot_seed is not None:
+        cal = replace(cal, seed=int(args.shot_seed))
     if args.model:
         candidates = [Candidate(0, args.model)]
     elif args.train_summary:
@@ -392,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         "init": args.init,
         "experiment": args.experiment,
         "train_seed": args.train_seed,
+        "shot_seed": cal.seed,
         **report,
         "wall_time_s": round(time.perf_counter() - started, 3),
         "settings": settings,
