@@ -269,3 +269,35 @@ def test_stars_and_effect_sizes() -> None:
     assert inference.cohens_h(0.6, 0.4) == pytest.approx(2 * math.asin(math.sqrt(0.6)) - 2 * math.asin(math.sqrt(0.4)))
     assert inference.discordant_odds_ratio(7, 1) == 7.0
     assert inference.discordant_odds_ratio(3, 0) == math.inf
+
+
+def test_tasks_random_with_one_seed_is_the_t_test_over_task_differences() -> None:
+    rng = np.random.default_rng(3)
+    strata = np.repeat([f"t{i}" for i in range(7)], 20)
+    a, b = rng.binomial(1, 0.6, (1, strata.size)), rng.binomial(1, 0.5, (1, strata.size))
+    d = np.array([a[0, strata == t].mean() - b[0, strata == t].mean() for t in np.unique(strata)])
+    est = inference.task_random_estimate(a, b, strata)
+    assert est.estimate == pytest.approx(d.mean())
+    assert est.se == pytest.approx(d.std(ddof=1) / math.sqrt(7)) and est.df == pytest.approx(6)
+    assert inference.t_test_p(est) == pytest.approx(scipy_stats.ttest_1samp(d, 0.0).pvalue)
+
+
+def test_tasks_random_holds_the_task_by_method_interaction_and_covers() -> None:
+    """Each study draws 7 subjects whose true differences spread around 0 (sd 15 pp): the fixed-task interval
+    (problems within tasks) misses the population mean far more often than 5%; the random-task one covers."""
+    rng = np.random.default_rng(4)
+    strata = np.repeat([f"t{i}" for i in range(7)], 150)
+    task_of = np.unique(strata, return_inverse=True)[1]
+    hits = {"random": 0, "fixed": 0}
+    studies = 300
+    for _ in range(studies):
+        effect = rng.normal(0.0, 0.15, 7)[task_of]  # the population mean difference is 0
+        seed_a, seed_b = rng.normal(0, 0.02, (3, 1)), rng.normal(0, 0.02, (3, 1))
+        a = rng.binomial(1, np.clip(0.5 + effect / 2 + seed_a, 0, 1))
+        b = rng.binomial(1, np.clip(0.5 - effect / 2 + seed_b, 0, 1))
+        for name, est in (("random", inference.task_random_estimate(a, b, strata)),
+                          ("fixed", inference.crossed_estimate(a, b, strata, weighting="task"))):  # fmt: skip
+            low, high = inference.t_interval(est, 0.95)
+            hits[name] += low <= 0.0 <= high
+    assert hits["random"] / studies >= 0.93, hits
+    assert hits["fixed"] / studies < 0.75, hits

@@ -134,6 +134,40 @@ def crossed_estimate(
     return Estimate(estimate, math.sqrt(variance), df, n, a.shape[0], n_b, cluster_var, problem_var)
 
 
+def task_random_estimate(a: np.ndarray, b: np.ndarray, strata: Sequence[str] | np.ndarray) -> Estimate:
+    """Mean over tasks of the per-task difference ``a − b``, tasks a random sample of subjects.
+
+    The summary-statistic approach of random-effects analysis: each task's difference of seed-averaged
+    accuracies ``d_t`` is one observation, so the spread of the ``d_t`` holds the task × method interaction
+    (and each task's problem and seed × task noise); ``s²_d / T`` with ``T − 1`` df. The seed main effects are
+    shared by every task (one trained model is scored on all of them), so the spread of each init's per-seed
+    macro-averages adds ``var / S`` with ``S − 1`` df. Their seed × task share is then counted twice: a
+    conservative sum (docs/statistics.md, "Cross-task analysis"); df by Welch–Satterthwaite. With one seed
+    per init it is the one-sample t-test over the ``T`` task differences. In the returned Estimate,
+    ``cluster_var`` is the seed parts and ``problem_var`` the task part.
+    """
+    a, b = np.atleast_2d(np.asarray(a, dtype=np.float64)), np.atleast_2d(np.asarray(b, dtype=np.float64))
+    strata = np.asarray(strata)
+    keep = ~(np.isnan(a).any(axis=0) | np.isnan(b).any(axis=0))
+    a, b, strata = a[:, keep], b[:, keep], strata[keep]
+    labels = np.unique(strata)
+    if labels.size == 0:
+        return Estimate(math.nan, math.nan, math.nan, 0, a.shape[0], b.shape[0], math.nan, math.nan)
+    w = _weights(strata, "task")
+    per_task = np.array([a[:, strata == t].mean() - b[:, strata == t].mean() for t in labels])
+    parts = [(float(np.var(per_task, ddof=1)) / labels.size, labels.size - 1)] if labels.size >= 2 else []
+    for x in (a, b):
+        if x.shape[0] >= 2:
+            parts.append((float(np.var(x @ w, ddof=1)) / x.shape[0], x.shape[0] - 1))
+    variance = sum(v for v, _ in parts)
+    denominator = sum(v * v / d for v, d in parts if v > 0 and d > 0)
+    df = variance * variance / denominator if denominator > 0 else (math.nan if not parts else math.inf)
+    seed_var = sum(v for v, _ in parts[1:]) if labels.size >= 2 else variance
+    task_var = parts[0][0] if labels.size >= 2 else 0.0
+    return Estimate(float(per_task.mean()), math.sqrt(variance) if parts else math.nan, df, int(keep.sum()),
+                    a.shape[0], b.shape[0], seed_var, task_var)  # fmt: skip
+
+
 def t_interval(
     est: Estimate, ci_level: float, bounds: tuple[float, float] = (-math.inf, math.inf)
 ) -> tuple[float, float]:

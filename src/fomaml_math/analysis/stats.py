@@ -9,7 +9,7 @@ the tables every figure and summary number comes from:
 - ``comparisons.tsv``: paired comparisons per (experiment, task or pool, shots), each in the ``primary`` or the
   ``secondary`` (exploratory) family, with TOST equivalence, the minimum detectable effect and a verdict;
 - ``primary.tsv``: the primary family's rows of ``comparisons.tsv``;
-- ``across_tasks.tsv``: the cross-task analysis (every task weighted equally) per (experiment, shots, comparison);
+- ``across_tasks.tsv``: the cross-task analysis (tasks a random sample of subjects) per (experiment, shots, comparison);
 - ``control.tsv``: the negative control (A/A); ``generation.tsv``, ``adaptation.tsv``, ``adaptation_summary.tsv``:
   what generation and adaptation did; ``sample_efficiency.tsv``: the shots one init needs to match another;
   ``rule_adoption.tsv``: the positive control, the share of answers that follow the evaluated task's own hidden
@@ -271,12 +271,13 @@ def _comparison_row(
 def _across_row(
     design: Design, pool: str, mask: np.ndarray, task_rows: pd.DataFrame, a: str, b: str, settings: StatsSettings
 ) -> dict[str, Any]:
-    """The cross-task analysis of one (shots, comparison): macro-average (every task weighted equally) with the
-    seed-aware t-test, and the Wilcoxon signed-rank test over task-level differences (descriptive)."""
+    """The cross-task analysis of one (shots, comparison): the mean over tasks of the per-task differences, tasks
+    a random sample of subjects (``inference.task_random_estimate``: its t-test generalises to a new subject), and
+    the Wilcoxon signed-rank test over the task-level differences (descriptive)."""
     row: dict[str, Any] = {"pool": pool, "comparison": comparison_name(a, b), "n_tasks": len(task_rows)}
     strata = design.strata[mask]
     for prefix, matrices in (("acc", design.correct), ("nll", design.nll)):
-        est = inference.crossed_estimate(matrices[a][:, mask], matrices[b][:, mask], strata, weighting="task")
+        est = inference.task_random_estimate(matrices[a][:, mask], matrices[b][:, mask], strata)
         bounds = inference.DIFFERENCE_RANGE if prefix == "acc" else inference.UNBOUNDED
         low, high = inference.t_interval(est, settings.ci_level, bounds) if est.n_problems else (math.nan, math.nan)
         diffs = task_rows[f"{prefix}_diff"].to_numpy(dtype=np.float64)

@@ -606,12 +606,13 @@ def _exploratory_lines(comparisons: pd.DataFrame, across: pd.DataFrame, settings
     lines += [*_table(["Experiment", "Task", "Shots", "Comparison", "Difference (pp)", "p (Holm)", "Note"], body), ""]
     if len(across):
         lines += [
-            "Cross-task analysis (every task weighted equally; seed-aware t-test, Holm within the experiment):",
+            "Cross-task analysis (tasks a random sample of subjects: t-test over the per-task differences plus the "
+            "seed spread, Holm within the experiment):",
             "",
         ]
         for row in across.itertuples(index=False):
             text = (
-                f"- `{row.experiment}`, {_comparison_label(row.comparison)}, {row.shots} shots: macro-average "
+                f"- `{row.experiment}`, {_comparison_label(row.comparison)}, {row.shots} shots: mean over tasks "
                 f"{_interval(fmt_points, row.acc_macro_diff, row.acc_macro_ci_low, row.acc_macro_ci_high)} pp, "
                 f"p (Holm) {fmt_p(row.acc_p_holm, row.acc_stars)}; positive in {row.acc_n_positive} of {row.n_tasks} "
                 f"tasks, Wilcoxon over tasks p {fmt_p(row.acc_wilcoxon_p)}"
