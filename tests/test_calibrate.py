@@ -186,3 +186,13 @@ def test_a_shot_count_larger_than_a_pool_stops_before_any_work(settings: dict[st
     with pytest.raises(ConfigError, match=r"calibration\.shots: 11 shots, but task 'algebra' has only 10 dev_pool"):
         _run(settings, shared_workspace() / "tasks", tmp_path / "x.json")
     assert not (tmp_path / "x.json").exists()
+
+
+def test_not_adapting_can_win_and_is_no_edge(settings: dict[str, Any], tmp_path: Path) -> None:
+    """With 0 in steps_grid and a rate that wrecks the model, the tuner chooses not to adapt: lr 0, no edge."""
+    settings["calibration"].update(lr_grid=[30.0], steps_grid=[0, 1], draws=1)
+    settings["fomaml_inner_lr"] = 30.0
+    report = _run(settings, shared_workspace() / "tasks", tmp_path / "base.json")
+    entry = next(e for e in report["chosen"] if e["shots"] == 3)
+    assert (entry["num_steps"], entry["lr"], entry["edges"]) == (0, 0.0, [])
+    assert read_choice(tmp_path / "base.json", 3) == AdaptationChoice("adam", 0.0, 0, 0)

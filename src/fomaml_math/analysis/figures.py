@@ -420,7 +420,9 @@ def _calibration_panels(by_lr: Axes, by_step: Axes, calibration: dict[str, pd.Da
         points = grid[mine & (grid["num_steps"] == row.num_steps)].sort_values("lr")
         line_style |= {"label": label, "alpha": alpha}
         by_lr.plot(points["lr"], points["accuracy"].astype(float) * PERCENT, gid=f"lr:{tag}", **line_style)
-        by_lr.plot([row.lr], [row.accuracy * PERCENT], marker="*", markersize=9, linestyle="none",
+        # not adapting (0 steps, lr 0): every rate's point is the same model; the star sits at the grid's first rate
+        star_lr = row.lr if int(row.num_steps) > 0 or points.empty else float(points["lr"].min())
+        by_lr.plot([star_lr], [row.accuracy * PERCENT], marker="*", markersize=9, linestyle="none",
                    color=line_style["color"], alpha=alpha, gid=f"chosen:{tag}")  # fmt: skip
         mine = (
             (curve["init"] == row.init)

@@ -227,8 +227,11 @@ def choose(points: Sequence[Mapping[str, Any]], criterion: str) -> Mapping[str, 
 
 
 def _edges(best: Mapping[str, Any], points: Sequence[Mapping[str, Any]], cal: CalibrationSettings) -> list[str]:
-    """Where the choice sits at an end of a grid of several values (the optimum may lie beyond it)."""
-    if int(best["shots"]) == 0:
+    """Where the choice sits at an end of a grid of several values (the optimum may lie beyond it).
+
+    Not adapting (0 steps, when the grid holds 0) is no edge: fewer steps than none do not exist, and the rate
+    means nothing there."""
+    if int(best["shots"]) == 0 or int(best["num_steps"]) == 0:
         return []
     edges = []
     for axis, grid, value in (("lr", cal.lr_grid, float(best["lr"])), ("num_steps", cal.steps_grid,
@@ -302,6 +305,8 @@ def _report(
     for k in cal.shots:
         points = [p for p in grid if int(p["shots"]) == k]
         best = dict(choose(points, cal.criterion))
+        if int(best["num_steps"]) == 0:
+            best["lr"] = NO_LR  # not adapting: every rate's step-0 point is the same model
         edges = _edges(best, points, cal)
         best |= {"edges": edges, "edge_note": _edge_note(best, points, edges, cal.criterion),
                  "criterion_value": best[cal.criterion]}  # fmt: skip
