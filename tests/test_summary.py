@@ -110,7 +110,8 @@ def write_calibration(directory: Path, criterion: str = "accuracy") -> list[Path
 
 def _summarise(stats_dir: Path, tmp_path: Path, calibration: list[Path] | None = None) -> str:
     out = tmp_path / "summary.md"
-    argv = ["--settings", json.dumps(SETTINGS), "--stats-dir", str(stats_dir), "--output", str(out)]
+    argv = ["--settings", json.dumps(SETTINGS), "--stats-dir", str(stats_dir), "--output", str(out),
+            "--per-task-output", str(tmp_path / "per_task.md")]  # fmt: skip
     if calibration:
         argv += ["--calibration", *map(str, calibration)]
     assert summary.main(argv) == 0
@@ -173,7 +174,12 @@ def test_control_generation_adaptation_and_calibration_sections(stats_dir: Path,
     row = held[(held.init == "fomaml") & (held.shots == 10)].iloc[0]
     share = f"{100 * row.share:.1f} [{100 * row.share_ci_low:.1f}, {100 * row.share_ci_high:.1f}]"
     assert f"| FOMAML | 10 | {share} | {_pp(row['diff'])} [" in text
-    assert "## Exploratory: per task (secondary family)" in text
+    # The per-task detail is a file of its own; the summary points to it.
+    assert "## Exploratory" not in text and "`results/stats/per_task.md`" in text
+    per_task = (tmp_path / "per_task.md").read_text()
+    assert (
+        "## Exploratory: per task (secondary family)" in per_task and "Cross-task analysis (tasks a random" in per_task
+    )
 
 
 def test_low_change_adaptation_is_flagged(stats_dir: Path) -> None:

@@ -64,7 +64,8 @@ rule summary:
         stats=expand("results/stats/{name}.tsv", name=STATS_TABLES),
         calibration=calibration_files(),
     output:
-        report("results/summary.md", caption="../report/summary.rst", category="Summary"),
+        summary=report("results/summary.md", caption="../report/summary.rst", category="Summary"),
+        per_task=report("results/stats/per_task.md", caption="../report/per_task.rst", category="Summary"),
     log:
         "results/logs/summary.log",
     benchmark:
@@ -77,7 +78,7 @@ rule summary:
         calibration=lambda wildcards, input: f"--calibration {' '.join(input.calibration)}" if input.calibration else "",
     shell:
         "python -m fomaml_math summary --settings {params.settings:q} --stats-dir {params.stats_dir} {params.calibration}"
-        " --output {output} > {log} 2>&1"
+        " --output {output.summary} --per-task-output {output.per_task} > {log} 2>&1"
 
 
 rule experiments:

@@ -239,6 +239,7 @@ def all_targets():
         *expand("results/stats/{name}.tsv", name=STATS_TABLES),
         *expand("results/figures/{figure}.{ext}", figure=FIGURES, ext=["pdf", "png"]),
         "results/summary.md",
+        "results/stats/per_task.md",
         "results/experiments.md",
         "results/experiments.csv",
         "results/manifest.json",

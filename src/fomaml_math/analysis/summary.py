@@ -624,6 +624,16 @@ def _exploratory_lines(comparisons: pd.DataFrame, across: pd.DataFrame, settings
     return lines
 
 
+PER_TASK_FILE = "results/stats/per_task.md"
+
+
+def render_per_task(tables: dict[str, pd.DataFrame | None], settings: StatsSettings) -> str:
+    """The Markdown of ``per_task.md``: the per-task detail, kept out of ``summary.md`` so that it reads in a minute."""
+    lines = ["# Per task: every task's comparisons and the cross-task analysis", ""]
+    lines += _exploratory_lines(tables["comparisons.tsv"], tables["across_tasks.tsv"], settings)
+    return "\n".join(lines)
+
+
 def render_summary(
     tables: dict[str, pd.DataFrame | None], settings: StatsSettings, calibration: dict[str, pd.DataFrame] | None = None
 ) -> str:
@@ -651,8 +661,11 @@ def render_summary(
     lines += _adaptation_lines(tables.get("adaptation_summary.tsv"))
     lines += _calibration_lines(calibration)
     lines += _efficiency_lines(tables.get("sample_efficiency.tsv"))
-    lines += _exploratory_lines(comparisons, tables["across_tasks.tsv"], settings)
     lines += [
+        "## Per task",
+        "",
+        f"Every per-task comparison (exploratory, secondary family) and the cross-task analysis: `{PER_TASK_FILE}`.",
+        "",
         "## Method",
         "",
         "- Unit: the test problem; correctness averaged over the repeats (shot draws), then over training seeds.",
@@ -695,6 +708,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration", nargs="*", default=[], type=Path, metavar="JSON", help="calibration results (optional)"
     )
     parser.add_argument("--output", required=True, type=Path, help="results/summary.md")
+    parser.add_argument(
+        "--per-task-output", type=Path, default=None, help="the per-task detail (default: <stats-dir>/per_task.md)"
+    )
     return parser
 
 
@@ -705,6 +721,8 @@ def main(argv: list[str] | None = None) -> int:
     calibration = load_calibration(args.calibration) if args.calibration else None
     for note in notes:
         print(note)
+    per_task = args.per_task_output or args.stats_dir / "per_task.md"
+    write_text(per_task, render_per_task(tables, settings))
     write_text(args.output, render_summary(tables, settings, calibration))
-    print(f"summary: {args.output}")
+    print(f"summary: {args.output}, per task: {per_task}")
     return 0
