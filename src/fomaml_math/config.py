@@ -135,6 +135,8 @@ def _iter_semantic_errors(config: dict[str, Any]) -> Iterator[str]:
             f"fomaml.inner_optimizer: {inner}, but eval.optimizer is {adapt} (eval.mode finetune); FOMAML must be "
             "meta-trained with the optimizer it is evaluated with: set both to the same value"
         )
+    if config["eval"]["metaloop_row"] and config["eval"]["mode"] != "finetune":
+        yield "eval.metaloop_row: adapts with FOMAML's inner loop, so it needs eval.mode finetune (or set it false)"
     sft = config["sft"]
     if sft["budget"] == "steps" and not sft.get("steps"):
         yield "sft.steps: required (a positive integer) when sft.budget is 'steps'"
@@ -361,7 +363,10 @@ def stage_settings(
         # ``shots`` is left out: each job gets its own shot count as a wildcard, so adding a
         # shot count must not rerun the evaluations that already exist. The generation backend's
         # settings appear only when they act (eval.backend vllm): the default hf keeps its old settings.
-        hidden = {"shots"} | ({"backend", "vllm"} if config["eval"].get("backend", "hf") == "hf" else set())
+        # eval.metaloop_row only adds jobs (the rules read it), so turning it on reruns no evaluation either.
+        hidden = {"shots", "metaloop_row"} | (
+            {"backend", "vllm"} if config["eval"].get("backend", "hf") == "hf" else set()
+        )
         return {
             "seed": seed,
             "eval": {k: v for k, v in config["eval"].items() if k not in hidden},

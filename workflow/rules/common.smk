@@ -63,6 +63,9 @@ TRAIN_GPUS = COMPUTE["num_processes"] if COMPUTE["gpus"] > 0 else 0
 # The evaluation's checkpoint and adaptation come from the tuner, stage `calibrate` (finetune mode only).
 CALIBRATED = config["calibration"]["enabled"] and config["eval"]["mode"] == "finetune"
 CONTROL = config["replicates"]["negative_control"]
+# The secondary row: every FOMAML run also adapted with its meta-training inner loop (docs/evaluation.md).
+METALOOP_ROW = config["eval"]["metaloop_row"]
+METALOOP_KIND = "eval-metaloop"
 
 # A trained run's folder under results/ (the base is results/base/); one value per wildcard.
 RUN = "{experiment}/{method}/seed-{seed}"
@@ -141,7 +144,8 @@ def run_args(wildcards):
 
 def control_args(wildcards):
     """The negative control's --shot-seed (``eval-control`` evaluations only)."""
-    return [f"--shot-seed {control_shot_seed(config)}"] if wildcards.kind == "eval-control" else []
+    control = "kind" in wildcards.keys() and wildcards.kind == "eval-control"
+    return [f"--shot-seed {control_shot_seed(config)}"] if control else []
 
 
 def meta_test_args(experiment):
@@ -198,6 +202,11 @@ def adapt_args(wildcards):
     return f"--adapt-lr {choice.lr!r} --adapt-steps {choice.num_steps}"
 
 
+def metaloop_args(wildcards, input):
+    """The secondary row's adaptation: the inner loop the run's train_summary.json says it was meta-trained with."""
+    return f"--meta-inner-loop {input.train_summary}"
+
+
 def eval_file(run, shots, kind="eval"):
     return f"results/{run}/{kind}/shots-{shots}.parquet"
 
@@ -214,6 +223,14 @@ def control_eval_files():
     return [eval_file(run, k, "eval-control") for run in control_runs() for k in SHOTS if k > 0]
 
 
+def metaloop_eval_files():
+    """The secondary row's files: every FOMAML run at every evaluated k > 0 (0 shots adapt nothing)."""
+    if not METALOOP_ROW:
+        return []
+    runs = [RUN.format(experiment=e, method="fomaml", seed=s) for e in EXPERIMENTS for s in SEEDS]
+    return [eval_file(run, k, METALOOP_KIND) for run in runs for k in SHOTS if k > 0]
+
+
 def calibration_files():
     return [f"results/{run}/calibration.json" for run in [*base_runs(), *trained_runs()]] if CALIBRATED else []
 
@@ -223,6 +240,7 @@ def all_targets():
     return [
         "results/env/report.json",
         "results/data/split_stats.tsv",
+        *metaloop_eval_files(),
         *expand("results/stats/{name}.tsv", name=STATS_TABLES),
         *expand("results/figures/{figure}.{ext}", figure=FIGURES, ext=["pdf", "png"]),
         "results/summary.md",
