@@ -135,8 +135,6 @@ def _iter_semantic_errors(config: dict[str, Any]) -> Iterator[str]:
             f"fomaml.inner_optimizer: {inner}, but eval.optimizer is {adapt} (eval.mode finetune); FOMAML must be "
             "meta-trained with the optimizer it is evaluated with: set both to the same value"
         )
-    if config["eval"]["metaloop_row"] and config["eval"]["mode"] != "finetune":
-        yield "eval.metaloop_row: adapts with FOMAML's inner loop, so it needs eval.mode finetune (or set it false)"
     sft = config["sft"]
     if sft["budget"] == "steps" and not sft.get("steps"):
         yield "sft.steps: required (a positive integer) when sft.budget is 'steps'"
@@ -242,6 +240,12 @@ def training_tasks(config: dict[str, Any], experiment: str | None = None) -> lis
     """Tasks used for (meta-)training in ``experiment`` (default: the first): ``tasks.names`` minus its meta_test."""
     held_out = set(meta_test_tasks(config, experiment or experiment_names(config)[0]))
     return [t for t in config["tasks"]["names"] if t not in held_out]
+
+
+def metaloop_row(config: dict[str, Any]) -> bool:
+    """Whether FOMAML's secondary meta-training inner loop row is evaluated: ``eval.metaloop_row``, in finetune mode
+    (in_context adapts nothing, so it has no inner loop to mirror)."""
+    return bool(config["eval"]["metaloop_row"]) and config["eval"]["mode"] == "finetune"
 
 
 def control_shot_seed(config: dict[str, Any]) -> int:

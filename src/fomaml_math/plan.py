@@ -49,7 +49,14 @@ import pandas as pd
 
 from fomaml_math.analysis.evaldata import load_eval
 from fomaml_math.analysis.power import Design, VarianceComponents, estimate_components, plan_contrast
-from fomaml_math.config import experiment_names, load_config, meta_test_tasks, sft_budget_steps, training_tasks
+from fomaml_math.config import (
+    experiment_names,
+    load_config,
+    meta_test_tasks,
+    metaloop_row,
+    sft_budget_steps,
+    training_tasks,
+)
 from fomaml_math.errors import ConfigError
 
 RESOURCES = Path(__file__).resolve().parent / "resources"
@@ -227,7 +234,7 @@ def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: P
     nll_flops = problems * eval_conditions * 2.0 * params * example_tokens
     # The secondary row (eval.metaloop_row): every FOMAML run at each k > 0 again, adapted with its meta-training
     # inner loop (num_inner_steps steps of min(k, inner_batch_size) shots), then answered and scored as the others.
-    metaloop_runs = runs if ev["metaloop_row"] and ev["mode"] == "finetune" else 0
+    metaloop_runs = runs if metaloop_row(dict(config)) else 0
     metaloop_conditions = metaloop_runs * len([k for k in shots if k > 0]) * repeats
     metaloop_adapt = (metaloop_runs * repeats * len(tasks)) * sum(
         6.0 * params * min(k, fo["inner_batch_size"]) * example_tokens * fo["num_inner_steps"] for k in shots if k > 0

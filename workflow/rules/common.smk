@@ -11,7 +11,14 @@ if SRC not in sys.path:
 from snakemake.settings.types import DeploymentMethod
 
 from fomaml_math.analysis.outputs import FIGURES, STATS_FILES
-from fomaml_math.config import control_shot_seed, meta_test_tasks, stage_settings, training_tasks, validate_config
+from fomaml_math.config import (
+    control_shot_seed,
+    meta_test_tasks,
+    metaloop_row,
+    stage_settings,
+    training_tasks,
+    validate_config,
+)
 from fomaml_math.data.taskfiles import ROLES_FILE, SPLITS
 from fomaml_math.errors import ConfigError
 from fomaml_math.evaluation.rows import BASE, METHODS
@@ -64,7 +71,7 @@ TRAIN_GPUS = COMPUTE["num_processes"] if COMPUTE["gpus"] > 0 else 0
 CALIBRATED = config["calibration"]["enabled"] and config["eval"]["mode"] == "finetune"
 CONTROL = config["replicates"]["negative_control"]
 # The secondary row: every FOMAML run also adapted with its meta-training inner loop (docs/evaluation.md).
-METALOOP_ROW = config["eval"]["metaloop_row"]
+METALOOP_ROW = metaloop_row(config)
 METALOOP_KIND = "eval-metaloop"
 
 # A trained run's folder under results/ (the base is results/base/); one value per wildcard.
