@@ -360,6 +360,8 @@ def test_meta_inner_loop_rows_pair_with_the_primary_rows(
         run("x.parquet", "--meta-inner-loop", str(summary), shots=0)
     with pytest.raises(ConfigError, match="drop --adapt-lr"):
         run("x.parquet", "--meta-inner-loop", str(summary), "--adapt-lr", "0.1")
+    with pytest.raises(ConfigError, match="adaptation protocol: expected one of"):
+        AdaptSpec("adam", 0.01, 2, 2, "sometimes")
     (tmp_path / "sft_summary.json").write_text("{}")
     with pytest.raises(ConfigError, match="no inner_loop entry"):
         run("x.parquet", "--meta-inner-loop", str(tmp_path / "sft_summary.json"))

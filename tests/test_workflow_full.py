@@ -115,6 +115,11 @@ def _check_metaloop_row(finished: Path, config: dict) -> None:
     weights' problems and shots (paired with the primary rows); in the accuracy tables and a secondary comparison."""
     folder = finished / "results" / RUN.format(method="fomaml")
     fo = config["fomaml"]
+    inner = json.loads((folder / "train_summary.json").read_text())["inner_loop"]  # what meta-training used
+    assert (inner["lr"], inner["num_steps"], inner["batch_size"]) == (
+        fo["inner_lr"], fo["num_inner_steps"], fo["inner_batch_size"]
+    )  # fmt: skip
+    assert inner["optimizer"] == fo.get("inner_optimizer", "sgd")  # the schema's default
     assert sorted(p.name for p in (folder / "eval-metaloop").glob("*.parquet")) == [
         f"shots-{k}.parquet" for k in config["eval"]["shots"] if k > 0
     ]
@@ -126,7 +131,7 @@ def _check_metaloop_row(finished: Path, config: dict) -> None:
         pd.testing.assert_frame_equal(meta[keys], primary[keys])
         assert set(meta["adapt_protocol"]) == {"meta_inner_loop"} and set(primary["adapt_protocol"]) == {"all_shots"}
         used = set(zip(meta["adapt_optimizer"], meta["adapt_lr"], meta["adapt_steps"], strict=True))
-        assert used == {(fo["inner_optimizer"], fo["inner_lr"], fo["num_inner_steps"])}
+        assert used == {(inner["optimizer"], fo["inner_lr"], fo["num_inner_steps"])}
         summary = json.loads((folder / f"eval-metaloop/shots-{k}.summary.json").read_text())
         assert summary["model"] == json.loads((folder / f"eval/shots-{k}.summary.json").read_text())["model"]
     accuracy = pd.read_csv(finished / "results/stats/accuracy.tsv", sep="\t")

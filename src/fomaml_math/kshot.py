@@ -48,6 +48,10 @@ class AdaptSpec:
     batch_size: int
     protocol: str = ALL_SHOTS
 
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"adaptation protocol: expected one of {list(PROTOCOLS)}, got {self.protocol!r}")
+
     @classmethod
     def from_choice(cls, choice: AdaptationChoice, batch_size: int) -> AdaptSpec:
         return cls(choice.optimizer, float(choice.lr), int(choice.num_steps), int(batch_size))
@@ -101,17 +105,11 @@ def shot_batches(
     return MicroBatches(micro)
 
 
-def step_batches(
+def inner_loop_batches(
     tokenizer: Any, shots: Sequence[Mapping[str, Any]], spec: AdaptSpec, *, max_seq_len: int, instruction: str
 ) -> list[Any]:
-    """The support batches of ``spec``'s inner steps for :func:`adapted_on_shots`: ``all_shots``, one
-    :func:`shot_batches` of all k shots that every step uses; ``meta_inner_loop``, one batch per step of
+    """The ``meta_inner_loop`` protocol's support batch of each inner step, for :func:`adapted_on_shots`:
     ``min(batch_size, k)`` shots, consecutive slices of the draw order wrapping around (FOMAML's episodes)."""
-    if spec.protocol == ALL_SHOTS:
-        return [shot_batches(tokenizer, shots, max_seq_len=max_seq_len, batch_size=spec.batch_size,
-                             instruction=instruction)]  # fmt: skip
-    if spec.protocol != META_INNER_LOOP:
-        raise ConfigError(f"adaptation protocol: expected one of {list(PROTOCOLS)}, got {spec.protocol!r}")
     size = min(spec.batch_size, len(shots))
     return [
         make_sft_batch(tokenizer, [shots[p] for p in step], max_seq_len, instruction=instruction)
@@ -133,7 +131,7 @@ def adapted_on_shots(
     """Adapt ``model`` on ``batches`` by ``spec`` inside :func:`~fomaml_math.adapt.adapted`.
 
     ``batches``: one batch that every step uses (a :func:`shot_batches`: all k shots), or a list of them, step
-    ``i`` using item ``i`` (cycling; :func:`step_batches`).
+    ``i`` using item ``i`` (cycling; :func:`inner_loop_batches`).
 
     ``loss_fn`` must open autocast per forward pass (:func:`fomaml_math.adapt.sft_loss_fn`).  Yields
     the :class:`~fomaml_math.adapt.AdaptationResult` with ``weight_change`` measured; the

@@ -14,7 +14,8 @@ every init), then
 
 ``--meta-inner-loop TRAIN_SUMMARY`` (the secondary row of a FOMAML run, docs/evaluation.md) adapts instead with
 the inner loop the run was meta-trained with: its optimizer, rate and steps, one mini-batch of its
-``inner_batch_size`` shots per step (:func:`fomaml_math.kshot.step_batches`); the rows say so (``adapt_protocol``).
+``inner_batch_size`` shots per step (:func:`fomaml_math.kshot.inner_loop_batches`); the rows say so
+(``adapt_protocol``).
 
 0 shots: one repeat, no adaptation. Answers are graded by :mod:`fomaml_math.evaluation.grade`.
 Output: one parquet row per (task, repeat, test problem) (:mod:`~fomaml_math.evaluation.rows`) and a

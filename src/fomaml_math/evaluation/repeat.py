@@ -22,10 +22,10 @@ from fomaml_math.batching import collate, encode_example, example_nll
 from fomaml_math.evaluation.generate import HFBackend, check_context, encode_prompts, engine_follows
 from fomaml_math.evaluation.job import JobModel
 from fomaml_math.evaluation.prompts import demonstration_messages, problem_messages
-from fomaml_math.evaluation.rows import ALL_SHOTS, to_output_schema
+from fomaml_math.evaluation.rows import META_INNER_LOOP, to_output_schema
 from fomaml_math.evaluation.settings import EvalSettings
 from fomaml_math.evaluation.tasks import TaskData, repeats_for
-from fomaml_math.kshot import AdaptSpec, adapted_on_shots, mean_loss, shot_batches, step_batches
+from fomaml_math.kshot import AdaptSpec, adapted_on_shots, inner_loop_batches, mean_loss, shot_batches
 
 NO_EFFECT: dict[str, float] = {"support_loss_before": math.nan, "support_loss_after": math.nan, "weight_change": 0.0}
 
@@ -186,20 +186,12 @@ def _adapt(
         instruction=ctx.settings.instruction,
     )
     loss_fn = ctx.loss_fn()
-    every_step_on_all = ctx.spec.protocol == ALL_SHOTS
-    steps = (
-        full
-        if every_step_on_all
-        else step_batches(
-            ctx.tokenizer,
-            shots,
-            ctx.spec,
-            max_seq_len=ctx.settings.model.max_seq_len,
-            instruction=ctx.settings.instruction,
-        )
-    )
-    # The loss of all k shots at the initialisation: the first step's own loss when every step takes all of them.
-    before = None if every_step_on_all else mean_loss(ctx.model, full, loss_fn)
+    steps: Any = full  # every step on all k shots, or (FOMAML's meta-training inner loop) one mini-batch per step
+    before = None  # the loss of all k shots at the initialisation: the first step's own loss when it takes them all
+    if ctx.spec.protocol == META_INNER_LOOP:
+        steps = inner_loop_batches(ctx.tokenizer, shots, ctx.spec, max_seq_len=ctx.settings.model.max_seq_len,
+                                   instruction=ctx.settings.instruction)  # fmt: skip
+        before = mean_loss(ctx.model, full, loss_fn)
     # The loss opens autocast per forward pass: an autocast region around the inner loop would
     # keep stale low-precision weights, so every step would see the initialisation.
     adaptation = stack.enter_context(
