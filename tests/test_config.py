@@ -324,3 +324,20 @@ def test_shot_draws_are_nested_in_training_seeds_unless_shared(demo_config):
     demo_config["eval"]["shot_draws"] = "shared"
     assert {shot_seed(demo_config, s) for s in (0, 1, None)} == {demo_config["seed"]}
     assert shot_seed(demo_config, 0, control=True) == demo_config["seed"] + 1_000_003
+
+
+def test_the_metaloop_row_setting(demo_config):
+    """eval.metaloop_row: on in the paper's and the demo's configs, off by default, acting in finetune mode only;
+    the evaluation's settings leave it out, so turning it on reruns no existing evaluation."""
+    from fomaml_math.config import REPO_ROOT, metaloop_row
+
+    for name in ("config.yaml", "demo.yaml"):
+        assert load_config(REPO_ROOT / "config" / name)["eval"]["metaloop_row"] is True, name
+    assert metaloop_row(demo_config)
+    assert not metaloop_row(validate_config(_set(demo_config, "eval.metaloop_row", _DELETE)))
+    assert not metaloop_row(validate_config(_set(demo_config, "eval.mode", "in_context")))
+    with pytest.raises(ConfigError, match=r"^config error at eval\.metaloop_row: expected a value of type boolean"):
+        validate_config(_set(demo_config, "eval.metaloop_row", "yes"))
+    off = validate_config(_set(demo_config, "eval.metaloop_row", False))
+    assert stage_settings(off, "evaluate") == stage_settings(demo_config, "evaluate")
+    assert "metaloop_row" not in stage_settings(demo_config, "evaluate")["eval"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -281,3 +282,86 @@ def test_training_and_evaluation_inner_loops_agree(workspace: dict[str, Path], s
         training = {n: p.detach().clone() for n, p in model.named_parameters()}
     for name, value in training.items():
         torch.testing.assert_close(evaluation[name], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("k", "batch_size"), [(5, 2), (3, 4)])
+def test_meta_inner_loop_adapts_exactly_as_meta_training(
+    workspace: dict[str, Path], settings: dict[str, Any], k: int, batch_size: int
+) -> None:
+    """The secondary row's adaptation (the evaluation's own code path, from FOMAML's summary facts) gives the weights
+    of meta-training's inner loop run by hand: fomaml's optimizer, lr and steps, step i on the i-th mini-batch of
+    ``inner_batch_size`` shots in draw order, wrapping around (5 shots by 2: 01, 23, 40); k < batch: all k shots."""
+    from types import SimpleNamespace
+
+    from fomaml_math.adapt import adapted
+    from fomaml_math.batching import collate
+    from fomaml_math.evaluation.repeat import _adapt
+    from fomaml_math.modeling import load_model_and_tokenizer
+    from fomaml_math.training.data import encode_rows
+    from fomaml_math.training.fomaml import FOMAML
+    from fomaml_math.training.runtime import Runtime, loss_fn_for
+
+    model, tokenizer = load_model_and_tokenizer(workspace["model"])
+    model.eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    task = load_task(workspace["tasks"], "geometry", 4)
+    fo = {"inner_optimizer": "adam", "inner_lr": 0.02, "num_inner_steps": 3, "inner_batch_size": batch_size}
+    ctx = _context(model, tokenizer, settings, k)
+    ctx.spec = AdaptSpec.from_inner_loop(FOMAML().summary_facts(SimpleNamespace(method=fo))["inner_loop"])
+    _, shots = task.draw(k, seed=ctx.draw_seed(), repeat=0)
+    info: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        effect = _adapt(ctx, stack, shots, info, "test")
+        evaluation = {n: p.detach().clone() for n, p in model.named_parameters()}
+    encoded = encode_rows(tokenizer, shots, ctx.settings.model.max_seq_len, instruction=ctx.settings.instruction)
+    size = min(batch_size, k)
+    support = [collate([encoded[(i * size + j) % k] for j in range(size)], tokenizer.pad_token_id) for i in range(3)]
+    loss_fn = loss_fn_for(Runtime.local(), split_rows=False)
+    with adapted(model, support, inner_lr=0.02, num_steps=3, loss_fn=loss_fn, optimizer="adam") as result:
+        training = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for name, value in training.items():
+        torch.testing.assert_close(evaluation[name], value, rtol=1e-5, atol=1e-6)
+    assert info["support_losses"] == pytest.approx(result.support_losses, rel=1e-5)
+    assert ctx.spec.describe() == {"adapt_optimizer": "adam", "adapt_lr": 0.02, "adapt_steps": 3,
+                                   "adapt_protocol": "meta_inner_loop"}  # fmt: skip
+    assert effect["support_loss_after"] < effect["support_loss_before"]  # the loss of all k shots, both sides
+    if k > batch_size:  # the primary protocol (every step on all k shots) moves the weights elsewhere
+        ctx.spec = AdaptSpec("adam", 0.02, 3, batch_size)
+        with contextlib.ExitStack() as stack:
+            _adapt(ctx, stack, shots, {}, "test")
+            assert any(not torch.allclose(p, evaluation[n]) for n, p in model.named_parameters())
+    for name, value in model.named_parameters():
+        assert torch.equal(value, before[name]), f"{name} not restored"
+
+
+def test_meta_inner_loop_rows_pair_with_the_primary_rows(
+    workspace: dict[str, Path], settings: dict[str, Any], tmp_path: Path
+) -> None:
+    """``evaluate --meta-inner-loop``: the same shots and test problems as the primary row of the same k, the run's
+    inner loop in the adaptation columns, ``adapt_protocol`` saying which; misuse is a one-line error."""
+    summary = tmp_path / "train_summary.json"
+    summary.write_text(json.dumps({"inner_loop": {"optimizer": "adam", "lr": 0.01, "num_steps": 2, "batch_size": 2}}))
+
+    def run(name: str, *extra: str, init: str = "fomaml", shots: int = 3) -> pd.DataFrame:
+        main(["--settings", json.dumps(settings), "--init", init, "--model", str(workspace["model"]), "--tasks-dir",
+              str(workspace["tasks"]), "--shots", str(shots), "--output", str(tmp_path / name), "--no-progress",
+              "--tasks", "algebra", *extra])  # fmt: skip
+        return pd.read_parquet(tmp_path / name)
+
+    primary = run("primary.parquet")
+    meta = run("meta.parquet", "--meta-inner-loop", str(summary))
+    keys = ["task", "repeat", "problem_id", "shot_ids", "shot_seed", "init"]
+    pd.testing.assert_frame_equal(meta[keys], primary[keys])
+    assert set(meta.adapt_protocol) == {"meta_inner_loop"} and set(primary.adapt_protocol) == {"all_shots"}
+    assert set(zip(meta.adapt_optimizer, meta.adapt_lr, meta.adapt_steps, strict=True)) == {("adam", 0.01, 2)}
+    with pytest.raises(ConfigError, match="needs --init fomaml"):
+        run("x.parquet", "--meta-inner-loop", str(summary), init="sft")
+    with pytest.raises(ConfigError, match="--shots > 0"):
+        run("x.parquet", "--meta-inner-loop", str(summary), shots=0)
+    with pytest.raises(ConfigError, match="drop --adapt-lr"):
+        run("x.parquet", "--meta-inner-loop", str(summary), "--adapt-lr", "0.1")
+    with pytest.raises(ConfigError, match="adaptation protocol: expected one of"):
+        AdaptSpec("adam", 0.01, 2, 2, "sometimes")
+    (tmp_path / "sft_summary.json").write_text("{}")
+    with pytest.raises(ConfigError, match="no inner_loop entry"):
+        run("x.parquet", "--meta-inner-loop", str(tmp_path / "sft_summary.json"))

@@ -128,3 +128,27 @@ def test_plan_sizes_the_primary_contrast_from_the_assumed_components(repo_root: 
     more = [d for d in designs if d["seeds"] > s and d["draws"] == r and d["test_subset"] == "all"]
     assert all(d["mde_pp"][held_out["name"]] < configured[0]["mde_pp"][held_out["name"]] for d in more)
     assert all(d["gpu_hours"] > configured[0]["gpu_hours"] for d in more)
+
+
+def test_the_metaloop_row_is_priced(demo_config: dict, tmp_path: Path) -> None:
+    """eval.metaloop_row: one more evaluation per FOMAML run and k > 0, adapted num_inner_steps steps of
+    min(k, inner_batch_size) shots, generated and scored like the others; off, nothing."""
+    assumptions = plan.Assumptions(mfu=0.5, peak_tflops=100.0, example_tokens=50.0)
+    on = plan.build_plan(demo_config, assumptions, tmp_path / "no-data")
+    off = plan.build_plan({**demo_config, "eval": {**demo_config["eval"], "metaloop_row": False}}, assumptions,
+                          tmp_path / "no-data")  # fmt: skip
+    fo, ev = demo_config["fomaml"], demo_config["eval"]
+    params, problems = on["parameters"], on["assumptions"]["test_problems"]
+    runs = len(demo_config["experiments"]) * len(demo_config["replicates"]["seeds"])
+    adapted = [k for k in ev["shots"] if k > 0]
+    conditions = runs * len(adapted) * ev["repeats"]
+    adapt = runs * ev["repeats"] * len(demo_config["tasks"]["names"]) * sum(
+        6 * params * min(k, fo["inner_batch_size"]) * 50.0 * fo["num_inner_steps"] for k in adapted
+    )  # fmt: skip
+    flops = adapt + problems * conditions * 2 * params * 50.0
+    decoded = problems * conditions * ev["max_new_tokens"] * assumptions.mean_generated_fraction
+    expected = flops / (100e12 * 0.5) / 3600 + decoded / assumptions.decode_tokens_per_s / 3600
+    assert on["gpu_hours"]["evaluate_metaloop"] == pytest.approx(expected)
+    assert on["jobs"]["evaluate_metaloop"] == runs * len(adapted) == 6
+    assert off["jobs"]["evaluate_metaloop"] == 0 and off["gpu_hours"]["evaluate_metaloop"] == 0
+    assert on["gpu_hours_total"] == pytest.approx(off["gpu_hours_total"] + expected)

@@ -591,3 +591,47 @@ def test_planted_table_is_computed_on_the_studys_outcomes(stats_dir: Path) -> No
         n = row.replicates
         assert row.power_mc_se == pytest.approx(math.sqrt(row.power * (1 - row.power) / n))
         assert row.n_seeds == len(SEEDS) and row.n_shot_counts == len([k for k in SHOTS if k > 0])
+
+
+def metaloop_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """FOMAML's k > 0 rows evaluated again with its meta-training inner loop: the same problems and shots (and
+    shot seed), other outcomes (the secondary row, as evaluate --meta-inner-loop writes it)."""
+    rows = frame[(frame["init"] == "fomaml") & (frame["shots"] > 0)].copy()
+    rows["correct"] = np.random.default_rng(7).random(len(rows)) < 0.4
+    return rows.assign(adapt_protocol="meta_inner_loop", adapt_optimizer="adam", adapt_lr=3e-3, adapt_steps=2)
+
+
+def test_the_metaloop_row_is_secondary_and_changes_no_main_number(tmp_path: Path) -> None:
+    """With the secondary row: its own init (k > 0), a secondary comparison against FOMAML per k; the primary
+    contrast, the per-shot family, the controls and the main inits' accuracy rows are exactly what they were."""
+    from fomaml_math.evaluation.rows import METALOOP
+
+    frame = synthetic_eval_frame()
+    settings = StatsSettings.from_settings(SETTINGS)
+    control = load_eval(write_control(tmp_path / "control"), "--control-eval")
+    without = stats.compute_tables(load_eval([_write(tmp_path, frame)]), settings, control)
+    extra = metaloop_rows(frame)
+    (tmp_path / "with").mkdir()
+    evals = load_eval([_write(tmp_path / "with", pd.concat([frame, extra], ignore_index=True))])
+    assert set(evals.loc[evals.adapt_protocol == "meta_inner_loop", "init"]) == {METALOOP}
+    with_row = stats.compute_tables(evals, settings, control)
+    unchanged = ("primary.tsv", "per_shot.tsv", "planted.tsv", "control.tsv", "rule_adoption.tsv",
+                 "positive_control.tsv", "across_tasks.tsv", "sample_efficiency.tsv")  # fmt: skip
+    for name in unchanged:
+        pd.testing.assert_frame_equal(with_row[name], without[name], obj=name)
+    accuracy = with_row["accuracy.tsv"]
+    main = accuracy[accuracy.init != METALOOP].reset_index(drop=True)
+    pd.testing.assert_frame_equal(main, without["accuracy.tsv"])
+    assert set(accuracy.loc[accuracy.init == METALOOP, "shots"]) == {k for k in SHOTS if k > 0}
+    pooled_seeds = accuracy[(accuracy.init == METALOOP) & (accuracy.train_seed == "all")]
+    assert set(pooled_seeds.ci_method) == {"seed-t"} and set(pooled_seeds.n_seeds) == {len(SEEDS)}  # seed-aware
+    comparisons = with_row["comparisons.tsv"]
+    row = comparisons[comparisons.comparison == f"{METALOOP}-fomaml"]
+    assert set(row.family) == {"secondary"} and set(row.shots) == {k for k in SHOTS if k > 0}
+    # Paired problem by problem: the pooled difference is the mean of the per-problem seed/repeat-averaged ones.
+    pooled = row[(row.experiment == "in_domain") & (row.task == "all") & (row.shots == 5)].iloc[0]
+    both = pd.concat([frame, extra.assign(init=METALOOP)])
+    cells = _per_problem(both[(both.experiment == "in_domain") & (both.shots == 5)])
+    means = cells.set_index(["init", "task", "problem_id"]).correct.unstack("init")
+    assert pooled.acc_diff == pytest.approx(float((means[METALOOP] - means["fomaml"]).mean()))
+    assert not without["comparisons.tsv"].comparison.str.contains(METALOOP).any()

@@ -365,3 +365,36 @@ def test_unknown_adaptation_settings_read_back_as_n_a(stats_dir: Path, tmp_path:
     text = _summarise(copy, tmp_path)
     row = table.iloc[0]
     assert f"| {row.experiment} | {summary.init_label(row.init)} | {row.shots} | n/a | " in text
+
+
+def test_the_metaloop_row_in_the_summary_and_the_figure(tmp_path: Path) -> None:
+    """The secondary row: a column after the three main initialisations in every accuracy table (seed-aware
+    intervals), its own section with the secondary comparison against FOMAML per k, a dashed figure line."""
+    from test_stats import metaloop_rows, synthetic_eval_frame
+
+    from fomaml_math.analysis import figures, stats, style
+
+    frame = synthetic_eval_frame()
+    path = tmp_path / "eval.parquet"
+    pd.concat([frame, metaloop_rows(frame)], ignore_index=True).to_parquet(path, index=False)
+    out = tmp_path / "stats"
+    assert stats.main(["--settings", json.dumps(SETTINGS), "--eval", str(path), "--output-dir", str(out)]) == 0
+    text = _summarise(out, tmp_path)
+    assert "| Shots | Base | SFT | FOMAML | FOMAML (meta-training inner loop) |" in text
+    accuracy, comparisons = read_table(out, "accuracy.tsv"), read_table(out, "comparisons.tsv")
+    cell = accuracy[(accuracy.experiment == "in_domain") & (accuracy.task == "all") & (accuracy.shots == 5)
+                    & (accuracy.init == "fomaml_metaloop") & (accuracy.train_seed == "all")].iloc[0]  # fmt: skip
+    shown = f"{100 * cell.accuracy:.1f} [{100 * cell.accuracy_ci_low:.1f}, {100 * cell.accuracy_ci_high:.1f}]"
+    assert f"{shown} (seed SD" in text
+    section = text.split("## Secondary: FOMAML (meta-training inner loop)", 1)[1].split("\n## ", 1)[0]
+    assert "FOMAML (meta-training inner loop) − FOMAML" in section
+    for row in comparisons[(comparisons.comparison == "fomaml_metaloop-fomaml")
+                           & comparisons.task.isin(["all", "meta_test"])].itertuples():  # fmt: skip
+        assert row.family == "secondary"
+        assert f"| {int(row.shots)} | {_pp(row.acc_diff)} [{_pp(row.acc_diff_ci_low)}, " in section
+    assert "fomaml_metaloop" not in read_table(out, "primary.tsv").contrast.str.cat()
+    fig = figures.accuracy_vs_shots_figure(accuracy, comparisons, 0.95)
+    (ax,) = [ax for ax in fig.axes if ax.get_gid() == "experiment:in_domain"]
+    (line,) = [line for line in ax.get_lines() if line.get_gid() == "acc:fomaml_metaloop"]
+    assert line.get_linestyle() == "--" and line.get_color() == style.INIT_STYLE["fomaml"]["color"]
+    assert list(line.get_xdata()) == [5, 10]

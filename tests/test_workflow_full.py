@@ -44,7 +44,7 @@ def executed(result) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
-    root = make_workspace(tmp_path_factory.mktemp("full"))
+    root = make_workspace(tmp_path_factory.mktemp("full"), eval__metaloop_row=True)  # with the secondary row
     snakemake(root)
     snakemake(root, "--report", "results/report.html")
     return root
@@ -94,6 +94,7 @@ def test_full_dag_outputs(finished):
         metrics = pd.read_csv(folder / "metrics.csv")
         assert "dev/loss_after" in metrics.columns and not any(c.startswith("heldout/") for c in metrics.columns)
     control = sorted((finished / f"results/{RUN.format(method='fomaml')}/eval-control").glob("*.parquet"))
+    _check_metaloop_row(finished, config)
     assert [p.name for p in control] == [f"shots-{k}.parquet" for k in shots if k > 0]
     for name in ("accuracy", "comparisons", "primary", "per_shot", "generation", "adaptation", "control"):
         assert not pd.read_csv(finished / f"results/stats/{name}.tsv", sep="\t").empty, name
@@ -109,11 +110,46 @@ def test_full_dag_outputs(finished):
     assert json.loads((finished / "results/env/report.json").read_text())["ok"] is True
 
 
+def _check_metaloop_row(finished: Path, config: dict) -> None:
+    """The secondary row: FOMAML's k > 0 evaluations again with the inner loop it was meta-trained with, on the same
+    weights' problems and shots (paired with the primary rows); in the accuracy tables and a secondary comparison."""
+    folder = finished / "results" / RUN.format(method="fomaml")
+    fo = config["fomaml"]
+    inner = json.loads((folder / "train_summary.json").read_text())["inner_loop"]  # what meta-training used
+    assert (inner["lr"], inner["num_steps"], inner["batch_size"]) == (
+        fo["inner_lr"], fo["num_inner_steps"], fo["inner_batch_size"]
+    )  # fmt: skip
+    assert sorted(p.name for p in (folder / "eval-metaloop").glob("*.parquet")) == [
+        f"shots-{k}.parquet" for k in config["eval"]["shots"] if k > 0
+    ]
+    assert not (finished / "results" / RUN.format(method="sft") / "eval-metaloop").exists()
+    for k in [k for k in config["eval"]["shots"] if k > 0]:
+        meta = pd.read_parquet(folder / f"eval-metaloop/shots-{k}.parquet")
+        primary = pd.read_parquet(folder / f"eval/shots-{k}.parquet")
+        keys = ["init", "task", "shots", "repeat", "problem_id", "shot_ids", "shot_seed", "train_seed"]
+        pd.testing.assert_frame_equal(meta[keys], primary[keys])
+        assert set(meta["adapt_protocol"]) == {"meta_inner_loop"} and set(primary["adapt_protocol"]) == {"all_shots"}
+        used = set(zip(meta["adapt_optimizer"], meta["adapt_lr"], meta["adapt_steps"], strict=True))
+        assert used == {(inner["optimizer"], fo["inner_lr"], fo["num_inner_steps"])}
+        summary = json.loads((folder / f"eval-metaloop/shots-{k}.summary.json").read_text())
+        assert summary["model"] == json.loads((folder / f"eval/shots-{k}.summary.json").read_text())["model"]
+    accuracy = pd.read_csv(finished / "results/stats/accuracy.tsv", sep="\t")
+    assert set(accuracy.loc[accuracy["init"] == "fomaml_metaloop", "shots"]) == {
+        k for k in config["eval"]["shots"] if k
+    }
+    comparisons = pd.read_csv(finished / "results/stats/comparisons.tsv", sep="\t")
+    assert set(comparisons.loc[comparisons["comparison"] == "fomaml_metaloop-fomaml", "family"]) == {"secondary"}
+    assert set(pd.read_csv(finished / "results/stats/primary.tsv", sep="\t")["contrast"]) == {"fomaml-sft"}
+    summary_md = (finished / "results/summary.md").read_text()
+    assert "| Shots | Base | SFT | FOMAML | FOMAML (meta-training inner loop) |" in summary_md
+    assert "## Secondary: FOMAML (meta-training inner loop)" in summary_md
+
+
 def test_test_files_are_read_only_by_the_evaluation(tmp_path):
     """Of every job the DAG plans, only `evaluate` (and `evaluate_base`) reads a task's test.parquet to score it;
     the offline tiny base's pretraining reads the test problem texts only to exclude them from its corpus
     (decontamination)."""
-    root = make_workspace(tmp_path)
+    root = make_workspace(tmp_path, eval__metaloop_row=True)
     result = snakemake(root, "--dry-run")
     rule = None
     readers = set()
@@ -122,7 +158,7 @@ def test_test_files_are_read_only_by_the_evaluation(tmp_path):
             rule = match.group(1)
         elif line.strip().startswith("input:") and "/test.parquet" in line:
             readers.add(rule)
-    assert readers == {"evaluate", "evaluate_base", "pretrain_tiny_base"}
+    assert readers == {"evaluate", "evaluate_base", "evaluate_metaloop", "pretrain_tiny_base"}
 
 
 def test_a_second_run_does_nothing(workspace):
@@ -138,6 +174,7 @@ def test_b_adding_a_shot_count_reruns_only_new_evaluations_and_analysis(workspac
     assert planned_jobs(workspace) == {
         "evaluate": instances,  # the trained runs' (instances - 1) and the control's
         "evaluate_base": 1,
+        "evaluate_metaloop": 1,  # the FOMAML run's secondary row at the new k
         "stats": 1,
         "figures": 1,
         "summary": 1,
@@ -145,7 +182,10 @@ def test_b_adding_a_shot_count_reruns_only_new_evaluations_and_analysis(workspac
     }
     evals = [p for p in planned_outputs(workspace) if p.endswith("shots-3.parquet")]
     expected = [f"results/{folder}/eval/shots-3.parquet" for folder in runs(config).values()]
-    assert sorted(evals) == sorted([*expected, f"results/{RUN.format(method='fomaml')}/eval-control/shots-3.parquet"])
+    extra = [
+        f"results/{RUN.format(method='fomaml')}/{kind}/shots-3.parquet" for kind in ("eval-control", "eval-metaloop")
+    ]
+    assert sorted(evals) == sorted([*expected, *extra])
     snakemake(workspace)
     assert planned_jobs(workspace) == {}
 
@@ -173,6 +213,7 @@ def test_c_changing_inner_lr_reruns_fomaml_and_what_follows_only(workspace):
     changed = {key for key in after if after[key] != before[key] or key[0] == fomaml_run}
     expected_evals = len(changed) + len([k for k in shots if k > 0])
     assert ran.get("evaluate", 0) + ran.get("evaluate_base", 0) == expected_evals, (ran, changed)
+    assert ran.get("evaluate_metaloop") == len([k for k in shots if k > 0])  # the new model's secondary row
     assert "split_tasks" not in ran and "ingest" not in ran
     assert planned_jobs(workspace) == {}
 
@@ -195,8 +236,8 @@ def test_e_adding_a_seed_runs_only_its_trainings_and_evaluations(workspace):
     ran = executed(result)
     ran.pop("calibration_choice", None)  # a new run may choose a value no run chose before: its flag file
     shots = len(config["eval"]["shots"])
-    assert ran == {"train": 2, "calibrate": 2, "evaluate": 2 * shots, "stats": 1, "figures": 1, "summary": 1,
-                   "experiments": 1, "manifest": 1}  # fmt: skip
+    assert ran == {"train": 2, "calibrate": 2, "evaluate": 2 * shots, "evaluate_metaloop": shots - 1, "stats": 1,
+                   "figures": 1, "summary": 1, "experiments": 1, "manifest": 1}  # fmt: skip
     assert (workspace / "results/main/fomaml/seed-7/eval/shots-0.parquet").exists()
     assert planned_jobs(workspace) == {}
 
@@ -213,8 +254,8 @@ def test_f_adding_an_experiment_runs_only_its_own_jobs(workspace):
     # The base is tuned per experiment, on that experiment's training tasks: the new experiment tunes and
     # evaluates its own base; the first experiment's base reruns nothing.
     assert ran == {"train": 2 * seeds, "calibrate": 2 * seeds, "calibrate_base": 1, "evaluate": 2 * seeds * shots,
-                   "evaluate_base": shots, "stats": 1, "figures": 1, "summary": 1, "experiments": 1,
-                   "manifest": 1}  # fmt: skip
+                   "evaluate_base": shots, "evaluate_metaloop": seeds * (shots - 1), "stats": 1, "figures": 1,
+                   "summary": 1, "experiments": 1, "manifest": 1}  # fmt: skip
     tuned = json.loads((workspace / "results/heldout/base/calibration.json").read_text())
     assert held_out not in tuned["tasks"]  # true few-shot: never the held-out task's dev data
     summary = json.loads((workspace / "results/heldout/fomaml/seed-0/train_summary.json").read_text())

@@ -249,3 +249,10 @@ def summed_nll(
         total += float(sums.sum())
         count += int(counts.sum())
     return total, count
+
+
+def cycled_slices(n: int, batch_size: int, num_steps: int) -> list[list[int]]:
+    """Positions of each inner step's support batch in an ordering of ``n`` examples: step ``i`` takes the
+    ``batch_size`` positions after step ``i - 1``'s, wrapping around to the start (FOMAML's episodes, and the
+    evaluation's meta-training inner loop, which caps ``batch_size`` at ``n``)."""
+    return [[(i * batch_size + j) % n for j in range(batch_size)] for i in range(num_steps)]

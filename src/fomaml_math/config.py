@@ -257,6 +257,12 @@ def shot_seed(config: dict[str, Any], train_seed: int | None, *, control: bool =
     return seed + 1_000_003 if control else seed
 
 
+def metaloop_row(config: dict[str, Any]) -> bool:
+    """Whether FOMAML's secondary meta-training inner loop row is evaluated: ``eval.metaloop_row``, in finetune mode
+    (in_context adapts nothing, so it has no inner loop to mirror)."""
+    return bool(config["eval"]["metaloop_row"]) and config["eval"]["mode"] == "finetune"
+
+
 def sft_budget_steps(config: dict[str, Any]) -> int:
     """SFT optimizer steps: matched to FOMAML's example forward/backward passes, or ``sft.steps``.
 
@@ -371,7 +377,10 @@ def stage_settings(
         # ``shots`` is left out: each job gets its own shot count as a wildcard, so adding a
         # shot count must not rerun the evaluations that already exist. The generation backend's
         # settings appear only when they act (eval.backend vllm): the default hf keeps its old settings.
-        hidden = {"shots"} | ({"backend", "vllm"} if config["eval"].get("backend", "hf") == "hf" else set())
+        # eval.metaloop_row only adds jobs (the rules read it), so turning it on reruns no evaluation either.
+        hidden = {"shots", "metaloop_row"} | (
+            {"backend", "vllm"} if config["eval"].get("backend", "hf") == "hf" else set()
+        )
         return {
             "seed": seed,
             "eval": {k: v for k, v in config["eval"].items() if k not in hidden},

@@ -7,6 +7,12 @@ evaluation's draws, calibration's and checkpoint selection's apart.  Each inner 
 token-weighted loss of all k shots, accumulated over micro-batches of ``batch_size``; the optimizer
 (``sgd`` or ``adam``), learning rate and number of steps (an
 :class:`~fomaml_math.evaluation.choice.AdaptationChoice`) and that micro-batch size form an :class:`AdaptSpec`.
+
+That is the ``all_shots`` protocol, the primary rows'.  The secondary ``meta_inner_loop`` protocol
+(:meth:`AdaptSpec.from_inner_loop`, FOMAML runs only) adapts as FOMAML was meta-trained: its inner optimizer,
+rate and steps, and step ``i`` on the ``i``-th mini-batch of ``inner_batch_size`` shots (consecutive slices of
+the shots in draw order, wrapping around; all k shots when k is smaller), as an episode slices its permutation
+of the support rows (:func:`~fomaml_math.batching.cycled_slices`).
 """
 
 from __future__ import annotations
@@ -21,9 +27,10 @@ import numpy as np
 import torch
 
 from fomaml_math.adapt import MicroBatches, adapted
-from fomaml_math.batching import make_sft_batch
+from fomaml_math.batching import cycled_slices, make_sft_batch
 from fomaml_math.errors import ConfigError
 from fomaml_math.evaluation.choice import AdaptationChoice
+from fomaml_math.evaluation.rows import ALL_SHOTS, META_INNER_LOOP, PROTOCOLS
 
 STREAM_EVAL = 0
 STREAM_CALIBRATION = 1
@@ -37,7 +44,13 @@ class AdaptSpec:
     optimizer: str  # sgd | adam
     lr: float
     num_steps: int
-    batch_size: int  # micro-batch size of one inner step's accumulated gradient
+    # all_shots: micro-batch size of one inner step's accumulated gradient; meta_inner_loop: examples per step
+    batch_size: int
+    protocol: str = ALL_SHOTS
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"adaptation protocol: expected one of {list(PROTOCOLS)}, got {self.protocol!r}")
 
     @classmethod
     def from_choice(cls, choice: AdaptationChoice, batch_size: int) -> AdaptSpec:
@@ -49,8 +62,19 @@ class AdaptSpec:
         choice = AdaptationChoice(str(ev["optimizer"]), float(ev["inner_lr"]), int(ev["num_inner_steps"]))
         return cls.from_choice(choice, int(ev["inner_batch_size"]))
 
+    @classmethod
+    def from_inner_loop(cls, inner_loop: Mapping[str, Any]) -> AdaptSpec:
+        """FOMAML's meta-training inner loop (a ``train_summary.json``'s ``inner_loop``: optimizer, lr, num_steps,
+        batch_size, i.e. ``fomaml.inner_optimizer``, ``inner_lr``, ``num_inner_steps``, ``inner_batch_size``)."""
+        try:
+            return cls(str(inner_loop["optimizer"]), float(inner_loop["lr"]), int(inner_loop["num_steps"]),
+                       int(inner_loop["batch_size"]), META_INNER_LOOP)  # fmt: skip
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(f"inner_loop: expected optimizer, lr, num_steps and batch_size, missing {exc}") from exc
+
     def describe(self) -> dict[str, Any]:
-        return {"adapt_optimizer": self.optimizer, "adapt_lr": self.lr, "adapt_steps": self.num_steps}
+        return {"adapt_optimizer": self.optimizer, "adapt_lr": self.lr, "adapt_steps": self.num_steps,
+                "adapt_protocol": self.protocol}  # fmt: skip
 
 
 def draw_shots(
@@ -81,6 +105,18 @@ def shot_batches(
     return MicroBatches(micro)
 
 
+def inner_loop_batches(
+    tokenizer: Any, shots: Sequence[Mapping[str, Any]], spec: AdaptSpec, *, max_seq_len: int, instruction: str
+) -> list[Any]:
+    """The ``meta_inner_loop`` protocol's support batch of each inner step, for :func:`adapted_on_shots`:
+    ``min(batch_size, k)`` shots, consecutive slices of the draw order wrapping around (FOMAML's episodes)."""
+    size = min(spec.batch_size, len(shots))
+    return [
+        make_sft_batch(tokenizer, [shots[p] for p in step], max_seq_len, instruction=instruction)
+        for step in cycled_slices(len(shots), size, spec.num_steps)
+    ]
+
+
 @contextmanager
 def adapted_on_shots(
     model: Any,
@@ -92,7 +128,10 @@ def adapted_on_shots(
     grad_mode: str = "autograd",
     on_step: Callable[[int], None] | None = None,
 ) -> Iterator[Any]:
-    """Adapt ``model`` on ``batches`` (all k shots per step) by ``spec`` inside :func:`~fomaml_math.adapt.adapted`.
+    """Adapt ``model`` on ``batches`` by ``spec`` inside :func:`~fomaml_math.adapt.adapted`.
+
+    ``batches``: one batch that every step uses (a :func:`shot_batches`: all k shots), or a list of them, step
+    ``i`` using item ``i`` (cycling; :func:`inner_loop_batches`).
 
     ``loss_fn`` must open autocast per forward pass (:func:`fomaml_math.adapt.sft_loss_fn`).  Yields
     the :class:`~fomaml_math.adapt.AdaptationResult` with ``weight_change`` measured; the
@@ -100,7 +139,7 @@ def adapted_on_shots(
     """
     with adapted(
         model,
-        [batches],
+        list(batches) if isinstance(batches, list) else [batches],
         inner_lr=spec.lr,
         num_steps=spec.num_steps,
         snapshot=snapshot,

@@ -18,7 +18,9 @@ and an estimate of GPU-hours and disk, with every assumption beside the number i
   and before adapting (decode throughput, as the evaluation).
 * **Evaluation**: per (initialisation, task, shots, repeat) the adaptation (as above) and the
   generation: test problems x generated tokens / decode throughput (a per-GPU tokens/s assumption),
-  plus the gold-NLL forward.
+  plus the gold-NLL forward.  The secondary row (``eval.metaloop_row``, ``evaluate_metaloop``): every FOMAML
+  run at each k > 0 once more, its adaptation ``fomaml.num_inner_steps`` steps of min(k, ``inner_batch_size``)
+  shots, the same generation and NLL.
 * **Disk**: per trained run ``keep_checkpoints`` checkpoints (fp32 weights + AdamW's two moments:
   12 bytes per parameter), and the kept weights at 4 bytes per parameter (float32 safetensors):
   with ``select.criterion: tuned`` one candidate folder per dev-monitoring step
@@ -47,7 +49,14 @@ import pandas as pd
 
 from fomaml_math.analysis.evaldata import load_eval
 from fomaml_math.analysis.power import Design, VarianceComponents, estimate_components, plan_contrast
-from fomaml_math.config import experiment_names, load_config, meta_test_tasks, sft_budget_steps, training_tasks
+from fomaml_math.config import (
+    experiment_names,
+    load_config,
+    meta_test_tasks,
+    metaloop_row,
+    sft_budget_steps,
+    training_tasks,
+)
 from fomaml_math.errors import ConfigError
 
 RESOURCES = Path(__file__).resolve().parent / "resources"
@@ -223,6 +232,15 @@ def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: P
         * sum(6.0 * params * k * example_tokens * adapt_steps for k in shots if k > 0)
     )
     nll_flops = problems * eval_conditions * 2.0 * params * example_tokens
+    # The secondary row (eval.metaloop_row): every FOMAML run at each k > 0 again, adapted with its meta-training
+    # inner loop (num_inner_steps steps of min(k, inner_batch_size) shots), then answered and scored as the others.
+    metaloop_runs = runs if metaloop_row(dict(config)) else 0
+    metaloop_conditions = metaloop_runs * len([k for k in shots if k > 0]) * repeats
+    metaloop_adapt = (metaloop_runs * repeats * len(tasks)) * sum(
+        6.0 * params * min(k, fo["inner_batch_size"]) * example_tokens * fo["num_inner_steps"] for k in shots if k > 0
+    )  # fmt: skip
+    metaloop_nll = problems * metaloop_conditions * 2.0 * params * example_tokens
+    metaloop_generated = problems * metaloop_conditions * ev["max_new_tokens"] * assumptions.mean_generated_fraction
 
     hours = {
         "train_fomaml": runs * fomaml_tokens * per_token / throughput / 3600,
@@ -231,6 +249,8 @@ def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: P
         "calibrate": tuning if calibrated else 0.0,
         "evaluate_adaptation": (adapt_flops + nll_flops) / throughput / 3600,
         "evaluate_generation": generated / assumptions.decode_tokens_per_s / 3600,
+        "evaluate_metaloop": (metaloop_adapt + metaloop_nll) / throughput / 3600
+        + metaloop_generated / assumptions.decode_tokens_per_s / 3600,
     }
     keep = {m: int(config[m]["keep_checkpoints"]) for m in ("fomaml", "sft")}
     kept_copies = sum(kept_weight_copies(config, m) for m in ("fomaml", "sft"))
@@ -244,6 +264,7 @@ def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: P
         "train": 2 * runs,
         "calibrate": instances if calibrated else 0,
         "evaluate": instances * len(shots) + (control_conditions // repeats if repeats else 0),
+        "evaluate_metaloop": metaloop_runs * len([k for k in shots if k > 0]),
         "stats/figures/summary/experiments/manifest": 5,
         "data + env (ingest, split_tasks, check_env)": 3,
     }  # fmt: skip

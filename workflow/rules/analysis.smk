@@ -1,6 +1,6 @@
 rule stats:
     input:
-        evals=all_eval_files(),
+        evals=[*all_eval_files(), *metaloop_eval_files()],
         control=control_eval_files(),
     output:
         **{

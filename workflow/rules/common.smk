@@ -11,7 +11,7 @@ if SRC not in sys.path:
 from snakemake.settings.types import DeploymentMethod
 
 from fomaml_math.analysis.outputs import FIGURES, STATS_FILES
-from fomaml_math.config import meta_test_tasks, shot_seed, stage_settings, training_tasks, validate_config
+from fomaml_math.config import meta_test_tasks, metaloop_row, shot_seed, stage_settings, training_tasks, validate_config
 from fomaml_math.data.taskfiles import ROLES_FILE, SPLITS
 from fomaml_math.errors import ConfigError
 from fomaml_math.evaluation.rows import BASE, METHODS
@@ -65,6 +65,9 @@ TRAIN_THREADS = COMPUTE.get("train_threads") or workflow.cores
 # The evaluation's checkpoint and adaptation come from the tuner, stage `calibrate` (finetune mode only).
 CALIBRATED = config["calibration"]["enabled"] and config["eval"]["mode"] == "finetune"
 CONTROL = config["replicates"]["negative_control"]
+# The secondary row: every FOMAML run also adapted with its meta-training inner loop (docs/evaluation.md).
+METALOOP_ROW = metaloop_row(config)
+METALOOP_KIND = "eval-metaloop"
 
 # A trained run's folder under results/ (the base is results/base/); one value per wildcard.
 RUN = "{experiment}/{method}/seed-{seed}"
@@ -153,8 +156,10 @@ def run_args(wildcards):
 
 
 def shot_seed_args(wildcards):
-    """--shot-seed of an evaluation: its run's draws (eval.shot_draws), the negative control's own stream."""
-    return [f"--shot-seed {shot_seed(config, train_seed_of(wildcards), control=wildcards.kind == 'eval-control')}"]
+    """--shot-seed of an evaluation: its run's draws (eval.shot_draws), the negative control's own stream (a rule
+    without a ``kind`` wildcard, like the secondary row's, evaluates under the run's own draws)."""
+    control = "kind" in wildcards.keys() and wildcards.kind == "eval-control"
+    return [f"--shot-seed {shot_seed(config, train_seed_of(wildcards), control=control)}"]
 
 
 def meta_test_args(experiment):
@@ -211,6 +216,11 @@ def adapt_args(wildcards):
     return f"--adapt-lr {choice.lr!r} --adapt-steps {choice.num_steps}"
 
 
+def metaloop_args(wildcards, input):
+    """The secondary row's adaptation: the inner loop the run's train_summary.json says it was meta-trained with."""
+    return f"--meta-inner-loop {input.train_summary}"
+
+
 def eval_file(run, shots, kind="eval"):
     return f"results/{run}/{kind}/shots-{shots}.parquet"
 
@@ -227,6 +237,14 @@ def control_eval_files():
     return [eval_file(run, k, "eval-control") for run in control_runs() for k in SHOTS if k > 0]
 
 
+def metaloop_eval_files():
+    """The secondary row's files: every FOMAML run at every evaluated k > 0 (0 shots adapt nothing)."""
+    if not METALOOP_ROW:
+        return []
+    runs = [RUN.format(experiment=e, method="fomaml", seed=s) for e in EXPERIMENTS for s in SEEDS]
+    return [eval_file(run, k, METALOOP_KIND) for run in runs for k in SHOTS if k > 0]
+
+
 def calibration_files():
     return [f"results/{run}/calibration.json" for run in [*base_runs(), *trained_runs()]] if CALIBRATED else []
 
@@ -236,6 +254,7 @@ def all_targets():
     return [
         "results/env/report.json",
         "results/data/split_stats.tsv",
+        *metaloop_eval_files(),
         *expand("results/stats/{name}.tsv", name=STATS_TABLES),
         *expand("results/figures/{figure}.{ext}", figure=FIGURES, ext=["pdf", "png"]),
         "results/summary.md",

@@ -112,3 +112,22 @@ use rule evaluate as evaluate_base with:
         model=eval_model,
         init=BASE,
         run_args=base_eval_args,
+
+
+# The secondary row (eval.metaloop_row): a FOMAML run's chosen weights for k, the primary row's shots and test
+# problems, adapted with the inner loop the run was meta-trained with (its train_summary.json); FOMAML runs only.
+use rule evaluate as evaluate_metaloop with:
+    input:
+        tasks=task_files(["dev_pool", "test"]),
+        model=RUN_CANDIDATES if CALIBRATED else RUN_MODEL,
+        choice=choice_flag,
+        train_summary=f"results/{RUN}/train_summary.json",
+    output:
+        table=f"results/{{experiment}}/{{method,fomaml}}/seed-{{seed}}/{METALOOP_KIND}/shots-{{shots}}.parquet",
+        summary=f"results/{RUN}/{METALOOP_KIND}/shots-{{shots}}.summary.json",
+    log:
+        f"results/logs/{METALOOP_KIND}/{RUN}/shots-{{shots}}.log",
+    benchmark:
+        f"results/benchmarks/{METALOOP_KIND}/{RUN}/shots-{{shots}}.tsv"
+    params:
+        adapt=metaloop_args,

@@ -16,6 +16,7 @@ from fomaml_math.analysis.tables import (
     init_order,
     sort_in_order,
 )
+from fomaml_math.evaluation.rows import METALOOP_OF
 
 # An adaptation that changes fewer greedy outputs than this is flagged as a near no-op.
 LOW_CHANGE = 0.01
@@ -66,6 +67,8 @@ def adaptation_table(experiments: dict[str, pd.DataFrame]) -> pd.DataFrame:
             continue
         zero = frame[(frame["shots"] == 0) & (frame["repeat"] == 0)]
         zero = zero[[*keys, "nll", "generated"]].rename(columns={"nll": "nll_0", "generated": "generated_0"})
+        # A meta-training inner loop row's 0 shots are its init's own (the same weights, nothing adapted).
+        zero = pd.concat([zero, *(zero[zero["init"] == i].assign(init=arm) for i, arm in METALOOP_OF.items())])
         joined = adapted.merge(zero, on=keys, how="left")
         both = joined["generated"].notna() & joined["generated_0"].notna()
         joined["changed"] = np.where(both, (joined["generated"] != joined["generated_0"]).astype(float), np.nan)

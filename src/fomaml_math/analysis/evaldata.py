@@ -18,7 +18,18 @@ import pandas as pd
 
 from fomaml_math.analysis.tables import META_TEST_POOL, POOLED, experiment_order, init_order, task_order
 from fomaml_math.errors import ConfigError
-from fomaml_math.evaluation.rows import BASE, BASE_SEED, KEY, OPTIONAL_DEFAULTS, REQUIRED_COLUMNS, TASK_ROLES
+from fomaml_math.evaluation.rows import (
+    BASE,
+    BASE_SEED,
+    KEY,
+    META_INNER_LOOP,
+    METALOOP_OF,
+    OPTIONAL_DEFAULTS,
+    PROTOCOLS,
+    REQUIRED_COLUMNS,
+    SECONDARY_INITS,
+    TASK_ROLES,
+)
 
 # The answers, kept for the rule-adoption control (analysis.rule_adoption); None where a file lacks them.
 ANSWER_COLUMNS: tuple[str, ...] = ("gold", "extracted")
@@ -52,7 +63,23 @@ def _read_one(path: Path, flag: str) -> pd.DataFrame:
         raise ConfigError(
             f"{flag} {path}: task_role must be one of {', '.join(TASK_ROLES)}, got {', '.join(bad_roles)}"
         )
+    protocol = frame["adapt_protocol"].fillna(OPTIONAL_DEFAULTS["adapt_protocol"]).astype(str)
+    frame["adapt_protocol"] = protocol
+    bad_protocols = sorted(set(protocol) - set(PROTOCOLS))
+    if bad_protocols:
+        raise ConfigError(f"{flag} {path}: adapt_protocol must be one of {', '.join(PROTOCOLS)}, got {bad_protocols}")
+    # FOMAML's rows adapted with its meta-training inner loop are an initialisation of their own (the secondary row).
+    metaloop = protocol.eq(META_INNER_LOOP).to_numpy()
+    arms = frame.loc[metaloop, "init"].astype(str).map(METALOOP_OF)
+    if arms.isna().any():
+        raise ConfigError(f"{flag} {path}: adapt_protocol {META_INNER_LOOP} is for {', '.join(METALOOP_OF)} rows only")
+    frame.loc[metaloop, "init"] = arms
     return frame[[*REQUIRED_COLUMNS, "train_seed", *OPTIONAL_DEFAULTS, *ANSWER_COLUMNS]]
+
+
+def main_inits(evals: pd.DataFrame) -> pd.DataFrame:
+    """``evals`` without the secondary initialisations' rows (the controls' families are the main inits')."""
+    return evals[~evals["init"].isin(SECONDARY_INITS)]
 
 
 def load_eval(paths: Sequence[str | Path], flag: str = "--eval") -> pd.DataFrame:
@@ -69,6 +96,7 @@ def load_eval(paths: Sequence[str | Path], flag: str = "--eval") -> pd.DataFrame
             "problem_id": str,
             "grade_status": str,
             "adapt_optimizer": str,
+            "adapt_protocol": str,
             "shots": int,
             "repeat": int,
             "train_seed": int,

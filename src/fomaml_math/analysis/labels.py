@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-INIT_LABELS: dict[str, str] = {"base": "Base", "sft": "SFT", "fomaml": "FOMAML"}
+from fomaml_math.evaluation.rows import METALOOP
+
+INIT_LABELS: dict[str, str] = {
+    "base": "Base",
+    "sft": "SFT",
+    "fomaml": "FOMAML",
+    METALOOP: "FOMAML (meta-training inner loop)",  # the secondary row
+}
 TASK_LABELS: dict[str, str] = {
     "algebra": "Algebra",
     "counting_and_probability": "Counting & Prob.",

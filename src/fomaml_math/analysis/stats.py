@@ -38,6 +38,7 @@ from fomaml_math.analysis.evaldata import (
     Design,
     build_design,
     load_eval,
+    main_inits,
     per_problem,
     pools,
     primary_pool,
@@ -67,6 +68,7 @@ from fomaml_math.analysis.tables import (
     META_TEST_POOL,
     POOLED,
     PROBLEM_BOOTSTRAP,
+    SECONDARY_COMPARISONS,
     SEED_T,
     StatsSettings,
     comparison_name,
@@ -312,7 +314,7 @@ def _experiment_tables(
     for shots in sorted(cells["shots"].unique()):
         design = build_design(cells[cells["shots"] == shots])
         inits = list(design.seeds)
-        pairs = [(a, b) for a, b in COMPARISONS if a in inits and b in inits]
+        pairs = [(a, b) for a, b in (*COMPARISONS, *SECONDARY_COMPARISONS) if a in inits and b in inits]
         keys = (
             [("acc", i) for i in inits]
             + [("nll", i) for i in inits]
@@ -343,7 +345,7 @@ def _experiment_tables(
         mask = design.mask(main_pool, roles)
         pool_tasks = set(design.strata[mask])
         for a, b in pairs:
-            if task_level.empty:
+            if task_level.empty or (a, b) not in COMPARISONS:  # the cross-task analysis: the main comparisons
                 continue
             rows = task_level[(task_level["comparison"] == comparison_name(a, b)) & task_level["task"].isin(pool_tasks)]
             across = _across_row(design, main_pool, mask, rows, a, b, settings)
@@ -439,7 +441,7 @@ def _sort(frame: pd.DataFrame, by: str) -> pd.DataFrame:
             *sorted((s for s in frame["train_seed"].unique() if s != ALL_SEEDS), key=int),
         ]
     else:
-        orders["comparison"] = [comparison_name(a, b) for a, b in COMPARISONS]
+        orders["comparison"] = [comparison_name(a, b) for a, b in (*COMPARISONS, *SECONDARY_COMPARISONS)]
     columns = ["experiment", "task", "shots", by, *(["train_seed"] if by == "init" else [])]
     return sort_in_order(frame, columns, orders).reset_index(drop=True)
 
@@ -463,6 +465,8 @@ def compute_tables(
 ) -> dict[str, pd.DataFrame]:
     """Every table of the stage, keyed by output file name."""
     experiments = split_experiments(evals)
+    # The controls (and their Holm families) are the main initialisations': the secondary row is not in them.
+    main = {name: main_inits(frame) for name, frame in experiments.items()}
     accuracy_rows, comparison_rows, across_rows, descriptive = [], [], [], []
     for name, frame in experiments.items():
         acc, cmp, across = _experiment_tables(name, frame, settings)
@@ -493,8 +497,8 @@ def compute_tables(
         "adaptation.tsv": adaptation,
         "adaptation_summary.tsv": effects.adaptation_summary(adaptation),
         "sample_efficiency.tsv": efficiency.sample_efficiency_table(experiments, settings),
-        "rule_adoption.tsv": rule_adoption_table(experiments, settings),
-        "positive_control.tsv": positive_control_table(evals, settings),
+        "rule_adoption.tsv": rule_adoption_table(main, settings),
+        "positive_control.tsv": positive_control_table(main_inits(evals), settings),
     }
 
 

@@ -15,6 +15,7 @@ import matplotlib
 from matplotlib.figure import Figure
 
 from fomaml_math.analysis.labels import INIT_LABELS
+from fomaml_math.evaluation.rows import METALOOP
 from fomaml_math.io import atomic_path
 
 # Okabe & Ito (2008), "Color Universal Design": distinguishable under the common colour-vision deficiencies.
@@ -35,6 +36,13 @@ INIT_STYLE: dict[str, dict[str, Any]] = {
     "base": {"color": OKABE_ITO["black"], "marker": "o", "linestyle": "--", "label": INIT_LABELS["base"]},
     "sft": {"color": OKABE_ITO["blue"], "marker": "s", "linestyle": "-", "label": INIT_LABELS["sft"]},
     "fomaml": {"color": OKABE_ITO["vermillion"], "marker": "^", "linestyle": "-", "label": INIT_LABELS["fomaml"]},
+    # the secondary row: FOMAML's colour, dashed
+    METALOOP: {
+        "color": OKABE_ITO["vermillion"],
+        "marker": "v",
+        "linestyle": "--",
+        "label": INIT_LABELS[METALOOP],
+    },
 }
 _EXTRA_COLOURS = (OKABE_ITO["bluish_green"], OKABE_ITO["reddish_purple"], OKABE_ITO["orange"], OKABE_ITO["sky_blue"])
 

@@ -3,9 +3,9 @@
 Every number is a cell of a ``results/stats`` table (or of a calibration file), only rounded for display.
 Layout: the Answer (the pre-registered primary contrast), the per-shot family with its verdicts, the
 positive controls (rule adoption, then the secondary accuracy gain) and the negative control, the held-out
-tasks, generation and adaptation, the tuning (checkpoint and adaptation per tuned k, with the adaptation
-speed and the criterion's agreement with dev accuracy), sample efficiency, then the exploratory per-task
-section.
+tasks, the secondary meta-training inner loop row (when evaluated), generation and adaptation, the tuning
+(checkpoint and adaptation per tuned k, with the adaptation speed and the criterion's agreement with dev
+accuracy), sample efficiency, then the exploratory per-task section.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from fomaml_math.analysis.tables import (
     IN_DOMAIN_POOL,
     META_TEST_POOL,
     POOLED,
+    SECONDARY_COMPARISONS,
     StatsSettings,
+    comparison_name,
     experiment_order,
     init_order,
     read_table,
@@ -32,6 +34,7 @@ from fomaml_math.analysis.tables import (
     task_order,
 )
 from fomaml_math.config import add_settings_arguments, settings_from_args
+from fomaml_math.evaluation.rows import METALOOP
 from fomaml_math.io import write_text
 
 Formatter = Callable[[float], str]
@@ -397,6 +400,35 @@ def _held_out_lines(accuracy: pd.DataFrame, comparisons: pd.DataFrame) -> list[s
     return lines
 
 
+def _metaloop_lines(comparisons: pd.DataFrame) -> list[str]:
+    """The secondary row against FOMAML's primary row, per experiment, pool and k (empty when it was not run)."""
+    name = comparison_name(*SECONDARY_COMPARISONS[0])
+    rows = comparisons[(comparisons["comparison"] == name) & comparisons["task"].isin([META_TEST_POOL, POOLED])]
+    if rows.empty:
+        return []
+    lines = [
+        f"## Secondary: {init_label(METALOOP)}",
+        "",
+        f"{_comparison_label(name)}: FOMAML's weights at each k adapted with the inner loop they were meta-trained "
+        "with (fomaml.inner_optimizer, inner_lr, num_inner_steps, one mini-batch of inner_batch_size shots per step) "
+        "instead of the tuned adaptation; the same shots and test problems, paired by problem (docs/evaluation.md). "
+        "Secondary family (Holm within the experiment's secondary family); not part of the primary contrast.",
+        "",
+    ]
+    body = [
+        [
+            row.experiment,
+            "held-out tasks pooled" if row.task == META_TEST_POOL else task_label(row.task),
+            str(int(row.shots)),
+            _interval(fmt_points, row.acc_diff, row.acc_diff_ci_low, row.acc_diff_ci_high),
+            fmt_p(row.acc_p_holm, row.acc_stars),
+            row.verdict,
+        ]
+        for row in rows.itertuples(index=False)
+    ]
+    return [*lines, *_table(["Experiment", "Pool", "Shots", "Difference (pp)", "p (Holm)", "Verdict"], body), ""]
+
+
 def _generation_lines(generation: pd.DataFrame | None) -> list[str]:
     lines = ["## Generation", ""]
     if generation is None or generation.empty:
@@ -657,6 +689,7 @@ def render_summary(
     lines += _positive_control_lines(tables.get("positive_control.tsv"), settings)
     lines += _control_lines(tables.get("control.tsv"), settings)
     lines += _held_out_lines(accuracy, comparisons)
+    lines += _metaloop_lines(comparisons)
     lines += _generation_lines(tables.get("generation.tsv"))
     lines += _adaptation_lines(tables.get("adaptation_summary.tsv"))
     lines += _calibration_lines(calibration)

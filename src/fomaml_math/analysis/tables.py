@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from fomaml_math.errors import ConfigError
-from fomaml_math.evaluation.rows import INITS
+from fomaml_math.evaluation.rows import METALOOP, REPORTED_INITS
 from fomaml_math.subjects import MATH_TASKS
 
 # ---------------------------------------------------------------------------------------------
@@ -28,6 +28,9 @@ ALL_SEEDS = "all"  # ``train_seed`` of a row over every training seed (accuracy.
 EXPERIMENT_ORDER: tuple[str, ...] = ("in_domain",)
 # (a, b) reads "a − b": positive accuracy differences favour a, negative NLL differences favour a.
 COMPARISONS: tuple[tuple[str, str], ...] = (("fomaml", "sft"), ("fomaml", "base"), ("sft", "base"))
+# Always in the secondary family, never a primary contrast or per-shot comparison: the meta-training inner loop
+# row against FOMAML's primary row (same weights, shots and problems; only the adaptation differs).
+SECONDARY_COMPARISONS: tuple[tuple[str, str], ...] = ((METALOOP, "fomaml"),)
 # ``ci_method`` values.
 SEED_T = "seed-t"  # t-interval over training seeds and problems (crossed design, inference.crossed_estimate)
 PROBLEM_BOOTSTRAP = "problem-bootstrap"  # one training seed: percentile bootstrap over problems
@@ -58,7 +61,7 @@ def experiment_order(experiments: Sequence[str]) -> list[str]:
 
 
 def init_order(inits: Sequence[str]) -> list[str]:
-    return ordered(inits, INITS)
+    return ordered(inits, REPORTED_INITS)
 
 
 def sort_in_order(frame: pd.DataFrame, columns: list[str], orders: dict[str, list[str]]) -> pd.DataFrame:

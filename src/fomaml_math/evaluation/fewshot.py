@@ -12,6 +12,11 @@ every init), then
   restores the initialisation bitwise before the next task/repeat;
 * ``in_context`` mode: puts the k examples in the prompt as worked user/assistant turns.
 
+``--meta-inner-loop TRAIN_SUMMARY`` (the secondary row of a FOMAML run, docs/evaluation.md) adapts instead with
+the inner loop the run was meta-trained with: its optimizer, rate and steps, one mini-batch of its
+``inner_batch_size`` shots per step (:func:`fomaml_math.kshot.inner_loop_batches`); the rows say so
+(``adapt_protocol``).
+
 0 shots: one repeat, no adaptation. Answers are graded by :mod:`fomaml_math.evaluation.grade`.
 Output: one parquet row per (task, repeat, test problem) (:mod:`~fomaml_math.evaluation.rows`) and a
 ``<name>.summary.json`` next to it. Finished (task, repeat) pieces are kept in a hidden folder
@@ -26,6 +31,7 @@ outputs. One (task, repeat) is :mod:`~fomaml_math.evaluation.repeat`; the task f
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -46,7 +52,7 @@ from fomaml_math.evaluation.grade import Grader
 from fomaml_math.evaluation.job import DEVICES, load_job_model
 from fomaml_math.evaluation.pieces import PieceStore, job_fingerprint
 from fomaml_math.evaluation.repeat import EvalContext, check_in_context_lengths, evaluate_task_repeat
-from fomaml_math.evaluation.rows import INITS, OUTPUT_COLUMNS, to_output_schema
+from fomaml_math.evaluation.rows import INITS, METALOOP_OF, OUTPUT_COLUMNS, to_output_schema
 from fomaml_math.evaluation.settings import OPTIMIZERS, EvalSettings
 from fomaml_math.evaluation.tasks import TaskData, load_tasks, repeats_for
 from fomaml_math.io import write_json, write_parquet
@@ -75,6 +81,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--adapt-lr", type=float, default=None, help="the calibrated learning rate (default eval.inner_lr)"
     )
     parser.add_argument("--adapt-steps", type=int, default=None, help="calibrated steps (default eval.num_inner_steps)")
+    parser.add_argument(
+        "--meta-inner-loop",
+        metavar="TRAIN_SUMMARY",
+        default=None,
+        help="adapt as this FOMAML run was meta-trained (its train_summary.json's inner_loop: optimizer, lr, steps, "
+        "one mini-batch of batch_size shots per step); the secondary row, instead of --adapt-lr/--adapt-steps",
+    )
     parser.add_argument("--experiment", default="default", help="the experiment these rows belong to")
     parser.add_argument("--train-seed", type=int, default=-1, help="training seed of --model (-1: untrained base)")
     parser.add_argument("--shot-seed", type=int, default=None, help="seed of the shot draws (default: the seed)")
@@ -144,6 +157,28 @@ def build_summary(
     }
 
 
+def adapt_spec(args: argparse.Namespace, settings: EvalSettings) -> AdaptSpec:
+    """The job's adaptation: calibration's choice (the rule passes it) or the eval settings, each step on all k
+    shots; with ``--meta-inner-loop``, the inner loop the FOMAML run was meta-trained with."""
+    if args.meta_inner_loop is None:
+        choice = settings.adaptation.calibrated(args.adapt_lr, args.adapt_steps)
+        return AdaptSpec.from_choice(choice, settings.inner_batch_size)
+    if args.adapt_lr is not None or args.adapt_steps is not None:
+        raise ConfigError("--meta-inner-loop: adapts with the run's own inner loop; drop --adapt-lr/--adapt-steps")
+    if args.init not in METALOOP_OF or settings.mode != "finetune" or args.shots == 0:
+        raise ConfigError(
+            f"--meta-inner-loop: needs --init {' or '.join(METALOOP_OF)}, eval.mode finetune and --shots > 0 "
+            f"(got --init {args.init}, {settings.mode}, --shots {args.shots})"
+        )
+    path = Path(args.meta_inner_loop)
+    if not path.is_file():
+        raise ConfigError(f"--meta-inner-loop {path}: file not found")
+    inner_loop = json.loads(path.read_text()).get("inner_loop")
+    if not isinstance(inner_loop, dict):
+        raise ConfigError(f"--meta-inner-loop {path}: no inner_loop entry (not a FOMAML run's train_summary.json?)")
+    return AdaptSpec.from_inner_loop(inner_loop)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     raw = settings_from_args(args, "evaluate")
@@ -160,8 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     task_names = discover_tasks(args.tasks_dir, args.tasks)
     tasks = load_tasks(args.tasks_dir, task_names, max_test_problems=settings.max_test_problems,
                        meta_test=args.meta_test, shots=args.shots)  # fmt: skip
-    choice = settings.adaptation.calibrated(args.adapt_lr, args.adapt_steps)  # the rule passes calibration's choice
-    spec = AdaptSpec.from_choice(choice, settings.inner_batch_size)
+    spec = adapt_spec(args, settings)
     if spec.optimizer not in OPTIMIZERS:
         raise ConfigError(f"eval.optimizer: expected sgd or adam, got {spec.optimizer!r}")
 

@@ -22,10 +22,10 @@ from fomaml_math.batching import collate, encode_example, example_nll
 from fomaml_math.evaluation.generate import HFBackend, check_context, encode_prompts, engine_follows
 from fomaml_math.evaluation.job import JobModel
 from fomaml_math.evaluation.prompts import demonstration_messages, problem_messages
-from fomaml_math.evaluation.rows import to_output_schema
+from fomaml_math.evaluation.rows import META_INNER_LOOP, to_output_schema
 from fomaml_math.evaluation.settings import EvalSettings
 from fomaml_math.evaluation.tasks import TaskData, repeats_for
-from fomaml_math.kshot import AdaptSpec, adapted_on_shots, mean_loss, shot_batches
+from fomaml_math.kshot import AdaptSpec, adapted_on_shots, inner_loop_batches, mean_loss, shot_batches
 
 NO_EFFECT: dict[str, float] = {"support_loss_before": math.nan, "support_loss_after": math.nan, "weight_change": 0.0}
 
@@ -38,7 +38,7 @@ class EvalContext:
     init: str
     shots: int
     settings: EvalSettings
-    spec: AdaptSpec  # the adaptation (eval settings, calibrated lr/steps)
+    spec: AdaptSpec  # the adaptation (eval settings, calibrated lr/steps; or FOMAML's meta-training inner loop)
     context_limit: int | None
     snapshot_device: str = "cpu"
     snapshot: Any = None  # one copy of the initialisation for the whole job, taken before the first adaptation
@@ -186,13 +186,19 @@ def _adapt(
         instruction=ctx.settings.instruction,
     )
     loss_fn = ctx.loss_fn()
+    steps: Any = full  # every step on all k shots, or (FOMAML's meta-training inner loop) one mini-batch per step
+    before = None  # the loss of all k shots at the initialisation: the first step's own loss when it takes them all
+    if ctx.spec.protocol == META_INNER_LOOP:
+        steps = inner_loop_batches(ctx.tokenizer, shots, ctx.spec, max_seq_len=ctx.settings.model.max_seq_len,
+                                   instruction=ctx.settings.instruction)  # fmt: skip
+        before = mean_loss(ctx.model, full, loss_fn)
     # The loss opens autocast per forward pass: an autocast region around the inner loop would
     # keep stale low-precision weights, so every step would see the initialisation.
     adaptation = stack.enter_context(
-        adapted_on_shots(ctx.model, full, ctx.spec, loss_fn=loss_fn, snapshot=ctx.initialisation_snapshot())
+        adapted_on_shots(ctx.model, steps, ctx.spec, loss_fn=loss_fn, snapshot=ctx.initialisation_snapshot())
     )
     effect = {
-        "support_loss_before": adaptation.loss_before,
+        "support_loss_before": adaptation.loss_before if before is None else before,
         "support_loss_after": mean_loss(ctx.model, full, loss_fn),
         "weight_change": adaptation.weight_change,
     }
@@ -208,7 +214,12 @@ def _adaptation_columns(ctx: EvalContext) -> dict[str, Any]:
     """The adaptation actually used (none without fine-tuning: lr 0, 0 steps)."""
     if ctx.finetune:
         return ctx.spec.describe()
-    return {"adapt_optimizer": ctx.spec.optimizer, "adapt_lr": 0.0, "adapt_steps": 0}
+    return {
+        "adapt_optimizer": ctx.spec.optimizer,
+        "adapt_lr": 0.0,
+        "adapt_steps": 0,
+        "adapt_protocol": ctx.spec.protocol,
+    }
 
 
 def _nll(model: Any, tokenizer: Any, encoded: Sequence[Any], batch_size: int) -> tuple[list[float], list[int]]:

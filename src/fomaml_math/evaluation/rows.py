@@ -12,6 +12,17 @@ import pandas as pd
 BASE = "base"  # the untrained initialisation
 METHODS: tuple[str, ...] = ("sft", "fomaml")  # the trained initialisations, in training order
 INITS: tuple[str, ...] = (BASE, "sft", "fomaml")  # every initialisation, in reporting order
+# How a row's initialisation was adapted to its k shots (column ``adapt_protocol``): the evaluation's own protocol
+# (each step on all k shots, the tuner's or the eval settings' lr and steps), or FOMAML's meta-training inner loop.
+ALL_SHOTS = "all_shots"
+META_INNER_LOOP = "meta_inner_loop"
+PROTOCOLS: tuple[str, ...] = (ALL_SHOTS, META_INNER_LOOP)
+# The secondary row: FOMAML's weights adapted with META_INNER_LOOP, an initialisation of its own in the analysis
+# (evaldata labels the rows so), reported after INITS and never part of the primary contrast or the controls.
+METALOOP = "fomaml_metaloop"
+METALOOP_OF: dict[str, str] = {"fomaml": METALOOP}  # evaluated init -> its META_INNER_LOOP arm
+SECONDARY_INITS: tuple[str, ...] = (METALOOP,)
+REPORTED_INITS: tuple[str, ...] = (*INITS, *SECONDARY_INITS)  # every analysed initialisation, in reporting order
 BASE_SEED = -1  # the untrained model is one cluster (its train_seed)
 TASK_ROLES: tuple[str, ...] = ("train", "meta_test")  # meta-trained on in this experiment | held out
 DEFAULT_EXPERIMENT = "main"  # files written before experiments existed
@@ -44,6 +55,7 @@ OUTPUT_COLUMNS: dict[str, str] = {
     "adapt_lr": "float64",
     "adapt_steps": "int64",
     "adapt_optimizer": "str",
+    "adapt_protocol": "str",  # all_shots | meta_inner_loop (PROTOCOLS)
 }
 
 # What a reader needs of every file; the other columns take these values when an (older) file lacks them.
@@ -61,6 +73,7 @@ OPTIONAL_DEFAULTS: dict[str, object] = {
     "adapt_lr": np.nan,
     "adapt_steps": np.nan,
     "adapt_optimizer": "",
+    "adapt_protocol": ALL_SHOTS,  # the only protocol before the meta-training inner loop row
 }
 # One row per key: the unit every analysis pairs on.
 KEY: tuple[str, ...] = ("experiment", "train_seed", "shot_seed", "init", "task", "shots", "repeat", "problem_id")

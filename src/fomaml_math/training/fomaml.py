@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from fomaml_math.adapt import INNER_OPTIMIZERS, InnerOptimizer, WeightSnapshot, adapted
-from fomaml_math.batching import EncodedExample, SFTBatch, collate
+from fomaml_math.batching import EncodedExample, SFTBatch, collate, cycled_slices
 from fomaml_math.errors import ConfigError
 from fomaml_math.training import loop
 from fomaml_math.training.data import TaskData, require_rows, rng_for
@@ -67,7 +67,7 @@ def sample_episode(
     bs, steps = int(fo["inner_batch_size"]), int(fo["num_inner_steps"])
     order = rng.permutation(len(data.support))
     support = [
-        collate([data.support[order[(i * bs + j) % len(order)]] for j in range(bs)], pad_token_id) for i in range(steps)
+        collate([data.support[order[p]] for p in step], pad_token_id) for step in cycled_slices(len(order), bs, steps)
     ]
     query_idx = rng.choice(len(data.query), size=int(fo["query_batch_size"]), replace=False)
     return Episode(task, support, collate([data.query[i] for i in query_idx], pad_token_id))
