@@ -152,3 +152,13 @@ def test_the_metaloop_row_is_priced(demo_config: dict, tmp_path: Path) -> None:
     assert on["jobs"]["evaluate_metaloop"] == runs * len(adapted) == 6
     assert off["jobs"]["evaluate_metaloop"] == 0 and off["gpu_hours"]["evaluate_metaloop"] == 0
     assert on["gpu_hours_total"] == pytest.approx(off["gpu_hours_total"] + expected)
+
+
+def test_split_data_of_another_source_is_not_used(repo_root: Path, tmp_path: Path) -> None:
+    """After `make demo`, results/data/tasks holds synthetic tasks: the paper config (hub) must not count them."""
+    paper, demo = (load_config(repo_root / "config" / name) for name in ("config.yaml", "demo.yaml"))
+    tasks = tmp_path / "data" / "tasks"
+    tasks.mkdir(parents=True)
+    (tmp_path / "data" / "ingest_report.json").write_text(json.dumps({"source": "synthetic"}))
+    assert plan.split_data_for(demo, tasks) == tasks
+    assert not plan.split_data_for(paper, tasks).exists()

@@ -40,6 +40,7 @@ import argparse
 import copy
 import json
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -431,6 +432,20 @@ def render(plan: Mapping[str, Any], gpus: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def split_data_for(config: Mapping[str, Any], tasks_dir: Path) -> Path:
+    """``tasks_dir`` when its split data came from this config's ``data.source`` (its ingest report beside it
+    says so), else a folder that does not exist, so counts are assumed: after ``make demo``, results/data/tasks
+    holds the synthetic tasks, which say nothing about the paper's MATH."""
+    report = tasks_dir.parent / "ingest_report.json"
+    if tasks_dir.is_dir() and report.is_file():
+        built_from = json.loads(report.read_text()).get("source")
+        if built_from != config["data"]["source"]:
+            print(f"plan: {tasks_dir} was built from data.source {built_from!r}, not {config['data']['source']!r}: "
+                  "not used", file=sys.stderr)  # fmt: skip
+            return tasks_dir / "not-this-config"
+    return tasks_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fomaml_math plan", description=__doc__.splitlines()[0])
     parser.add_argument("--configfile", required=True, help="a config YAML (e.g. config/config.yaml)")
@@ -452,15 +467,16 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.mfu <= 1:
         raise ConfigError(f"--mfu: expected a fraction in (0, 1], got {args.mfu}")
     assumptions = Assumptions(args.mfu, args.peak_tflops, args.decode_tokens_per_s, example_tokens=args.example_tokens)
-    plan = build_plan(config, assumptions, args.tasks_dir)
+    tasks_dir = split_data_for(config, args.tasks_dir)
+    plan = build_plan(config, assumptions, tasks_dir)
     components, source = assumed_components(config)
     if args.pilot is not None:
         paths = sorted(args.pilot.glob("*/*/seed-*/eval/shots-*.parquet"))
         if not paths:
             raise ConfigError(f"--pilot: no <experiment>/<method>/seed-<s>/eval/shots-<k>.parquet under {args.pilot}")
         components, source = estimate_components(load_eval(paths)), f"estimated from {len(paths)} files in {args.pilot}"
-    plan["power"] = power_section(config, args.tasks_dir, components, source)
-    plan["designs"] = alternative_designs(config, assumptions, args.tasks_dir, components)
+    plan["power"] = power_section(config, tasks_dir, components, source)
+    plan["designs"] = alternative_designs(config, assumptions, tasks_dir, components)
     gpus = int(config["compute"]["gpus"])
     text = render(plan, gpus) + "\n" + render_power(plan["power"], plan["designs"])
     print(json.dumps(plan, indent=2) if args.json else text, end="")
