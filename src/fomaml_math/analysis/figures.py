@@ -161,7 +161,7 @@ def _legend(fig: Figure, ax: Axes, ci_level: float) -> None:
         handles,
         labels,
         loc="outside upper center",
-        ncols=len(labels),
+        ncols=min(len(labels), 2),  # 4 inits in one row run past a one-panel figure's edges
         title=f"shaded: {ci_level:.0%} CI; thin: one training seed;  *: {a} vs {b}, Holm-adjusted",
         title_fontsize=6,
     )
@@ -433,7 +433,12 @@ def _calibration_panels(by_lr: Axes, by_step: Axes, calibration: dict[str, pd.Da
         steps = curve[mine & np.isclose(curve["lr"].astype(float), row.lr)].sort_values("step")
         by_step.plot(steps["step"], steps["nll"].astype(float), gid=f"curve:{tag}", **(line_style | {"marker": None}))
     by_lr.set_xscale("log")
-    by_lr.xaxis.set_minor_formatter(NullFormatter())  # a grid within one decade labels its minor ticks over each other
+    # the grid's own rates as the ticks (a grid within one decade or two would otherwise show one label or labels
+    # over each other)
+    rates = sorted({float(v) for v in grid["lr"] if float(v) > 0}) if len(grid) else []
+    if rates:
+        by_lr.set_xticks(rates, [f"{v:g}" for v in rates])
+    by_lr.xaxis.set_minor_formatter(NullFormatter())
     by_lr.set_xlabel("Adaptation learning rate")
     by_lr.set_ylabel("Dev accuracy (%)")
     by_lr.set_title(f"{experiment + ': ' if experiment else ''}at the chosen steps and checkpoint (star: chosen)")
