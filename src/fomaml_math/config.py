@@ -252,7 +252,7 @@ def shot_seed(config: dict[str, Any], train_seed: int | None, *, control: bool =
     seed. The negative control (``control``) draws from a stream of its own, independent of the evaluation's.
     """
     seed = int(config["seed"])
-    if config["eval"].get("shot_draws", "per_seed") == "per_seed" and train_seed is not None:
+    if config["eval"]["shot_draws"] == "per_seed" and train_seed is not None:
         return zlib.crc32(f"shots/{seed}/{int(train_seed)}/{'control' if control else 'eval'}".encode())
     return seed + 1_000_003 if control else seed
 

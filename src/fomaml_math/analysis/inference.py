@@ -83,6 +83,14 @@ def _cluster_part(x: np.ndarray, w: np.ndarray) -> tuple[float, float]:
     return raw, float(np.sum(w**2)) * ms_residual / s
 
 
+def welch_satterthwaite(parts: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """(variance, df) of a sum of independent variance parts ``(v, df)``: df by Welch–Satterthwaite over the
+    non-zero parts (infinite when none has both)."""
+    variance = sum(v for v, _ in parts)
+    denominator = sum(v * v / d for v, d in parts if v > 0 and d > 0)
+    return variance, (variance * variance / denominator if denominator > 0 else math.inf)
+
+
 def crossed_estimate(
     a: np.ndarray, b: np.ndarray | None, strata: Sequence[str] | np.ndarray, *, weighting: str = "problem"
 ) -> Estimate:
@@ -126,10 +134,7 @@ def crossed_estimate(
         # the cluster part (its df: the residual's), so se is never 0 while the data vary.
         parts = [(share, (x.shape[0] - 1) * (n - 1)) for x, (_, share) in clusters]
     parts.append((problem_var, problem_df))
-    variance = sum(v for v, _ in parts)
-    # Welch–Satterthwaite over the non-zero parts.
-    denominator = sum(v * v / d for v, d in parts if v > 0 and d > 0)
-    df = variance * variance / denominator if denominator > 0 else math.inf
+    variance, df = welch_satterthwaite(parts)
     cluster_var = sum(v for v, _ in parts[:-1])
     return Estimate(estimate, math.sqrt(variance), df, n, a.shape[0], n_b, cluster_var, problem_var)
 
@@ -155,17 +160,14 @@ def task_random_estimate(a: np.ndarray, b: np.ndarray, strata: Sequence[str] | n
         return Estimate(math.nan, math.nan, math.nan, 0, a.shape[0], b.shape[0], math.nan, math.nan)
     w = _weights(strata, "task")
     per_task = np.array([a[:, strata == t].mean() - b[:, strata == t].mean() for t in labels])
-    parts = [(float(np.var(per_task, ddof=1)) / labels.size, labels.size - 1)] if labels.size >= 2 else []
-    for x in (a, b):
-        if x.shape[0] >= 2:
-            parts.append((float(np.var(x @ w, ddof=1)) / x.shape[0], x.shape[0] - 1))
-    variance = sum(v for v, _ in parts)
-    denominator = sum(v * v / d for v, d in parts if v > 0 and d > 0)
-    df = variance * variance / denominator if denominator > 0 else (math.nan if not parts else math.inf)
-    seed_var = sum(v for v, _ in parts[1:]) if labels.size >= 2 else variance
-    task_var = parts[0][0] if labels.size >= 2 else 0.0
-    return Estimate(float(per_task.mean()), math.sqrt(variance) if parts else math.nan, df, int(keep.sum()),
-                    a.shape[0], b.shape[0], seed_var, task_var)  # fmt: skip
+    task_part = [(float(np.var(per_task, ddof=1)) / labels.size, labels.size - 1)] if labels.size >= 2 else []
+    seed_parts = [(float(np.var(x @ w, ddof=1)) / x.shape[0], x.shape[0] - 1) for x in (a, b) if x.shape[0] >= 2]
+    if not task_part + seed_parts:
+        return Estimate(float(per_task.mean()), math.nan, math.nan, int(keep.sum()), a.shape[0], b.shape[0],
+                        math.nan, math.nan)  # fmt: skip
+    variance, df = welch_satterthwaite(task_part + seed_parts)
+    return Estimate(float(per_task.mean()), math.sqrt(variance), df, int(keep.sum()), a.shape[0], b.shape[0],
+                    sum(v for v, _ in seed_parts), sum(v for v, _ in task_part))  # fmt: skip
 
 
 def t_interval(

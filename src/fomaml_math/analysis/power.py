@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from fomaml_math.analysis.evaldata import primary_pool, split_experiments, task_roles
-from fomaml_math.analysis.inference import minimum_detectable_effect, power
+from fomaml_math.analysis.inference import minimum_detectable_effect, power, welch_satterthwaite
 from fomaml_math.analysis.tables import META_TEST_POOL
 from fomaml_math.errors import ConfigError
 
@@ -76,11 +76,10 @@ def contrast_se(components: VarianceComponents, design: Design) -> tuple[float, 
     seed_part = 2.0 * (components.seed_sd**2 + components.draw_sd**2 / (r * k)) / s
     problem_part = components.problem_var / n
     parts = [(seed_part, 2 * (s - 1)), (problem_part, n - 1)]
-    variance = seed_part + problem_part
-    denominator = sum(v * v / d for v, d in parts if v > 0 and d > 0)
+    variance, df = welch_satterthwaite(parts)
     if any(v > 0 and d <= 0 for v, d in parts):
         return math.sqrt(variance), 0.0  # a part with variance but no df (one seed): no t-test exists
-    return math.sqrt(variance), (variance * variance / denominator if denominator > 0 else math.inf)
+    return math.sqrt(variance), df
 
 
 def plan_contrast(
