@@ -10,12 +10,15 @@ import pytest
 import yaml
 
 from fomaml_math.config import (
+    evaluated_tasks,
     load_config,
     settings_hash,
     sft_budget_steps,
     shot_seed,
     split_settings,
     stage_settings,
+    training_tasks,
+    tuning_tasks,
     validate_config,
 )
 from fomaml_math.errors import ConfigError
@@ -109,6 +112,22 @@ def test_bad_config_is_rejected_with_one_line_naming_the_key(demo_config, key, v
     assert "\n" not in text
 
 
+def test_meta_validation_tasks_are_tuned_on_not_trained_on_nor_evaluated(demo_config):
+    config = validate_config(_set(demo_config, "experiments", [
+        {"name": "fold", "meta_test": ["algebra_v1"], "meta_val": ["number_theory_v1", "geometry"]},
+        {"name": "plain", "meta_test": ["algebra_v1"]},
+    ]))  # fmt: skip
+    names = config["tasks"]["names"]
+    assert tuning_tasks(config, "fold") == ["number_theory_v1", "geometry"]
+    assert training_tasks(config, "fold") == [
+        t for t in names if t not in ("algebra_v1", "number_theory_v1", "geometry")
+    ]
+    assert evaluated_tasks(config, "fold") == [t for t in names if t not in ("number_theory_v1", "geometry")]
+    # without meta_val the tuner reads the training tasks, and every task is evaluated
+    assert tuning_tasks(config, "plain") == training_tasks(config, "plain") == [t for t in names if t != "algebra_v1"]
+    assert evaluated_tasks(config, "plain") == names
+
+
 def test_cross_field_rules(demo_config):
     # MATH subjects only (the demo's variant tasks exist only for synthetic data), no pretraining (synthetic only)
     math_only = _set(_set(demo_config, "tasks.names", list(MATH_TASKS)), "experiments", [{"name": "main"}])
@@ -131,6 +150,13 @@ def test_cross_field_rules(demo_config):
         validate_config(unknown)
     with pytest.raises(ConfigError, match=r"tasks\.meta_test: moved to experiments\.<name>\.meta_test"):
         validate_config(_set(demo_config, "tasks.meta_test", ["geometry"]))
+    overlap = _set(demo_config, "experiments", [{"name": "f", "meta_test": ["geometry"], "meta_val": ["geometry"]}])
+    with pytest.raises(ConfigError, match=r"experiments\.f\.meta_val: \['geometry'\] are also in its meta_test"):
+        validate_config(overlap)
+    untuned = _set(_set(demo_config, "experiments", [{"name": "f", "meta_val": ["geometry"]}]), "calibration.enabled",
+                   False)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"experiments\.f\.meta_val: only the tuner reads .* calibration\.enabled"):
+        validate_config(untuned)
     twice = _set(demo_config, "experiments", [{"name": "a"}, {"name": "a"}])
     with pytest.raises(ConfigError, match=r"experiments: names must be unique"):
         validate_config(twice)

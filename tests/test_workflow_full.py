@@ -7,6 +7,7 @@ results and .snakemake metadata are copied with their modification times.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -265,4 +266,29 @@ def test_f_adding_an_experiment_runs_only_its_own_jobs(workspace):
     )
     assert set(frame.loc[frame["task"] == held_out, "task_role"]) == {"meta_test"}
     assert "heldout" in (workspace / "results/summary.md").read_text()
+    assert planned_jobs(workspace) == {}
+
+
+def test_g_a_meta_validation_task_is_tuned_on_and_nothing_else(workspace):
+    """experiments[].meta_val: the tuner reads only that task's dev data; no training reads its support/query and
+    no evaluation opens its test file. Those files are poisoned (mtimes kept, so the first experiment's jobs,
+    which read them legitimately, do not rerun): a stage that opened one would fail."""
+    config = read_config(workspace)
+    meta_val = config["tasks"]["names"][-1]
+    write_config(workspace, config, experiments=[*config["experiments"], {"name": "tuned", "meta_val": [meta_val]}])
+    for split in ("support", "query", "test"):
+        path = workspace / f"results/data/tasks/{meta_val}/{split}.parquet"
+        stat = path.stat()
+        path.write_bytes(b"not a parquet file: a stage opened what it must never read\n")
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    result = snakemake(workspace)
+    ran = executed(result)
+    assert "split_tasks" not in ran and ran["calibrate_base"] == 1 and ran["stats"] == 1
+    training = [t for t in config["tasks"]["names"] if t != meta_val]
+    for run in ("tuned/base", "tuned/fomaml/seed-0", "tuned/sft/seed-0"):
+        assert json.loads((workspace / f"results/{run}/calibration.json").read_text())["tasks"] == [meta_val]
+    summary = json.loads((workspace / "results/tuned/fomaml/seed-0/train_summary.json").read_text())
+    assert summary["settings"]["train_tasks"] == training
+    frame = pd.read_parquet(workspace / "results/tuned/sft/seed-0/eval/shots-0.parquet")
+    assert sorted(frame["task"].unique()) == training
     assert planned_jobs(workspace) == {}

@@ -125,8 +125,20 @@ def _iter_semantic_errors(config: dict[str, Any]) -> Iterator[str]:
         unknown = [t for t in experiment["meta_test"] if t not in names]
         if unknown:
             yield f"experiments.{name}.meta_test: {unknown} are not in tasks.names {names}"
-        if set(names) <= set(experiment["meta_test"]):
-            yield f"experiments.{name}.meta_test: at least one task must stay in meta-training"
+        unknown = [t for t in experiment["meta_val"] if t not in names]
+        if unknown:
+            yield f"experiments.{name}.meta_val: {unknown} are not in tasks.names {names}"
+        both = [t for t in experiment["meta_val"] if t in experiment["meta_test"]]
+        if both:
+            yield f"experiments.{name}.meta_val: {both} are also in its meta_test (a task is tuned on or tested on)"
+        tuned = config["calibration"]["enabled"] and config["eval"]["mode"] == "finetune"
+        if experiment["meta_val"] and not tuned:
+            yield (
+                f"experiments.{name}.meta_val: only the tuner reads meta-validation tasks; it needs "
+                "calibration.enabled: true and eval.mode: finetune"
+            )
+        if set(names) <= set(experiment["meta_test"]) | set(experiment["meta_val"]):
+            yield f"experiments.{name}.meta_test/meta_val: at least one task must stay in meta-training"
     data = config["data"]
     if data["source"] == "local" and not data["local"].get("path"):
         yield "data.local.path: required when data.source is 'local' (MATH archive folder, .jsonl or .parquet)"
@@ -164,7 +176,8 @@ def _iter_semantic_errors(config: dict[str, Any]) -> Iterator[str]:
         if config["fomaml"]["meta_batch_size"] > len(training_tasks(config, name)):
             yield (
                 f"fomaml.meta_batch_size: {config['fomaml']['meta_batch_size']} tasks per step, but only "
-                f"{len(training_tasks(config, name))} training task(s) remain after experiments.{name}.meta_test"
+                f"{len(training_tasks(config, name))} training task(s) remain after experiments.{name}.meta_test "
+                "and meta_val"
             )
 
 
@@ -229,18 +242,40 @@ def experiment_names(config: dict[str, Any]) -> list[str]:
     return [e["name"] for e in config["experiments"]]
 
 
-def meta_test_tasks(config: dict[str, Any], experiment: str) -> list[str]:
-    """The tasks experiment ``experiment`` holds out of training (evaluated only)."""
+def _experiment(config: dict[str, Any], experiment: str) -> dict[str, Any]:
     for entry in config["experiments"]:
         if entry["name"] == experiment:
-            return list(entry.get("meta_test", []))
+            return entry
     raise ConfigError(f"experiments: no experiment named {experiment!r} (have {experiment_names(config)})")
 
 
+def meta_test_tasks(config: dict[str, Any], experiment: str) -> list[str]:
+    """The tasks experiment ``experiment`` holds out of training (evaluated only)."""
+    return list(_experiment(config, experiment).get("meta_test", []))
+
+
+def meta_val_tasks(config: dict[str, Any], experiment: str) -> list[str]:
+    """The meta-validation tasks of ``experiment``: held out of training, never evaluated, tuned on."""
+    return list(_experiment(config, experiment).get("meta_val", []))
+
+
 def training_tasks(config: dict[str, Any], experiment: str | None = None) -> list[str]:
-    """Tasks used for (meta-)training in ``experiment`` (default: the first): ``tasks.names`` minus its meta_test."""
-    held_out = set(meta_test_tasks(config, experiment or experiment_names(config)[0]))
+    """Tasks used for (meta-)training in ``experiment`` (default: the first): ``tasks.names`` minus its meta_test
+    and meta_val tasks."""
+    name = experiment or experiment_names(config)[0]
+    held_out = set(meta_test_tasks(config, name)) | set(meta_val_tasks(config, name))
     return [t for t in config["tasks"]["names"] if t not in held_out]
+
+
+def tuning_tasks(config: dict[str, Any], experiment: str) -> list[str]:
+    """The tasks whose dev data the tuner reads: the meta_val tasks, else the training tasks (never meta_test)."""
+    return meta_val_tasks(config, experiment) or training_tasks(config, experiment)
+
+
+def evaluated_tasks(config: dict[str, Any], experiment: str) -> list[str]:
+    """The tasks an evaluation reads (dev_pool and test): every task but the experiment's meta_val ones."""
+    tuned_only = set(meta_val_tasks(config, experiment))
+    return [t for t in config["tasks"]["names"] if t not in tuned_only]
 
 
 def shot_seed(config: dict[str, Any], train_seed: int | None, *, control: bool = False) -> int:

@@ -54,9 +54,11 @@ from fomaml_math.config import (
     experiment_names,
     load_config,
     meta_test_tasks,
+    meta_val_tasks,
     metaloop_row,
     sft_budget_steps,
     training_tasks,
+    tuning_tasks,
 )
 from fomaml_math.errors import ConfigError
 
@@ -198,7 +200,7 @@ def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: P
     monitor = cal["max_monitor_examples"]
     evaluated = {int(k) for k in shots}
     tuned = sorted({int(k) for k in (cal["shots"] or evaluated) if int(k) > 0})
-    train_task_count = {e: len(training_tasks(dict(config), e)) for e in experiments}
+    tuning_task_count = {e: len(tuning_tasks(dict(config), e)) for e in experiments}  # meta_val, else training
 
     def tuning_hours(task_count: int) -> float:
         """GPU-hours of the tuner on one candidate checkpoint."""
@@ -213,7 +215,7 @@ def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: P
 
     candidates = {m: candidate_count(config, m) for m in ("fomaml", "sft")}
     tuning = sum(
-        tuning_hours(train_task_count[e]) * (1 + len(seeds) * sum(candidates.values())) for e in experiments
+        tuning_hours(tuning_task_count[e]) * (1 + len(seeds) * sum(candidates.values())) for e in experiments
     )  # fmt: skip
     sel = config["select"]
     checks = monitoring_steps(config, "fomaml") + monitoring_steps(config, "sft")
@@ -274,6 +276,7 @@ def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: P
         "parameters": params,
         "experiments": {e: meta_test_tasks(dict(config), e) for e in experiments},
         "training_tasks": {e: training_tasks(dict(config), e) for e in experiments},
+        "meta_val": {e: meta_val_tasks(dict(config), e) for e in experiments},
         "seeds": seeds,
         "jobs": jobs,
         "gpu_hours": hours,
@@ -407,7 +410,12 @@ def render(plan: Mapping[str, Any], gpus: int) -> str:
     a = plan["assumptions"]
     lines = [
         f"Study plan for {plan['model']} ({plan['parameters'] / 1e9:.2f} B parameters)",
-        f"experiments: {', '.join(f'{e} (meta_test: {m or []})' for e, m in plan['experiments'].items())}; "
+        "experiments: "
+        + ", ".join(
+            f"{e} (meta_test: {m or []}" + (f", meta_val: {plan['meta_val'][e]})" if plan["meta_val"][e] else ")")
+            for e, m in plan["experiments"].items()
+        )
+        + "; "
         f"training seeds: {plan['seeds']}",
         "",
         "jobs per rule:",

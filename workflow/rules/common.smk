@@ -11,7 +11,16 @@ if SRC not in sys.path:
 from snakemake.settings.types import DeploymentMethod
 
 from fomaml_math.analysis.outputs import FIGURES, STATS_FILES
-from fomaml_math.config import meta_test_tasks, metaloop_row, shot_seed, stage_settings, training_tasks, validate_config
+from fomaml_math.config import (
+    evaluated_tasks,
+    meta_test_tasks,
+    meta_val_tasks,
+    metaloop_row,
+    shot_seed,
+    stage_settings,
+    tuning_tasks,
+    validate_config,
+)
 from fomaml_math.data.taskfiles import ROLES_FILE, SPLITS
 from fomaml_math.errors import ConfigError
 from fomaml_math.evaluation.rows import BASE, METHODS
@@ -89,6 +98,13 @@ def task_files(splits=SPLITS):
     return expand(f"{TASKS_DIR}/{{task}}/{{split}}.parquet", task=TASKS, split=splits)
 
 
+def evaluated_task_files(wildcards):
+    """The dev_pool and test files an evaluation reads: every task but its experiment's meta_val ones (the
+    untuned base is shared across experiments and has no experiment wildcard: every task)."""
+    names = evaluated_tasks(config, wildcards.experiment) if "experiment" in wildcards.keys() else TASKS
+    return expand(f"{TASKS_DIR}/{{task}}/{{split}}.parquet", task=names, split=["dev_pool", "test"])
+
+
 def on_gpus(command):
     """``command`` under the slot allocator: it waits for ``resources.gpu`` free devices and sets
     CUDA_VISIBLE_DEVICES (Snakemake counts GPUs but gives a job no devices of its own)."""
@@ -101,10 +117,10 @@ def base_model_input():
 
 
 def tuning_task_files(wildcards):
-    """The dev files of the experiment's training tasks: the only ones its tuning may read."""
+    """The dev files of the experiment's tuning tasks (meta_val, else training): the only ones its tuning reads."""
     return expand(
         f"{TASKS_DIR}/{{task}}/{{split}}.parquet",
-        task=training_tasks(config, wildcards.experiment),
+        task=tuning_tasks(config, wildcards.experiment),
         split=["dev_pool", "dev_monitor"],
     )
 
@@ -115,13 +131,14 @@ def train_seed_of(wildcards):
 
 
 def tuning_args(wildcards):
-    """--experiment, --tasks (training tasks only), --shot-seed and, for a trained run, --train-seed of a tuner."""
+    """--experiment, --tasks (meta_val, else training tasks; never a held-out one), --shot-seed and, for a trained
+    run, --train-seed of a tuner."""
     seed = train_seed_of(wildcards)
     return " ".join(
         [
             f"--experiment {wildcards.experiment}",
             "--tasks",
-            *training_tasks(config, wildcards.experiment),
+            *tuning_tasks(config, wildcards.experiment),
             f"--shot-seed {shot_seed(config, seed)}",
             *([] if seed is None else [f"--train-seed {seed}"]),
         ]
@@ -162,15 +179,17 @@ def shot_seed_args(wildcards):
     return [f"--shot-seed {shot_seed(config, train_seed_of(wildcards), control=control)}"]
 
 
-def meta_test_args(experiment):
-    """--meta-test <the experiment's held-out tasks> (none: an empty list)."""
+def evaluated_task_args(experiment):
+    """--meta-test <the experiment's held-out tasks> (none: an empty list), and --tasks <every task but its
+    meta_val ones> where it has meta_val tasks (their test split is never read)."""
     held_out = meta_test_tasks(config, experiment)
-    return [" ".join(["--meta-test", *held_out])] if held_out else []
+    evaluated = ["--tasks", *evaluated_tasks(config, experiment)] if meta_val_tasks(config, experiment) else []
+    return [" ".join(args) for args in (["--meta-test", *held_out] if held_out else [], evaluated) if args]
 
 
 def eval_args(wildcards):
     """--experiment/--train-seed/--meta-test and --shot-seed of a trained run's evaluation."""
-    return " ".join([run_args(wildcards), *meta_test_args(wildcards.experiment), *shot_seed_args(wildcards)])
+    return " ".join([run_args(wildcards), *evaluated_task_args(wildcards.experiment), *shot_seed_args(wildcards)])
 
 
 def base_eval_args(wildcards):
@@ -178,7 +197,7 @@ def base_eval_args(wildcards):
     if not CALIBRATED:
         return " ".join(["--experiment shared", *shot_seed_args(wildcards)])
     experiment = wildcards.experiment
-    return " ".join([f"--experiment {experiment}", *meta_test_args(experiment), *shot_seed_args(wildcards)])
+    return " ".join([f"--experiment {experiment}", *evaluated_task_args(experiment), *shot_seed_args(wildcards)])
 
 
 def calibration_job(wildcards):

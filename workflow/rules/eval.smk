@@ -65,7 +65,7 @@ rule calibration_choice:
 
 rule evaluate:
     input:
-        tasks=task_files(["dev_pool", "test"]),
+        tasks=evaluated_task_files,
         model=RUN_CANDIDATES if CALIBRATED else RUN_MODEL,
         choice=choice_flag,
     output:
@@ -98,7 +98,7 @@ rule evaluate:
 
 use rule evaluate as evaluate_base with:
     input:
-        tasks=task_files(["dev_pool", "test"]),
+        tasks=evaluated_task_files,
         model=base_model_input(),
         choice=choice_flag,
     output:
@@ -118,7 +118,7 @@ use rule evaluate as evaluate_base with:
 # problems, adapted with the inner loop the run was meta-trained with (its train_summary.json); FOMAML runs only.
 use rule evaluate as evaluate_metaloop with:
     input:
-        tasks=task_files(["dev_pool", "test"]),
+        tasks=evaluated_task_files,
         model=RUN_CANDIDATES if CALIBRATED else RUN_MODEL,
         choice=choice_flag,
         train_summary=f"results/{RUN}/train_summary.json",
