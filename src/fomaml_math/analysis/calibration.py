@@ -59,6 +59,7 @@ CHOSEN_COLUMNS = [
     "curve_steps",
     "edges",  # ";"-joined, e.g. "lr:lowest;num_steps:highest": the choice is an end of that grid
     "edge_note",
+    "tasks",  # ","-joined: the tasks whose dev data was tuned on (meta_val, else the training tasks)
 ]
 GRID_COLUMNS = [*KEY_COLUMNS, "checkpoint", "shots", "lr", "num_steps", "nll", "answer_nll", "accuracy",
                 "accuracy_half_a", "accuracy_half_b"]  # fmt: skip
@@ -223,7 +224,10 @@ def load_calibration(paths: Sequence[str | Path]) -> dict[str, pd.DataFrame]:
             "optimizer": record["optimizer"],
             "criterion": record["criterion"],
         }
-        chosen += [key | _chosen_row(record, entry) for entry in sorted(record["chosen"], key=lambda e: e["shots"])]
+        tasks = {"tasks": ",".join(map(str, record.get("tasks") or []))}
+        chosen += [
+            key | _chosen_row(record, entry) | tasks for entry in sorted(record["chosen"], key=lambda e: e["shots"])
+        ]
         grid += [key | {c: entry[c] for c in _GRID_KEYS} for entry in record["grid"]]
         curve += [key | {c: entry[c] for c in _CURVE_KEYS} for entry in record["curve"]]
         for group in _ordered_groups(list(record["agreement"])):

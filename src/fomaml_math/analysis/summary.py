@@ -521,11 +521,17 @@ def _calibration_lines(calibration: dict[str, pd.DataFrame] | None) -> list[str]
     chosen = sort_in_order(calibration["chosen"], ["experiment", "init", "train_seed", "shots"], orders)
     lines += [
         "Per initialisation, training seed and tuned shot count k, the tuner chose the kept checkpoint (training "
-        "step) and the adaptation (learning rate, steps) jointly on the training tasks' dev data, by the criterion "
+        "step) and the adaptation (learning rate, steps) jointly on the tuning tasks' dev data (an experiment's "
+        "meta_val tasks, else its training tasks; never a held-out task), by the criterion "
         "shown (accuracy: highest; NLLs: lowest); at 0 shots only the checkpoint. Dev accuracy (%) and dev NLL: "
         "the checkpoint unadapted → at the choice. Adaptation speed: steps until the dev NLL at the chosen rate "
         "has made 90% of its largest reduction (n/a: it never falls). One row per training seed; rates are never "
         "averaged.",
+        "",
+        *(
+            f"Tuning tasks of `{experiment or 'shared'}`: {', '.join(tasks.split(',')) if tasks else 'not recorded'}."
+            for experiment, tasks in chosen[["experiment", "tasks"]].drop_duplicates().itertuples(index=False)
+        ),
         "",
     ]
     body = [
