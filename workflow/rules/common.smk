@@ -11,7 +11,17 @@ if SRC not in sys.path:
 from snakemake.settings.types import DeploymentMethod
 
 from fomaml_math.analysis.outputs import FIGURES, STATS_FILES
-from fomaml_math.config import meta_test_tasks, metaloop_row, shot_seed, stage_settings, training_tasks, validate_config
+from fomaml_math.config import (
+    control_eval_settings,
+    control_shot_counts,
+    control_tasks,
+    meta_test_tasks,
+    metaloop_row,
+    shot_seed,
+    stage_settings,
+    training_tasks,
+    validate_config,
+)
 from fomaml_math.data.taskfiles import ROLES_FILE, SPLITS
 from fomaml_math.errors import ConfigError
 from fomaml_math.evaluation.rows import BASE, METHODS
@@ -85,6 +95,9 @@ def settings(stage, **kwargs):
     return json.dumps(stage_settings(config, stage, **kwargs), sort_keys=True)
 
 
+EVAL_SETTINGS = settings("evaluate")
+
+
 def task_files(splits=SPLITS):
     return expand(f"{TASKS_DIR}/{{task}}/{{split}}.parquet", task=TASKS, split=splits)
 
@@ -155,11 +168,20 @@ def run_args(wildcards):
     return f"--experiment {wildcards.experiment} --train-seed {int(wildcards.seed)}"
 
 
+def is_control(wildcards):
+    """Whether a job is the negative control's (a rule without a ``kind`` wildcard, like the secondary row's, is not)."""
+    return "kind" in wildcards.keys() and wildcards.kind == "eval-control"
+
+
 def shot_seed_args(wildcards):
-    """--shot-seed of an evaluation: its run's draws (eval.shot_draws), the negative control's own stream (a rule
-    without a ``kind`` wildcard, like the secondary row's, evaluates under the run's own draws)."""
-    control = "kind" in wildcards.keys() and wildcards.kind == "eval-control"
+    """--shot-seed of an evaluation: its run's draws (eval.shot_draws), the negative control's own stream."""
+    control = is_control(wildcards)
     return [f"--shot-seed {shot_seed(config, train_seed_of(wildcards), control=control)}"]
+
+
+def eval_settings(wildcards):
+    """An evaluation's settings: the negative control's have replicates.control_draws repeats."""
+    return json.dumps(control_eval_settings(config), sort_keys=True) if is_control(wildcards) else EVAL_SETTINGS
 
 
 def meta_test_args(experiment):
@@ -169,8 +191,10 @@ def meta_test_args(experiment):
 
 
 def eval_args(wildcards):
-    """--experiment/--train-seed/--meta-test and --shot-seed of a trained run's evaluation."""
-    return " ".join([run_args(wildcards), *meta_test_args(wildcards.experiment), *shot_seed_args(wildcards)])
+    """--experiment/--train-seed/--meta-test and --shot-seed of a trained run's evaluation; the negative control
+    evaluates only its experiment's primary pool (--tasks), the only tasks its analysis reads."""
+    tasks = [" ".join(["--tasks", *control_tasks(config, wildcards.experiment)])] if is_control(wildcards) else []
+    return " ".join([run_args(wildcards), *meta_test_args(wildcards.experiment), *shot_seed_args(wildcards), *tasks])
 
 
 def base_eval_args(wildcards):
@@ -234,7 +258,7 @@ def control_runs():
 
 
 def control_eval_files():
-    return [eval_file(run, k, "eval-control") for run in control_runs() for k in SHOTS if k > 0]
+    return [eval_file(run, k, "eval-control") for run in control_runs() for k in control_shot_counts(config)]
 
 
 def metaloop_eval_files():
