@@ -10,6 +10,9 @@ import pytest
 import yaml
 
 from fomaml_math.config import (
+    control_eval_settings,
+    control_shot_counts,
+    control_tasks,
     evaluated_tasks,
     load_config,
     settings_hash,
@@ -78,6 +81,8 @@ BAD_CONFIGS = [
     ("sft.budget", "steps", "sft.steps: required (a positive integer) when sft.budget is 'steps'"),
     ("compute.mixed_precision", "fp8", "compute.mixed_precision: expected one of"),
     ("eval.repeats", 0, "eval.repeats: expected a number >= 1, got 0"),
+    ("replicates.control_draws", 3, "replicates.control_draws: expected a number >= 4, got 3"),
+    ("replicates.control_shots", [5, 10], "replicates.control_shots: [10] are not evaluated (eval.shots [0, 5, 20])"),
     ("stats.ci_level", 1.0, "stats.ci_level: expected a number < 1, got 1.0"),
     ("seed", _DELETE, "'seed' is a required property"),
     ("fomaml.inner_optimizer", "rmsprop", "fomaml.inner_optimizer: expected one of ['sgd', 'adam']"),
@@ -350,6 +355,23 @@ def test_shot_draws_are_nested_in_training_seeds_unless_shared(demo_config):
     demo_config["eval"]["shot_draws"] = "shared"
     assert {shot_seed(demo_config, s) for s in (0, 1, None)} == {demo_config["seed"]}
     assert shot_seed(demo_config, 0, control=True) == demo_config["seed"] + 1_000_003
+
+
+def test_the_negative_control_runs_many_draws_on_the_primary_pool_only(demo_config):
+    """The control's evaluation: the main settings with replicates.control_draws repeats, on its experiment's
+    held-out tasks (else every task), at replicates.control_shots (default: every evaluated k > 0)."""
+    settings = control_eval_settings(demo_config)
+    main = stage_settings(demo_config, "evaluate")
+    assert settings["eval"]["repeats"] == demo_config["replicates"]["control_draws"] != main["eval"]["repeats"]
+    assert {**settings, "eval": {**settings["eval"], "repeats": main["eval"]["repeats"]}} == main
+    assert control_tasks(demo_config, "heldout") == ["algebra_v1", "intermediate_algebra_v1", "number_theory_v1"]
+    assert control_shot_counts(demo_config) == [5]
+    default = _set(demo_config, "replicates", {"seeds": [0]})
+    validate_config(default)
+    assert default["replicates"]["control_draws"] == 8 and default["replicates"]["control_shots"] is None
+    assert control_shot_counts(default) == [5, 20]
+    in_domain = _set(default, "experiments", [{"name": "main", "meta_test": []}])
+    assert control_tasks(validate_config(in_domain), "main") == demo_config["tasks"]["names"]
 
 
 def test_the_metaloop_row_setting(demo_config):

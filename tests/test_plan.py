@@ -154,6 +154,22 @@ def test_the_metaloop_row_is_priced(demo_config: dict, tmp_path: Path) -> None:
     assert on["gpu_hours_total"] == pytest.approx(off["gpu_hours_total"] + expected)
 
 
+def test_the_negative_control_is_priced(demo_config: dict, tmp_path: Path) -> None:
+    """The control: replicates.control_draws draws of one model at each control k, on its experiment's held-out
+    tasks only (the demo: 8 draws x 3 tasks at 5 shots), adapted, generated and scored like the others."""
+    assumptions = plan.Assumptions(mfu=0.5, peak_tflops=100.0, example_tokens=50.0)
+    on = plan.build_plan(demo_config, assumptions, tmp_path / "no-data")
+    replicates = {**demo_config["replicates"], "negative_control": False}
+    off = plan.build_plan({**demo_config, "replicates": replicates}, assumptions, tmp_path / "no-data")
+    ev, params = demo_config["eval"], on["parameters"]
+    problems = on["assumptions"]["test_problems"] * 3 / len(demo_config["tasks"]["names"])  # the 3 held-out tasks
+    flops = 8 * 3 * 6 * params * 5 * 50.0 * ev["num_inner_steps"] + problems * 8 * 2 * params * 50.0
+    decoded = problems * 8 * ev["max_new_tokens"] * assumptions.mean_generated_fraction
+    expected = flops / (100e12 * 0.5) / 3600 + decoded / assumptions.decode_tokens_per_s / 3600
+    assert on["gpu_hours_total"] == pytest.approx(off["gpu_hours_total"] + expected)
+    assert on["jobs"]["evaluate"] == off["jobs"]["evaluate"] + 1
+
+
 def test_split_data_of_another_source_is_not_used(repo_root: Path, tmp_path: Path) -> None:
     """After `make demo`, results/data/tasks holds synthetic tasks: the paper config (hub) must not count them."""
     paper, demo = (load_config(repo_root / "config" / name) for name in ("config.yaml", "demo.yaml"))

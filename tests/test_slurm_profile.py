@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from fomaml_math.config import control_shot_counts
 from tests.workflow_utils import REPO_ROOT, make_workspace, planned_jobs, read_config, snakemake
 
 PROFILE = "workflow/profiles/slurm"
@@ -166,7 +167,7 @@ def test_paper_config_asks_slurm_for_the_gpus_accelerate_uses(tmp_path):
     assert len(by_rule["train"]) == runs and len(by_rule["calibrate"]) == runs
     assert len(by_rule["calibrate_base"]) == experiments
     # The evaluations wait for their tuner (a checkpoint); the dry run plans them all.
-    assert len(by_rule["evaluate"]) == runs * shots + (shots - 1)  # + the negative control (k > 0)
+    assert len(by_rule["evaluate"]) == runs * shots + len(control_shot_counts(config))  # + the negative control
     assert len(by_rule["evaluate_base"]) == experiments * shots
     for job in by_rule["calibrate"] + by_rule["calibrate_base"]:
         command = sbatch_command(job)

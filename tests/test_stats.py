@@ -42,6 +42,7 @@ SETTINGS = {
         "per_shot": {"comparisons": ["fomaml-sft", "fomaml-base"]},
         "target_effect_pp": 3.0,
         "planted": {"replicates": 40},
+        "aa": {"splits": 500},
         "assumed": {"seed_sd_pp": 1.0, "draw_sd_pp": 2.0, "problem_var": 0.05},
     },
 }

@@ -227,8 +227,51 @@ def test_an_untestable_negative_control_says_so() -> None:
                             "control_shot_seed": [2], "shots": [5], "acc_diff": [0.0], "acc_p_holm": [float("nan")],
                             "significant": [False], "note": [""]})  # fmt: skip
     settings = StatsSettings.from_settings(SETTINGS)
-    text = "\n".join(summary._control_lines(control, settings))
+    text = "\n".join(summary._control_lines(control, None, settings))
     assert "Not testable" in text and "identical outcomes" in text
+
+
+def test_the_split_lines_give_the_shares_and_the_seed_message(stats_dir: Path, tmp_path: Path) -> None:
+    """The 3-seed study: no seed split (the message says why); the control's 2 draws: none either."""
+    text = _summarise(stats_dir, tmp_path)
+    assert (
+        "- Seed splits (`in_domain`): not run, needs >= 4 seeds, has 3: each half needs >= 2 for a seed variance."
+        in text
+    )
+    assert "- Draw splits of FOMAML (seed 0), its control draws: not run, needs >= 4 draws, has 2:" in text
+    aa = pd.DataFrame(
+        {
+            "experiment": ["main"] * 3,
+            "control": ["draws", "seeds", "seeds"],
+            "init": ["fomaml", "fomaml", "sft"],
+            "train_seeds": ["0", "0,1,2,3", "0,1,2,3"],
+            "shots": ["5", "5,20", "5,20"],
+            "n_units": [8, 4, 4],
+            "half_size": [4, 2, 2],
+            "n_splits": [35, 3, 3],
+            "exhaustive": [True] * 3,
+            "n_rejected": [2, 0, 1],
+            "false_positive_rate": [2 / 35, 0.0, 1 / 3],
+            "false_positive_rate_mc_se": [0.0] * 3,
+            "note": [""] * 3,
+        }
+    )
+    lines = summary._split_lines(aa, StatsSettings.from_settings(SETTINGS))
+    assert lines[2] == (
+        "- Draw splits of FOMAML (seed 0), its control draws (8 draws split 4 vs 4): k = 5: 2 of all "
+        "35 splits reject (5.7%). The splits share draws: the rate is conditional on these draws."
+    )
+    assert lines[3] == (
+        "- Seed splits (`main`, primary analysis, 4 seeds split 2 vs 2): FOMAML 0 of all 3 splits "
+        "reject (0.0%); SFT 1 of all 3 splits reject (33.3%)."
+    )
+    sampled = aa.iloc[:1].assign(
+        exhaustive=False, n_splits=500, n_rejected=30, false_positive_rate=0.06, false_positive_rate_mc_se=0.0106
+    )
+    assert (
+        "k = 5: 30 of 500 random splits reject (6.0% ± 1.1)"
+        in summary._split_lines(sampled, StatsSettings.from_settings(SETTINGS))[2]
+    )
 
 
 def test_the_positive_control_line_names_the_detected_inits() -> None:

@@ -179,6 +179,13 @@ def _iter_semantic_errors(config: dict[str, Any]) -> Iterator[str]:
                 f"{len(training_tasks(config, name))} training task(s) remain after experiments.{name}.meta_test "
                 "and meta_val"
             )
+    control_shots = config["replicates"]["control_shots"] or []
+    unknown_shots = [k for k in control_shots if k not in config["eval"]["shots"]]
+    if unknown_shots:
+        yield (
+            f"replicates.control_shots: {unknown_shots} are not evaluated (eval.shots {config['eval']['shots']}); the "
+            "control is compared with the main evaluation at its own shot counts"
+        )
 
 
 def validate_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -290,6 +297,28 @@ def shot_seed(config: dict[str, Any], train_seed: int | None, *, control: bool =
     if config["eval"]["shot_draws"] == "per_seed" and train_seed is not None:
         return zlib.crc32(f"shots/{seed}/{int(train_seed)}/{'control' if control else 'eval'}".encode())
     return seed + 1_000_003 if control else seed
+
+
+def control_shot_counts(config: dict[str, Any]) -> list[int]:
+    """The negative control's shot counts: ``replicates.control_shots``, else every evaluated k > 0."""
+    configured = config["replicates"]["control_shots"]
+    return (
+        sorted(int(k) for k in configured) if configured else sorted(int(k) for k in config["eval"]["shots"] if k > 0)
+    )
+
+
+def control_tasks(config: dict[str, Any], experiment: str) -> list[str]:
+    """The tasks the negative control evaluates: its experiment's primary pool, the held-out tasks when it has any,
+    else every task. The control's analysis reads that pool only, so no other task is run."""
+    return meta_test_tasks(config, experiment) or evaluated_tasks(config, experiment)
+
+
+def control_eval_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The ``evaluate`` settings of the negative control: the main evaluation's, with ``replicates.control_draws``
+    independent draws as its repeats (the A/A splits need many; the evaluation code is the same)."""
+    settings = stage_settings(config, "evaluate")
+    settings["eval"] = settings["eval"] | {"repeats": int(config["replicates"]["control_draws"])}
+    return settings
 
 
 def metaloop_row(config: dict[str, Any]) -> bool:

@@ -51,6 +51,8 @@ import pandas as pd
 from fomaml_math.analysis.evaldata import load_eval
 from fomaml_math.analysis.power import Design, VarianceComponents, estimate_components, plan_contrast
 from fomaml_math.config import (
+    control_shot_counts,
+    control_tasks,
     experiment_names,
     load_config,
     meta_test_tasks,
@@ -144,11 +146,6 @@ def test_problems_per_task(config: Mapping[str, Any], tasks_dir: Path) -> tuple[
     return dict.fromkeys(tasks, per_task), "assumed (no split data yet)"
 
 
-def test_problems(config: Mapping[str, Any], tasks_dir: Path) -> tuple[float, str]:
-    per_task, source = test_problems_per_task(config, tasks_dir)
-    return sum(per_task.values()), source
-
-
 def monitoring_steps(config: Mapping[str, Any], method: str) -> int:
     """Dev-monitoring steps of one training run: every ``test_freq`` steps from 1, and always the last."""
     steps = config["fomaml"]["total_steps"] if method == "fomaml" else sft_budget_steps(dict(config))
@@ -224,17 +221,27 @@ def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: P
         + 6.0 * params * sel["shots"] * example_tokens * adapt_steps
     )  # fmt: skip
 
-    problems, problem_source = test_problems(config, tasks_dir)
+    per_task, problem_source = test_problems_per_task(config, tasks_dir)
+    problems = sum(per_task.values())
     conditions = sum(1 if k == 0 else repeats for k in shots)  # (shots, repeat) pairs per task
-    control_conditions = (len([k for k in shots if k > 0]) * repeats) if config["replicates"]["negative_control"] else 0
-    eval_conditions = instances * conditions + control_conditions
+    eval_conditions = instances * conditions
     generated = problems * eval_conditions * ev["max_new_tokens"] * assumptions.mean_generated_fraction
     adapt_flops = (
-        (instances * repeats + control_conditions / max(1, len(shots)))
-        * len(tasks)
-        * sum(6.0 * params * k * example_tokens * adapt_steps for k in shots if k > 0)
+        instances * repeats * len(tasks) * sum(6.0 * params * k * example_tokens * adapt_steps for k in shots if k > 0)
     )
     nll_flops = problems * eval_conditions * 2.0 * params * example_tokens
+    # The negative control: one model, replicates.control_draws draws at each control k, on its experiment's primary
+    # pool only (config.control_tasks), as the rules run it.
+    control = bool(config["replicates"]["negative_control"])
+    control_shots = control_shot_counts(dict(config)) if control else []
+    control_pool = control_tasks(dict(config), experiments[0])
+    control_conditions = len(control_shots) * int(config["replicates"]["control_draws"])
+    control_problems = sum(per_task[t] for t in control_pool) * control_conditions
+    generated += control_problems * ev["max_new_tokens"] * assumptions.mean_generated_fraction
+    nll_flops += control_problems * 2.0 * params * example_tokens
+    adapt_flops += int(config["replicates"]["control_draws"]) * len(control_pool) * sum(
+        6.0 * params * k * example_tokens * adapt_steps for k in control_shots
+    )  # fmt: skip
     # The secondary row (eval.metaloop_row): every FOMAML run at each k > 0 again, adapted with its meta-training
     # inner loop (num_inner_steps steps of min(k, inner_batch_size) shots), then answered and scored as the others.
     metaloop_runs = runs if metaloop_row(dict(config)) else 0
@@ -266,7 +273,7 @@ def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: P
     jobs = {
         "train": 2 * runs,
         "calibrate": instances if calibrated else 0,
-        "evaluate": instances * len(shots) + (control_conditions // repeats if repeats else 0),
+        "evaluate": instances * len(shots) + len(control_shots),
         "evaluate_metaloop": metaloop_runs * len([k for k in shots if k > 0]),
         "stats/figures/summary/experiments/manifest": 5,
         "data + env (ingest, split_tasks, check_env)": 3,

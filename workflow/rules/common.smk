@@ -12,6 +12,9 @@ from snakemake.settings.types import DeploymentMethod
 
 from fomaml_math.analysis.outputs import FIGURES, STATS_FILES
 from fomaml_math.config import (
+    control_eval_settings,
+    control_shot_counts,
+    control_tasks,
     evaluated_tasks,
     meta_test_tasks,
     meta_val_tasks,
@@ -94,6 +97,9 @@ def settings(stage, **kwargs):
     return json.dumps(stage_settings(config, stage, **kwargs), sort_keys=True)
 
 
+EVAL_SETTINGS = settings("evaluate")
+
+
 def task_files(splits=SPLITS):
     return expand(f"{TASKS_DIR}/{{task}}/{{split}}.parquet", task=TASKS, split=splits)
 
@@ -172,24 +178,38 @@ def run_args(wildcards):
     return f"--experiment {wildcards.experiment} --train-seed {int(wildcards.seed)}"
 
 
+def is_control(wildcards):
+    """Whether a job is the negative control's (a rule without a ``kind`` wildcard, like the secondary row's, is not)."""
+    return "kind" in wildcards.keys() and wildcards.kind == "eval-control"
+
+
 def shot_seed_args(wildcards):
-    """--shot-seed of an evaluation: its run's draws (eval.shot_draws), the negative control's own stream (a rule
-    without a ``kind`` wildcard, like the secondary row's, evaluates under the run's own draws)."""
-    control = "kind" in wildcards.keys() and wildcards.kind == "eval-control"
+    """--shot-seed of an evaluation: its run's draws (eval.shot_draws), the negative control's own stream."""
+    control = is_control(wildcards)
     return [f"--shot-seed {shot_seed(config, train_seed_of(wildcards), control=control)}"]
 
 
-def evaluated_task_args(experiment):
-    """--meta-test <the experiment's held-out tasks> (none: an empty list), and --tasks <every task but its
-    meta_val ones> where it has meta_val tasks (their test split is never read)."""
+def eval_settings(wildcards):
+    """An evaluation's settings: the negative control's have replicates.control_draws repeats."""
+    return json.dumps(control_eval_settings(config), sort_keys=True) if is_control(wildcards) else EVAL_SETTINGS
+
+
+def evaluated_task_args(experiment, tasks=None):
+    """--meta-test <the experiment's held-out tasks> (none: an empty list), and --tasks: ``tasks`` if given (the
+    negative control's pool), else every task but its meta_val ones where it has any (never read by evaluation)."""
     held_out = meta_test_tasks(config, experiment)
-    evaluated = ["--tasks", *evaluated_tasks(config, experiment)] if meta_val_tasks(config, experiment) else []
+    if tasks is None and meta_val_tasks(config, experiment):
+        tasks = evaluated_tasks(config, experiment)
+    evaluated = ["--tasks", *tasks] if tasks else []
     return [" ".join(args) for args in (["--meta-test", *held_out] if held_out else [], evaluated) if args]
 
 
 def eval_args(wildcards):
-    """--experiment/--train-seed/--meta-test and --shot-seed of a trained run's evaluation."""
-    return " ".join([run_args(wildcards), *evaluated_task_args(wildcards.experiment), *shot_seed_args(wildcards)])
+    """--experiment/--train-seed/--meta-test, --tasks and --shot-seed of a trained run's evaluation; the negative
+    control evaluates only its experiment's primary pool (--tasks), the only tasks its analysis reads."""
+    tasks = control_tasks(config, wildcards.experiment) if is_control(wildcards) else None
+    task_args = evaluated_task_args(wildcards.experiment, tasks)
+    return " ".join([run_args(wildcards), *task_args, *shot_seed_args(wildcards)])
 
 
 def base_eval_args(wildcards):
@@ -253,7 +273,7 @@ def control_runs():
 
 
 def control_eval_files():
-    return [eval_file(run, k, "eval-control") for run in control_runs() for k in SHOTS if k > 0]
+    return [eval_file(run, k, "eval-control") for run in control_runs() for k in control_shot_counts(config)]
 
 
 def metaloop_eval_files():

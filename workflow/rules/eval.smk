@@ -81,7 +81,7 @@ rule evaluate:
     resources:
         gpu=COMPUTE["eval_gpus_per_job"],
     params:
-        settings=settings("evaluate"),
+        settings=eval_settings,
         model=eval_model,
         tasks_dir=tasks_dir,
         init="{method}",

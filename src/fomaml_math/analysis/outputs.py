@@ -14,6 +14,7 @@ STATS_FILES: tuple[str, ...] = (
     "planted.tsv",
     "across_tasks.tsv",
     "control.tsv",
+    "aa_control.tsv",
     "generation.tsv",
     "adaptation.tsv",
     "adaptation_summary.tsv",

@@ -57,13 +57,20 @@ def outcome_array(frame: pd.DataFrame, a: str, b: str) -> tuple[np.ndarray, np.n
     return y, table.columns.get_level_values("task").to_numpy(), [int(s) for s in seeds]
 
 
+def seed_scores(y: np.ndarray) -> np.ndarray:
+    """The primary analysis's per-(seed, problem) scores of ``Y[..., seed, k, draw, problem]``: draws, then k
+    averaged (``[..., seed, problem]``)."""
+    return y.mean(axis=-2).mean(axis=-2)
+
+
 def analyse(y: np.ndarray, strata: np.ndarray) -> inference.Estimate:
     """The primary analysis of ``Y[arm, seed, k, draw, problem]``: draws then k averaged, seed-aware estimate."""
-    scores = y.mean(axis=3).mean(axis=2)  # [arm, seed, problem]
+    scores = seed_scores(y)  # [arm, seed, problem]
     return inference.crossed_estimate(scores[0], scores[1], strata)
 
 
-def _rejects(est: inference.Estimate, alpha: float) -> bool:
+def rejects(est: inference.Estimate, alpha: float) -> bool:
+    """Whether the two-sided t-test rejects at ``alpha`` (no test, se = 0: not a rejection)."""
     p = inference.t_test_p(est)
     return bool(math.isfinite(p) and p < alpha)
 
@@ -78,13 +85,13 @@ def planted_check(
     for _ in range(replicates):
         order = rng.permutation(2 * seeds)  # whole training runs change arm: each keeps its draws, k and problems
         null = runs[order].reshape(y.shape)
-        false_positives += _rejects(analyse(null, strata), alpha)
+        false_positives += rejects(analyse(null, strata), alpha)
         planted = null.copy()
         accuracy = planted[0].mean(axis=-1, keepdims=True)  # per (seed, k, draw)
         share = np.clip(target / np.clip(1.0 - accuracy, 1e-12, None), 0.0, 1.0)
         flip = (planted[0] == 0) & (rng.random(planted[0].shape) < share)
         planted[0] = np.where(flip, 1.0, planted[0])
-        detections += _rejects(analyse(planted, strata), alpha)
+        detections += rejects(analyse(planted, strata), alpha)
     fpr, power = false_positives / replicates, detections / replicates
     return {
         "false_positive_rate": fpr,

@@ -10,11 +10,12 @@ the tables every figure and summary number comes from:
   ``secondary`` (exploratory) family, with TOST equivalence, the minimum detectable effect and a verdict;
 - ``primary.tsv``: the primary family's rows of ``comparisons.tsv``;
 - ``across_tasks.tsv``: the cross-task analysis (tasks a random sample of subjects) per (experiment, shots, comparison);
-- ``control.tsv``: the negative control (A/A); ``generation.tsv``, ``adaptation.tsv``, ``adaptation_summary.tsv``:
-  what generation and adaptation did; ``sample_efficiency.tsv``: the shots one init needs to match another;
-  ``rule_adoption.tsv``: the positive control, the share of answers that follow the evaluated task's own hidden
-  rule (synthetic tasks only), per init, k and pool, against the base's 0-shot share; ``positive_control.tsv``
-  (secondary): each init's accuracy gain at the largest k over its own 0-shot accuracy.
+- ``control.tsv``: the negative control (A/A); ``aa_control.tsv``: the A/A split re-analyses (the control's draws,
+  each primary arm's seeds) and their rejection shares; ``generation.tsv``, ``adaptation.tsv``,
+  ``adaptation_summary.tsv``: what generation and adaptation did; ``sample_efficiency.tsv``: the shots one init
+  needs to match another; ``rule_adoption.tsv``: the positive control, the share of answers that follow the
+  evaluated task's own hidden rule (synthetic tasks only), per init, k and pool, against the base's 0-shot share;
+  ``positive_control.tsv`` (secondary): each init's accuracy gain at the largest k over its own 0-shot accuracy.
 
 The stage only: the tables' columns and reading are in ``analysis.tables``, the statistics in ``analysis.inference``
 and ``analysis.resampling``. Definitions in ``docs/statistics.md``.
@@ -493,6 +494,7 @@ def compute_tables(
         "planted.tsv": planted_table(experiments, settings),
         "across_tasks.tsv": across,
         "control.tsv": negative_control.control_table(experiments, control, settings),
+        "aa_control.tsv": negative_control.aa_table(main, control, settings),
         "generation.tsv": effects.generation_table(experiments),
         "adaptation.tsv": adaptation,
         "adaptation_summary.tsv": effects.adaptation_summary(adaptation),

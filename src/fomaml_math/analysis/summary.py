@@ -14,6 +14,7 @@ import argparse
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -40,6 +41,7 @@ from fomaml_math.io import write_text
 Formatter = Callable[[float], str]
 OPTIONAL_TABLES = (
     "control.tsv",
+    "aa_control.tsv",
     "generation.tsv",
     "adaptation_summary.tsv",
     "sample_efficiency.tsv",
@@ -344,17 +346,20 @@ def _positive_control_lines(table: pd.DataFrame | None, settings: StatsSettings)
     return [*lines, "", verdict, ""]
 
 
-def _control_lines(control: pd.DataFrame | None, settings: StatsSettings) -> list[str]:
-    lines = ["## Negative control (A/A)", ""]
+def _control_lines(control: pd.DataFrame | None, aa: pd.DataFrame | None, settings: StatsSettings) -> list[str]:
+    lines = ["## Negative control (A/A)", "", *_pair_lines(control, settings)]
+    return [*lines, *_split_lines(aa, settings), ""]
+
+
+def _pair_lines(control: pd.DataFrame | None, settings: StatsSettings) -> list[str]:
+    """The pre-defined A/A pair: one model under the main and the control shot seed."""
     if control is None or control.empty:
-        return [*lines, "No negative control was run (no `--control-eval` files given to the stats stage).", ""]
+        return ["No negative control was run (no `--control-eval` files given to the stats stage)."]
     first = control.iloc[0]
     if control["acc_p_holm"].isna().all():  # nothing varied between the two draws' outcomes: no test possible
         return [
-            *lines,
             f"Not testable: {init_label(first['init'])} (experiment `{first['experiment']}`) gave identical "
-            "outcomes under both shot seeds on every problem (no variation; see docs/statistics.md).",
-            "",
+            "outcomes under both shot seeds on every problem (no variation; see docs/statistics.md)."
         ]
     worst = control.loc[control["acc_p_holm"].idxmin()]
     what = (
@@ -364,14 +369,60 @@ def _control_lines(control: pd.DataFrame | None, settings: StatsSettings) -> lis
         f"{100 * control['acc_diff'].abs().max():.1f} pp, smallest Holm p {fmt_p(worst['acc_p_holm'])}"
     )
     if control["significant"].any():
-        lines.append(
+        line = (
             f"**Warning**: the pipeline finds a difference where none exists: {what} (< {settings.alpha:g}). "
             "Intervals that condition on one set of shot draws are too narrow for this design."
         )
     else:
-        lines.append(f"The pipeline finds no difference where none exists: {what} (≥ {settings.alpha:g}).")
-    notes = sorted(set(control["note"].astype(str)) - {""})
-    return [*lines, *(f"- {n}" for n in notes), ""]
+        line = f"The pipeline finds no difference where none exists: {what} (≥ {settings.alpha:g})."
+    return [line, *(f"- {n}" for n in sorted(set(control["note"].astype(str)) - {""}))]
+
+
+def _split_lines(aa: pd.DataFrame | None, settings: StatsSettings) -> list[str]:
+    """The A/A split re-analyses (aa_control.tsv): a line for the draw splits, one per experiment for the seed
+    splits."""
+    if aa is None or aa.empty:
+        return []
+    lines = ["", f"A/A splits (`aa_control.tsv`): the share of splits rejected at α = {settings.alpha:g}."]
+    draws = aa[aa["control"] == "draws"]
+    if len(draws):
+        first = draws.iloc[0]
+        what = f"{init_label(first['init'])} (seed {first['train_seeds']}), its control draws"
+        if first["note"]:
+            lines.append(f"- Draw splits of {what}: not run, {first['note']}.")
+        else:
+            rates = "; ".join(f"k = {r.shots}: {_share_text(r)}" for r in draws.itertuples(index=False))
+            lines.append(
+                f"- Draw splits of {what} ({_halves_text(first)}): {rates}. The splits share draws: the rate is "
+                "conditional on these draws."
+            )
+    seeds = aa[aa["control"] == "seeds"]
+    for experiment in _experiments(seeds):
+        rows = seeds[seeds["experiment"] == experiment]
+        first = rows.iloc[0]
+        if first["note"]:
+            lines.append(f"- Seed splits (`{experiment}`): not run, {first['note']}.")
+            continue
+        arms = "; ".join(f"{init_label(r.init)} {_share_text(r)}" for r in rows.itertuples(index=False))
+        lines.append(f"- Seed splits (`{experiment}`, primary analysis, {_halves_text(first)}): {arms}.")
+    return lines
+
+
+def _halves_text(row: pd.Series) -> str:
+    half = int(row["half_size"])
+    return f"{int(row['n_units'])} {row['control']} split {half} vs {int(row['n_units']) - half}"
+
+
+def _share_text(row: Any) -> str:
+    """'2 of all 35 splits reject (5.7%)', with the Monte Carlo SE when the splits were sampled."""
+    if row.exhaustive:
+        return (
+            f"{int(row.n_rejected)} of all {int(row.n_splits)} splits reject ({fmt_percent(row.false_positive_rate)}%)"
+        )
+    return (
+        f"{int(row.n_rejected)} of {int(row.n_splits)} random splits reject ({fmt_percent(row.false_positive_rate)}% "
+        f"± {fmt_percent(row.false_positive_rate_mc_se)})"
+    )
 
 
 def _held_out_lines(accuracy: pd.DataFrame, comparisons: pd.DataFrame) -> list[str]:
@@ -693,7 +744,7 @@ def render_summary(
     lines += _primary_section(accuracy, per_shot, settings)
     lines += _rule_adoption_lines(tables.get("rule_adoption.tsv"), settings)
     lines += _positive_control_lines(tables.get("positive_control.tsv"), settings)
-    lines += _control_lines(tables.get("control.tsv"), settings)
+    lines += _control_lines(tables.get("control.tsv"), tables.get("aa_control.tsv"), settings)
     lines += _held_out_lines(accuracy, comparisons)
     lines += _metaloop_lines(comparisons)
     lines += _generation_lines(tables.get("generation.tsv"))

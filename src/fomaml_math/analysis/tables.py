@@ -88,6 +88,7 @@ class StatsSettings:
     per_shot_comparisons: tuple[str, ...]
     target_effect_pp: float
     planted_replicates: int
+    aa_splits: int  # A/A split re-analyses per control row (every distinct split up to this many)
 
     @property
     def margin(self) -> float:
@@ -114,12 +115,13 @@ class StatsSettings:
                 per_shot_comparisons=tuple(stats["per_shot"]["comparisons"]),
                 target_effect_pp=float(stats["target_effect_pp"]),
                 planted_replicates=int(stats["planted"]["replicates"]),
+                aa_splits=int(stats["aa"]["splits"]),
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(
                 f"settings: missing {exc} (expected seed and stats.bootstrap_samples, stats.ci_level, stats.alpha, "
                 "stats.equivalence_margin_pp, stats.primary.contrast, stats.per_shot.comparisons, "
-                "stats.target_effect_pp, stats.planted.replicates)"
+                "stats.target_effect_pp, stats.planted.replicates, stats.aa.splits)"
             ) from exc
         if made.bootstrap_samples < 1:
             raise ConfigError(f"stats.bootstrap_samples: expected a positive integer, got {made.bootstrap_samples}")
@@ -375,7 +377,8 @@ def read_table(stats_dir: str | Path, name: str) -> pd.DataFrame:
     with open(path) as handle:
         header = handle.readline().rstrip("\n").split("\t")
     text = ("_stars", "_note", "_method", "_test", "verdict", "family", "task_role", "experiment")
-    text_columns = {c: str for c in header if c.endswith(text) or c in ("task", "init", "pool", "comparison", "note")}
+    names = ("task", "init", "pool", "comparison", "note", "control", "train_seeds")
+    text_columns = {c: str for c in header if c.endswith(text) or c in names}
     if "train_seed" in header and name == "accuracy.tsv":
         text_columns["train_seed"] = str  # "all" or a seed number
     frame = pd.read_csv(path, sep="\t", dtype=text_columns)
@@ -433,4 +436,26 @@ PLANTED_COLUMNS = [
     "power",
     "power_mc_se",
     "closed_form_power",
+]
+# aa_control.tsv: the A/A split re-analyses (analysis.negative_control), one row per control: ``draws`` (the negative
+# control's shot draws of one model split into halves, the draw-clustered test of control.tsv) per k, and ``seeds``
+# (one primary arm's training seeds split into halves, the primary analysis) per experiment and arm.
+AA_COLUMNS = [
+    "experiment",
+    "control",
+    "init",
+    "train_seeds",
+    "pool",
+    "shots",
+    "n_units",
+    "half_size",
+    "n_problems",
+    "n_distinct_splits",
+    "n_splits",
+    "exhaustive",
+    "alpha",
+    "n_rejected",
+    "false_positive_rate",
+    "false_positive_rate_mc_se",
+    "note",
 ]
