@@ -1,13 +1,25 @@
-"""Leave-one-subject-out folds: the generator (config)."""
+"""Leave-one-subject-out folds: the generator (config), the pooled primary row (analysis.primary) and the
+summary's Answer."""
 
 from __future__ import annotations
 
 import copy
+import json
+import math
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
+from scipy import stats as scipy_stats
+from statsmodels.stats.multitest import multipletests
+from test_stats import SETTINGS, run_stats
 
+from fomaml_math.analysis import inference, summary
+from fomaml_math.analysis.planted import planted_table
+from fomaml_math.analysis.primary import primary_table
+from fomaml_math.analysis.tables import FOLD_FAMILY, PRIMARY_FAMILY, StatsSettings, read_table
 from fomaml_math.config import (
     LEAVE_ONE_SUBJECT_OUT,
     experiment_names,
@@ -92,3 +104,119 @@ def test_generator_errors_are_one_line_naming_the_setting(
         validate_config(raw)
     assert str(error.value).startswith(f"config error at {message}"), str(error.value)
     assert "\n" not in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pooled primary row, by hand on a tiny table
+
+# Per fold: the held-out subject's per-problem accuracies (mean of 2 repeats at k = 5) of 2 seeds per arm, each
+# matrix additive in seed and problem, so the seed x problem residual is 0 and the fold's se is, by hand,
+# var(seed means)/S per arm (1 df) plus var(per-problem differences)/N (N - 1 df).
+FOLDS = {
+    "loso-algebra": ("algebra", [[0.5, 0, 0.5, 0], [1, 0.5, 1, 0.5]], [[0, 0, 0.5, 0.5], [0, 0, 0.5, 0.5]]),
+    "loso-geometry": ("geometry", [[1, 0.5, 0.5, 0], [1, 0.5, 0.5, 0]], [[1, 0.5, 0.5, 0.5], [0.5, 0, 0, 0]]),
+}
+
+
+def _rows(experiment: str, task: str, role: str, arms: dict[str, list[list[float]]]) -> pd.DataFrame:
+    """Evaluation rows whose repeat-averaged accuracy at k = 5 is the given matrix (and 0-shot rows that the
+    primary contrast must ignore: FOMAML solves every problem there)."""
+    rows = []
+    for init, matrix in arms.items():
+        for seed, scores in enumerate(matrix):
+            for index, score in enumerate(scores):
+                cell = {"experiment": experiment, "init": init, "train_seed": seed, "task": task, "task_role": role,
+                        "problem_id": f"{task}-{index}", "nll": 1.0}  # fmt: skip
+                rows.append(cell | {"shots": 0, "repeat": 0, "correct": float(init == "fomaml")})
+                rows += [cell | {"shots": 5, "repeat": r, "correct": float(score >= (0.5, 1.0)[r])} for r in (0, 1)]
+    return pd.DataFrame(rows)
+
+
+def _by_hand(a: list[list[float]], b: list[list[float]]) -> tuple[float, float, float, float]:
+    """(estimate, se², df, seed part) of one fold's contrast, from the formula in docs/statistics.md."""
+    a_, b_ = np.asarray(a), np.asarray(b)
+    seed_parts = [np.var(x.mean(axis=1), ddof=1) / x.shape[0] for x in (a_, b_)]
+    differences = a_.mean(axis=0) - b_.mean(axis=0)
+    problem_part = np.var(differences, ddof=1) / differences.size
+    variance = sum(seed_parts) + problem_part
+    df = variance**2 / (sum(v**2 / 1 for v in seed_parts) + problem_part**2 / (differences.size - 1))
+    return float(differences.mean()), float(variance), float(df), float(sum(seed_parts))
+
+
+def test_the_pooled_row_is_the_mean_over_folds_with_seeds_nested_in_folds() -> None:
+    settings = StatsSettings.from_settings(SETTINGS | {"loso": {"pooled": "loso-pooled", "folds": list(FOLDS)}})
+    # An explicit experiment beside the folds (its rows: the algebra fold's, in the train role), then the folds.
+    task, a, b = FOLDS["loso-algebra"]
+    experiments = {"in_domain": _rows("in_domain", task, "train", {"fomaml": a, "sft": b})}
+    for name, (task, a, b) in FOLDS.items():
+        experiments[name] = _rows(name, task, "meta_test", {"fomaml": a, "sft": b})
+    table = primary_table(experiments, settings).set_index("experiment")
+
+    hand = {name: _by_hand(a, b) for name, (_, a, b) in FOLDS.items()}
+    for name, (estimate, variance, df, _) in hand.items():
+        assert table.loc[name, "diff"] == pytest.approx(estimate)
+        assert table.loc[name, "se"] ** 2 == pytest.approx(variance)
+        assert table.loc[name, "df"] == pytest.approx(df)
+    # Folds are separate trainings on disjoint problems: the mean's variance is the folds' variances over F².
+    count = len(FOLDS)
+    parts = [(variance / count**2, df) for _, variance, df, _ in hand.values()]
+    pooled = table.loc["loso-pooled"]
+    assert pooled["diff"] == pytest.approx(np.mean([h[0] for h in hand.values()]))  # 0.1875
+    assert pooled["se"] ** 2 == pytest.approx(sum(v for v, _ in parts))
+    assert pooled["df"] == pytest.approx(sum(v for v, _ in parts) ** 2 / sum(v**2 / d for v, d in parts))
+    assert pooled["seed_var"] == pytest.approx(sum(h[3] for h in hand.values()) / count**2)
+    assert pooled["seed_var"] + pooled["problem_var"] == pytest.approx(pooled["se"] ** 2)
+    half = scipy_stats.t.ppf(0.975, pooled["df"]) * pooled["se"]
+    assert (pooled["ci_low"], pooled["ci_high"]) == pytest.approx((pooled["diff"] - half, pooled["diff"] + half))
+    assert -1 <= pooled["ci_low"] < pooled["ci_high"] <= 1
+    assert pooled["n_problems"] == 8 and pooled["n_seeds_a"] == 4 and pooled["pool"] == "meta_test"
+    assert pooled["p"] == pytest.approx(2 * scipy_stats.t.sf(pooled["diff"] / pooled["se"], pooled["df"]))
+
+    # The confirmatory family: the explicit experiment and the pooled row; the folds are secondary, Holm over them.
+    assert list(table.index) == ["in_domain", "loso-pooled", *FOLDS]
+    assert list(table["family"]) == [PRIMARY_FAMILY, PRIMARY_FAMILY, FOLD_FAMILY, FOLD_FAMILY]
+    for family in (PRIMARY_FAMILY, FOLD_FAMILY):
+        rows = table[table["family"] == family]
+        assert (rows["family_size"] == 2).all() and (rows["planned_alpha"] == 0.05 / 2).all()
+        np.testing.assert_allclose(rows["p_holm"], multipletests(rows["p"], method="holm")[1])
+    assert pooled["mde"] == pytest.approx(inference.minimum_detectable_effect(pooled["se"], pooled["df"], 0.025))
+    assert pooled["power_at_target"] == pytest.approx(inference.power(0.03, pooled["se"], pooled["df"], 0.025))
+    # The planted-effect check tests each row at the level it is planned with (here 2 tests in either family).
+    planted = planted_table(experiments, settings).set_index("experiment")
+    assert planted["alpha"].to_dict() == {name: 0.05 / 2 for name in experiments}
+
+
+def test_a_missing_fold_leaves_no_pooled_row() -> None:
+    """A mean over some subjects is not the held-out claim over all of them: no pooled row, said so."""
+    settings = StatsSettings.from_settings(SETTINGS | {"loso": {"pooled": "loso-pooled", "folds": list(FOLDS)}})
+    name, (task, a, b) = next(iter(FOLDS.items()))
+    with pytest.warns(UserWarning, match=r"no row loso-pooled: folds \['loso-geometry'\] have no primary contrast"):
+        table = primary_table({name: _rows(name, task, "meta_test", {"fomaml": a, "sft": b})}, settings)
+    assert list(table["experiment"]) == [name] and list(table["family"]) == [FOLD_FAMILY]
+
+
+def test_mean_of_independent_without_a_df_has_no_t_test() -> None:
+    """A fold with variance but no df (one seed with a seed part) leaves the pooled row without a t-test."""
+    assert inference.mean_se([(0.02, 10.0), (0.01, 0.0)])[1] == 0.0
+    assert math.isnan(inference.mean_se([(0.02, 10.0), (math.nan, 5.0)])[0])
+    se, df = inference.mean_se([(0.02, math.inf), (0.02, math.inf)])
+    assert se == pytest.approx(0.02 / math.sqrt(2)) and math.isinf(df)
+
+
+def test_the_summary_answers_with_the_pooled_row_and_lists_the_folds(tmp_path: Path) -> None:
+    """The stage end to end on synthetic evaluations of three folds: the Answer is the pooled row."""
+    folds = {f"loso-{t}": (t,) for t in ("algebra", "geometry", "number_theory")}
+    settings = SETTINGS | {"loso": {"pooled": "loso-pooled", "folds": list(folds)}}
+    stats_dir = run_stats(tmp_path, settings=settings, experiments=folds)
+    primary = read_table(stats_dir, "primary.tsv").set_index("experiment")
+    assert primary.loc["loso-pooled", "family"] == PRIMARY_FAMILY and primary.loc["loso-pooled", "family_size"] == 1
+    assert primary.loc["loso-pooled", "diff"] == pytest.approx(primary.loc[list(folds), "diff"].mean())
+    out = tmp_path / "summary.md"
+    argv = ["--settings", json.dumps(settings), "--stats-dir", str(stats_dir), "--output", str(out),
+            "--per-task-output", str(tmp_path / "per_task.md")]  # fmt: skip
+    assert summary.main(argv) == 0
+    answer = out.read_text().split("## Answer")[1].split("\n## ")[0]
+    assert "- `loso-pooled` (the mean over 3 leave-one-subject-out folds, each on its held-out subject" in answer
+    assert "over 1 experiment(s)" in answer and "- `loso-algebra` (" not in answer  # no verdict line of its own
+    assert "The folds of `loso-pooled` one by one (secondary: Holm over the 3 folds" in answer
+    assert all(f"| `{fold}` |" in answer for fold in folds)
