@@ -1,5 +1,5 @@
-"""Leave-one-subject-out folds: the generator (config), the pooled primary row (analysis.primary) and the
-summary's Answer."""
+"""Leave-one-subject-out folds: the generator (config), the pooled primary row (analysis.primary), the summary's
+Answer, plan, and the DAG the workflow plans for them."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from scipy import stats as scipy_stats
 from statsmodels.stats.multitest import multipletests
 from test_stats import SETTINGS, run_stats
 
+from fomaml_math import plan
 from fomaml_math.analysis import inference, summary
 from fomaml_math.analysis.planted import planted_table
 from fomaml_math.analysis.primary import primary_table
@@ -31,6 +32,7 @@ from fomaml_math.config import (
 )
 from fomaml_math.errors import ConfigError
 from fomaml_math.subjects import MATH_TASKS
+from tests.workflow_utils import make_workspace, planned_jobs, planned_outputs
 
 GENERATOR = {"generate": LEAVE_ONE_SUBJECT_OUT}
 
@@ -220,3 +222,52 @@ def test_the_summary_answers_with_the_pooled_row_and_lists_the_folds(tmp_path: P
     assert "over 1 experiment(s)" in answer and "- `loso-algebra` (" not in answer  # no verdict line of its own
     assert "The folds of `loso-pooled` one by one (secondary: Holm over the 3 folds" in answer
     assert all(f"| `{fold}` |" in answer for fold in folds)
+
+
+# ---------------------------------------------------------------------------------------------
+# plan and the workflow
+
+
+def test_plan_prices_the_folds_and_sizes_their_pooled_row(repo_root: Path, tmp_path: Path, capsys) -> None:
+    raw = _raw(repo_root, "config.yaml", [{"name": "in_domain"}, GENERATOR])
+    path = tmp_path / "loso.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    config = validate_config(copy.deepcopy(raw))
+    components, _ = plan.assumed_components(config)
+    section = plan.power_section(config, Path("/nonexistent"), components, "")
+    rows = {r["experiment"]: r for r in section["experiments"]}
+    folds = loso_group(config)[1]
+    assert section["family_size"] == 2  # in_domain and the pooled row
+    assert all(rows[f]["family"] == FOLD_FAMILY and rows[f]["alpha"] == pytest.approx(0.05 / 7) for f in folds)
+    pooled = rows["loso-pooled"]
+    assert pooled["family"] == PRIMARY_FAMILY and pooled["alpha"] == pytest.approx(0.05 / 2)
+    # The mean of 7 independent folds: se² = Σ se_f² / 7², so the pooled MDE is well under any fold's.
+    assert pooled["se"] == pytest.approx(math.sqrt(sum(rows[f]["se"] ** 2 for f in folds)) / 7)
+    assert pooled["mde"] < min(rows[f]["mde"] for f in folds) / 2
+    # Each fold trains as many runs as an explicit experiment: the folds are 7 of the 8 experiments' trainings.
+    hours = plan.build_plan(config, plan.Assumptions(), Path("/nonexistent"))
+    alone = plan.build_plan(validate_config(_raw(repo_root, "config.yaml", [{"name": "in_domain"}])),
+                            plan.Assumptions(), Path("/nonexistent"))  # fmt: skip
+    assert hours["gpu_hours"]["train_fomaml"] == pytest.approx(8 * alone["gpu_hours"]["train_fomaml"])
+    cost = plan.fold_cost(config, plan.Assumptions(), Path("/nonexistent"))
+    assert cost["gpu_hours"] == pytest.approx(hours["gpu_hours_total"] - alone["gpu_hours_total"])
+    assert plan.main(["--configfile", str(path), "--tasks-dir", "/nonexistent"]) == 0
+    out = capsys.readouterr().out
+    assert "of which the 7 leave-one-subject-out folds" in out
+    assert "(70 of 80 training runs; pooled as loso-pooled)" in out
+    assert "alpha 0.05 / 2 confirmatory test(s)" in out and "(fold: alpha / 7)" in out
+    assert "in_domain      loso-pooled" in out  # the alternative designs show the confirmatory tests only
+
+
+def test_the_dag_trains_and_evaluates_every_fold(tmp_path: Path) -> None:
+    """A dry run of the smallest config with the generator: one training per fold, method and seed, each fold's
+    evaluations under its own results folder, and one analysis over them all."""
+    root = make_workspace(tmp_path, experiments=[GENERATOR])
+    jobs = planned_jobs(root)
+    subjects = ("algebra", "number_theory", "prealgebra")  # config/test.yaml's tasks
+    assert jobs["train"] == 2 * len(subjects) and jobs["calibrate_base"] == len(subjects) and jobs["stats"] == 1
+    outputs = planned_outputs(root)
+    for subject in subjects:
+        for method in ("fomaml", "sft"):
+            assert f"results/loso-{subject}/{method}/seed-0/train_summary.json" in outputs
+        assert f"results/loso-{subject}/base/eval/shots-5.parquet" in outputs
