@@ -50,6 +50,7 @@ import pandas as pd
 
 from fomaml_math.analysis.evaldata import load_eval
 from fomaml_math.analysis.power import Design, VarianceComponents, estimate_components, plan_contrast
+from fomaml_math.analysis.primary import planned_family_size
 from fomaml_math.analysis.tables import FOLD_FAMILY, PRIMARY_FAMILY
 from fomaml_math.config import (
     experiment_names,
@@ -341,22 +342,21 @@ def power_section(
     stats = config["stats"]
     experiments = experiment_names(dict(config))
     pooled, folds = loso_group(dict(config)) or (None, [])
-    family_size = len(experiments) - len(folds) + (1 if folds else 0)
     designs = {name: primary_design(config, tasks_dir, name) for name in experiments}
 
-    def row(name: str, design: Design | list[Design], family: str, size: int) -> dict[str, Any]:
+    def row(name: str, design: Design | list[Design]) -> dict[str, Any]:
+        size = planned_family_size(name, experiments, folds)
         alpha, target = float(stats["alpha"]), float(stats["target_effect_pp"]) / 100.0
         planned = plan_contrast(components, design, alpha=alpha, family_size=size, target=target)
         if not isinstance(design, Design):  # the pooled row: the folds' problems together
             design = Design(design[0].seeds, design[0].draws, design[0].shot_counts, sum(d.problems for d in design))
+        family = FOLD_FAMILY if name in folds else PRIMARY_FAMILY
         return {"experiment": name, "family": family, **asdict(design), **asdict(planned)}
 
-    rows = [
-        row(name, designs[name], *((FOLD_FAMILY, len(folds)) if name in folds else (PRIMARY_FAMILY, family_size)))
-        for name in experiments
-    ]
+    rows = [row(name, designs[name]) for name in experiments]
     if folds:
-        rows.append(row(str(pooled), [designs[name] for name in folds], PRIMARY_FAMILY, family_size))
+        rows.append(row(str(pooled), [designs[name] for name in folds]))
+    family_size = planned_family_size(pooled or "", experiments, folds)  # the confirmatory family's
     return {
         "contrast": "fomaml - sft, mean over k > 0",
         "alpha": float(stats["alpha"]),

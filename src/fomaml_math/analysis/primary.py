@@ -121,12 +121,14 @@ def _family(rows: list[dict], family: str, settings: StatsSettings) -> pd.DataFr
     return table[PRIMARY_COLUMNS]
 
 
-def planned_family_sizes(names: Sequence[str], settings: StatsSettings) -> dict[str, int]:
-    """The family size each experiment's primary row is planned with: a generated fold's, the number of folds; any
-    other experiment's, the confirmatory family's (the other experiments and the folds' pooled row)."""
-    folds = [name for name in names if name in settings.loso_folds]
-    confirmatory = len(names) - len(folds) + (1 if folds else 0)
-    return {name: len(folds) if name in settings.loso_folds else confirmatory for name in names}
+def planned_family_size(name: str, names: Sequence[str], folds: Sequence[str]) -> int:
+    """The family size the primary row of ``name`` is planned with, among the experiments ``names`` of which
+    ``folds`` are generated folds: a fold's, the number of folds; any other experiment's, and the folds' pooled
+    row's, the confirmatory family's (the other experiments and the pooled row)."""
+    present = [n for n in names if n in folds]
+    if name in folds:
+        return len(present)
+    return len(names) - len(present) + (1 if present else 0)
 
 
 def primary_table(experiments: Mapping[str, pd.DataFrame], settings: StatsSettings) -> pd.DataFrame:
