@@ -194,17 +194,22 @@ def _answer_lines(primary: pd.DataFrame | None, planted: pd.DataFrame | None, se
         "",
         f"Pre-registered (`stats.primary.contrast`): {label} on each experiment's primary pool, averaged with equal "
         f"weight over the evaluated k > 0; seed-aware t-test, {settings.ci_level:.0%} interval truncated to the "
-        "possible range; TOST for equivalence."
-        + (
-            f" `{settings.loso_pooled}` is the held-out claim over all subjects: each fold's estimate weighted "
-            "equally, the folds' trainings independent; it stands in the family for its folds."
-            if len(folds)
-            else ""
-        )
-        + " Everything below is secondary.",
+        "possible range; TOST for equivalence." + _pooled_note(primary, settings) + " Everything below is secondary.",
         "",
     ]
     return lines
+
+
+def _pooled_note(primary: pd.DataFrame, settings: StatsSettings) -> str:
+    """What the folds' pooled row stands for in the Answer ('' without folds)."""
+    if not (primary["family"] == FOLD_FAMILY).any():
+        return ""
+    if not (primary["experiment"] == settings.loso_pooled).any():
+        return f" No `{settings.loso_pooled}` row: not every leave-one-subject-out fold has a primary contrast."
+    return (
+        f" `{settings.loso_pooled}` is the held-out claim over all subjects: each fold's estimate weighted equally, "
+        "the folds' trainings independent; it stands in the family for its folds."
+    )
 
 
 def _mde_text(mde: float) -> str:
