@@ -99,7 +99,9 @@ BAD_CONFIGS = [
 def test_fomaml_inner_optimizer_follows_the_evaluation_only_when_it_adapts(demo_config):
     """The mismatch matters only where the evaluation fine-tunes (in_context adapts nothing)."""
     assert demo_config["fomaml"]["inner_optimizer"] == demo_config["eval"]["optimizer"] == "adam"
-    in_context = _set(_set(demo_config, "fomaml.inner_optimizer", "sgd"), "eval.mode", "in_context")
+    untuned = [{k: v for k, v in e.items() if k != "meta_val"} for e in demo_config["experiments"]]  # tuner-only
+    in_context = _set(_set(_set(demo_config, "fomaml.inner_optimizer", "sgd"), "eval.mode", "in_context"),
+                      "experiments", untuned)  # fmt: skip
     assert validate_config(in_context)["fomaml"]["inner_optimizer"] == "sgd"
     both_sgd = _set(_set(demo_config, "fomaml.inner_optimizer", "sgd"), "eval.optimizer", "sgd")
     validate_config(both_sgd)
@@ -383,7 +385,8 @@ def test_the_metaloop_row_setting(demo_config):
         assert load_config(REPO_ROOT / "config" / name)["eval"]["metaloop_row"] is True, name
     assert metaloop_row(demo_config)
     assert not metaloop_row(validate_config(_set(demo_config, "eval.metaloop_row", _DELETE)))
-    assert not metaloop_row(validate_config(_set(demo_config, "eval.mode", "in_context")))
+    untuned = [{k: v for k, v in e.items() if k != "meta_val"} for e in demo_config["experiments"]]  # tuner-only
+    assert not metaloop_row(validate_config(_set(_set(demo_config, "eval.mode", "in_context"), "experiments", untuned)))
     with pytest.raises(ConfigError, match=r"^config error at eval\.metaloop_row: expected a value of type boolean"):
         validate_config(_set(demo_config, "eval.metaloop_row", "yes"))
     off = validate_config(_set(demo_config, "eval.metaloop_row", False))

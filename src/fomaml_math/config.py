@@ -20,13 +20,15 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from fomaml_math.errors import ConfigError
-from fomaml_math.subjects import MATH_TASKS, is_synthetic_task, task_family
+from fomaml_math.subjects import MATH_TASKS, is_synthetic_task, subjects_of, task_family
 
 if TYPE_CHECKING:  # imported where it validates: `from fomaml_math.config import ConfigError` works without it
     import jsonschema
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
+LEAVE_ONE_SUBJECT_OUT = "leave_one_subject_out"  # the one experiment generator (experiments[].generate)
+POOLED_SUFFIX = "pooled"  # the pooled row of the folds is <name_prefix>-pooled (never a subject's name)
 
 
 def load_schema() -> dict[str, Any]:
@@ -103,8 +105,8 @@ def _iter_task_name_errors(config: dict[str, Any]) -> Iterator[str]:
             )
 
 
-def _iter_semantic_errors(config: dict[str, Any]) -> Iterator[str]:
-    """Rules a JSON schema cannot express well, each as a one-line message."""
+def _iter_task_errors(config: dict[str, Any]) -> Iterator[str]:
+    """The rules of ``tasks`` a JSON schema cannot express well (checked before the experiments are expanded)."""
     split = config["tasks"]["split"]
     yield from _iter_split_errors(split)
     max_shots = max(config["eval"]["shots"])
@@ -115,29 +117,33 @@ def _iter_semantic_errors(config: dict[str, Any]) -> Iterator[str]:
         )
     if split["test_subset"] == "math500" and config["data"]["source"] == "synthetic":
         yield "tasks.split.test_subset: math500 needs MATH itself (data.source hub or local), not synthetic problems"
-    names = config["tasks"]["names"]
     yield from _iter_task_name_errors(config)
+
+
+def _iter_semantic_errors(config: dict[str, Any]) -> Iterator[str]:
+    """The other rules a JSON schema cannot express well, each as a one-line message (experiments expanded)."""
+    names = config["tasks"]["names"]
     names_seen = [e["name"] for e in config["experiments"]]
     if len(set(names_seen)) != len(names_seen):
         yield f"experiments: names must be unique, got {names_seen}"
     for experiment in config["experiments"]:
         name = experiment["name"]
-        unknown = [t for t in experiment["meta_test"] if t not in names]
+        unknown = [t for t in experiment.get("meta_test", []) if t not in names]
         if unknown:
             yield f"experiments.{name}.meta_test: {unknown} are not in tasks.names {names}"
-        unknown = [t for t in experiment["meta_val"] if t not in names]
+        unknown = [t for t in experiment.get("meta_val", []) if t not in names]
         if unknown:
             yield f"experiments.{name}.meta_val: {unknown} are not in tasks.names {names}"
-        both = [t for t in experiment["meta_val"] if t in experiment["meta_test"]]
+        both = [t for t in experiment.get("meta_val", []) if t in experiment.get("meta_test", [])]
         if both:
             yield f"experiments.{name}.meta_val: {both} are also in its meta_test (a task is tuned on or tested on)"
         tuned = config["calibration"]["enabled"] and config["eval"]["mode"] == "finetune"
-        if experiment["meta_val"] and not tuned:
+        if experiment.get("meta_val", []) and not tuned:
             yield (
                 f"experiments.{name}.meta_val: only the tuner reads meta-validation tasks; it needs "
                 "calibration.enabled: true and eval.mode: finetune"
             )
-        if set(names) <= set(experiment["meta_test"]) | set(experiment["meta_val"]):
+        if set(names) <= set(experiment.get("meta_test", [])) | set(experiment.get("meta_val", [])):
             yield f"experiments.{name}.meta_test/meta_val: at least one task must stay in meta-training"
     data = config["data"]
     if data["source"] == "local" and not data["local"].get("path"):
@@ -206,9 +212,72 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
 
         error = jsonschema.exceptions.best_match(errors)
         raise ConfigError(f"config error at {_key_of(error)}: {_describe(error)}")
+    for message in _iter_task_errors(config):
+        raise ConfigError(f"config error at {message}")
+    _expand_generated_experiments(config)  # the folds are built from the task names checked above
     for message in _iter_semantic_errors(config):
         raise ConfigError(f"config error at {message}")
     return config
+
+
+def _loso_folds(tasks: list[str], prefix: str) -> list[dict[str, Any]]:
+    """The leave-one-subject-out folds of ``tasks``: one plain experiment per subject, holding out its tasks."""
+    return [
+        {"name": f"{prefix}-{subject}", "meta_test": held_out, "meta_val": [], "loso_group": prefix}
+        for subject, held_out in subjects_of(tasks).items()
+    ]
+
+
+def _expand_generated_experiments(config: dict[str, Any]) -> None:
+    """Replace ``{generate: leave_one_subject_out}`` by its folds in place, where the entry stood.
+
+    Runs on every validation: folds already expanded (``loso_group``) are checked to be exactly the folds of
+    ``tasks.names``, so validating twice (the Snakefile, then Snakemake's own check) changes nothing.
+    """
+    entries = config["experiments"]
+    generators = [e for e in entries if "generate" in e]
+    expanded = [e for e in entries if "loso_group" in e]
+    prefixes = list(dict.fromkeys([*(e["name_prefix"] for e in generators), *(e["loso_group"] for e in expanded)]))
+    if not prefixes:
+        return
+    where = "config error at experiments"
+    groups = {e["loso_group"] for e in expanded}
+    if len(generators) + len(groups) > 1:
+        raise ConfigError(
+            f"{where}: at most one generate: {LEAVE_ONE_SUBJECT_OUT} entry, got {len(generators)} and "
+            f"{len(groups)} expanded set(s) of folds (name_prefix {', '.join(prefixes)})"
+        )
+    prefix = prefixes[0]
+    folds = _loso_folds(config["tasks"]["names"], prefix)
+    if len(folds) < 2:
+        raise ConfigError(
+            f"{where}: generate: {LEAVE_ONE_SUBJECT_OUT} needs at least 2 subjects in tasks.names, got "
+            f"{config['tasks']['names']} (every fold keeps a subject to train on)"
+        )
+    if expanded and expanded != folds:
+        raise ConfigError(
+            f"{where}: the entries with loso_group {prefix!r} are not the leave-one-subject-out folds of tasks.names "
+            f"(loso_group is written by generate: {LEAVE_ONE_SUBJECT_OUT}: write that entry instead)"
+        )
+    names = {fold["name"] for fold in folds}
+    pooled = f"{prefix}-{POOLED_SUFFIX}"
+    held_out = {frozenset(fold["meta_test"]): fold["name"] for fold in folds}
+    explicit = [e for e in entries if "generate" not in e and "loso_group" not in e]
+    for entry in explicit:
+        if entry["name"] in names or entry["name"] == pooled:
+            role = "a generated fold" if entry["name"] in names else "the folds' pooled row in the statistics"
+            raise ConfigError(
+                f"{where}.{entry['name']}: the name of {role} (generate: {LEAVE_ONE_SUBJECT_OUT}, name_prefix "
+                f"{prefix}); rename the experiment or set another name_prefix"
+            )
+        if (fold := held_out.get(frozenset(entry["meta_test"]))) is not None:
+            raise ConfigError(
+                f"{where}.{entry['name']}.meta_test: the tasks the generated fold {fold} holds out (the same "
+                "trainings twice); drop the experiment"
+            )
+    # The folds stand where the generator (or the first fold) stood, the explicit experiments keep their order.
+    first = next(i for i, e in enumerate(entries) if "generate" in e or "loso_group" in e)
+    config["experiments"] = [*explicit[:first], *folds, *explicit[first:]]
 
 
 def split_settings(raw: dict[str, Any] | None) -> dict[str, Any]:
@@ -247,6 +316,14 @@ def load_config(path: str | Path) -> dict[str, Any]:
 
 def experiment_names(config: dict[str, Any]) -> list[str]:
     return [e["name"] for e in config["experiments"]]
+
+
+def loso_group(config: dict[str, Any]) -> tuple[str, list[str]] | None:
+    """(the pooled row's name, the fold experiments) of the generated leave-one-subject-out folds; None without."""
+    folds = [e for e in config["experiments"] if "loso_group" in e]
+    if not folds:
+        return None
+    return f"{folds[0]['loso_group']}-{POOLED_SUFFIX}", [e["name"] for e in folds]
 
 
 def _experiment(config: dict[str, Any], experiment: str) -> dict[str, Any]:
@@ -467,7 +544,10 @@ def stage_settings(
             "prompt": {"instruction": instruction(config)},
         }
     if stage in ("stats", "figures", "summary"):
-        return {"seed": seed, "stats": config["stats"]}
+        # The folds to pool appear only when generated, so a study without them keeps its settings (and tables).
+        loso = loso_group(config)
+        pooled = {} if loso is None else {"loso": {"pooled": loso[0], "folds": loso[1]}}
+        return {"seed": seed, "stats": config["stats"], **pooled}
     raise KeyError(f"unknown stage {stage!r}")
 
 

@@ -50,11 +50,14 @@ import pandas as pd
 
 from fomaml_math.analysis.evaldata import load_eval
 from fomaml_math.analysis.power import Design, VarianceComponents, estimate_components, plan_contrast
+from fomaml_math.analysis.primary import planned_family_size
+from fomaml_math.analysis.tables import FOLD_FAMILY, PRIMARY_FAMILY
 from fomaml_math.config import (
     control_shot_counts,
     control_tasks,
     experiment_names,
     load_config,
+    loso_group,
     meta_test_tasks,
     meta_val_tasks,
     metaloop_row,
@@ -307,6 +310,24 @@ def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: P
     }
 
 
+def fold_cost(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: Path) -> dict[str, Any] | None:
+    """What the generated leave-one-subject-out folds cost: the GPU-hours they add to the explicit experiments
+    (every GPU-hour when there are none); None without folds."""
+    loso = loso_group(dict(config))
+    if loso is None:
+        return None
+    pooled, folds = loso
+    total = build_plan(config, assumptions, tasks_dir)["gpu_hours_total"]
+    others = [e for e in config["experiments"] if e["name"] not in folds]
+    without = 0.0
+    if others:
+        variant = copy.deepcopy(dict(config))
+        variant["experiments"] = others
+        without = build_plan(variant, assumptions, tasks_dir)["gpu_hours_total"]
+    runs = 2 * len(folds) * len(config["replicates"]["seeds"])
+    return {"pooled": pooled, "folds": len(folds), "training_runs": runs, "gpu_hours": total - without}
+
+
 def primary_design(config: Mapping[str, Any], tasks_dir: Path, experiment: str) -> Design:
     """The primary contrast's design in one experiment: its seeds, draws, k > 0 and primary-pool problems."""
     per_task, _ = test_problems_per_task(config, tasks_dir)
@@ -323,24 +344,35 @@ def primary_design(config: Mapping[str, Any], tasks_dir: Path, experiment: str) 
 def power_section(
     config: Mapping[str, Any], tasks_dir: Path, components: VarianceComponents, source: str
 ) -> dict[str, Any]:
-    """The primary contrast's se, df, MDE (80%) and power at the target effect, per experiment."""
+    """The primary contrast's se, df, MDE (80%) and power at the target effect, per experiment.
+
+    Generated leave-one-subject-out folds (``config.loso_group``) are planned as the stats stage tests them: their
+    pooled row in the primary family, each fold's own row secondary at alpha / F (Holm over the folds).
+    """
     stats = config["stats"]
     experiments = experiment_names(dict(config))
-    rows = []
-    for name in experiments:
-        design = primary_design(config, tasks_dir, name)
-        planned = plan_contrast(
-            components,
-            design,
-            alpha=float(stats["alpha"]),
-            family_size=len(experiments),
-            target=float(stats["target_effect_pp"]) / 100.0,
-        )
-        rows.append({"experiment": name, **asdict(design), **asdict(planned)})
+    pooled, folds = loso_group(dict(config)) or (None, [])
+    designs = {name: primary_design(config, tasks_dir, name) for name in experiments}
+
+    def row(name: str, design: Design | list[Design]) -> dict[str, Any]:
+        size = planned_family_size(name, experiments, folds)
+        alpha, target = float(stats["alpha"]), float(stats["target_effect_pp"]) / 100.0
+        planned = plan_contrast(components, design, alpha=alpha, family_size=size, target=target)
+        if not isinstance(design, Design):  # the pooled row: the folds' problems together
+            design = Design(design[0].seeds, design[0].draws, design[0].shot_counts, sum(d.problems for d in design))
+        family = FOLD_FAMILY if name in folds else PRIMARY_FAMILY
+        return {"experiment": name, "family": family, **asdict(design), **asdict(planned)}
+
+    rows = [row(name, designs[name]) for name in experiments]
+    if folds:
+        rows.append(row(str(pooled), [designs[name] for name in folds]))
+    family_size = planned_family_size(pooled or "", experiments, folds)  # the confirmatory family's
     return {
         "contrast": "fomaml - sft, mean over k > 0",
         "alpha": float(stats["alpha"]),
-        "family_size": len(experiments),
+        "family_size": family_size,
+        "folds": len(folds),
+        "pooled": pooled,
         "target_effect_pp": float(stats["target_effect_pp"]),
         "components": {
             "seed_sd_pp": 100 * components.seed_sd,
@@ -355,7 +387,8 @@ def power_section(
 def alternative_designs(
     config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: Path, components: VarianceComponents
 ) -> list[dict[str, Any]]:
-    """Seeds x draws x test sets beside the configured one: each design's primary MDE per experiment and GPU-hours."""
+    """Seeds x draws x test sets beside the configured one: each design's primary MDE per confirmatory test (a
+    leave-one-subject-out study's pooled row, not its folds) and GPU-hours."""
     test_sets = [config["tasks"]["split"]["test_subset"]]
     if config["data"]["source"] != "synthetic" and config["tasks"]["split"]["scheme"] == "source_test":
         test_sets = ["all", "math500"]
@@ -374,7 +407,11 @@ def alternative_designs(
                         "seeds": seeds,
                         "draws": draws,
                         "test_subset": test_set,
-                        "mde_pp": {r["experiment"]: 100 * r["mde"] for r in planned["experiments"]},
+                        "mde_pp": {
+                            r["experiment"]: 100 * r["mde"]
+                            for r in planned["experiments"]
+                            if r["family"] == PRIMARY_FAMILY
+                        },
                         "gpu_hours": build_plan(variant, assumptions, tasks_dir)["gpu_hours_total"],
                     }
                 )
@@ -383,18 +420,27 @@ def alternative_designs(
 
 def render_power(section: Mapping[str, Any], designs: list[Mapping[str, Any]]) -> str:
     c = section["components"]
+    folds = section["folds"]
+    tests = "confirmatory test(s): the experiments and the folds' pooled row" if folds else "experiment(s)"
+    width = max(24, *(len(r["experiment"]) for r in section["experiments"]))
     lines = [
         f"primary contrast ({section['contrast']}), two-sided t-test at alpha {section['alpha']:g} / "
-        f"{section['family_size']} experiment(s) (Holm's first step), 80% power:",
-        f"  {'experiment':<24} {'problems':>8} {'seeds':>5} {'draws':>5} {'k':>3} {'se (pp)':>8} {'df':>6} "
+        f"{section['family_size']} {tests} (Holm's first step), 80% power:",
+        f"  {'experiment':<{width}} {'problems':>8} {'seeds':>5} {'draws':>5} {'k':>3} {'se (pp)':>8} {'df':>6} "
         f"{'MDE (pp)':>9} {'power at ' + format(section['target_effect_pp'], 'g') + ' pp':>16}",
     ]
     for r in section["experiments"]:
         mde = "n/a" if not math.isfinite(r["mde"]) else f"{100 * r['mde']:.1f}"
         power_text = "n/a" if not math.isfinite(r["power_at_target"]) else f"{r['power_at_target']:.0%}"
+        family = f"  (fold: alpha / {folds})" if r["family"] == FOLD_FAMILY else ""
         lines.append(
-            f"  {r['experiment']:<24} {r['problems']:>8} {r['seeds']:>5} {r['draws']:>5} {r['shot_counts']:>3} "
-            f"{100 * r['se']:>8.2f} {r['df']:>6.1f} {mde:>9} {power_text:>16}"
+            f"  {r['experiment']:<{width}} {r['problems']:>8} {r['seeds']:>5} {r['draws']:>5} {r['shot_counts']:>3} "
+            f"{100 * r['se']:>8.2f} {r['df']:>6.1f} {mde:>9} {power_text:>16}{family}"
+        )
+    if folds:
+        lines.append(
+            f"  {section['pooled']}: the mean over the {folds} leave-one-subject-out folds (seeds nested in folds), "
+            f"the held-out test of the primary family; each fold alone is secondary (Holm over the {folds} folds)"
         )
     lines.append(
         f"  variance components ({c['source']}): seed SD {c['seed_sd_pp']:.2f} pp, draw SD {c['draw_sd_pp']:.2f} pp, "
@@ -404,7 +450,7 @@ def render_power(section: Mapping[str, Any], designs: list[Mapping[str, Any]]) -
         names = list(designs[0]["mde_pp"])
         lines += [
             "",
-            "alternative designs (primary MDE in pp per experiment; GPU-hours as above):",
+            "alternative designs (primary MDE in pp per confirmatory test; GPU-hours as above):",
             f"  {'seeds':>5} {'draws':>5} {'test':>8} " + " ".join(f"{n[:16]:>16}" for n in names) + f" {'GPU-h':>8}",
         ]
         for d in designs:
@@ -415,6 +461,12 @@ def render_power(section: Mapping[str, Any], designs: list[Mapping[str, Any]]) -
 
 def render(plan: Mapping[str, Any], gpus: int) -> str:
     a = plan["assumptions"]
+    fold_lines = []
+    if folds := plan.get("loso"):
+        fold_lines.append(
+            f"  {'of which the ' + str(folds['folds']) + ' leave-one-subject-out folds':<52} {folds['gpu_hours']:10.1f}"
+            f"   ({folds['training_runs']} of {plan['jobs']['train']} training runs; pooled as {folds['pooled']})"
+        )
     lines = [
         f"Study plan for {plan['model']} ({plan['parameters'] / 1e9:.2f} B parameters)",
         "experiments: "
@@ -432,6 +484,7 @@ def render(plan: Mapping[str, Any], gpus: int) -> str:
         *(f"  {part:<52} {value:10.1f}" for part, value in plan["gpu_hours"].items()),
         f"  {'total':<52} {plan['gpu_hours_total']:10.1f}"
         f"   (= {plan['gpu_hours_total'] / max(gpus, 1):.1f} h wall on {gpus} GPU(s), perfect packing)",
+        *fold_lines,
         f"disk: {plan['disk_gb']:.0f} GB ("
         + ", ".join(f"{part} {value:.0f}" for part, value in plan["disk_parts_gb"].items())
         + f"; candidates per run: {', '.join(f'{m} {n}' for m, n in plan['candidates_per_run'].items())})",
@@ -484,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     assumptions = Assumptions(args.mfu, args.peak_tflops, args.decode_tokens_per_s, example_tokens=args.example_tokens)
     tasks_dir = split_data_for(config, args.tasks_dir)
     plan = build_plan(config, assumptions, tasks_dir)
+    plan["loso"] = fold_cost(config, assumptions, tasks_dir)
     components, source = assumed_components(config)
     if args.pilot is not None:
         paths = sorted(args.pilot.glob("*/*/seed-*/eval/shots-*.parquet"))

@@ -7,6 +7,7 @@ configuration, the synthetic generator and the data stages all read one definiti
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from fomaml_math.errors import ConfigError
 
@@ -40,3 +41,13 @@ def is_synthetic_task(task: str) -> bool:
     except ConfigError:
         return False
     return True
+
+
+def subjects_of(tasks: Sequence[str]) -> dict[str, list[str]]:
+    """The MATH subjects of ``tasks`` in order of first appearance, each with its tasks: the subject itself and its
+    synthetic variants (``prealgebra_v1`` is prealgebra with another hidden rule: the same subject). ConfigError on a
+    name that is neither."""
+    subjects: dict[str, list[str]] = {}
+    for task in tasks:
+        subjects.setdefault(task_family(task)[0], []).append(task)
+    return subjects

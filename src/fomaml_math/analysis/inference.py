@@ -91,6 +91,35 @@ def welch_satterthwaite(parts: Sequence[tuple[float, float]]) -> tuple[float, fl
     return variance, (variance * variance / denominator if denominator > 0 else math.inf)
 
 
+def mean_se(parts: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """(se, df) of the equal-weight mean of F independent estimates given as ``(se_f, df_f)``: se² = Σ se_f² / F²,
+    df by Welch–Satterthwaite; df 0 (no t-test) when a part has variance but no df, NaN when a se is unknown."""
+    count = len(parts)
+    scaled = [(se * se / count**2, df) for se, df in parts]
+    if not scaled or not all(math.isfinite(v) for v, _ in scaled):
+        return math.nan, math.nan
+    variance, df = welch_satterthwaite(scaled)
+    return math.sqrt(variance), (0.0 if any(v > 0 and not d > 0 for v, d in scaled) else df)
+
+
+def mean_of_independent(estimates: Sequence[Estimate]) -> Estimate:
+    """The equal-weight mean of independent estimates (leave-one-subject-out folds: separate trainings scored on
+    disjoint problems, so seeds are nested in folds): its se and df by :func:`mean_se`; counts are sums, the
+    variance parts Σ part_f / F²."""
+    count = len(estimates)
+    se, df = mean_se([(e.se, e.df) for e in estimates])
+    return Estimate(
+        estimate=float(np.mean([e.estimate for e in estimates])),
+        se=se,
+        df=df,
+        n_problems=sum(e.n_problems for e in estimates),
+        n_clusters_a=sum(e.n_clusters_a for e in estimates),
+        n_clusters_b=sum(e.n_clusters_b for e in estimates),
+        cluster_var=sum(e.cluster_var for e in estimates) / count**2,
+        problem_var=sum(e.problem_var for e in estimates) / count**2,
+    )
+
+
 def crossed_estimate(
     a: np.ndarray, b: np.ndarray | None, strata: Sequence[str] | np.ndarray, *, weighting: str = "problem"
 ) -> Estimate:

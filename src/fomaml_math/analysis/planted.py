@@ -29,6 +29,7 @@ import pandas as pd
 
 from fomaml_math.analysis import inference
 from fomaml_math.analysis.evaldata import primary_pool, task_roles
+from fomaml_math.analysis.primary import planned_family_size
 from fomaml_math.analysis.tables import META_TEST_POOL, PLANTED_COLUMNS, StatsSettings
 
 
@@ -104,9 +105,10 @@ def planted_check(
 def planted_table(experiments: Mapping[str, pd.DataFrame], settings: StatsSettings) -> pd.DataFrame:
     """One row per experiment with a complete primary design: the planted-effect check of its primary analysis."""
     a, b = settings.primary_contrast.split("-")
-    alpha = settings.alpha / max(1, len(experiments))  # the planned level of the primary family (Holm's first step)
     rows = []
     for index, (name, frame) in enumerate(experiments.items()):
+        # the level the row is planned at (Holm's first step of its family)
+        alpha = settings.alpha / planned_family_size(name, list(experiments), settings.loso_folds)
         built = outcome_array(frame, a, b)
         if built is None:
             continue

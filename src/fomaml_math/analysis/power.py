@@ -20,18 +20,23 @@ it once is the conservative choice. Power is that of the two-sided level-``alpha
 (noncentral t); the MDE is the smallest effect with the requested power, solved from the same function, so
 the two always agree. A family of ``m`` primary contrasts (one per experiment) is planned at ``alpha / m``,
 Holm's first step, which bounds every later step.
+
+Leave-one-subject-out folds pooled into one row (the mean of F fold contrasts, each on its held-out subject's N_f
+problems, from separate trainings): Var = Σ_f Var_f / F², i.e. the seed part divided by F and the problem part
+σ²_problem Σ_f (1/N_f) / F², df by Welch–Satterthwaite over the folds' (Var_f / F², df_f).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from fomaml_math.analysis.evaldata import primary_pool, split_experiments, task_roles
-from fomaml_math.analysis.inference import minimum_detectable_effect, power, welch_satterthwaite
+from fomaml_math.analysis.inference import mean_se, minimum_detectable_effect, power, welch_satterthwaite
 from fomaml_math.analysis.tables import META_TEST_POOL
 from fomaml_math.errors import ConfigError
 
@@ -84,15 +89,22 @@ def contrast_se(components: VarianceComponents, design: Design) -> tuple[float, 
 
 def plan_contrast(
     components: VarianceComponents,
-    design: Design,
+    design: Design | Sequence[Design],
     *,
     alpha: float,
     family_size: int,
     target: float,
     target_power: float = 0.8,
 ) -> ContrastPlan:
-    """The primary contrast's se, df, MDE and power at ``target`` (proportions) at ``alpha / family_size``."""
-    se, df = contrast_se(components, design)
+    """The primary contrast's se, df, MDE and power at ``target`` (proportions) at ``alpha / family_size``.
+
+    A sequence of designs is leave-one-subject-out folds pooled as the stats stage pools them: the equal-weight
+    mean of the folds' contrasts, independent trainings on disjoint problems (``inference.mean_se``).
+    """
+    if isinstance(design, Design):
+        se, df = contrast_se(components, design)
+    else:
+        se, df = mean_se([contrast_se(components, fold) for fold in design])
     level = alpha / max(1, family_size)
     return ContrastPlan(
         se=se,

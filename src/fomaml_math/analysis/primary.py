@@ -9,19 +9,25 @@ every k enter (complete cases). The family is the experiments: Holm over them, a
 alpha / (number of experiments), Holm's first step. Verdicts: *better*/*worse* (Holm p < alpha), *equivalent*
 (Holm-adjusted TOST p < alpha within ±``equivalence_margin_pp``), else *inconclusive*; every row says whether
 each verdict is reachable at all from its own se and df.
+
+Generated leave-one-subject-out folds (``experiments: [{generate: leave_one_subject_out}]``) are pooled into one row,
+``<name_prefix>-pooled``: the mean over the folds of each fold's estimate (equal weight per subject), seeds nested in
+folds (``inference.mean_of_independent``). That row is the family's test of the held-out claim; the folds' own rows
+are secondary (family ``secondary``, Holm over the folds).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from fomaml_math.analysis import inference
 from fomaml_math.analysis.evaldata import build_design, per_problem, primary_pool, task_roles
-from fomaml_math.analysis.tables import PRIMARY_COLUMNS, StatsSettings
+from fomaml_math.analysis.tables import FOLD_FAMILY, META_TEST_POOL, PRIMARY_COLUMNS, PRIMARY_FAMILY, StatsSettings
 
 POWER = 0.8
 
@@ -35,7 +41,8 @@ def _averaged_over_shots(cells: pd.DataFrame) -> pd.DataFrame:
     return out[out["n_shots"] == n_shots]
 
 
-def _contrast_row(name: str, frame: pd.DataFrame, a: str, b: str, settings: StatsSettings) -> dict | None:
+def _contrast_estimate(frame: pd.DataFrame, a: str, b: str) -> tuple[inference.Estimate, dict] | None:
+    """The primary contrast of one experiment: its seed-aware estimate and the row's descriptive cells."""
     roles = task_roles(frame)
     pool = primary_pool(roles)
     cells = per_problem(frame[frame["init"].isin([a, b])])
@@ -48,20 +55,36 @@ def _contrast_row(name: str, frame: pd.DataFrame, a: str, b: str, settings: Stat
     est = inference.crossed_estimate(design.correct[a][:, mask], design.correct[b][:, mask], design.strata[mask])
     if est.n_problems == 0:
         return None
-    low, high = inference.t_interval(est, settings.ci_level, inference.DIFFERENCE_RANGE)
     acc_a = float(np.nanmean(design.correct[a][:, mask]))
     acc_b = float(np.nanmean(design.correct[b][:, mask]))
+    return est, {"pool": pool, "shots": shots, "acc_a": acc_a, "acc_b": acc_b}
+
+
+def _pooled_estimate(folds: list[tuple[inference.Estimate, dict]]) -> tuple[inference.Estimate, dict]:
+    """The folds' pooled row: every cell the equal-weight mean over the folds (one held-out subject each)."""
+    estimates = [est for est, _ in folds]
+    cells = [cell for _, cell in folds]
+    return inference.mean_of_independent(estimates), {
+        "pool": META_TEST_POOL,
+        "shots": sorted({k for cell in cells for k in cell["shots"]}),
+        "acc_a": float(np.mean([cell["acc_a"] for cell in cells])),
+        "acc_b": float(np.mean([cell["acc_b"] for cell in cells])),
+    }
+
+
+def _contrast_row(name: str, est: inference.Estimate, cells: dict, contrast: str, settings: StatsSettings) -> dict:
+    low, high = inference.t_interval(est, settings.ci_level, inference.DIFFERENCE_RANGE)
     return {
         "experiment": name,
-        "pool": pool,
-        "contrast": f"{a}-{b}",
-        "shots": ",".join(str(k) for k in shots),
-        "n_shot_counts": len(shots),
+        "pool": cells["pool"],
+        "contrast": contrast,
+        "shots": ",".join(str(k) for k in cells["shots"]),
+        "n_shot_counts": len(cells["shots"]),
         "n_problems": est.n_problems,
         "n_seeds_a": est.n_clusters_a,
         "n_seeds_b": est.n_clusters_b,
-        "acc_a": acc_a,
-        "acc_b": acc_b,
+        "acc_a": cells["acc_a"],
+        "acc_b": cells["acc_b"],
         "diff": est.estimate,
         "se": est.se,
         "df": est.df,
@@ -75,15 +98,12 @@ def _contrast_row(name: str, frame: pd.DataFrame, a: str, b: str, settings: Stat
     }
 
 
-def primary_table(experiments: Mapping[str, pd.DataFrame], settings: StatsSettings) -> pd.DataFrame:
-    """One row per experiment: the primary contrast, its test, TOST, MDE, power and verdict (Holm over experiments)."""
-    a, b = settings.primary_contrast.split("-")
-    rows = [row for name, frame in experiments.items() if (row := _contrast_row(name, frame, a, b, settings))]
-    if not rows:
-        return pd.DataFrame(columns=PRIMARY_COLUMNS)
+def _family(rows: list[dict], family: str, settings: StatsSettings) -> pd.DataFrame:
+    """One family's rows with their Holm adjustment, planned MDE and power at alpha / m, and verdicts."""
     table = pd.DataFrame(rows)
     m = len(table)
     alpha = settings.alpha
+    table["family"] = family
     table["family_size"] = m
     table["p_holm"] = inference.holm_adjust(table["p"].to_numpy(dtype=np.float64))
     table["tost_p_holm"] = inference.holm_adjust(table["tost_p"].to_numpy(dtype=np.float64))
@@ -99,3 +119,37 @@ def primary_table(experiments: Mapping[str, pd.DataFrame], settings: StatsSettin
         for d, sig, eq in zip(table["diff"], table["significant"], table["equivalent"], strict=True)
     ]
     return table[PRIMARY_COLUMNS]
+
+
+def planned_family_size(name: str, names: Sequence[str], folds: Sequence[str]) -> int:
+    """The family size the primary row of ``name`` is planned with, among the experiments ``names`` of which
+    ``folds`` are generated folds: a fold's, the number of folds; any other experiment's, and the folds' pooled
+    row's, the confirmatory family's (the other experiments and the pooled row)."""
+    present = [n for n in names if n in folds]
+    if name in folds:
+        return len(present)
+    return len(names) - len(present) + (1 if present else 0)
+
+
+def primary_table(experiments: Mapping[str, pd.DataFrame], settings: StatsSettings) -> pd.DataFrame:
+    """One row per experiment: the primary contrast, its test, TOST, MDE, power and verdict (Holm over experiments).
+
+    With generated leave-one-subject-out folds (``settings.loso_folds``) their pooled row (the mean over the folds)
+    is the family's test of the held-out claim, in place of the folds; each fold's row stays, secondary, Holm over
+    the folds (docs/statistics.md, "Leave-one-subject-out"). The pooled row needs every fold.
+    """
+    a, b = settings.primary_contrast.split("-")
+    contrast = f"{a}-{b}"
+    estimates = {name: found for name, frame in experiments.items() if (found := _contrast_estimate(frame, a, b))}
+    rows = {name: _contrast_row(name, *found, contrast, settings) for name, found in estimates.items()}
+    folds = [name for name in settings.loso_folds if name in estimates]
+    primary = [row for name, row in rows.items() if name not in settings.loso_folds]
+    if folds and len(folds) == len(settings.loso_folds):
+        pooled = _pooled_estimate([estimates[name] for name in folds])
+        primary.append(_contrast_row(str(settings.loso_pooled), *pooled, contrast, settings))
+    elif folds:  # a partial study (by hand): a mean over some subjects is not the held-out claim over all
+        missing = sorted(set(settings.loso_folds) - set(folds))
+        warnings.warn(f"primary: no row {settings.loso_pooled}: folds {missing} have no primary contrast", stacklevel=2)
+    families = [(primary, PRIMARY_FAMILY), ([rows[name] for name in folds], FOLD_FAMILY)]
+    tables = [_family(family_rows, family, settings) for family_rows, family in families if family_rows]
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=PRIMARY_COLUMNS)

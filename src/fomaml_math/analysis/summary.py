@@ -22,9 +22,11 @@ from fomaml_math.analysis.calibration import load_calibration
 from fomaml_math.analysis.labels import init_label, task_label
 from fomaml_math.analysis.tables import (
     ALL_SEEDS,
+    FOLD_FAMILY,
     IN_DOMAIN_POOL,
     META_TEST_POOL,
     POOLED,
+    PRIMARY_FAMILY,
     SECONDARY_COMPARISONS,
     StatsSettings,
     comparison_name,
@@ -139,8 +141,12 @@ def _answer_lines(primary: pd.DataFrame | None, planted: pd.DataFrame | None, se
     if primary is None or primary.empty:
         return [*lines, f"The primary contrast ({label}, averaged over k > 0) could not be computed.", ""]
     margin = f"±{settings.equivalence_margin_pp:g} pp"
-    for row in primary.itertuples(index=False):
+    folds = primary[primary["family"] == FOLD_FAMILY]
+    for row in primary[primary["family"] == PRIMARY_FAMILY].itertuples(index=False):
+        pooled = row.experiment == settings.loso_pooled
         pool = "its held-out tasks" if row.pool == META_TEST_POOL else "all its tasks"
+        if pooled:
+            pool = f"the mean over {len(folds)} leave-one-subject-out folds, each on its held-out subject"
         verdict = {
             "better": f"**{init_label(a)} is better**",
             "worse": f"**{init_label(a)} is worse**",
@@ -150,12 +156,30 @@ def _answer_lines(primary: pd.DataFrame | None, planted: pd.DataFrame | None, se
         reach = [] if row.tost_can_reach_alpha else [f"equivalence within {margin} was not reachable at this se"]
         lines.append(
             f"- `{row.experiment}` ({pool}, {int(row.n_problems)} problems, k = {row.shots}, "
-            f"{int(row.n_seeds_a)}/{int(row.n_seeds_b)} seeds): {label} = "
+            f"{int(row.n_seeds_a)}/{int(row.n_seeds_b)} {'training runs' if pooled else 'seeds'}): {label} = "
             f"{_interval(fmt_points, row.diff, row.ci_low, row.ci_high)} pp, "
             f"Holm p {fmt_p(row.p_holm)} over {int(row.family_size)} experiment(s): {verdict}. "
             f"Power at the target {settings.target_effect_pp:g} pp: {fmt_percent(row.power_at_target)}%; "
             f"MDE (80%) {_mde_text(row.mde)} pp" + "".join(f"; {r}" for r in reach) + "."
         )
+    if len(folds):
+        fold_rows = [
+            [
+                f"`{r.experiment}`",
+                _interval(fmt_points, r.diff, r.ci_low, r.ci_high),
+                fmt_p(r.p_holm),
+                _mde_text(r.mde),
+                VERDICTS.get(r.verdict, r.verdict),
+            ]
+            for r in folds.itertuples(index=False)
+        ]
+        lines += [
+            "",
+            f"The folds of `{settings.loso_pooled}` one by one (secondary: Holm over the {len(folds)} folds; one "
+            "subject each, so each alone has a fraction of the pooled row's power):",
+            "",
+            *_table(["Fold", f"{label} (pp)", "Holm p", "MDE (80%, pp)", "Verdict"], fold_rows),
+        ]
     if planted is not None and not planted.empty:
         lines += ["", "The analysis checked on this study's own outcomes (planted-effect check, `planted.tsv`):", ""]
         for row in planted.itertuples(index=False):
@@ -172,10 +196,22 @@ def _answer_lines(primary: pd.DataFrame | None, planted: pd.DataFrame | None, se
         "",
         f"Pre-registered (`stats.primary.contrast`): {label} on each experiment's primary pool, averaged with equal "
         f"weight over the evaluated k > 0; seed-aware t-test, {settings.ci_level:.0%} interval truncated to the "
-        "possible range; TOST for equivalence. Everything below is secondary.",
+        "possible range; TOST for equivalence." + _pooled_note(primary, settings) + " Everything below is secondary.",
         "",
     ]
     return lines
+
+
+def _pooled_note(primary: pd.DataFrame, settings: StatsSettings) -> str:
+    """What the folds' pooled row stands for in the Answer ('' without folds)."""
+    if not (primary["family"] == FOLD_FAMILY).any():
+        return ""
+    if not (primary["experiment"] == settings.loso_pooled).any():
+        return f" No `{settings.loso_pooled}` row: not every leave-one-subject-out fold has a primary contrast."
+    return (
+        f" `{settings.loso_pooled}` is the held-out claim over all subjects: each fold's estimate weighted equally, "
+        "the folds' trainings independent; it stands in the family for its folds."
+    )
 
 
 def _mde_text(mde: float) -> str:

@@ -89,6 +89,9 @@ class StatsSettings:
     target_effect_pp: float
     planted_replicates: int
     aa_splits: int  # A/A split re-analyses per control row (every distinct split up to this many)
+    # Generated leave-one-subject-out folds (config.loso_group): the pooled row's name and the fold experiments.
+    loso_pooled: str | None
+    loso_folds: tuple[str, ...]
 
     @property
     def margin(self) -> float:
@@ -105,6 +108,7 @@ class StatsSettings:
         """From the stage settings ``{"seed": ..., "stats": {...}}`` (config.stage_settings)."""
         try:
             stats = settings["stats"]
+            loso = settings.get("loso")  # only in a study with generated folds (config.stage_settings)
             made = cls(
                 seed=int(settings["seed"]),
                 bootstrap_samples=int(stats["bootstrap_samples"]),
@@ -116,12 +120,15 @@ class StatsSettings:
                 target_effect_pp=float(stats["target_effect_pp"]),
                 planted_replicates=int(stats["planted"]["replicates"]),
                 aa_splits=int(stats["aa"]["splits"]),
+                loso_pooled=None if loso is None else str(loso["pooled"]),
+                loso_folds=() if loso is None else tuple(loso["folds"]),
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(
                 f"settings: missing {exc} (expected seed and stats.bootstrap_samples, stats.ci_level, stats.alpha, "
                 "stats.equivalence_margin_pp, stats.primary.contrast, stats.per_shot.comparisons, "
-                "stats.target_effect_pp, stats.planted.replicates, stats.aa.splits)"
+                "stats.target_effect_pp, stats.planted.replicates, stats.aa.splits; with generated folds loso.pooled, "
+                "loso.folds)"
             ) from exc
         if made.bootstrap_samples < 1:
             raise ConfigError(f"stats.bootstrap_samples: expected a positive integer, got {made.bootstrap_samples}")
@@ -387,11 +394,15 @@ def read_table(stats_dir: str | Path, name: str) -> pd.DataFrame:
     return frame
 
 
-# primary.tsv: the pre-registered primary contrast, one row per experiment (analysis.primary).
+# primary.tsv: the pre-registered primary contrast, one row per experiment (analysis.primary), and with generated
+# leave-one-subject-out folds their pooled row; ``family``: PRIMARY_FAMILY (confirmatory) or FOLD_FAMILY.
+PRIMARY_FAMILY = "primary"
+FOLD_FAMILY = "secondary"  # a fold's own row when its pooled row is the confirmatory one (Holm over the folds)
 PRIMARY_COLUMNS = [
     "experiment",
     "pool",
     "contrast",
+    "family",
     "shots",
     "n_shot_counts",
     "n_problems",
