@@ -76,22 +76,47 @@ def rejects(est: inference.Estimate, alpha: float) -> bool:
     return bool(math.isfinite(p) and p < alpha)
 
 
+def equalised(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``Y[arm, seed, k, draw, problem]`` with the observed arm difference taken out: per k, a random share
+    (hi − lo) / hi of the better arm's correct answers turned wrong, so both arms have the same expected accuracy
+    while every seed, draw and problem keeps its own variation. Without it a real difference survives the
+    relabelings that leave most runs in their arm (the identity and its mirror among them) and inflates the
+    "false-positive" rate: on the demo, 13.5% for a 9.6 pp difference."""
+    out = y.copy()
+    for k in range(y.shape[2]):
+        accuracy = out[:, :, k].mean(axis=(1, 2, 3))  # per arm
+        hi = int(np.argmax(accuracy))
+        lo = 1 - hi
+        if accuracy[hi] <= accuracy[lo]:
+            continue
+        cell = out[hi, :, k]
+        flip = (cell == 1) & (rng.random(cell.shape) < (accuracy[hi] - accuracy[lo]) / accuracy[hi])
+        out[hi, :, k] = np.where(flip, 0.0, cell)
+    return out
+
+
+def plant(arm: np.ndarray, target: float, rng: np.random.Generator) -> np.ndarray:
+    """One arm's ``Y[seed, k, draw, problem]`` with a share target / (1 − accuracy) of its wrong answers turned
+    right in each (seed, k, draw): its expected accuracy rises by ``target``."""
+    accuracy = arm.mean(axis=-1, keepdims=True)
+    share = np.clip(target / np.clip(1.0 - accuracy, 1e-12, None), 0.0, 1.0)
+    return np.where((arm == 0) & (rng.random(arm.shape) < share), 1.0, arm)
+
+
 def planted_check(
     y: np.ndarray, strata: np.ndarray, *, replicates: int, target: float, alpha: float, rng: np.random.Generator
 ) -> dict[str, float]:
-    """Empirical false-positive rate under label permutation and power with ``target`` planted, at ``alpha``."""
+    """Empirical false-positive rate under label permutation of the equalised outcomes (:func:`equalised`), and
+    power with ``target`` planted on them, at ``alpha``."""
     false_positives = detections = 0
     seeds = y.shape[1]
-    runs = y.reshape(2 * seeds, *y.shape[2:])
     for _ in range(replicates):
+        runs = equalised(y, rng).reshape(2 * seeds, *y.shape[2:])
         order = rng.permutation(2 * seeds)  # whole training runs change arm: each keeps its draws, k and problems
         null = runs[order].reshape(y.shape)
         false_positives += rejects(analyse(null, strata), alpha)
         planted = null.copy()
-        accuracy = planted[0].mean(axis=-1, keepdims=True)  # per (seed, k, draw)
-        share = np.clip(target / np.clip(1.0 - accuracy, 1e-12, None), 0.0, 1.0)
-        flip = (planted[0] == 0) & (rng.random(planted[0].shape) < share)
-        planted[0] = np.where(flip, 1.0, planted[0])
+        planted[0] = plant(planted[0], target, rng)
         detections += rejects(analyse(planted, strata), alpha)
     fpr, power = false_positives / replicates, detections / replicates
     return {

@@ -184,7 +184,8 @@ def _answer_lines(primary: pd.DataFrame | None, planted: pd.DataFrame | None, se
         lines += ["", "The analysis checked on this study's own outcomes (planted-effect check, `planted.tsv`):", ""]
         for row in planted.itertuples(index=False):
             lines.append(
-                f"- `{row.experiment}`: the arm labels of whole training runs permuted ({int(row.n_seeds)} seeds per "
+                f"- `{row.experiment}`: the observed difference taken out, then the arm labels of whole training runs "
+                f"permuted ({int(row.n_seeds)} seeds per "
                 f"arm: {math.comb(2 * int(row.n_seeds), int(row.n_seeds))} relabelings), {int(row.replicates)} "
                 f"re-analyses: false-positive rate {fmt_percent(row.false_positive_rate)}% ± "
                 f"{fmt_percent(row.false_positive_rate_mc_se)} (nominal {100 * row.alpha:.2g}%); with "
