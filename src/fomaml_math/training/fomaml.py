@@ -202,7 +202,7 @@ def meta_step(
 class MetaBatches:
     """The meta-batch of step ``s``: a task draw and one episode per drawn task (seeded by step)."""
 
-    train_seed: int
+    stream_seed: int  # TrainSettings.stream_seed: the training seed and the training tasks
     tasks: list[str]
     fo: Mapping[str, Any]
     data: dict[str, TaskData]
@@ -213,9 +213,9 @@ class MetaBatches:
         return [e for d in self.data.values() for e in (*d.support, *d.query)]
 
     def __call__(self, step: int) -> list[Episode]:
-        names = sample_tasks(self.train_seed, step, self.tasks, int(self.fo["meta_batch_size"]))
+        names = sample_tasks(self.stream_seed, step, self.tasks, int(self.fo["meta_batch_size"]))
         return [
-            sample_episode(self.train_seed, step, slot, t, self.data[t], self.fo, self.pad_token_id)
+            sample_episode(self.stream_seed, step, slot, t, self.data[t], self.fo, self.pad_token_id)
             for slot, t in enumerate(names)
         ]
 
@@ -258,7 +258,7 @@ class FOMAML:
         return int(settings.method["query_batch_size"])
 
     def batches(self, settings: TrainSettings, data: dict[str, TaskData], pad_token_id: int) -> MetaBatches:
-        return MetaBatches(settings.train_seed, settings.tasks, settings.method.values, data, pad_token_id)
+        return MetaBatches(settings.stream_seed, settings.tasks, settings.method.values, data, pad_token_id)
 
     def summary_facts(self, settings: TrainSettings) -> dict[str, Any]:
         fo = settings.method  # the inner loop FOMAML was meta-trained with (the evaluation must adapt the same way)

@@ -6,6 +6,8 @@ nothing here restates one: a missing key is a :class:`ConfigError` naming it.
 
 from __future__ import annotations
 
+import json
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -83,6 +85,14 @@ class TrainSettings:
     select: Mapping[str, Any]
     adaptation: Mapping[str, Any]
     wandb: Mapping[str, Any]
+
+    @property
+    def stream_seed(self) -> int:
+        """The seed of the training data's order: the training seed *and* the training tasks. Two experiments
+        that share a seed (leave-one-subject-out folds) then do not share meta-batches, episodes or epoch orders,
+        so their estimates are independent, as the pooled-fold analysis assumes; experiments with the same
+        training tasks still train alike."""
+        return zlib.crc32(json.dumps([self.train_seed, sorted(self.tasks)]).encode())
 
     @property
     def criterion(self) -> str:

@@ -123,7 +123,7 @@ class SFT:
         examples = [e for d in data.values() for e in (*d.support, *d.query)]
         batch_size = int(settings.method["batch_size"])
         require_rows(examples, batch_size, setting="sft.batch_size", what="the pooled support+query training data")
-        return EpochBatches(examples, EpochSampler(settings.train_seed, len(examples), batch_size), pad_token_id)
+        return EpochBatches(examples, EpochSampler(settings.stream_seed, len(examples), batch_size), pad_token_id)
 
     def summary_facts(self, settings: TrainSettings) -> dict[str, Any]:
         return {}
