@@ -258,7 +258,8 @@ def test_accuracy_rows_match_direct_computation(stats_dir: Path) -> None:
         assert row.n_problems == len(subset)
         assert row.accuracy == pytest.approx(subset.correct.mean())
         assert row.nll_mean == pytest.approx(subset.nll.mean())
-        assert row.accuracy_ci_low <= row.accuracy <= row.accuracy_ci_high
+        assert 0 <= row.accuracy_ci_low <= row.accuracy <= row.accuracy_ci_high <= 1
+        assert 0 <= row.nll_ci_low <= row.nll_mean <= row.nll_ci_high  # a mean NLL cannot be negative
         assert row.n_repeats == (1 if row.shots == 0 else REPEATS)
         # Trained models: 3 seeds, seed-aware t-interval; the untrained base: one cluster, problem bootstrap.
         assert row.n_seeds == (1 if row.init == "base" else len(SEEDS))

@@ -32,9 +32,11 @@ from scipy import stats as scipy_stats
 from statsmodels.stats.multitest import multipletests
 
 SEEDS_AND_PROBLEMS = "seeds+problems"
-# Parameter ranges intervals are truncated to (t_interval): an accuracy, a difference of two; NLL is unbounded.
+# Parameter ranges intervals are truncated to (t_interval): an accuracy, a difference of two, a mean NLL (>= 0);
+# a difference of NLLs is unbounded.
 ACCURACY_RANGE = (0.0, 1.0)
 DIFFERENCE_RANGE = (-1.0, 1.0)
+NLL_RANGE = (0.0, math.inf)
 UNBOUNDED = (-math.inf, math.inf)
 PROBLEMS_ONLY = "problems"
 

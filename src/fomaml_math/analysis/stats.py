@@ -157,7 +157,9 @@ def _accuracy_rows(
         acc = inference.crossed_estimate(correct, None, strata)
         low, high, method = _interval(acc, boot[pool], column["acc", init], settings.ci_level, inference.ACCURACY_RANGE)
         nll_est = inference.crossed_estimate(nll, None, strata)
-        nll_low, nll_high, _ = _interval(nll_est, boot[pool], column["nll", init], settings.ci_level)
+        nll_low, nll_high, _ = _interval(
+            nll_est, boot[pool], column["nll", init], settings.ci_level, inference.NLL_RANGE
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a seed without NLL values -> NaN
             seed_acc = np.nanmean(correct, axis=1)

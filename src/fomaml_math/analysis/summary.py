@@ -158,7 +158,7 @@ def _answer_lines(primary: pd.DataFrame | None, planted: pd.DataFrame | None, se
             f"- `{row.experiment}` ({pool}, {int(row.n_problems)} problems, k = {row.shots}, "
             f"{int(row.n_seeds_a)}/{int(row.n_seeds_b)} {'training runs' if pooled else 'seeds'}): {label} = "
             f"{_interval(fmt_points, row.diff, row.ci_low, row.ci_high)} pp, "
-            f"Holm p {fmt_p(row.p_holm)} over {int(row.family_size)} experiment(s): {verdict}. "
+            f"Holm p {fmt_p(row.p_holm)} over {int(row.family_size)} confirmatory test(s): {verdict}. "
             f"Power at the target {settings.target_effect_pp:g} pp: {fmt_percent(row.power_at_target)}%; "
             f"MDE (80%) {_mde_text(row.mde)} pp" + "".join(f"; {r}" for r in reach) + "."
         )
