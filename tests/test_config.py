@@ -392,3 +392,19 @@ def test_the_metaloop_row_setting(demo_config):
     off = validate_config(_set(demo_config, "eval.metaloop_row", False))
     assert stage_settings(off, "evaluate") == stage_settings(demo_config, "evaluate")
     assert "metaloop_row" not in stage_settings(demo_config, "evaluate")["eval"]
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "test.yaml"])
+def test_shipped_configs_are_complete(name):
+    """Snakemake merges a --configfile over config/config.yaml key by key: a key the file leaves out comes from the
+    paper config (the test config once ran with the paper's control_shots that way). Each shipped config therefore
+    states every key that config.yaml sets: merged or alone, it validates to the same settings."""
+    from snakemake.utils import update_config
+
+    from fomaml_math.config import REPO_ROOT
+
+    paper = yaml.safe_load((REPO_ROOT / "config" / "config.yaml").read_text())
+    alone = yaml.safe_load((REPO_ROOT / "config" / name).read_text())
+    merged = copy.deepcopy(paper)
+    update_config(merged, copy.deepcopy(alone))
+    assert validate_config(merged) == validate_config(alone)

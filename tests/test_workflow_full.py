@@ -67,7 +67,9 @@ def test_full_dag_outputs(finished):
         path = finished / f"results/{folder}/calibration.json"
         calibration = json.loads(path.read_text())
         assert calibration["init"] == init and calibration["tasks"] == sorted(config["tasks"]["names"])
-        assert all(e["lr"] in config["calibration"]["lr_grid"] for e in calibration["chosen"] if e["shots"] > 0)
+        # the tuner's grid: calibration.lr_grid and fomaml.inner_lr (always tried too)
+        assert calibration["lr_grid"] == sorted({*config["calibration"]["lr_grid"], config["fomaml"]["inner_lr"]})
+        assert all(e["lr"] in calibration["lr_grid"] for e in calibration["chosen"] if e["shots"] > 0)
         if init != "base":  # best_dev: training kept one candidate, the selected step, and the tuner adapts it
             selected = json.loads((finished / f"results/{folder}/train_summary.json").read_text())["selected_step"]
             assert {e["checkpoint"] for e in calibration["chosen"]} == {selected}
