@@ -219,7 +219,7 @@ def test_the_summary_answers_with_the_pooled_row_and_lists_the_folds(tmp_path: P
     assert summary.main(argv) == 0
     answer = out.read_text().split("## Answer")[1].split("\n## ")[0]
     assert "- `loso-pooled` (the mean over 3 leave-one-subject-out folds, each on its held-out subject" in answer
-    assert "over 1 experiment(s)" in answer and "- `loso-algebra` (" not in answer  # no verdict line of its own
+    assert "over 1 confirmatory test(s)" in answer and "- `loso-algebra` (" not in answer  # no verdict line of its own
     assert "The folds of `loso-pooled` one by one (secondary: Holm over the 3 folds" in answer
     assert all(f"| `{fold}` |" in answer for fold in folds)
     assert "`loso-pooled` is the held-out claim over all subjects" in answer

@@ -126,6 +126,7 @@ def _iter_semantic_errors(config: dict[str, Any]) -> Iterator[str]:
     names_seen = [e["name"] for e in config["experiments"]]
     if len(set(names_seen)) != len(names_seen):
         yield f"experiments: names must be unique, got {names_seen}"
+    tuned = config["calibration"]["enabled"] and config["eval"]["mode"] == "finetune"
     for experiment in config["experiments"]:
         name = experiment["name"]
         unknown = [t for t in experiment.get("meta_test", []) if t not in names]
@@ -137,7 +138,6 @@ def _iter_semantic_errors(config: dict[str, Any]) -> Iterator[str]:
         both = [t for t in experiment.get("meta_val", []) if t in experiment.get("meta_test", [])]
         if both:
             yield f"experiments.{name}.meta_val: {both} are also in its meta_test (a task is tuned on or tested on)"
-        tuned = config["calibration"]["enabled"] and config["eval"]["mode"] == "finetune"
         if experiment.get("meta_val", []) and not tuned:
             yield (
                 f"experiments.{name}.meta_val: only the tuner reads meta-validation tasks; it needs "
