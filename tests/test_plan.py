@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fomaml_math import manifest, plan
-from fomaml_math.config import load_config
+from fomaml_math.config import evaluated_tasks, load_config
 
 
 def test_parameter_count_by_hand_and_against_transformers() -> None:
@@ -138,11 +138,16 @@ def test_the_metaloop_row_is_priced(demo_config: dict, tmp_path: Path) -> None:
     off = plan.build_plan({**demo_config, "eval": {**demo_config["eval"], "metaloop_row": False}}, assumptions,
                           tmp_path / "no-data")  # fmt: skip
     fo, ev = demo_config["fomaml"], demo_config["eval"]
-    params, problems = on["parameters"], on["assumptions"]["test_problems"]
+    names = demo_config["tasks"]["names"]
+    (experiment,) = demo_config["experiments"]
+    evaluated = evaluated_tasks(demo_config, experiment["name"])  # not the meta_val tasks: never evaluated
+    assert len(evaluated) == len(names) - len(experiment["meta_val"]) > 0
+    params = on["parameters"]
+    problems = on["assumptions"]["test_problems"] * len(evaluated) / len(names)  # assumed: equal per task
     runs = len(demo_config["experiments"]) * len(demo_config["replicates"]["seeds"])
     adapted = [k for k in ev["shots"] if k > 0]
     conditions = runs * len(adapted) * ev["repeats"]
-    adapt = runs * ev["repeats"] * len(demo_config["tasks"]["names"]) * sum(
+    adapt = runs * ev["repeats"] * len(evaluated) * sum(
         6 * params * min(k, fo["inner_batch_size"]) * 50.0 * fo["num_inner_steps"] for k in adapted
     )  # fmt: skip
     flops = adapt + problems * conditions * 2 * params * 50.0

@@ -55,6 +55,7 @@ from fomaml_math.analysis.tables import FOLD_FAMILY, PRIMARY_FAMILY
 from fomaml_math.config import (
     control_shot_counts,
     control_tasks,
+    evaluated_tasks,
     experiment_names,
     load_config,
     loso_group,
@@ -225,14 +226,21 @@ def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: P
     )  # fmt: skip
 
     per_task, problem_source = test_problems_per_task(config, tasks_dir)
+    # What the evaluations read, summed over initialisation instances: an experiment's instances evaluate its tasks
+    # but the meta_val ones (config.evaluated_tasks); the untuned base, shared by every experiment, every task.
     problems = sum(per_task.values())
+    evaluated_by_experiment = {e: evaluated_tasks(dict(config), e) for e in experiments}
+    experiment_tasks = sum(len(names) for names in evaluated_by_experiment.values())
+    experiment_problems = sum(per_task[t] for names in evaluated_by_experiment.values() for t in names)
+    run_tasks, run_problems = len(seeds) * experiment_tasks, len(seeds) * experiment_problems  # one method's runs
+    base_tasks, base_problems = (experiment_tasks, experiment_problems) if calibrated else (len(tasks), problems)
+    instance_tasks, instance_problems = base_tasks + 2 * run_tasks, base_problems + 2 * run_problems
     conditions = sum(1 if k == 0 else repeats for k in shots)  # (shots, repeat) pairs per task
-    eval_conditions = instances * conditions
-    generated = problems * eval_conditions * ev["max_new_tokens"] * assumptions.mean_generated_fraction
+    generated = instance_problems * conditions * ev["max_new_tokens"] * assumptions.mean_generated_fraction
     adapt_flops = (
-        instances * repeats * len(tasks) * sum(6.0 * params * k * example_tokens * adapt_steps for k in shots if k > 0)
+        instance_tasks * repeats * sum(6.0 * params * k * example_tokens * adapt_steps for k in shots if k > 0)
     )
-    nll_flops = problems * eval_conditions * 2.0 * params * example_tokens
+    nll_flops = instance_problems * conditions * 2.0 * params * example_tokens
     # The negative control: one model, replicates.control_draws draws at each control k, on its experiment's primary
     # pool only (config.control_tasks), as the rules run it.
     control = bool(config["replicates"]["negative_control"])
@@ -247,13 +255,17 @@ def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: P
     )  # fmt: skip
     # The secondary row (eval.metaloop_row): every FOMAML run at each k > 0 again, adapted with its meta-training
     # inner loop (num_inner_steps steps of min(k, inner_batch_size) shots), then answered and scored as the others.
-    metaloop_runs = runs if metaloop_row(dict(config)) else 0
-    metaloop_conditions = metaloop_runs * len([k for k in shots if k > 0]) * repeats
-    metaloop_adapt = (metaloop_runs * repeats * len(tasks)) * sum(
+    metaloop = metaloop_row(dict(config))
+    metaloop_runs = runs if metaloop else 0
+    metaloop_tasks, metaloop_problems = (run_tasks, run_problems) if metaloop else (0, 0)
+    metaloop_conditions = len([k for k in shots if k > 0]) * repeats
+    metaloop_adapt = (metaloop_tasks * repeats) * sum(
         6.0 * params * min(k, fo["inner_batch_size"]) * example_tokens * fo["num_inner_steps"] for k in shots if k > 0
     )  # fmt: skip
-    metaloop_nll = problems * metaloop_conditions * 2.0 * params * example_tokens
-    metaloop_generated = problems * metaloop_conditions * ev["max_new_tokens"] * assumptions.mean_generated_fraction
+    metaloop_nll = metaloop_problems * metaloop_conditions * 2.0 * params * example_tokens
+    metaloop_generated = (
+        metaloop_problems * metaloop_conditions * ev["max_new_tokens"] * assumptions.mean_generated_fraction
+    )
 
     hours = {
         "train_fomaml": runs * fomaml_tokens * per_token / throughput / 3600,

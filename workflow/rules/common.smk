@@ -200,8 +200,12 @@ def evaluated_task_args(experiment, tasks=None):
     held_out = meta_test_tasks(config, experiment)
     if tasks is None and meta_val_tasks(config, experiment):
         tasks = evaluated_tasks(config, experiment)
-    evaluated = ["--tasks", *tasks] if tasks else []
-    return [" ".join(args) for args in (["--meta-test", *held_out] if held_out else [], evaluated) if args]
+    args = []
+    if held_out:
+        args.append(" ".join(["--meta-test", *held_out]))
+    if tasks:
+        args.append(" ".join(["--tasks", *tasks]))
+    return args
 
 
 def eval_args(wildcards):
