@@ -109,6 +109,7 @@ def train_settings(model_dir: str | Path, *, method: str = "fomaml", tasks: Sequ
             "mixed_precision": "no",
             "gradient_checkpointing": False,
             "snapshot_device": "cpu",
+            "keep_finished_checkpoints": False,
         },
         "train_tasks": list(tasks),
         "train_seed": 7,

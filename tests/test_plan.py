@@ -46,29 +46,42 @@ def test_training_hours_follow_the_formula(demo_config: dict, tmp_path: Path) ->
     assert result["jobs"]["train"] == 2 * runs and result["jobs"]["calibrate"] == 2 * runs + 1
 
 
-def test_disk_counts_one_candidate_folder_per_monitoring_step(repo_root: Path) -> None:
-    """select.criterion tuned keeps a 4-byte-per-parameter folder per dev-monitoring step of every run."""
+def test_disk_counts_candidates_and_the_checkpoints_of_the_runs_in_training(repo_root: Path) -> None:
+    """The peak: every run's kept 4-byte-per-parameter folders, keep_checkpoints + 1 resumable 12-byte checkpoints
+    of the one training that runs at a time (4 GPUs, 4 processes), the base model, the generated text."""
     config = load_config(repo_root / "config" / "config.yaml")
     assert config["select"]["criterion"] == "tuned"
     assumptions = plan.Assumptions()
     tuned = plan.build_plan(config, assumptions, Path("/nonexistent"))
     params = tuned["parameters"]
     runs = len(config["experiments"]) * len(config["replicates"]["seeds"])
-    assert tuned["candidates_per_run"] == {"fomaml": 5, "sft": 5}  # test_freq 1000 of 5000, 6000 of 30000
-    assert tuned["disk_parts_gb"]["kept weights (candidates, best slots, final models)"] == pytest.approx(
-        runs * (5 + 5) * 4 * params / 1e9
-    )
+    assert tuned["candidates_per_run"] == {"fomaml": 2, "sft": 2}  # candidate_freq 2500 of 5000, 15000 of 30000
+    parts = tuned["disk_parts_gb"]
+    assert parts["kept weights (candidates, final models)"] == pytest.approx(runs * (2 + 2) * 4 * params / 1e9)
+    assert parts["checkpoints of the runs in training"] == pytest.approx(1 * (3 + 1) * 12 * params / 1e9)
+    assert parts["base model"] == pytest.approx(4 * params / 1e9)
+    assert tuned["disk_gb"] == pytest.approx(sum(parts.values()))
+    assert tuned["disk_gb"] <= 1000  # the paper run's budget (docs/gpu.md, "Disk")
+    config["fomaml"]["candidate_freq"] = None  # every test_freq (1000) step instead: 5 candidates
     config["fomaml"]["test_freq"] = 300  # 5000 / 300: 16 full intervals and the last step
     assert plan.candidate_count(config, "fomaml") == 17
     assert plan.build_plan(config, assumptions, Path("/nonexistent"))["disk_gb"] == pytest.approx(
-        tuned["disk_gb"] + runs * 12 * 4 * params / 1e9
+        tuned["disk_gb"] + runs * (17 - 2) * 4 * params / 1e9
     )
-    for criterion, copies in (("best_dev", 2), ("last", 1)):  # best slot + model/, or model/ alone
+    config["compute"]["keep_finished_checkpoints"] = True  # every run's keep_checkpoints (3 + 3) on top
+    kept = plan.build_plan(config, assumptions, Path("/nonexistent"))["disk_parts_gb"]
+    key = "checkpoints of finished runs (compute.keep_finished_checkpoints)"
+    assert kept[key] == pytest.approx(runs * (3 + 3) * 12 * params / 1e9)
+    config["compute"]["keep_finished_checkpoints"] = False
+    for criterion, extra in (("best_dev", 4), ("last", 0)):  # best_dev: the best slot while training
         config["select"]["criterion"] = criterion
         result = plan.build_plan(config, assumptions, Path("/nonexistent"))
         assert result["candidates_per_run"] == {"fomaml": 1, "sft": 1}
-        assert result["disk_parts_gb"]["kept weights (candidates, best slots, final models)"] == pytest.approx(
-            runs * 2 * copies * 4 * params / 1e9
+        assert result["disk_parts_gb"]["kept weights (candidates, final models)"] == pytest.approx(
+            runs * 2 * 4 * params / 1e9
+        )
+        assert result["disk_parts_gb"]["checkpoints of the runs in training"] == pytest.approx(
+            ((3 + 1) * 12 + extra) * params / 1e9
         )
 
 

@@ -65,7 +65,9 @@ def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 def test_tuned_writes_a_loadable_candidate_at_every_monitoring_step(tmp_path: Path) -> None:
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
-    assert _run("fomaml", _settings("fomaml", "tuned"), out, ckpt) == 0  # 6 steps, test_freq 3, save_freq 3
+    settings = _settings("fomaml", "tuned")
+    settings["compute"]["keep_finished_checkpoints"] = True  # to compare each candidate with its step's checkpoint
+    assert _run("fomaml", settings, out, ckpt) == 0  # 6 steps, test_freq 3, save_freq 3
     summary = _summary(out)
     assert summary["candidates"] == [{"step": 3, "path": "candidates/step-3"}, {"step": 6, "path": "candidates/step-6"}]
     assert summary["selection"] == {"criterion": "tuned", "selected_step": None, "dev_loss": None, "metric": None}
@@ -155,3 +157,33 @@ def test_last_and_best_dev_keep_one_candidate_the_selected_weights(criterion: st
         p.name for p in (out / "model").iterdir()
     )
     assert not (tmp_path / "ckpt" / "candidates").exists()  # nothing extra kept during training
+
+
+def test_candidate_freq_keeps_fewer_candidates_than_monitoring_steps(tmp_path: Path) -> None:
+    """candidate_freq 4 over 6 steps monitored every 2: candidates at 4 and the last step only; monitoring unchanged."""
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    assert _run("fomaml", _settings("fomaml", "tuned", test_freq=2, candidate_freq=4), out, ckpt) == 0
+    assert _summary(out)["candidates"] == [
+        {"step": 4, "path": "candidates/step-4"},
+        {"step": 6, "path": "candidates/step-6"},
+    ]
+    assert sorted(p.name for p in (out / "candidates").iterdir()) == ["step-4", "step-6"]
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "dev/loss_after" in r] == [0, 2, 4, 6]
+
+
+def test_a_finished_run_removes_its_resumable_checkpoints_but_not_its_outputs(tmp_path: Path) -> None:
+    """compute.keep_finished_checkpoints false (the default): step-* checkpoints are gone once the outputs exist;
+    the candidates stay whole (hard links), and a rerun retrains from scratch to the same weights."""
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    settings = _settings("fomaml", "tuned")
+    assert _run("fomaml", settings, out, ckpt) == 0
+    assert not [p for p in ckpt.iterdir() if p.name.startswith("step-")]
+    weights = _folder_weights(out / "model")
+    for entry in _summary(out)["candidates"]:
+        loaded = _folder_weights(out / entry["path"])
+        assert loaded.keys() == weights.keys()
+    assert _equal(_folder_weights(out / "candidates" / "step-6"), weights)
+    assert _run("fomaml", settings, tmp_path / "again", ckpt) == 0
+    assert _summary(tmp_path / "again")["resumed_from"] == []
+    assert _equal(_folder_weights(tmp_path / "again" / "model"), weights)

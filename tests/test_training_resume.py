@@ -69,6 +69,7 @@ def test_stop_and_rerun_gives_bitwise_identical_weights(method: str, tmp_path: P
 def test_changed_settings_start_fresh(tmp_path: Path, capsys) -> None:
     settings = train_settings(shared_workspace() / "model")
     settings["fomaml"]["total_steps"] = 3
+    settings["compute"]["keep_finished_checkpoints"] = True
     assert _run("fomaml", settings, tmp_path / "out", tmp_path / "ckpt") == 0
     settings["fomaml"]["inner_lr"] = 0.01
     assert _run("fomaml", settings, tmp_path / "out", tmp_path / "ckpt") == 0
@@ -80,9 +81,22 @@ def test_changed_settings_start_fresh(tmp_path: Path, capsys) -> None:
 def test_finished_run_rerun_only_rewrites_outputs(tmp_path: Path, capsys) -> None:
     settings = train_settings(shared_workspace() / "model", method="sft")
     settings["sft"]["steps"] = 3
+    settings["compute"]["keep_finished_checkpoints"] = True  # the default removes them (the next test)
     assert _run("sft", settings, tmp_path / "out", tmp_path / "ckpt") == 0
     first = (tmp_path / "out" / "model" / "model.safetensors").read_bytes()
     assert _run("sft", settings, tmp_path / "out", tmp_path / "ckpt") == 0
     assert "resuming from checkpoint" in capsys.readouterr().err
     assert (tmp_path / "out" / "model" / "model.safetensors").read_bytes() == first
     assert [r["step"] for r in _records(tmp_path / "out")] == [0, 1, 2, 3]
+
+
+def test_keep_finished_checkpoints_is_not_part_of_the_resume_key() -> None:
+    """Toggling what happens to a finished run's checkpoints must not make a resumable run stale."""
+    from fomaml_math.training.data import resume_key
+
+    settings = train_settings(shared_workspace() / "model")
+    other = json.loads(json.dumps(settings))
+    other["compute"]["keep_finished_checkpoints"] = True
+    assert resume_key(settings, data="d", model="m") == resume_key(other, data="d", model="m")
+    other["compute"]["gradient_checkpointing"] = True
+    assert resume_key(settings, data="d", model="m") != resume_key(other, data="d", model="m")

@@ -442,7 +442,7 @@ def adaptation_settings(config: dict[str, Any]) -> dict[str, Any]:
 def _train_compute(config: dict[str, Any]) -> dict[str, Any]:
     compute = config["compute"]
     keys = ("num_processes", "mixed_precision", "gradient_checkpointing", "snapshot_device")
-    return {k: compute[k] for k in keys}
+    return {**{k: compute[k] for k in keys}, "keep_finished_checkpoints": compute["keep_finished_checkpoints"]}
 
 
 def _train_settings(

@@ -21,12 +21,13 @@ and an estimate of GPU-hours and disk, with every assumption beside the number i
   plus the gold-NLL forward.  The secondary row (``eval.metaloop_row``, ``evaluate_metaloop``): every FOMAML
   run at each k > 0 once more, its adaptation ``fomaml.num_inner_steps`` steps of min(k, ``inner_batch_size``)
   shots, the same generation and NLL.
-* **Disk**: per trained run ``keep_checkpoints`` checkpoints (fp32 weights + AdamW's two moments:
-  12 bytes per parameter), and the kept weights at 4 bytes per parameter (float32 safetensors):
-  with ``select.criterion: tuned`` one candidate folder per dev-monitoring step
-  (``ceil(steps / test_freq)``; ``model/`` and the output's ``candidates/`` are hard links to them),
-  with ``best_dev`` the best-dev slot and the final model, with ``last`` the final model; plus the
-  base model once.
+* **Disk** (``disk_parts``): the peak on one node, reached while the last training runs: every
+  finished run's kept weights at 4 bytes per parameter (float32 safetensors: with ``select.criterion:
+  tuned`` one candidate folder per ``candidate_freq`` steps and the last, ``model/`` and the output's
+  ``candidates/`` hard links to them; else the final model), the runs in training with
+  ``keep_checkpoints + 1`` resumable checkpoints each (fp32 weights + AdamW's two moments: 12 bytes per
+  parameter; the new one is written before the oldest is pruned), finished runs' checkpoints only with
+  ``compute.keep_finished_checkpoints``, the base model once, and the generated text.
 
 N comes from the model's architecture: a local folder's ``config.json``, a tiny config, or the
 shipped ``resources/qwen3_4b_instruct_2507.json`` for the paper model (no hub access).  Mean tokens
@@ -157,16 +158,56 @@ def monitoring_steps(config: Mapping[str, Any], method: str) -> int:
 
 
 def candidate_count(config: Mapping[str, Any], method: str) -> int:
-    """Candidate folders per run: one per monitoring step with ``select.criterion: tuned``, else the kept step."""
-    return monitoring_steps(config, method) if config["select"]["criterion"] == "tuned" else 1
+    """Candidate folders per run: with ``select.criterion: tuned`` one every ``candidate_freq`` steps (null:
+    ``test_freq``) and the last, as ``TrainingRun.candidate_steps`` keeps them; else the one kept step."""
+    if config["select"]["criterion"] != "tuned":
+        return 1
+    steps = config["fomaml"]["total_steps"] if method == "fomaml" else sft_budget_steps(dict(config))
+    return math.ceil(steps / (config[method].get("candidate_freq") or config[method]["test_freq"]))
 
 
 def kept_weight_copies(config: Mapping[str, Any], method: str) -> int:
-    """Full fp32 weight copies a run keeps besides its checkpoints (module docstring, "Disk")."""
-    criterion = config["select"]["criterion"]
-    if criterion == "tuned":
+    """Full fp32 weight copies a finished run keeps as outputs (module docstring, "Disk")."""
+    if config["select"]["criterion"] == "tuned":
         return candidate_count(config, method)  # model/ and the output's candidates/ link to them
-    return 2 if criterion == "best_dev" else 1  # best slot + model/, or model/ (its candidate is a link)
+    return 1  # model/ (its one candidate is a link); best_dev's best slot is resumable state, removed with it
+
+
+GENERATED_BYTES_PER_TOKEN = 4.0  # assumed: ~4 characters of UTF-8 per token, stored uncompressed (an upper bound)
+
+
+def concurrent_trainings(config: Mapping[str, Any]) -> int:
+    """Training jobs that run at once under ``--resources gpu=<compute.gpus>`` (at least one)."""
+    compute = config["compute"]
+    return max(1, int(compute["gpus"]) // max(1, int(compute["num_processes"]))) if compute["gpus"] else 1
+
+
+def disk_parts(config: Mapping[str, Any], params: int, runs: int, generated_tokens: float) -> dict[str, float]:
+    """Peak disk in bytes, part by part, under ``--resources gpu=<compute.gpus>`` on one node.
+
+    The peak is reached while the last training runs: every other run's outputs exist, and the runs in training
+    (``concurrent_trainings``) each hold ``keep_checkpoints + 1`` resumable checkpoints for a moment (the new one
+    is written before the oldest is pruned) plus, with ``best_dev``, the best slot.  A finished run's checkpoints
+    are removed unless ``compute.keep_finished_checkpoints``.  ``runs`` counts one method's runs.
+    """
+    fp32, resumable = 4 * params, 12 * params  # weights; weights + AdamW's two moments
+    methods = ("fomaml", "sft")
+    training = min(concurrent_trainings(config), 2 * runs)
+    per_training = max(
+        (int(config[m]["keep_checkpoints"]) + 1) * resumable
+        + (fp32 if config["select"]["criterion"] == "best_dev" else 0)
+        for m in methods
+    )
+    parts = {
+        "kept weights (candidates, final models)": runs * sum(kept_weight_copies(config, m) for m in methods) * fp32,
+        "checkpoints of the runs in training": training * per_training,
+    }
+    if config["compute"]["keep_finished_checkpoints"]:
+        kept = runs * sum(int(config[m]["keep_checkpoints"]) for m in methods) * resumable
+        parts["checkpoints of finished runs (compute.keep_finished_checkpoints)"] = kept
+    parts["base model"] = fp32
+    parts["generated text (evaluation outputs)"] = generated_tokens * GENERATED_BYTES_PER_TOKEN
+    return parts
 
 
 def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: Path) -> dict[str, Any]:
@@ -277,14 +318,8 @@ def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: P
         "evaluate_metaloop": (metaloop_adapt + metaloop_nll) / throughput / 3600
         + metaloop_generated / assumptions.decode_tokens_per_s / 3600,
     }
-    keep = {m: int(config[m]["keep_checkpoints"]) for m in ("fomaml", "sft")}
-    kept_copies = sum(kept_weight_copies(config, m) for m in ("fomaml", "sft"))
-    disk_parts = {
-        "checkpoints": runs * sum(keep.values()) * 12 * params,
-        "kept weights (candidates, best slots, final models)": runs * kept_copies * 4 * params,
-        "base model": 4 * params,
-    }
-    disk_bytes = sum(disk_parts.values())
+    disk = disk_parts(config, params, runs, generated + metaloop_generated)
+    disk_bytes = sum(disk.values())
     jobs = {
         "train": 2 * runs,
         "calibrate": instances if calibrated else 0,
@@ -304,7 +339,7 @@ def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: P
         "gpu_hours": hours,
         "gpu_hours_total": sum(hours.values()),
         "disk_gb": disk_bytes / 1e9,
-        "disk_parts_gb": {k: v / 1e9 for k, v in disk_parts.items()},
+        "disk_parts_gb": {k: v / 1e9 for k, v in disk.items()},
         "candidates_per_run": {m: candidate_count(config, m) for m in ("fomaml", "sft")},
         "assumptions": {
             "mfu": assumptions.mfu,

@@ -11,7 +11,8 @@ The resume key (``training.data.resume_key``) covers the settings (minus ``wandb
 files and the base model.  A run resumes only from checkpoints with its own key; checkpoints of
 another key (a setting, the data or the base model changed) are deleted with a warning and the
 run starts fresh, so "change a setting, rerun" never continues a stale run and never needs a
-manual clean-up.
+manual clean-up.  Once a run has written its outputs its checkpoints and best slot are deleted
+(``remove_resumable``) unless ``compute.keep_finished_checkpoints`` is true: at 4B each is 48 GB.
 """
 
 from __future__ import annotations
@@ -172,6 +173,20 @@ def discard_stale(root: Path, key: str, *, is_main: bool) -> list[Path]:
 
 
 BEST_DIR = "best"  # the best-so-far weights by the dev criterion: outside the keep_checkpoints rotation
+
+
+def remove_resumable(root: Path) -> list[Path]:
+    """Delete the resumable state of a finished run (``step-*`` checkpoints and the best slot; main process only).
+
+    They exist only to resume: the run's outputs hold its weights.  Candidate folders stay: the outputs'
+    ``candidates/`` are hard links to them, so they cost no disk of their own.
+    """
+    removed = [path for _, path in list_checkpoints(root)]
+    if (root / BEST_DIR).is_dir():
+        removed.append(root / BEST_DIR)
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
 
 
 def save_best(root: Path, step: int, *, runtime: Any, model: Any, state: dict[str, Any]) -> Path:

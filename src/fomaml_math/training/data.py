@@ -67,8 +67,11 @@ def model_fingerprint(name_or_path: str) -> str:
 
 
 def resume_key(settings: dict[str, Any], *, data: str, model: str) -> str:
-    """Checkpoints resume only under the same key: settings (minus wandb), data and base model."""
+    """Checkpoints resume only under the same key: settings (minus wandb and what happens to the checkpoints once
+    the run is done, compute.keep_finished_checkpoints), data and base model."""
     relevant = {k: v for k, v in settings.items() if k != "wandb"}
+    if isinstance(relevant.get("compute"), dict):
+        relevant["compute"] = {k: v for k, v in relevant["compute"].items() if k != "keep_finished_checkpoints"}
     return settings_hash({"settings": relevant, "data": data, "model": model})
 
 

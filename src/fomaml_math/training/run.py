@@ -78,6 +78,8 @@ class TrainingRun:
         self.test_freq = settings.method.test_freq
         self.save_freq = settings.method.save_freq
         self.keep_checkpoints = settings.method.keep_checkpoints
+        self.candidate_freq = settings.method.candidate_freq
+        self.keep_finished_checkpoints = settings.keep_finished_checkpoints
         self.criterion = settings.criterion
         self.state: dict[str, Any] = {
             "tokens": 0,
@@ -166,16 +168,20 @@ class TrainingRun:
         """Whether step ``step`` logs the dev monitoring losses (every ``test_freq`` steps, and the last)."""
         return step % self.test_freq == 0 or step == self.total_steps
 
+    def candidate_due(self, step: int) -> bool:
+        """Whether ``select.criterion: tuned`` keeps step ``step`` (every ``candidate_freq`` steps, and the last)."""
+        return step % self.candidate_freq == 0 or step == self.total_steps
+
     def candidate_steps(self) -> list[int]:
-        """The steps ``select.criterion: tuned`` keeps: every dev-monitoring step from 1 (the last included)."""
-        return [s for s in range(1, self.total_steps + 1) if self.monitor_due(s)]
+        """The steps ``select.criterion: tuned`` keeps (``candidate_due``), the last included."""
+        return [s for s in range(1, self.total_steps + 1) if self.candidate_due(s)]
 
     def keep_candidate(self, step: int, tokenizer: Any) -> None:
         """With ``tuned``, at a dev-monitoring step: the weights as a Hugging Face folder in the checkpoint dir.
 
         Called before the step's checkpoint, so a resumed run never lacks a candidate of a step it skips.
         """
-        if self.criterion != "tuned" or not self.monitor_due(step):
+        if self.criterion != "tuned" or not self.candidate_due(step):
             return
         save_final_model(self.runtime, self.model, tokenizer, ckpt.candidate_folder(self.root, step))
         if self.runtime.is_main:
@@ -311,6 +317,14 @@ class TrainingRun:
         if self.runtime.is_main:
             write_metrics_outputs(self.metrics.records, output_dir)
             write_json(output_dir / "train_summary.json", summary)
+            if not self.keep_finished_checkpoints:  # after the summary: the outputs are complete
+                removed = ckpt.remove_resumable(self.root)
+                if removed:
+                    print(
+                        f"{self.method}: removed {len(removed)} resumable checkpoint(s) of the finished run "
+                        "(compute.keep_finished_checkpoints: false)",
+                        file=sys.stderr,
+                    )
         self.wandb.finish(summary["final_metrics"])
         self.runtime.barrier()
         return summary

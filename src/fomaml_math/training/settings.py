@@ -39,6 +39,7 @@ class MethodSection:
     test_freq: int
     save_freq: int
     keep_checkpoints: int
+    candidate_freq: int  # select.criterion tuned: a candidate every candidate_freq steps (null: test_freq)
     values: Mapping[str, Any]
 
     def __getitem__(self, key: str) -> Any:
@@ -60,6 +61,7 @@ class MethodSection:
             test_freq=int(get("test_freq")),
             save_freq=int(get("save_freq")),
             keep_checkpoints=int(get("keep_checkpoints")),
+            candidate_freq=int(section.get("candidate_freq") or get("test_freq")),
             values=section,
         )
 
@@ -93,6 +95,11 @@ class TrainSettings:
         so their estimates are independent, as the pooled-fold analysis assumes; experiments with the same
         training tasks still train alike."""
         return zlib.crc32(json.dumps([self.train_seed, sorted(self.tasks)]).encode())
+
+    @property
+    def keep_finished_checkpoints(self) -> bool:
+        """compute.keep_finished_checkpoints (absent: false, the resumable checkpoints go once the outputs exist)."""
+        return bool(self.compute.get("keep_finished_checkpoints", False))
 
     @property
     def criterion(self) -> str:
