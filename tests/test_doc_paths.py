@@ -27,13 +27,26 @@ NOT_WORKFLOW = ("results/gpu-check", "results/report.html", "results/.gpu-locks"
 def _wildcard_regex(pattern: str) -> str:
     """A rule's path pattern as a regex: ``{name,constraint}`` keeps its constraint, ``{name}`` is one component."""
     out, pos = [], 0
-    for match in re.finditer(r"\{([A-Za-z_]\w*)(?:,((?:[^{}]|\{[^{}]*\})*))?\}", pattern):
+    for match in re.finditer(r"\{([A-Za-z_]\w*)(?:,((?:[^{}]|\{[^{}]*\})*))?\}", pattern):  # {name} or {name,re}
         out.append(re.escape(pattern[pos : match.start()]))
-        name, constraint = match.group(1), match.group(2)
+        constraint = match.group(2)
         out.append("[^/]+" if constraint is None else f"(?:{constraint})")
         pos = match.end()
     out.append(re.escape(pattern[pos:]))
     return "".join(out)
+
+
+CONSTRAINED = re.compile(r"\{([A-Za-z_]\w*),((?:[^{}]|\{[^{}]*\})*)\}")
+
+
+def _constrain(pattern: str, constraints: dict[str, str]) -> str:
+    """``{name}`` as ``{name,constraint}`` where ``constraints`` has one."""
+
+    def one(match: re.Match[str]) -> str:
+        name = match.group(1)
+        return f"{{{name},{constraints[name]}}}" if name in constraints else match.group(0)
+
+    return re.sub(r"\{(\w+)\}", one, pattern)
 
 
 def _rule_paths(configfile: Path, overrides: dict) -> list[str]:
@@ -55,22 +68,10 @@ def _rule_paths(configfile: Path, overrides: dict) -> list[str]:
             if rule.benchmark:
                 paths.append(str(rule.benchmark))
             # folders passed as params (the checkpoint dir), constrained as the rule's outputs constrain them
-            constraints = dict(
-                re.findall(r"\{([A-Za-z_]\w*),((?:[^{}]|\{[^{}]*\})*)\}", " ".join(map(str, rule.output)))
-            )
+            constraints = dict(CONSTRAINED.findall(" ".join(map(str, rule.output))))
             for _, value in rule.params.items():
                 if isinstance(value, str) and value.startswith("results/"):
-                    paths.append(
-                        re.sub(
-                            r"\{(\w+)\}",
-                            lambda m: (
-                                f"{{{m.group(1)},{constraints[m.group(1)]}}}"
-                                if m.group(1) in constraints
-                                else m.group(0)
-                            ),
-                            value,
-                        )
-                    )
+                    paths.append(_constrain(value, constraints))
         return paths
 
 
