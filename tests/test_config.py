@@ -293,6 +293,33 @@ def test_stage_settings_isolate_unrelated_changes(demo_config):
     assert settings_hash(stage_settings(longer, "train_sft")) != settings_hash(stage_settings(demo_config, "train_sft"))
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "retrains"),
+    [
+        ("eval.shots", [0, 5, 10, 25, 50], False),
+        ("eval.repeats", 7, False),
+        ("eval.max_new_tokens", 17, False),
+        ("calibration.lr_grid", [0.1], False),
+        ("calibration.steps_grid", [1, 2], False),
+        ("stats.alpha", 0.01, False),
+        ("compute.keep_finished_checkpoints", True, True),  # a training setting, but not in the resume key
+        # the dev monitoring inside training adapts with the evaluation's protocol on select.shots shots
+        ("eval.inner_lr", 0.123, True),
+        ("select.shots", 3, True),
+    ],
+)
+def test_which_downstream_keys_retrain(demo_config, key, value, retrains):
+    """Training settings hold no eval, calibration or stats key but the adaptation the dev monitoring runs
+    (docs/training.md, "Disk"): changing any other never reruns a training, so its candidates are never needed
+    again from scratch."""
+    changed = _set(demo_config, key, value)
+    for stage in ("train_fomaml", "train_sft"):
+        same = stage_settings(changed, stage, experiment="heldout", train_seed=0) == stage_settings(
+            demo_config, stage, experiment="heldout", train_seed=0
+        )
+        assert same != retrains, (stage, key)
+
+
 def test_accelerate_launch_prefix():
     cpu2 = {"gpus": 0, "num_processes": 2, "mixed_precision": "no", "accelerate_config": None}
     assert accelerate_launch_prefix(cpu2) == (
