@@ -644,6 +644,8 @@ def labels(
     return {
         "peak_tflops_source": "given (--peak-tflops)" if assumptions.peak_tflops != card.peak_bf16_tflops
         and assumptions.peak_tflops else f"datasheet: {card.source}",
+        "mfu_label": "assumed",
+        "mfu_source": f"assumed: {assumptions.mfu:.0%} of the peak (adaptation and NLL; training too without a pilot)",
         "decode_label": "measured" if decode.measured else "assumed",
         "decode_source": decode.source,
         "mean_generated_tokens_label": "measured" if length.get("label") == pilot.MEASURED else "assumed",
