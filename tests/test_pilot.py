@@ -84,6 +84,7 @@ def test_json_prices_both_backends_with_their_sources(repo_root: Path, capsys: p
     assert vllm["gpu_hours"]["evaluate_generation"] * vllm["decode_tokens_per_s_per_gpu"] == pytest.approx(tokens)
     assert vllm["gpu_hours_total"] < hf["gpu_hours_total"]
     assert out["assumptions"]["decode_label"] == "assumed" and out["assumptions"]["gpu"] == "a100-80gb"
+    assert out["power"]["components"]["label"] == "assumed" and out["assumptions"]["train_label"] == "assumed"
 
 
 # ------------------------------------------------------------------------------------------------ recording
@@ -163,6 +164,7 @@ def test_pilot_on_the_study_gpu_replaces_the_assumptions(paper: dict, tmp_path: 
     variance = out["pilot"]["variance"]
     assert variance["seed_sd_pp"]["upper"] >= variance["seed_sd_pp"]["measured"]
     assert out["power"]["components"]["seed_sd_pp"] == pytest.approx(variance["seed_sd_pp"]["upper"])
+    assert out["power"]["components"]["label"] == "measured (upper bounds)"
     assert plan.main(argv) == 0
     text = capsys.readouterr().out
     assert "80% upper bound (4 df), used for sizing" in text and "decoding (hf): 250 tokens/s per GPU measured" in text
@@ -178,6 +180,9 @@ def test_a_cpu_demo_is_not_transferable(paper: dict, tmp_path: Path) -> None:
     assumptions, decode = plan.apply_measured(paper, plan.Assumptions(), {"hf": None, "vllm": None}, found)
     assert assumptions == plan.Assumptions() and decode == {"hf": None, "vllm": None}
     on_other_gpu = _pilot_results(tmp_path / "h200", paper, gpu="h200", model=paper["model"]["name_or_path"])
+    (tmp_path / "old" / "pilot" / "sft" / "seed-0").mkdir(parents=True)  # a run from before summaries recorded it
+    (tmp_path / "old" / "pilot" / "sft" / "seed-0" / "train_summary.json").write_text(json.dumps({"tokens": 1}))
+    assert pilot.measurements(tmp_path / "old", paper)["train_tokens_per_s_per_gpu"]["label"] == pilot.NOT_RECORDED
     other = pilot.measurements(on_other_gpu, paper)
     assert other["decode_tokens_per_s"]["hf"]["label"] == pilot.NOT_TRANSFERABLE
     assert other["mean_generated_tokens"]["label"] == pilot.MEASURED  # the answers' length does not depend on the GPU

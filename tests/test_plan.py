@@ -113,7 +113,7 @@ def test_plan_sizes_the_primary_contrast_from_the_assumed_components(repo_root: 
     """The power section is analysis.power on the configured design: hand-checked se and the family's alpha."""
     config = load_config(repo_root / "config" / "config.yaml")
     components, source = plan.assumed_components(config)
-    assert source == "stats.assumed" and components.seed_sd == pytest.approx(
+    assert source == plan.ASSUMED_SOURCE and components.seed_sd == pytest.approx(
         config["stats"]["assumed"]["seed_sd_pp"] / 100
     )
     section = plan.power_section(config, Path("/nonexistent"), components, source)

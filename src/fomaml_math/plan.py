@@ -70,6 +70,7 @@ from fomaml_math.config import (
 from fomaml_math.errors import ConfigError
 
 RESOURCES = Path(__file__).resolve().parent / "resources"
+ASSUMED_SOURCE = "assumed: stats.assumed, placeholders until a pilot (docs/plan.md)"
 PAPER_MODELS = {"Qwen/Qwen3-4B-Instruct-2507": RESOURCES / "qwen3_4b_instruct_2507.json"}
 # MATH: problem + worked solution is ~1,200 characters on average; ~3.5 characters per Qwen token.
 DEFAULT_CHARS_PER_TOKEN = 3.5
@@ -585,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--pilot: no <experiment>/<method>/seed-<s>/eval/shots-<k>.parquet under {args.pilot}")
         bound = pilot.bound_components(load_eval(paths))
         components = bound.upper
-        source = f"{bound.level:.0%} upper bounds of the estimates from {len(paths)} files in {args.pilot}"
+        source = f"measured: {bound.level:.0%} upper bounds of the estimates from {len(paths)} files in {args.pilot}"
         measured = pilot.measurements(args.pilot, config)
         assumptions, decode = apply_measured(config, assumptions, decode, measured)
     assumptions = replace(assumptions, decode_tokens_per_s=decode[backend].tokens_per_s)
@@ -596,6 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     plan["assumptions"].update(labels(config, assumptions, decode[backend], measured))
     plan["loso"] = fold_cost(config, assumptions, tasks_dir)
     plan["power"] = power_section(config, tasks_dir, components, source)
+    plan["power"]["components"]["label"] = "assumed" if bound is None else "measured (upper bounds)"
     plan["sensitivity"] = sizing.sensitivity(lambda c: power_section(config, tasks_dir, c, source), components)
     plan["designs"] = alternative_designs(config, assumptions, tasks_dir, components)
     target, min_seeds = float(config["stats"]["target_effect_pp"]), sizing.min_seeds_confirmatory(config)
@@ -671,4 +673,4 @@ def pilot_variance(bound: Any) -> dict[str, Any]:
 def assumed_components(config: Mapping[str, Any]) -> tuple[VarianceComponents, str]:
     assumed = config["stats"]["assumed"]
     components = VarianceComponents.from_pp(assumed["seed_sd_pp"], assumed["draw_sd_pp"], assumed["problem_var"])
-    return components, "stats.assumed"
+    return components, ASSUMED_SOURCE
