@@ -22,8 +22,13 @@ MIN_SEEDS_CONFIRMATORY = 5  # stats.primary.min_seeds_confirmatory's default (th
 
 
 def min_seeds_confirmatory(config: Mapping[str, Any]) -> int:
-    """Seeds per arm below which a design's verdict is exploratory (``stats.primary.min_seeds_confirmatory``)."""
-    return int(config.get("stats", {}).get("primary", {}).get("min_seeds_confirmatory", MIN_SEEDS_CONFIRMATORY))
+    """Seeds per arm below which a design's verdict is exploratory (``<section>.primary.min_seeds_confirmatory``,
+    the verdicts' setting, under ``stats`` or ``analysis``; default 5)."""
+    for section in ("stats", "analysis"):
+        value = (config.get(section) or {}).get("primary", {}).get("min_seeds_confirmatory")
+        if value is not None:
+            return int(value)
+    return MIN_SEEDS_CONFIRMATORY
 
 
 def hours_by_backend(
