@@ -177,7 +177,7 @@ def test_a_cpu_demo_is_not_transferable(paper: dict, tmp_path: Path) -> None:
                   found["train_tokens_per_s_per_gpu"], found["peak_gpu_memory_gib"]["evaluate"]):  # fmt: skip
         assert entry["label"] == pilot.NOT_TRANSFERABLE and entry["value"] is None
         assert "tiny-base on CPU" in entry["source"]
-    assumptions, decode = plan.apply_measured(paper, plan.Assumptions(), {"hf": None, "vllm": None}, found)
+    assumptions, decode = pilot.apply_measured(paper, plan.Assumptions(), {"hf": None, "vllm": None}, found)
     assert assumptions == plan.Assumptions() and decode == {"hf": None, "vllm": None}
     on_other_gpu = _pilot_results(tmp_path / "h200", paper, gpu="h200", model=paper["model"]["name_or_path"])
     (tmp_path / "old" / "pilot" / "sft" / "seed-0").mkdir(parents=True)  # a run from before summaries recorded it

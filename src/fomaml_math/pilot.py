@@ -20,15 +20,16 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from scipy import stats as scipy_stats
 
+from fomaml_math import hardware
 from fomaml_math.analysis.power import VarianceComponents, estimate_components
-from fomaml_math.hardware import DEFAULT_GPU
+from fomaml_math.hardware import DEFAULT_GPU, Decode
 
 UCB_LEVEL = 0.80  # one-sided: the study reaches its planned power with probability >= 0.8 (Browne 1995)
 ARMS = ("fomaml", "sft")
@@ -50,6 +51,17 @@ class VarianceBound:
     seed_df: int  # Σ (S − 1) over experiments and arms
     draw_df: int  # Σ (R − 1) over (experiment, arm, seed, k)
     cells: float  # R x K per seed, the draw part a seed mean contains
+
+    def summary(self) -> dict[str, Any]:
+        """The estimates and their bounds, in pp (``plan --json``'s ``pilot.variance``)."""
+        p, u = self.point, self.upper
+        return {
+            "level": self.level,
+            "bound": "one-sided upper confidence bound (chi-square), used for sizing",
+            "seed_sd_pp": {"measured": 100 * p.seed_sd, "upper": 100 * u.seed_sd, "df": self.seed_df},
+            "draw_sd_pp": {"measured": 100 * p.draw_sd, "upper": 100 * u.draw_sd, "df": self.draw_df},
+            "problem_var": {"measured": p.problem_var, "upper": u.problem_var},
+        }
 
 
 def pilot_degrees(evals: pd.DataFrame) -> tuple[int, int, float]:
@@ -132,4 +144,45 @@ def measurements(results: Path, config: Mapping[str, Any]) -> dict[str, Any]:
         "mean_generated_tokens": length,
         "train_tokens_per_s_per_gpu": train,
         "peak_gpu_memory_gib": memory,
+    }
+
+
+def apply_measured(
+    config: Mapping[str, Any], assumptions: Any, decode: Mapping[str, Decode], measured: Mapping[str, Any]
+) -> tuple[Any, dict[str, Decode]]:
+    """``plan``'s assumptions and decode rates with what the pilot measured on the study's model and GPU in place."""
+    decode = dict(decode)
+    for name, entry in measured["decode_tokens_per_s"].items():
+        if entry["label"] == MEASURED and name in decode:
+            decode[name] = Decode(name, entry["value"], entry["source"], measured=True)
+    length, train = measured["mean_generated_tokens"], measured["train_tokens_per_s_per_gpu"]
+    if length["label"] == MEASURED:
+        assumptions = replace(assumptions, mean_generated_fraction=length["value"] / config["eval"]["max_new_tokens"])
+    if train["label"] == MEASURED:
+        assumptions = replace(assumptions, train_tokens_per_s=train["value"])
+    return assumptions, decode
+
+
+def labels(config: Mapping[str, Any], assumptions: Any, decode: Decode, measured: Mapping[str, Any] | None) -> dict:
+    """Whether each priced quantity is measured (by a pilot on the study's model and GPU) or assumed, and whence."""
+    card = hardware.gpu(str(config["compute"].get("gpu", DEFAULT_GPU)))
+    found = measured or {}
+
+    def label(key: str, assumed: str) -> tuple[str, str]:
+        entry = found.get(key, {})
+        return ("measured", entry["source"]) if entry.get("label") == MEASURED else ("assumed", assumed)
+
+    length = label("mean_generated_tokens", "half of eval.max_new_tokens")
+    train = label("train_tokens_per_s_per_gpu", f"MFU {assumptions.mfu:.0%} of the peak")
+    given = assumptions.peak_tflops and assumptions.peak_tflops != card.peak_bf16_tflops
+    return {
+        "peak_tflops_source": "given (--peak-tflops)" if given else f"datasheet: {card.source}",
+        "mfu_label": "assumed",
+        "mfu_source": f"{assumptions.mfu:.0%} of the peak (adaptation and NLL; training too without a pilot)",
+        "decode_label": "measured" if decode.measured else "assumed",
+        "decode_source": decode.source,
+        "mean_generated_tokens_label": length[0],
+        "mean_generated_tokens_source": length[1],
+        "train_label": train[0],
+        "train_source": train[1],
     }

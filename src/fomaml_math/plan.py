@@ -588,13 +588,13 @@ def main(argv: list[str] | None = None) -> int:
         components = bound.upper
         source = f"measured: {bound.level:.0%} upper bounds of the estimates from {len(paths)} files in {args.pilot}"
         measured = pilot.measurements(args.pilot, config)
-        assumptions, decode = apply_measured(config, assumptions, decode, measured)
+        assumptions, decode = pilot.apply_measured(config, assumptions, decode, measured)
     assumptions = replace(assumptions, decode_tokens_per_s=decode[backend].tokens_per_s)
     plan = build_plan(config, assumptions, tasks_dir)
     plan["gpu_hours_by_backend"] = sizing.hours_by_backend(
         lambda a: build_plan(config, a, tasks_dir), assumptions, decode
     )
-    plan["assumptions"].update(labels(config, assumptions, decode[backend], measured))
+    plan["assumptions"].update(pilot.labels(config, assumptions, decode[backend], measured))
     plan["loso"] = fold_cost(config, assumptions, tasks_dir)
     plan["power"] = power_section(config, tasks_dir, components, source)
     plan["power"]["components"]["label"] = "assumed" if bound is None else "measured (upper bounds)"
@@ -603,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     target, min_seeds = float(config["stats"]["target_effect_pp"]), sizing.min_seeds_confirmatory(config)
     plan["recommended_design"] = sizing.recommend(plan["designs"], target, min_seeds)
     if measured is not None:
-        plan["pilot"] = {"variance": pilot_variance(bound), **measured}
+        plan["pilot"] = {"variance": bound.summary(), **measured}
     gpus = int(config["compute"]["gpus"])
     text = "\n".join(
         [
@@ -617,57 +617,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(json.dumps(plan, indent=2) if args.json else text, end="")
     return 0
-
-
-def apply_measured(
-    config: Mapping[str, Any], assumptions: Assumptions, decode: dict[str, Any], measured: Mapping[str, Any]
-) -> tuple[Assumptions, dict[str, Any]]:
-    """The assumptions with what a pilot measured on the study's model and GPU in their place (pilot.py)."""
-    decode = dict(decode)
-    for name, entry in measured["decode_tokens_per_s"].items():
-        if entry["label"] == pilot.MEASURED and name in decode:
-            decode[name] = hardware.Decode(name, entry["value"], entry["source"], measured=True)
-    length, train = measured["mean_generated_tokens"], measured["train_tokens_per_s_per_gpu"]
-    if length["label"] == pilot.MEASURED:
-        assumptions = replace(assumptions, mean_generated_fraction=length["value"] / config["eval"]["max_new_tokens"])
-    if train["label"] == pilot.MEASURED:
-        assumptions = replace(assumptions, train_tokens_per_s=train["value"])
-    return assumptions, decode
-
-
-def labels(
-    config: Mapping[str, Any], assumptions: Assumptions, decode: Any, measured: Mapping[str, Any] | None
-) -> dict[str, str]:
-    """Whether each priced quantity is measured (by a pilot on the study's model and GPU) or assumed, and whence."""
-    card = hardware.gpu(str(config["compute"]["gpu"]))
-    found = measured or {}
-    length = found.get("mean_generated_tokens", {})
-    train = found.get("train_tokens_per_s_per_gpu", {})
-    return {
-        "peak_tflops_source": "given (--peak-tflops)" if assumptions.peak_tflops != card.peak_bf16_tflops
-        and assumptions.peak_tflops else f"datasheet: {card.source}",
-        "mfu_label": "assumed",
-        "mfu_source": f"assumed: {assumptions.mfu:.0%} of the peak (adaptation and NLL; training too without a pilot)",
-        "decode_label": "measured" if decode.measured else "assumed",
-        "decode_source": decode.source,
-        "mean_generated_tokens_label": "measured" if length.get("label") == pilot.MEASURED else "assumed",
-        "mean_generated_tokens_source": length.get("source") if length.get("label") == pilot.MEASURED
-        else "assumed: half of eval.max_new_tokens",
-        "train_label": "measured" if train.get("label") == pilot.MEASURED else "assumed",
-        "train_source": train.get("source") if train.get("label") == pilot.MEASURED
-        else f"assumed: MFU {assumptions.mfu:.0%} of the peak",
-    }  # fmt: skip
-
-
-def pilot_variance(bound: Any) -> dict[str, Any]:
-    p, u = bound.point, bound.upper
-    return {
-        "level": bound.level,
-        "bound": "one-sided upper confidence bound (chi-square), used for sizing",
-        "seed_sd_pp": {"measured": 100 * p.seed_sd, "upper": 100 * u.seed_sd, "df": bound.seed_df},
-        "draw_sd_pp": {"measured": 100 * p.draw_sd, "upper": 100 * u.draw_sd, "df": bound.draw_df},
-        "problem_var": {"measured": p.problem_var, "upper": u.problem_var},
-    }
 
 
 def assumed_components(config: Mapping[str, Any]) -> tuple[VarianceComponents, str]:
