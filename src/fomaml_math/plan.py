@@ -28,6 +28,10 @@ and an estimate of GPU-hours and disk, with every assumption beside the number i
   with ``best_dev`` the best-dev slot and the final model, with ``last`` the final model; plus the
   base model once.
 
+Peak FLOP/s and decode tokens/s come from ``compute.gpu`` (``hardware.py``; decode per backend, both priced in
+``gpu_hours_by_backend``); ``--pilot`` replaces them and the variance components by what a finished pilot measured
+(``pilot.py``), and ``sizing.py`` adds the sensitivity table and the recommended design (docs/plan.md).
+
 N comes from the model's architecture: a local folder's ``config.json``, a tiny config, or the
 shipped ``resources/qwen3_4b_instruct_2507.json`` for the paper model (no hub access).  Mean tokens
 per example come from the split data when ``results/data/tasks`` exists (characters / chars-per-token),
