@@ -147,6 +147,9 @@ def test_main_end_to_end_and_schema(workspace: dict[str, Path], settings: dict[s
     summary = json.loads(summary_path(out).read_text())
     assert summary["rows"] == len(frame) and summary["timeouts"] == 0
     assert len(summary["per_task_repeat"]) == len(TASKS) * 2 and "wall_time_s" in summary
+    measured = summary["measured"]  # what plan --pilot reads (fomaml_math.measured): on CPU no GPU facts
+    assert measured["generated_tokens"] == frame["gen_tokens"].sum() and measured["answers"] == len(frame)
+    assert measured["generate_s"] > 0 and measured["gpu"] is None and measured["peak_gpu_memory_gib"] is None
     assert not any(p.name.endswith(".parts") for p in out.parent.iterdir())
 
     zero = tmp_path / "eval" / "sft" / "shots-0.parquet"

@@ -88,8 +88,22 @@ def test_disk_counts_candidates_and_the_checkpoints_of_the_runs_in_training(repo
 def test_plan_cli_prints_jobs_hours_and_assumptions(repo_root: Path, capsys: pytest.CaptureFixture) -> None:
     assert plan.main(["--configfile", str(repo_root / "config" / "config.yaml"), "--tasks-dir", "/nonexistent"]) == 0
     out = capsys.readouterr().out
-    expected = ("jobs per rule:", "GPU-hours (estimate):", "MFU 40%", "tokens per example (assumed", "disk:")
-    for text in (*expected, "primary contrast (fomaml - sft, mean over k > 0)", "MDE (pp)", "alternative designs"):
+    expected = (
+        "jobs per rule:",
+        "GPU-hours (estimate):",
+        "MFU 40% of 312 TFLOP/s",
+        "tokens per example (assumed",
+        "disk:",
+    )
+    for text in (
+        *expected,
+        "primary contrast (fomaml - sft, mean over k > 0)",
+        "MDE (pp)",
+        "alternative designs",
+        "GPU-hours by generation backend on a100-80gb",
+        "sensitivity: primary MDE",
+        "recommended design",
+    ):
         assert text in out, text
 
 
@@ -112,7 +126,7 @@ def test_plan_sizes_the_primary_contrast_from_the_assumed_components(repo_root: 
     """The power section is analysis.power on the configured design: hand-checked se and the family's alpha."""
     config = load_config(repo_root / "config" / "config.yaml")
     components, source = plan.assumed_components(config)
-    assert source == "stats.assumed" and components.seed_sd == pytest.approx(
+    assert source == plan.ASSUMED_SOURCE and components.seed_sd == pytest.approx(
         config["stats"]["assumed"]["seed_sd_pp"] / 100
     )
     section = plan.power_section(config, Path("/nonexistent"), components, source)
@@ -146,7 +160,7 @@ def test_plan_sizes_the_primary_contrast_from_the_assumed_components(repo_root: 
 def test_the_metaloop_row_is_priced(demo_config: dict, tmp_path: Path) -> None:
     """eval.metaloop_row: one more evaluation per FOMAML run and k > 0, adapted num_inner_steps steps of
     min(k, inner_batch_size) shots, generated and scored like the others; off, nothing."""
-    assumptions = plan.Assumptions(mfu=0.5, peak_tflops=100.0, example_tokens=50.0)
+    assumptions = plan.Assumptions(mfu=0.5, peak_tflops=100.0, decode_tokens_per_s=2500.0, example_tokens=50.0)
     on = plan.build_plan(demo_config, assumptions, tmp_path / "no-data")
     off = plan.build_plan({**demo_config, "eval": {**demo_config["eval"], "metaloop_row": False}}, assumptions,
                           tmp_path / "no-data")  # fmt: skip
@@ -175,7 +189,7 @@ def test_the_metaloop_row_is_priced(demo_config: dict, tmp_path: Path) -> None:
 def test_the_negative_control_is_priced(demo_config: dict, tmp_path: Path) -> None:
     """The control: replicates.control_draws draws of one model at each control k, on its experiment's held-out
     tasks only (the demo: 8 draws x 3 tasks at 5 shots), adapted, generated and scored like the others."""
-    assumptions = plan.Assumptions(mfu=0.5, peak_tflops=100.0, example_tokens=50.0)
+    assumptions = plan.Assumptions(mfu=0.5, peak_tflops=100.0, decode_tokens_per_s=2500.0, example_tokens=50.0)
     on = plan.build_plan(demo_config, assumptions, tmp_path / "no-data")
     replicates = {**demo_config["replicates"], "negative_control": False}
     off = plan.build_plan({**demo_config, "replicates": replicates}, assumptions, tmp_path / "no-data")

@@ -69,6 +69,9 @@ def test_main_writes_outputs(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
     assert summary["method"] == "sft" and summary["steps"] == 6 and summary["examples"] == 24
     assert summary["num_train_examples"] == 3 * (12 + 12)
+    measured = summary["measured"]  # what plan --pilot reads (fomaml_math.measured)
+    assert measured["tokens"] == summary["tokens"] > 0 and measured["processes"] == 1 and measured["gpu"] is None
+    assert measured["tokens_per_s_per_gpu"] == pytest.approx(summary["tokens"] / measured["seconds"])
     records = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(7))
     assert "dev/loss_before" in records[0] and "dev/loss_before" in records[6]

@@ -29,6 +29,10 @@ and an estimate of GPU-hours and disk, with every assumption beside the number i
   parameter; the new one is written before the oldest is pruned), finished runs' checkpoints only with
   ``compute.keep_finished_checkpoints``, the base model once, and the generated text.
 
+Peak FLOP/s and decode tokens/s come from ``compute.gpu`` (``hardware.py``; decode per backend, both priced in
+``gpu_hours_by_backend``); ``--pilot`` replaces them and the variance components by what a finished pilot measured
+(``pilot.py``), and ``sizing.py`` adds the sensitivity table and the recommended design (docs/plan.md).
+
 N comes from the model's architecture: a local folder's ``config.json``, a tiny config, or the
 shipped ``resources/qwen3_4b_instruct_2507.json`` for the paper model (no hub access).  Mean tokens
 per example come from the split data when ``results/data/tasks`` exists (characters / chars-per-token),
@@ -43,14 +47,15 @@ import json
 import math
 import sys
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from fomaml_math import hardware, pilot, sizing
 from fomaml_math.analysis.evaldata import load_eval
-from fomaml_math.analysis.power import Design, VarianceComponents, estimate_components, plan_contrast
+from fomaml_math.analysis.power import Design, VarianceComponents, plan_contrast
 from fomaml_math.analysis.primary import planned_family_size
 from fomaml_math.analysis.tables import FOLD_FAMILY, PRIMARY_FAMILY
 from fomaml_math.config import (
@@ -70,6 +75,7 @@ from fomaml_math.config import (
 from fomaml_math.errors import ConfigError
 
 RESOURCES = Path(__file__).resolve().parent / "resources"
+ASSUMED_SOURCE = "assumed: stats.assumed, placeholders until a pilot (docs/plan.md)"
 PAPER_MODELS = {"Qwen/Qwen3-4B-Instruct-2507": RESOURCES / "qwen3_4b_instruct_2507.json"}
 # MATH: problem + worked solution is ~1,200 characters on average; ~3.5 characters per Qwen token.
 DEFAULT_CHARS_PER_TOKEN = 3.5
@@ -80,10 +86,19 @@ DEFAULT_TEST_PROBLEMS_PER_TASK = 5000 / 7  # MATH test split, per subject on ave
 @dataclass(frozen=True)
 class Assumptions:
     mfu: float = 0.40  # of peak, for training and adaptation
-    peak_tflops: float = 989.0  # H100/H200 dense bf16 datasheet
-    decode_tokens_per_s: float = 2500.0  # per GPU, batched greedy decoding of a 4B model (HF loop)
+    peak_tflops: float | None = None  # None: compute.gpu's dense bf16 datasheet figure (hardware.py)
+    decode_tokens_per_s: float | None = None  # per GPU; None: eval.backend's on compute.gpu (hardware.py)
     mean_generated_fraction: float = 0.5  # of eval.max_new_tokens, per answer
     example_tokens: float | None = None  # None: measured from the split data, or DEFAULT_EXAMPLE_TOKENS
+    train_tokens_per_s: float | None = None  # per GPU, measured by a pilot; None: FLOPs / (peak x MFU)
+
+
+def resolved(config: Mapping[str, Any], assumptions: Assumptions) -> tuple[float, float]:
+    """(peak TFLOP/s, decode tokens/s) per GPU: as given, else compute.gpu's and eval.backend's (hardware.py)."""
+    name = str(config["compute"].get("gpu", hardware.DEFAULT_GPU))
+    peak = assumptions.peak_tflops or hardware.gpu(name).peak_bf16_tflops
+    backend = str(config["eval"].get("backend", "hf"))
+    return peak, assumptions.decode_tokens_per_s or hardware.decode_assumption(name, backend).tokens_per_s
 
 
 def architecture(config: Mapping[str, Any]) -> dict[str, int]:
@@ -221,7 +236,8 @@ def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: P
     example_tokens, token_source = mean_example_tokens(tasks_dir, tasks, assumptions.example_tokens)
     seq = min(float(config["model"]["max_seq_len"]), example_tokens)
     per_token = train_flops_per_token(arch, params, seq)
-    throughput = assumptions.peak_tflops * 1e12 * assumptions.mfu  # FLOP/s per GPU
+    peak_tflops, decode_tokens_per_s = resolved(config, assumptions)
+    throughput = peak_tflops * 1e12 * assumptions.mfu  # FLOP/s per GPU
 
     fo = config["fomaml"]
     examples_per_meta_step = fo["meta_batch_size"] * (
@@ -253,7 +269,7 @@ def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: P
         decoded = task_count * monitor * ev["max_new_tokens"] * assumptions.mean_generated_fraction * (
             1 + len(tuned) * cal["draws"] * lr_count * graded_points
         )  # fmt: skip
-        return adapt / throughput / 3600 + decoded / assumptions.decode_tokens_per_s / 3600
+        return adapt / throughput / 3600 + decoded / decode_tokens_per_s / 3600
 
     candidates = {m: candidate_count(config, m) for m in ("fomaml", "sft")}
     tuning = sum(
@@ -309,14 +325,14 @@ def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: P
     )
 
     hours = {
-        "train_fomaml": runs * fomaml_tokens * per_token / throughput / 3600,
-        "train_sft": runs * sft_tokens * per_token / throughput / 3600,
+        "train_fomaml": runs * train_seconds(fomaml_tokens * per_token, fomaml_tokens, throughput, assumptions) / 3600,
+        "train_sft": runs * train_seconds(sft_tokens * per_token, sft_tokens, throughput, assumptions) / 3600,
         "dev_monitoring": runs * monitor_flops_per_run_pair / throughput / 3600,
         "calibrate": tuning if calibrated else 0.0,
         "evaluate_adaptation": (adapt_flops + nll_flops) / throughput / 3600,
-        "evaluate_generation": generated / assumptions.decode_tokens_per_s / 3600,
+        "evaluate_generation": generated / decode_tokens_per_s / 3600,
         "evaluate_metaloop": (metaloop_adapt + metaloop_nll) / throughput / 3600
-        + metaloop_generated / assumptions.decode_tokens_per_s / 3600,
+        + metaloop_generated / decode_tokens_per_s / 3600,
     }
     disk = disk_parts(config, params, runs, generated + metaloop_generated)
     disk_bytes = sum(disk.values())
@@ -343,8 +359,10 @@ def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: P
         "candidates_per_run": {m: candidate_count(config, m) for m in ("fomaml", "sft")},
         "assumptions": {
             "mfu": assumptions.mfu,
-            "peak_tflops_per_gpu": assumptions.peak_tflops,
-            "decode_tokens_per_s_per_gpu": assumptions.decode_tokens_per_s,
+            "gpu": str(config["compute"].get("gpu", hardware.DEFAULT_GPU)),
+            "peak_tflops_per_gpu": peak_tflops,
+            "decode_tokens_per_s_per_gpu": decode_tokens_per_s,
+            "train_tokens_per_s_per_gpu": assumptions.train_tokens_per_s,
             "mean_generated_tokens": ev["max_new_tokens"] * assumptions.mean_generated_fraction,
             "mean_example_tokens": round(example_tokens, 1),
             "example_tokens_source": token_source,
@@ -355,6 +373,11 @@ def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: P
             "sft_tokens_per_run": sft_tokens,
         },
     }
+
+
+def train_seconds(flops: float, tokens: float, throughput: float, assumptions: Assumptions) -> float:
+    """GPU-seconds of one training run: at a pilot's measured tokens/s per GPU, else its FLOPs at peak x MFU."""
+    return tokens / assumptions.train_tokens_per_s if assumptions.train_tokens_per_s else flops / throughput
 
 
 def fold_cost(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: Path) -> dict[str, Any] | None:
@@ -460,6 +483,7 @@ def alternative_designs(
                             if r["family"] == PRIMARY_FAMILY
                         },
                         "gpu_hours": build_plan(variant, assumptions, tasks_dir)["gpu_hours_total"],
+                        "exploratory": seeds < sizing.min_seeds_confirmatory(config),
                     }
                 )
     return rows
@@ -502,7 +526,8 @@ def render_power(section: Mapping[str, Any], designs: list[Mapping[str, Any]]) -
         ]
         for d in designs:
             mdes = " ".join(f"{d['mde_pp'][n]:>16.1f}" for n in names)
-            lines.append(f"  {d['seeds']:>5} {d['draws']:>5} {d['test_subset']:>8} {mdes} {d['gpu_hours']:>8.1f}")
+            mark = "  exploratory (seeds below stats.primary.min_seeds_confirmatory)" if d.get("exploratory") else ""
+            lines.append(f"  {d['seeds']:>5} {d['draws']:>5} {d['test_subset']:>8} {mdes} {d['gpu_hours']:>8.1f}{mark}")
     return "\n".join(lines) + "\n"
 
 
@@ -537,9 +562,12 @@ def render(plan: Mapping[str, Any], gpus: int) -> str:
         + f"; candidates per run: {', '.join(f'{m} {n}' for m, n in plan['candidates_per_run'].items())})",
         "",
         "assumptions:",
-        f"  MFU {a['mfu']:.0%} of {a['peak_tflops_per_gpu']:g} TFLOP/s per GPU (training, adaptation, NLL)",
-        f"  decoding {a['decode_tokens_per_s_per_gpu']:g} tokens/s per GPU, "
-        f"{a['mean_generated_tokens']:g} tokens per answer",
+        f"  {a['gpu']}: MFU {a['mfu']:.0%} of {a['peak_tflops_per_gpu']:g} TFLOP/s per GPU (training, adaptation, "
+        f"NLL; peak: {a.get('peak_tflops_source', 'given')})",
+        *([f"  training {a['train_tokens_per_s_per_gpu']:.4g} tokens/s per GPU (measured: {a['train_source']})"]
+          if a.get("train_tokens_per_s_per_gpu") else []),
+        f"  decoding {a['decode_tokens_per_s_per_gpu']:g} tokens/s per GPU ({a.get('decode_label', 'assumed')}), "
+        f"{a['mean_generated_tokens']:g} tokens per answer ({a.get('mean_generated_tokens_label', 'assumed')})",
         f"  {a['mean_example_tokens']:g} tokens per example ({a['example_tokens_source']}); "
         f"{a['test_problems']:g} test problems ({a['test_problems_source']})",
         f"  training FLOPs per token {a['train_flops_per_token']:.3g} (6N + attention)",
@@ -566,35 +594,66 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configfile", required=True, help="a config YAML (e.g. config/config.yaml)")
     parser.add_argument("--tasks-dir", default="results/data/tasks", type=Path, help="split data, if already built")
     parser.add_argument("--mfu", type=float, default=Assumptions.mfu)
-    parser.add_argument("--peak-tflops", type=float, default=Assumptions.peak_tflops)
-    parser.add_argument("--decode-tokens-per-s", type=float, default=Assumptions.decode_tokens_per_s)
+    parser.add_argument("--peak-tflops", type=float, default=None, help="override compute.gpu's peak (TFLOP/s)")
+    parser.add_argument(
+        "--decode-tokens-per-s", type=float, default=None, help="override eval.backend's decode tokens/s per GPU"
+    )
     parser.add_argument("--example-tokens", type=float, default=None, help="override the mean tokens per example")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument(
         "--pilot",
         type=Path,
         default=None,
-        help="a finished study's results/ folder: estimate the variance components from its evaluations "
-        "instead of stats.assumed",
+        help="a finished run's results/ folder (the pilot, config/pilot.yaml): size from the upper bounds of its "
+        "variance components and price with what its jobs measured on the study's model and GPU",
     )
     args = parser.parse_args(argv)
     config = load_config(args.configfile)
     if not 0 < args.mfu <= 1:
         raise ConfigError(f"--mfu: expected a fraction in (0, 1], got {args.mfu}")
-    assumptions = Assumptions(args.mfu, args.peak_tflops, args.decode_tokens_per_s, example_tokens=args.example_tokens)
+    assumptions = Assumptions(args.mfu, args.peak_tflops, example_tokens=args.example_tokens)
     tasks_dir = split_data_for(config, args.tasks_dir)
-    plan = build_plan(config, assumptions, tasks_dir)
-    plan["loso"] = fold_cost(config, assumptions, tasks_dir)
+    gpu, backend = str(config["compute"]["gpu"]), str(config["eval"].get("backend", "hf"))
+    decode = {b: hardware.decode_assumption(gpu, b) for b in hardware.BACKENDS}
+    if args.decode_tokens_per_s is not None:
+        decode[backend] = hardware.Decode(backend, args.decode_tokens_per_s, "given (--decode-tokens-per-s)")
     components, source = assumed_components(config)
+    bound, measured = None, None
     if args.pilot is not None:
         paths = sorted(args.pilot.glob("*/*/seed-*/eval/shots-*.parquet"))
         if not paths:
             raise ConfigError(f"--pilot: no <experiment>/<method>/seed-<s>/eval/shots-<k>.parquet under {args.pilot}")
-        components, source = estimate_components(load_eval(paths)), f"estimated from {len(paths)} files in {args.pilot}"
+        bound = pilot.bound_components(load_eval(paths))
+        components = bound.upper
+        source = f"measured: {bound.level:.0%} upper bounds of the estimates from {len(paths)} files in {args.pilot}"
+        measured = pilot.measurements(args.pilot, config)
+        assumptions, decode = pilot.apply_measured(config, assumptions, decode, measured)
+    assumptions = replace(assumptions, decode_tokens_per_s=decode[backend].tokens_per_s)
+    plan = build_plan(config, assumptions, tasks_dir)
+    plan["gpu_hours_by_backend"] = sizing.hours_by_backend(
+        lambda a: build_plan(config, a, tasks_dir), assumptions, decode
+    )
+    plan["assumptions"].update(pilot.labels(config, assumptions, decode[backend], measured))
+    plan["loso"] = fold_cost(config, assumptions, tasks_dir)
     plan["power"] = power_section(config, tasks_dir, components, source)
+    plan["power"]["components"]["label"] = "assumed" if bound is None else "measured (upper bounds)"
+    plan["sensitivity"] = sizing.sensitivity(lambda c: power_section(config, tasks_dir, c, source), components)
     plan["designs"] = alternative_designs(config, assumptions, tasks_dir, components)
+    target, min_seeds = float(config["stats"]["target_effect_pp"]), sizing.min_seeds_confirmatory(config)
+    plan["recommended_design"] = sizing.recommend(plan["designs"], target, min_seeds)
+    if measured is not None:
+        plan["pilot"] = {"variance": bound.summary(), **measured}
     gpus = int(config["compute"]["gpus"])
-    text = render(plan, gpus) + "\n" + render_power(plan["power"], plan["designs"])
+    text = "\n".join(
+        [
+            render(plan, gpus),
+            sizing.render_backends(plan["gpu_hours_by_backend"], backend, gpu),
+            *([sizing.render_pilot(measured, bound)] if measured is not None else []),
+            render_power(plan["power"], plan["designs"]),
+            sizing.render_recommendation(plan["recommended_design"], target, min_seeds),
+            sizing.render_sensitivity(plan["sensitivity"], target),
+        ]
+    )
     print(json.dumps(plan, indent=2) if args.json else text, end="")
     return 0
 
@@ -602,4 +661,4 @@ def main(argv: list[str] | None = None) -> int:
 def assumed_components(config: Mapping[str, Any]) -> tuple[VarianceComponents, str]:
     assumed = config["stats"]["assumed"]
     components = VarianceComponents.from_pp(assumed["seed_sd_pp"], assumed["draw_sd_pp"], assumed["problem_var"])
-    return components, "stats.assumed"
+    return components, ASSUMED_SOURCE

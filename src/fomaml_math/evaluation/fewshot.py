@@ -43,6 +43,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from fomaml_math import measured
 from fomaml_math.config import add_settings_arguments, settings_from_args
 from fomaml_math.data.taskfiles import discover_tasks
 from fomaml_math.errors import ConfigError
@@ -238,6 +239,13 @@ def main(argv: list[str] | None = None) -> int:
             **described,
             "wall_time_s": round(wall, 3),
             "resumed_pieces": sum(bool(i.get("resumed")) for i in infos),
+            "measured": measured.evaluation(
+                infos,
+                model=settings.model.name_or_path,
+                backend=settings.backend,
+                max_new_tokens=settings.max_new_tokens,
+                device=job.device,
+            ),
             "settings": raw,
         },
     )

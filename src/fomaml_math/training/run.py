@@ -13,6 +13,7 @@ import accelerate
 import torch
 import transformers
 
+from fomaml_math import measured
 from fomaml_math.batching import EncodedExample
 from fomaml_math.config import settings_hash
 from fomaml_math.errors import ConfigError
@@ -312,6 +313,13 @@ class TrainingRun:
             "num_train_examples": len(train_examples),
             "num_truncated_examples": sum(e.truncated for e in train_examples),
             "this_run_wall_time_s": this_run_wall_time,
+            "measured": measured.training(
+                model=self.settings["model"]["name_or_path"],
+                tokens=self.state["tokens"],
+                seconds=self.wall_time(),
+                processes=self.runtime.world,
+                device=self.runtime.device,
+            ),
             **(facts or {}),
         }
         if self.runtime.is_main:
