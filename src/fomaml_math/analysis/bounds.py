@@ -25,6 +25,8 @@ from fomaml_math.analysis import inference
 CLOPPER_PEARSON = "clopper-pearson"  # ``ci_method`` of an all-0 / all-1 accuracy cell
 WILSON = "wilson"  # ``ci_method`` of a constant accuracy cell strictly inside (0, 1)
 NEWCOMBE = "newcombe"  # ``ci_method`` of a difference whose seed-aware interval collapsed to a point
+# Weighted means of 0/1 scores land within rounding of the bounds (1.0000000000000002): compared with this slack.
+TOLERANCE = 1e-9
 
 
 def _z(ci_level: float) -> float:
@@ -60,6 +62,7 @@ def newcombe_difference(p_a: float, n_a: int, p_b: float, n_b: int, ci_level: fl
     empty, i.e. exactly at the bounds where this interval is used: there the two coincide. Elsewhere (a constant
     difference strictly inside) ignoring a positive pairing only widens the interval.
     """
+    p_a, p_b = min(1.0, max(0.0, p_a)), min(1.0, max(0.0, p_b))  # rounding past a bound (see TOLERANCE)
     l_a, u_a = wilson(p_a, n_a, ci_level)
     l_b, u_b = wilson(p_b, n_b, ci_level)
     if not all(math.isfinite(v) for v in (l_a, u_a, l_b, u_b)):
@@ -71,14 +74,14 @@ def newcombe_difference(p_a: float, n_a: int, p_b: float, n_b: int, ci_level: fl
 
 
 def is_point(low: float, high: float) -> bool:
-    """A finite interval of zero width (what a standard error of 0 gives)."""
-    return math.isfinite(low) and math.isfinite(high) and low == high
+    """A finite interval of zero width, up to rounding (what a standard error of 0 gives)."""
+    return math.isfinite(low) and math.isfinite(high) and abs(high - low) <= TOLERANCE
 
 
 def proportion_interval(proportion: float, n: int, ci_level: float) -> tuple[float, float, str]:
     """(low, high, method) of an accuracy cell where nothing varied: Clopper–Pearson at 0 or 1, else Wilson."""
-    if proportion <= 0.0 or proportion >= 1.0:
-        return (*clopper_pearson(round(proportion * n), n, ci_level), CLOPPER_PEARSON)
+    if proportion <= TOLERANCE or proportion >= 1.0 - TOLERANCE:
+        return (*clopper_pearson(0 if proportion < 0.5 else n, n, ci_level), CLOPPER_PEARSON)
     return (*wilson(proportion, n, ci_level), WILSON)
 
 
@@ -87,7 +90,8 @@ def accuracy_interval(
 ) -> tuple[float, float, str]:
     """The seed-aware ``(low, high, method)`` unchanged, unless the cell is at 0 or 1 or its interval is a point
     (nothing varied): then :func:`proportion_interval` over the ``n`` problems."""
-    if n > 0 and math.isfinite(proportion) and (proportion in (0.0, 1.0) or is_point(low, high)):
+    at_bound = min(abs(proportion), abs(1.0 - proportion)) <= TOLERANCE
+    if n > 0 and math.isfinite(proportion) and (at_bound or is_point(low, high)):
         return proportion_interval(proportion, n, ci_level)
     return low, high, method
 
