@@ -181,3 +181,31 @@ def test_simultaneous_intervals_never_contradict_holm(boundary_stats: Path) -> N
 def test_tables_keep_their_columns(boundary_stats: Path) -> None:
     comparisons = pd.read_csv(boundary_stats / "comparisons.tsv", sep="\t", nrows=1)
     assert {"acc_diff_sci_level", "acc_diff_sci_low", "acc_diff_sci_high"} <= set(comparisons.columns)
+
+
+# --- sample efficiency claims nothing below the first evaluated k > 0 ---------------------------------------
+
+
+def test_shots_to_reach_never_interpolates_below_the_first_evaluated_k() -> None:
+    from fomaml_math.analysis import efficiency
+
+    shots = np.array([0.0, 5.0, 20.0])
+    curves = np.array([[0.2, 0.6, 0.7], [0.2, 0.3, 0.5], [0.45, 0.5, 0.6]])
+    # Curve 1 crosses 0.4 between 0 and 5: the claim is "by k = 5", not 2.5. Curve 2 between 5 and 20 (> 0):
+    # interpolated, 5 + (0.4 − 0.3)/(0.5 − 0.3) · 15 = 12.5. Curve 3 is there at 0 shots.
+    np.testing.assert_allclose(efficiency.shots_to_reach(shots, curves, np.full(3, 0.4)), [5.0, 12.5, 0.0])
+
+
+def test_the_efficiency_table_names_the_evaluated_k(boundary_stats: Path) -> None:
+    table = read_table(boundary_stats, "sample_efficiency.tsv")
+    assert len(table)
+    evaluated = {0.0, 5.0, 10.0}
+    for row in table.itertuples(index=False):
+        if math.isnan(row.shots_to_match):
+            assert math.isnan(row.shots_reached)
+            continue
+        assert row.shots_reached in evaluated and (row.shots_to_match == 0 or row.shots_to_match >= 5)
+        assert bool(row.interpolated) == (row.shots_to_match not in evaluated)
+        if row.interpolated:
+            assert 0 < row.shots_before < row.shots_to_match < row.shots_reached
+        assert row.ci_low == 0 or row.ci_low >= 5  # nor does its interval

@@ -131,7 +131,8 @@ def test_primary_rows_carry_the_table_numbers_and_verdicts(stats_dir: Path, tmp_
     assert "### Experiment `heldout_geometry`: held-out task(s) geometry pooled" in text
     for row in primary.itertuples():
         label = {"fomaml-sft": "FOMAML − SFT", "fomaml-base": "FOMAML − Base"}[row.comparison]
-        diff = f"{_pp(row.acc_diff)} [{_pp(row.acc_diff_ci_low)}, {_pp(row.acc_diff_ci_high)}]"
+        # Beside the Holm verdict: the interval simultaneous over the family (Bonferroni), not the marginal one.
+        diff = f"{_pp(row.acc_diff)} [{_pp(row.acc_diff_sci_low)}, {_pp(row.acc_diff_sci_high)}]"
         verdict = {"better": "**better**", "worse": "**worse**", "inconclusive": "inconclusive"}.get(
             row.verdict, "equivalent within ±2 pp"
         )
@@ -434,7 +435,7 @@ def test_the_metaloop_row_in_the_summary_and_the_figure(tmp_path: Path) -> None:
     for row in comparisons[(comparisons.comparison == "fomaml_metaloop-fomaml")
                            & comparisons.task.isin(["all", "meta_test"])].itertuples():  # fmt: skip
         assert row.family == "secondary"
-        assert f"| {int(row.shots)} | {_pp(row.acc_diff)} [{_pp(row.acc_diff_ci_low)}, " in section
+        assert f"| {int(row.shots)} | {_pp(row.acc_diff)} [{_pp(row.acc_diff_sci_low)}, " in section
     assert "fomaml_metaloop" not in read_table(out, "primary.tsv").contrast.str.cat()
     fig = figures.accuracy_vs_shots_figure(accuracy, comparisons, 0.95)
     (ax,) = [ax for ax in fig.axes if ax.get_gid() == "experiment:in_domain"]

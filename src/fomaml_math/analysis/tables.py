@@ -356,6 +356,9 @@ SAMPLE_EFFICIENCY_COLUMNS = [
     "learner_max_shots",
     "learner_accuracy_at_max",
     "shots_to_match",
+    "shots_reached",  # the first evaluated k at which the learner is at the target (NaN: not within max k)
+    "shots_before",  # the evaluated k before it (NaN when reached at the smallest k)
+    "interpolated",  # shots_to_match lies strictly between shots_before and shots_reached (both > 0)
     "ci_low",
     "ci_high",
     "share_not_reached",
