@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from fomaml_math.analysis.calibration import load_calibration
+from fomaml_math.analysis.calibration import edge_runs, load_calibration
 from fomaml_math.analysis.labels import init_label, task_label
 from fomaml_math.analysis.tables import (
     ALL_SEEDS,
@@ -227,6 +227,38 @@ def _answer_lines(primary: pd.DataFrame | None, planted: pd.DataFrame | None, se
         "",
     ]
     return lines
+
+
+_EDGE_WORDS = {"lr": "rate", "num_steps": "step count"}
+
+
+def _grid_edge_lines(
+    calibration: dict[str, pd.DataFrame] | None, primary: pd.DataFrame | None, settings: StatsSettings
+) -> list[str]:
+    """One line qualifying the Answer per experiment where a primary arm's tuned choices (k > 0) sit at an edge
+    of the tuning grid in more than half of its runs: its optimum may lie outside the grid ('' otherwise)."""
+    if calibration is None or calibration["chosen"].empty:
+        return []
+    arms = settings.primary_contrast.split("-")
+    # The primary's experiments and "" (a base tuned once for all of them); no primary table: every experiment.
+    experiments = None if primary is None or primary.empty else [*primary["experiment"].unique(), ""]
+    flagged = [r for r in edge_runs(calibration["chosen"], arms, experiments) if 2 * r.at_edge > r.runs]
+    lines = []
+    for experiment in experiment_order(list(dict.fromkeys(r.experiment for r in flagged))):
+        parts = []
+        for row in sorted((r for r in flagged if r.experiment == experiment), key=lambda r: arms.index(r.init)):
+            named = ", ".join(
+                f"{end} {_EDGE_WORDS.get(axis, axis)} in {count}"
+                for (axis, _, end), count in ((edge.partition(":"), count) for edge, count in row.edges.items())
+            )
+            cap = f"; {row.capped} stopped at the grid-extension cap" if row.capped else ""
+            parts.append(f"{init_label(row.init)} in {row.at_edge} of {row.runs} runs ({named}{cap})")
+        lines.append(
+            f"- **Tuned at a grid edge** (`{experiment or 'shared'}`): the adaptation the tuner chose sits at an edge "
+            f"of its grid for {'; '.join(parts)}. The best adaptation may lie outside the grid, so this contrast "
+            "compares arms that may be under-tuned by different amounts (see Tuning below)."
+        )
+    return [*lines, ""] if lines else []
 
 
 def _pooled_note(primary: pd.DataFrame, settings: StatsSettings) -> str:
@@ -828,6 +860,7 @@ def render_summary(
     if len(seeds) and seeds.max() < 2:
         lines += ["One training seed: intervals and tests cover test-problem sampling only, not training variance.", ""]
     lines += _answer_lines(tables.get("primary.tsv"), tables.get("planted.tsv"), settings)
+    lines += _grid_edge_lines(calibration, tables.get("primary.tsv"), settings)  # qualifies the Answer
     lines += _primary_section(accuracy, per_shot, settings)
     lines += _rule_adoption_lines(tables.get("rule_adoption.tsv"), settings)
     lines += _positive_control_lines(tables.get("positive_control.tsv"), settings)
