@@ -30,7 +30,7 @@ def test_clopper_pearson_at_the_bounds_matches_the_closed_form() -> None:
     [(81, 263, (0.2553, 0.3662)), (0, 10, (0.0, 0.2775)), (15, 148, (0.0624, 0.1605))],
 )
 def test_wilson_matches_newcombe_1998a(successes: int, n: int, expected: tuple[float, float]) -> None:
-    """Newcombe (1998a), Statist. Med. 17:857, Table I, method 3 (score, no continuity correction)."""
+    """Newcombe (1998a), Statist. Med. 17:857-872, worked examples, method 3 (score, no continuity correction)."""
     low, high = bounds.wilson(successes / n, n, 0.95)
     assert (low, high) == pytest.approx(expected, abs=5e-5)
 
@@ -47,7 +47,7 @@ def test_wilson_matches_newcombe_1998a(successes: int, n: int, expected: tuple[f
     ],
 )
 def test_newcombe_difference_matches_newcombe_1998b(a: int, n_a: int, b: int, n_b: int, expected) -> None:
-    """Newcombe (1998b), Statist. Med. 17:873, Table II, method 10 (hybrid score)."""
+    """Newcombe (1998b), Statist. Med. 17:873-890, worked examples, method 10 (hybrid score)."""
     assert bounds.newcombe_difference(a / n_a, n_a, b / n_b, n_b, 0.95) == pytest.approx(expected, abs=5e-5)
 
 

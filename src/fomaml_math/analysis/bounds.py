@@ -5,13 +5,13 @@ point, "0.0 [0.0, 0.0]": not a 95% interval (0 of 90 is compatible with a true a
 gets the exact Clopper–Pearson interval (Clopper & Pearson 1934) with the number of test problems as its n, the
 unit the design samples; a cell that is constant but not at a bound (every problem's repeat-averaged score the
 same) gets Wilson's score interval (Wilson 1927), which needs no integer count. A difference whose interval
-collapsed to a point gets Newcombe's hybrid score interval (Newcombe 1998, method 10), built from the two
-Wilson intervals. Definitions and reasons: ``docs/statistics.md``, "Cells where nothing varied" and
-"Simultaneous intervals".
+collapsed to a point gets Newcombe's hybrid score interval (Newcombe 1998b, method 10), built from the two Wilson
+intervals. Definitions and reasons: ``docs/statistics.md``, "Cells where nothing varied" and "Simultaneous
+intervals beside Holm verdicts".
 
 Intervals beside Holm-adjusted verdicts are simultaneous by Bonferroni at the family size ``m``: level
-``1 − (1 − ci_level) / m``. Bonferroni's interval excludes 0 only where Holm rejects (Holm's first step is
-Bonferroni's test), so no such interval contradicts its verdict (Holm 1979).
+``1 − (1 − ci_level) / m``. With ``ci_level = 1 − alpha`` such an interval excludes 0 only where ``m · p < alpha``,
+and then Holm rejects too (Holm 1979: its adjusted p is at most ``m · p``), so none contradicts its verdict.
 """
 
 from __future__ import annotations
@@ -55,12 +55,12 @@ def wilson(proportion: float, n: int, ci_level: float) -> tuple[float, float]:
 
 
 def newcombe_difference(p_a: float, n_a: int, p_b: float, n_b: int, ci_level: float) -> tuple[float, float]:
-    """Newcombe's hybrid score interval of ``p_a − p_b`` (1998, method 10) from the two Wilson intervals.
+    """Newcombe's hybrid score interval of ``p_a − p_b`` (1998b, method 10) from the two Wilson intervals.
 
-    Written for independent samples. The arms here are paired by problem; Newcombe's paired version (1998b,
-    method 10) subtracts a term in the phi coefficient of the 2×2 table, which is 0 by convention when a margin is
-    empty, i.e. exactly at the bounds where this interval is used: there the two coincide. Elsewhere (a constant
-    difference strictly inside) ignoring a positive pairing only widens the interval.
+    Written for independent samples. The arms here are paired by problem; Newcombe's version for paired data
+    (Newcombe 1998c, method 10) subtracts a term in the phi coefficient of the 2×2 table, which is 0 by convention
+    when a margin is empty, i.e. exactly at the bounds where this interval is used: there the two coincide.
+    Elsewhere (a constant difference strictly inside) ignoring a positive pairing only widens the interval.
     """
     p_a, p_b = min(1.0, max(0.0, p_a)), min(1.0, max(0.0, p_b))  # rounding past a bound (see TOLERANCE)
     l_a, u_a = wilson(p_a, n_a, ci_level)
