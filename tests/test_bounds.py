@@ -209,3 +209,46 @@ def test_the_efficiency_table_names_the_evaluated_k(boundary_stats: Path) -> Non
         if row.interpolated:
             assert 0 < row.shots_before < row.shots_to_match < row.shots_reached
         assert row.ci_low == 0 or row.ci_low >= 5  # nor does its interval
+
+
+# --- a study where both primary arms answer nothing right: the Answer prints no point and no "n/a%" -----------
+
+
+def test_a_primary_contrast_of_empty_arms_gets_newcombe_and_the_answer_no_point(tmp_path: Path) -> None:
+    from fomaml_math.analysis import summary
+
+    frame = synthetic_eval_frame(experiments={"in_domain": ()})
+    frame.loc[frame["init"].isin(["sft", "fomaml"]) & (frame["shots"] > 0), "correct"] = False
+    paths = []
+    for (init, seed, shots), group in frame.groupby(["init", "train_seed", "shots"]):
+        path = tmp_path / "eval" / init / f"seed-{seed}" / f"shots-{shots}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        group.to_parquet(path, index=False)
+        paths.append(path)
+    out = tmp_path / "stats"
+    assert stats.main(["--settings", json.dumps(SETTINGS), "--eval", *map(str, paths), "--output-dir", str(out)]) == 0
+    primary = read_table(out, "primary.tsv").iloc[0]
+    n = int(primary.n_problems)
+    assert n == 74 and primary["diff"] == 0 and math.isnan(primary.p)  # every problem of the 3 tasks, no test
+    wilson_high = bounds.wilson(0.0, n, 0.95)[1]
+    assert (primary.ci_low, primary.ci_high) == pytest.approx((-wilson_high, wilson_high))
+    argv = ["--settings", json.dumps(SETTINGS), "--stats-dir", str(out), "--output", str(tmp_path / "summary.md"),
+            "--per-task-output", str(tmp_path / "per_task.md")]  # fmt: skip
+    assert summary.main(argv) == 0
+    text = (tmp_path / "summary.md").read_text()
+    answer = text[text.index("## Answer") : text.index("## Per-shot")]
+    assert f"+0.0 [{-100 * wilson_high:+.1f}, {100 * wilson_high:+.1f}]" in answer
+    assert "+0.0 [+0.0, +0.0]" not in text and "n/a%" not in text
+    assert "Power at the target 3 pp: not computable (nothing varied: no test)" in answer
+
+
+def test_widen_point_differences_leaves_real_intervals() -> None:
+    table = pd.DataFrame(
+        {"acc_a": [0.0, 0.4], "acc_b": [0.0, 0.3], "n_problems": [90, 90], "ci_low": [0.0, 0.02], "ci_high": [0.0, 0.2]}
+    )
+    out = bounds.widen_point_differences(table, 0.95)
+    assert out.loc[1, ["ci_low", "ci_high"]].tolist() == [0.02, 0.2]
+    assert out.loc[0, ["ci_low", "ci_high"]].tolist() == pytest.approx(
+        list(bounds.newcombe_difference(0, 90, 0, 90, 0.95))
+    )
+    assert table.loc[0, "ci_high"] == 0.0  # the input is not modified

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+import pandas as pd
 from scipy import stats as scipy_stats
 
 from fomaml_math.analysis import inference
@@ -134,3 +135,22 @@ def simultaneous_difference(
         return math.nan, math.nan
     est = inference.Estimate(estimate, se, df, n, 0, 0, math.nan, math.nan)
     return inference.t_interval(est, level, inference.DIFFERENCE_RANGE)
+
+
+def widen_point_differences(
+    table: pd.DataFrame, ci_level: float, *, low: str = "ci_low", high: str = "ci_high", a: str = "acc_a",
+    b: str = "acc_b", n: str = "n_problems",
+) -> pd.DataFrame:  # fmt: skip
+    """``table`` with each row's difference interval (columns ``low``, ``high``) that is a point replaced by
+    :func:`difference_interval` from its accuracies ``a``, ``b`` over its ``n`` problems (a table built elsewhere,
+    e.g. ``primary.tsv``); other rows unchanged."""
+    if table.empty:
+        return table
+    table = table.copy()
+    replaced = [
+        difference_interval(pa, pb, int(count), lo, hi, "", ci_level)[:2]
+        for pa, pb, count, lo, hi in zip(table[a], table[b], table[n], table[low], table[high], strict=True)
+    ]
+    table[low] = [lo for lo, _ in replaced]
+    table[high] = [hi for _, hi in replaced]
+    return table

@@ -512,7 +512,8 @@ def compute_tables(
     return {
         "accuracy.tsv": accuracy,
         "comparisons.tsv": comparisons,
-        "primary.tsv": primary_table(experiments, settings),
+        # Nothing varied (both arms all 0, e.g.): Newcombe's interval, never a point (analysis.bounds).
+        "primary.tsv": bounds.widen_point_differences(primary_table(experiments, settings), settings.ci_level),
         "per_shot.tsv": comparisons[comparisons["family"] == "per_shot"].reset_index(drop=True),
         "planted.tsv": planted_table(experiments, settings),
         "across_tasks.tsv": across,

@@ -217,7 +217,7 @@ def _answer_lines(primary: pd.DataFrame | None, planted: pd.DataFrame | None, se
                 f"{fmt_percent(row.false_positive_rate_mc_se)} (nominal {100 * row.alpha:.2g}%); with "
                 f"{100 * row.target_effect:g} pp planted: power {fmt_percent(row.power)}% ± "
                 f"{fmt_percent(row.power_mc_se)} "
-                f"(closed form from the observed se: {fmt_percent(row.closed_form_power)}%)."
+                f"(closed form from the observed se: {fmt_power(row.closed_form_power)})."
             )
     lines += [
         "",
