@@ -229,38 +229,6 @@ def _answer_lines(primary: pd.DataFrame | None, planted: pd.DataFrame | None, se
     return lines
 
 
-_EDGE_WORDS = {"lr": "rate", "num_steps": "step count"}
-
-
-def _grid_edge_lines(
-    calibration: dict[str, pd.DataFrame] | None, primary: pd.DataFrame | None, settings: StatsSettings
-) -> list[str]:
-    """One line qualifying the Answer per experiment where a primary arm's tuned choices (k > 0) sit at an edge
-    of the tuning grid in more than half of its runs: its optimum may lie outside the grid ('' otherwise)."""
-    if calibration is None or calibration["chosen"].empty:
-        return []
-    arms = settings.primary_contrast.split("-")
-    # The primary's experiments and "" (a base tuned once for all of them); no primary table: every experiment.
-    experiments = None if primary is None or primary.empty else [*primary["experiment"].unique(), ""]
-    flagged = [r for r in edge_runs(calibration["chosen"], arms, experiments) if 2 * r.at_edge > r.runs]
-    lines = []
-    for experiment in experiment_order(list(dict.fromkeys(r.experiment for r in flagged))):
-        parts = []
-        for row in sorted((r for r in flagged if r.experiment == experiment), key=lambda r: arms.index(r.init)):
-            named = ", ".join(
-                f"{end} {_EDGE_WORDS.get(axis, axis)} in {count}"
-                for (axis, _, end), count in ((edge.partition(":"), count) for edge, count in row.edges.items())
-            )
-            cap = f"; {row.capped} stopped at the grid-extension cap" if row.capped else ""
-            parts.append(f"{init_label(row.init)} in {row.at_edge} of {row.runs} runs ({named}{cap})")
-        lines.append(
-            f"- **Tuned at a grid edge** (`{experiment or 'shared'}`): the adaptation the tuner chose sits at an edge "
-            f"of its grid for {'; '.join(parts)}. The best adaptation may lie outside the grid, so this contrast "
-            "compares arms that may be under-tuned by different amounts (see Tuning below)."
-        )
-    return [*lines, ""] if lines else []
-
-
 def _pooled_note(primary: pd.DataFrame, settings: StatsSettings) -> str:
     """What the folds' pooled row stands for in the Answer ('' without folds)."""
     if not (primary["family"] == FOLD_FAMILY).any():
@@ -656,6 +624,38 @@ def _criterion_text(criterion: str, value: float) -> str:
 
 def _rho(value: float) -> str:
     return "n/a" if not math.isfinite(value) else f"{value:.2f}"
+
+
+_EDGE_WORDS = {"lr": "rate", "num_steps": "step count"}
+
+
+def _grid_edge_lines(
+    calibration: dict[str, pd.DataFrame] | None, primary: pd.DataFrame | None, settings: StatsSettings
+) -> list[str]:
+    """One line qualifying the Answer per experiment where a primary arm's tuned choices (k > 0) sit at an edge
+    of the tuning grid in more than half of its runs: its optimum may lie outside the grid ('' otherwise)."""
+    if calibration is None or calibration["chosen"].empty:
+        return []
+    arms = settings.primary_contrast.split("-")
+    # The primary's experiments and "" (a base tuned once for all of them); no primary table: every experiment.
+    experiments = None if primary is None or primary.empty else [*primary["experiment"].unique(), ""]
+    flagged = [r for r in edge_runs(calibration["chosen"], arms, experiments) if 2 * r.at_edge > r.runs]
+    lines = []
+    for experiment in experiment_order(list(dict.fromkeys(r.experiment for r in flagged))):
+        parts = []
+        for row in sorted((r for r in flagged if r.experiment == experiment), key=lambda r: arms.index(r.init)):
+            named = ", ".join(
+                f"{end} {_EDGE_WORDS.get(axis, axis)} in {count}"
+                for (axis, _, end), count in ((edge.partition(":"), count) for edge, count in row.edges.items())
+            )
+            cap = f"; {row.capped} stopped at the grid-extension cap" if row.capped else ""
+            parts.append(f"{init_label(row.init)} in {row.at_edge} of {row.runs} runs ({named}{cap})")
+        lines.append(
+            f"- **Tuned at a grid edge** (`{experiment or 'shared'}`): the adaptation the tuner chose sits at an edge "
+            f"of its grid for {'; '.join(parts)}. The best adaptation may lie outside the grid, so this contrast "
+            "compares arms that may be under-tuned by different amounts (see Tuning below)."
+        )
+    return [*lines, ""] if lines else []
 
 
 def _calibration_lines(calibration: dict[str, pd.DataFrame] | None) -> list[str]:
