@@ -133,7 +133,8 @@ def simultaneous_difference(
         return newcombe_difference(p_a, n, p_b, n, level)
     if not (math.isfinite(se) and se > 0 and df > 0):
         return math.nan, math.nan
-    est = inference.Estimate(estimate, se, df, n, 0, 0, math.nan, math.nan)
+    est = inference.Estimate(estimate=estimate, se=se, df=df, n_problems=n, n_clusters_a=0, n_clusters_b=0,
+                             cluster_var=math.nan, problem_var=math.nan)  # fmt: skip
     return inference.t_interval(est, level, inference.DIFFERENCE_RANGE)
 
 
