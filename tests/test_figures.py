@@ -15,7 +15,6 @@ from test_summary import write_calibration
 
 from fomaml_math.analysis import figures, style
 from fomaml_math.analysis.calibration import load_calibration
-from fomaml_math.analysis.outputs import STATS_FILES
 from fomaml_math.analysis.tables import read_table
 from fomaml_math.errors import ConfigError
 
@@ -297,29 +296,6 @@ def test_pdf_is_byte_reproducible(tmp_path: Path, tables: tuple[pd.DataFrame, pd
     second = style.save_figure(figures.accuracy_vs_shots_figure(accuracy, comparisons, 0.95), tmp_path / "b", "f")
     for a, b in zip(first, second, strict=True):
         assert a.read_bytes() == b.read_bytes()
-
-
-def test_report_captions_render(repo_root: Path, demo_config: dict) -> None:
-    """Every figure has a caption; captions render as Snakemake does (Jinja2, then reStructuredText)."""
-    from types import SimpleNamespace
-
-    import jinja2
-    from docutils.core import publish_parts
-
-    report_dir = repo_root / "workflow" / "report"
-    captions = sorted(report_dir.glob("*.rst"))
-    tables = {name.replace(".tsv", ".rst") for name in STATS_FILES}
-    assert {f"{stem}.rst" for stem in figures.FIGURES} | tables | {"workflow.rst"} <= {p.name for p in captions}
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
-    snakemake = SimpleNamespace(config=demo_config, wildcards=SimpleNamespace(method="fomaml"))
-    for path in captions:
-        text = env.from_string(path.read_text()).render(snakemake=snakemake)
-        assert "{{" not in text
-        # halt_level 2: a reStructuredText warning fails the test instead of showing up in the report.
-        html = publish_parts(text, writer="html", settings_overrides={"halt_level": 2, "report_level": 2})
-        assert html["body"].strip(), path.name
-    rendered = env.from_string((report_dir / "accuracy_vs_shots.rst").read_text())
-    assert "95% confidence band (t-interval over training" in rendered.render(snakemake=snakemake)
 
 
 def test_rule_adoption_reads_back_as_the_table(stats_dir: Path) -> None:

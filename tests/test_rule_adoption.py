@@ -18,6 +18,7 @@ from statsmodels.stats.multitest import multipletests
 from test_stats import SETTINGS
 
 from fomaml_math.analysis import figures, rule_adoption, stats, summary
+from fomaml_math.analysis.bounds import newcombe_difference
 from fomaml_math.analysis.evaldata import load_eval, split_experiments
 from fomaml_math.analysis.inference import DIFFERENCE_RANGE, crossed_estimate, t_interval
 from fomaml_math.analysis.tables import RULE_ADOPTION_COLUMNS, StatsSettings, read_table
@@ -224,6 +225,13 @@ def test_a_clear_adoption_is_detected_and_no_change_is_not(tmp_path: Path) -> No
     assert cell(table, "meta_test", "base", 5)["diff"] == pytest.approx(0.0)
     assert not cell(table, "meta_test", "base", 5).detected
     assert not table.loc[table.shots == 0, "detected"].any()
+    # All 30 follow: Clopper–Pearson over the 30 problems, not the point [100, 100].
+    sft_5 = cell(table, "meta_test", "sft", 5)
+    assert (sft_5.share_ci_low, sft_5.share_ci_high) == pytest.approx((0.025 ** (1 / 30), 1.0))
+    # The base's 5-shot answers follow exactly where its 0-shot ones do (se 0): Newcombe's interval, not [0, 0].
+    base_5 = cell(table, "meta_test", "base", 5)
+    assert (base_5.diff_ci_low, base_5.diff_ci_high) == pytest.approx(newcombe_difference(0.1, 30, 0.1, 30, 0.95))
+    assert base_5.diff_ci_low < 0 < base_5.diff_ci_high
 
 
 # --- the stage, the summary and the figure -----------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 from test_stats import SETTINGS, run_stats, write_control
 
 from fomaml_math.analysis import summary
+from fomaml_math.analysis.calibration import cap_text as calibration_cap
 from fomaml_math.analysis.calibration import load_calibration, steps_to_fraction
 from fomaml_math.analysis.tables import StatsSettings, read_table
 from fomaml_math.errors import ConfigError
@@ -131,7 +132,8 @@ def test_primary_rows_carry_the_table_numbers_and_verdicts(stats_dir: Path, tmp_
     assert "### Experiment `heldout_geometry`: held-out task(s) geometry pooled" in text
     for row in primary.itertuples():
         label = {"fomaml-sft": "FOMAML − SFT", "fomaml-base": "FOMAML − Base"}[row.comparison]
-        diff = f"{_pp(row.acc_diff)} [{_pp(row.acc_diff_ci_low)}, {_pp(row.acc_diff_ci_high)}]"
+        # Beside the Holm verdict: the interval simultaneous over the family (Bonferroni), not the marginal one.
+        diff = f"{_pp(row.acc_diff)} [{_pp(row.acc_diff_sci_low)}, {_pp(row.acc_diff_sci_high)}]"
         verdict = {"better": "**better**", "worse": "**worse**", "inconclusive": "inconclusive"}.get(
             row.verdict, "equivalent within ±2 pp"
         )
@@ -397,6 +399,43 @@ def test_calibration_section_rows_edges_and_agreement(tmp_path: Path) -> None:
     assert "| FOMAML | in_domain | 0 | nll | 1.00 | 0.80 | **-0.25** | 0.60 |" in nll
 
 
+def test_grid_edges_qualify_the_answer_when_most_of_an_arms_runs_sit_there(tmp_path: Path) -> None:
+    """SFT's one run chose the highest rate (1 of 1: more than half), FOMAML's seed 1 the lowest (1 of 2: not more
+    than half): one line, for SFT only; a file flagged "cap" by the tuner says the grid was extended to its cap."""
+    settings = StatsSettings.from_settings(SETTINGS)
+    paths = write_calibration(tmp_path / "cal")
+    lines = summary._grid_edge_lines(load_calibration(paths), None, settings)
+    assert lines == [
+        "- **Tuned at a grid edge** (`in_domain`): the adaptation the tuner chose sits at an edge of its grid for SFT "
+        "in 1 of 1 runs (highest rate in 1). The best adaptation may lie outside the grid, so this contrast compares "
+        "arms that may be under-tuned by different amounts (see Tuning below).",
+        "",
+    ]
+    # FOMAML's seed 0 moved to the edge too (2 of 2), and both its edge choices stopped at the tuner's cap.
+    record = json.loads(paths[3].read_text())
+    for entry in record["chosen"][1:]:
+        entry |= {"edges": ["lr:highest"], "cap": True}
+    paths[3].write_text(json.dumps(record))
+    (line, _) = summary._grid_edge_lines(load_calibration(paths), None, settings)
+    assert "FOMAML in 2 of 2 runs (highest rate in 1, lowest rate in 1; 1 stopped at the grid-extension cap)" in line
+    assert line.index("FOMAML in 2 of 2") < line.index("SFT in 1 of 1")  # in the contrast's order (fomaml-sft)
+    # No calibration files, or every arm mostly inside the grid: no line.
+    assert summary._grid_edge_lines(None, None, settings) == []
+    assert summary._grid_edge_lines(load_calibration(paths[3:]), None, settings)[0].count("runs") == 1
+    # The cap flag as the tuner may write it: a key, or the word in an edge or note; files without it read as "".
+    assert load_calibration(paths)["chosen"]["cap"].tolist().count("cap") == 2
+    assert calibration_cap({"edges": ["lr:highest:cap"], "edge_note": ""}) == "cap"
+    assert calibration_cap({"edges": ["lr:highest"], "edge_note": "stopped at the cap of 4 extensions"}) == "cap"
+    assert calibration_cap({"edges": ["lr:highest"], "edge_note": "capacity"}) == ""
+    assert calibration_cap({"edges": [], "edge_note": "", "cap": "lr 0.1"}) == "lr 0.1"
+
+
+def test_the_grid_edge_line_sits_in_the_answer(stats_dir: Path, tmp_path: Path) -> None:
+    text = _summarise(stats_dir, tmp_path, write_calibration(tmp_path / "cal"))
+    answer = text[text.index("## Answer") : text.index("## Per-shot comparisons")]
+    assert "- **Tuned at a grid edge** (`in_domain`)" in answer and "SFT in 1 of 1 runs" in answer
+
+
 def test_unknown_adaptation_settings_read_back_as_n_a(stats_dir: Path, tmp_path: Path) -> None:
     """The stats stage writes "n/a" where the adaptation was not recorded; read_table reads it back as NaN."""
     copy = tmp_path / "stats"
@@ -434,7 +473,7 @@ def test_the_metaloop_row_in_the_summary_and_the_figure(tmp_path: Path) -> None:
     for row in comparisons[(comparisons.comparison == "fomaml_metaloop-fomaml")
                            & comparisons.task.isin(["all", "meta_test"])].itertuples():  # fmt: skip
         assert row.family == "secondary"
-        assert f"| {int(row.shots)} | {_pp(row.acc_diff)} [{_pp(row.acc_diff_ci_low)}, " in section
+        assert f"| {int(row.shots)} | {_pp(row.acc_diff)} [{_pp(row.acc_diff_sci_low)}, " in section
     assert "fomaml_metaloop" not in read_table(out, "primary.tsv").contrast.str.cat()
     fig = figures.accuracy_vs_shots_figure(accuracy, comparisons, 0.95)
     (ax,) = [ax for ax in fig.axes if ax.get_gid() == "experiment:in_domain"]

@@ -6,7 +6,8 @@ written by :mod:`fomaml_math.evaluation.calibrate`.  The keys read here::
     {"init", "experiment": str|null, "train_seed": int, "optimizer": "sgd"|"adam",
      "criterion": "accuracy"|"answer_nll"|"nll",
      "chosen": [{"shots", "checkpoint", "lr", "num_steps", "nll", "answer_nll", "accuracy",
-                 "criterion_value", "edges": [str], "edge_note": str}],          # one per tuned k
+                 "criterion_value", "edges": [str], "edge_note": str,            # one per tuned k
+                 "cap": bool|str (optional: the choice stopped at the tuner's grid-extension cap)}],
      "grid":  [{"checkpoint", "shots", "lr", "num_steps", "nll", "answer_nll", "accuracy",
                 "accuracy_half_a", "accuracy_half_b"}],
      "curve": [{"checkpoint", "shots", "lr", "step", "nll", "answer_nll", "accuracy"}],  # step 0..max
@@ -29,7 +30,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +62,7 @@ CHOSEN_COLUMNS = [
     "curve_steps",
     "edges",  # ";"-joined, e.g. "lr:lowest;num_steps:highest": the choice is an end of that grid
     "edge_note",
+    "cap",  # "" or the tuner's flag that the choice stopped at its grid-extension cap (older files: none, "")
     "tasks",  # ","-joined: the tasks whose dev data was tuned on (meta_val, else the training tasks)
 ]
 GRID_COLUMNS = [*KEY_COLUMNS, "checkpoint", "shots", "lr", "num_steps", "nll", "answer_nll", "accuracy",
@@ -208,7 +212,54 @@ def _chosen_row(record: Mapping[str, Any], entry: Mapping[str, Any]) -> dict[str
         "curve_steps": max((c["step"] for c in on_curve), default=0),
         "edges": ";".join(entry["edges"]),
         "edge_note": entry["edge_note"],
+        "cap": cap_text(entry),
     }
+
+
+def cap_text(entry: Mapping[str, Any]) -> str:
+    """ "" unless the tuner flagged the choice as stopped at its grid-extension cap: a truthy ``cap`` key (its text
+    when it is one, else "cap"), or the word "cap" in an edge or the edge note. Files without the flag read as ""."""
+    flag = entry.get("cap")
+    if isinstance(flag, str) and flag.strip():
+        return flag.strip()
+    if flag and not isinstance(flag, str):
+        return "cap" if flag is True else str(flag)
+    words = [*entry.get("edges", []), entry.get("edge_note", "")]
+    return "cap" if any("cap" in re.split(r"[^a-z]+", str(w).lower()) for w in words) else ""
+
+
+@dataclass(frozen=True)
+class EdgeRuns:
+    """One (experiment, init): its tuned runs (training seeds), those with a k > 0 choice at a grid edge, those
+    with one stopped at the grid-extension cap, and each edge ("axis:end", e.g. "lr:lowest") with its run count."""
+
+    experiment: str
+    init: str
+    runs: int
+    at_edge: int
+    capped: int
+    edges: dict[str, int]
+
+
+def edge_runs(chosen: pd.DataFrame, inits: Sequence[str], experiments: Sequence[str] | None = None) -> list[EdgeRuns]:
+    """:class:`EdgeRuns` per (experiment, init of ``inits``) in the ``chosen`` table; ``experiments`` (None: all)
+    restricts them."""
+    rows = chosen[chosen["init"].isin(list(inits)) & (chosen["shots"] > 0)]
+    if experiments is not None:
+        rows = rows[rows["experiment"].isin(list(experiments))]
+    out = []
+    for (experiment, init), group in rows.groupby(["experiment", "init"], sort=False):
+        per_run = [
+            ({e for cell in run["edges"] for e in str(cell).split(";") if e}, any(str(c) for c in run["cap"]))
+            for _, run in group.groupby("train_seed")
+        ]
+        edges: dict[str, int] = {}
+        for names, _ in per_run:
+            for name in sorted(names):
+                edges[name] = edges.get(name, 0) + 1
+        at_edge, capped = sum(bool(n) for n, _ in per_run), sum(c for _, c in per_run)
+        out.append(EdgeRuns(str(experiment), str(init), len(per_run), at_edge, capped, edges))
+    return out
 
 
 def load_calibration(paths: Sequence[str | Path]) -> dict[str, pd.DataFrame]:

@@ -1,6 +1,11 @@
 """Sample efficiency: the number of shots at which one initialisation reaches another's accuracy at that
-one's largest k, read off the learning curve by linear interpolation, with a bootstrap interval over training
-seeds and problems (``docs/statistics.md``, "Sample efficiency").
+one's largest k, with a bootstrap interval over training seeds and problems (``docs/statistics.md``, "Sample
+efficiency").
+
+Only evaluated shot counts are claimed: ``shots_reached`` is the first evaluated k at which the learner's curve
+is at the target and ``shots_before`` the evaluated k before it. ``shots_to_match`` interpolates linearly between
+the two only where both are > 0 (``interpolated``); a crossing between 0 and the first evaluated k > 0 is reported
+as that k, never below it: nothing was evaluated there, and the curve between 0 and k is no straight line.
 """
 
 from __future__ import annotations
@@ -20,10 +25,11 @@ PAIRS: tuple[tuple[str, str], ...] = (("fomaml", "sft"), ("sft", "fomaml"), ("fo
 
 
 def shots_to_reach(shots: np.ndarray, curves: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """First shot count at which each curve reaches its target, linear between the measured shot counts.
+    """First shot count at which each curve reaches its target, linear between measured shot counts > 0.
 
     ``curves`` is (B × K) accuracy at the sorted ``shots`` (K); ``target`` (B). A curve already at the target at
-    the smallest k gives that k; one that never reaches it gives NaN (more shots than measured).
+    the smallest k gives that k; one that crosses it between 0 and the first k > 0 gives that k (no claim below
+    the first evaluated k > 0); one that never reaches it gives NaN (more shots than measured).
     """
     curves = np.atleast_2d(curves)
     target = np.broadcast_to(np.asarray(target, dtype=np.float64), curves.shape[:1])
@@ -33,7 +39,8 @@ def shots_to_reach(shots: np.ndarray, curves: np.ndarray, target: np.ndarray) ->
     for j in range(1, len(shots)):
         hit = ~done & (curves[:, j] >= target)
         low, high = curves[hit, j - 1], curves[hit, j]
-        result[hit] = shots[j - 1] + (target[hit] - low) / (high - low) * (shots[j] - shots[j - 1])
+        step = (target[hit] - low) / (high - low) * (shots[j] - shots[j - 1])
+        result[hit] = shots[j - 1] + step if shots[j - 1] > 0 else shots[j]
         done |= hit
     return result
 
@@ -102,6 +109,10 @@ def sample_efficiency_table(experiments: dict[str, pd.DataFrame], settings: Stat
             curve = cube_l.mean(axis=(0, 1))
             target = float(cube_r.mean())
             point = float(shots_to_reach(shots, curve[None, :], np.array([target]))[0])
+            at_target = np.flatnonzero(curve >= target)  # the evaluated k at which the curve is at the target
+            at = int(at_target[0]) if at_target.size else -1
+            shots_reached = float(shots[at]) if at >= 0 else math.nan
+            shots_before = float(shots[at - 1]) if at > 0 else math.nan
             base_seed = [settings.seed, zlib.crc32(f"efficiency:{name}".encode())]
             boot_l = _replicates(
                 cube_l, strata, settings.bootstrap_samples, np.random.default_rng([*base_seed, 1]), base_seed
@@ -125,6 +136,9 @@ def sample_efficiency_table(experiments: dict[str, pd.DataFrame], settings: Stat
                     "learner_max_shots": learner_shots[-1],
                     "learner_accuracy_at_max": float(curve[-1]),
                     "shots_to_match": point,
+                    "shots_reached": shots_reached,
+                    "shots_before": shots_before,
+                    "interpolated": bool(math.isfinite(point) and point not in learner_shots),
                     "ci_low": float(low) if math.isfinite(low) else math.inf,
                     "ci_high": float(high) if math.isfinite(high) else math.inf,
                     "share_not_reached": float(np.mean(np.isnan(reached))),

@@ -162,7 +162,9 @@ def _legend(fig: Figure, ax: Axes, ci_level: float) -> None:
         labels,
         loc="outside upper center",
         ncols=min(len(labels), 2),  # 4 inits in one row run past a one-panel figure's edges
-        title=f"shaded: {ci_level:.0%} CI; thin: one training seed;  *: {a} vs {b}, Holm-adjusted",
+        title=(
+            f"shaded: {ci_level:.0%} CI per line (unadjusted); thin: one training seed;  *: {a} vs {b}, Holm-adjusted"
+        ),
         title_fontsize=6,
     )
 
@@ -519,7 +521,7 @@ def rule_adoption_vs_shots_figure(table: pd.DataFrame | None, ci_level: float) -
             labels,
             loc="outside upper center",
             ncols=len(labels),
-            title=f"shaded: {ci_level:.0%} CI; dashed: the base model's 0-shot share",
+            title=f"shaded: {ci_level:.0%} CI per line (unadjusted); dashed: the base model's 0-shot share",
             title_fontsize=6,
         )
     return fig

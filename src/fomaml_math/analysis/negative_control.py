@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from fomaml_math.analysis import inference
+from fomaml_math.analysis.bounds import difference_interval
 from fomaml_math.analysis.evaldata import build_design, primary_pool, task_roles
 from fomaml_math.analysis.planted import outcome_array, rejects, seed_scores
 from fomaml_math.analysis.tables import AA_COLUMNS, CONTROL_COLUMNS, POOLED, StatsSettings
@@ -90,6 +91,8 @@ def control_table(
         with np.errstate(invalid="ignore"):
             acc_main = float(np.nanmean(design.correct["main"]))
             acc_control = float(np.nanmean(design.correct["control"]))
+        # Nothing varied (e.g. all 0 under both seeds): Newcombe's interval over the problems, never a point.
+        low, high, _ = difference_interval(acc_main, acc_control, est.n_problems, low, high, "", settings.ci_level)
         single = min(est.n_clusters_a, est.n_clusters_b) < 2
         rows.append(
             {

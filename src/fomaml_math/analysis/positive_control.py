@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from fomaml_math.analysis.bounds import difference_interval
 from fomaml_math.analysis.evaldata import per_problem, split_experiments, task_roles
 from fomaml_math.analysis.inference import DIFFERENCE_RANGE, crossed_estimate, holm_adjust, t_interval, t_test_p
 from fomaml_math.analysis.tables import META_TEST_POOL, POOLED, POSITIVE_CONTROL_COLUMNS, StatsSettings
@@ -52,6 +53,8 @@ def positive_control_table(evals: pd.DataFrame, settings: StatsSettings) -> pd.D
                 diffs, strata, acc_0, acc_k = _paired_differences(chosen, largest)
                 estimate = crossed_estimate(diffs, None, strata)
                 low, high = t_interval(estimate, settings.ci_level, DIFFERENCE_RANGE)
+                # Nothing varied (e.g. all 0 at 0 and at k shots): Newcombe's interval, never a point.
+                low, high, _ = difference_interval(acc_k, acc_0, estimate.n_problems, low, high, "", settings.ci_level)
                 rows.append(
                     {
                         "experiment": experiment,

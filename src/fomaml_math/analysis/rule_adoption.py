@@ -41,6 +41,7 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
+from fomaml_math.analysis.bounds import accuracy_interval, difference_interval
 from fomaml_math.analysis.evaldata import task_roles
 from fomaml_math.analysis.inference import (
     ACCURACY_RANGE,
@@ -143,6 +144,8 @@ def _pool_rows(cells: pd.DataFrame, tasks: Iterable[str], settings: StatsSetting
             if estimate.n_problems == 0:
                 continue
             low, high = t_interval(estimate, settings.ci_level, ACCURACY_RANGE)
+            # All 0 or all 1 (the base's 0-shot share often is): an exact interval over the problems, never a point.
+            low, high, _ = accuracy_interval(estimate.estimate, estimate.n_problems, low, high, "", settings.ci_level)
             row = {
                 "init": init,
                 "shots": shots,
@@ -159,6 +162,9 @@ def _pool_rows(cells: pd.DataFrame, tasks: Iterable[str], settings: StatsSetting
             if shots > 0 and base_zero is not None:
                 diff = crossed_estimate(share, base_zero, strata)
                 diff_low, diff_high = t_interval(diff, settings.ci_level, DIFFERENCE_RANGE)
+                diff_low, diff_high, _ = difference_interval(
+                    estimate.estimate, base_share_0, diff.n_problems, diff_low, diff_high, "", settings.ci_level
+                )
                 row |= {
                     "diff": diff.estimate,
                     "diff_se": diff.se,

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fomaml_math.analysis import effects, efficiency, inference, negative_control
+from fomaml_math.analysis import bounds, effects, efficiency, inference, negative_control
 from fomaml_math.analysis.evaldata import (
     Design,
     build_design,
@@ -156,6 +156,8 @@ def _accuracy_rows(
             continue
         acc = inference.crossed_estimate(correct, None, strata)
         low, high, method = _interval(acc, boot[pool], column["acc", init], settings.ci_level, inference.ACCURACY_RANGE)
+        # All 0, all 1, or nothing varied: an exact (or score) interval over the problems, never a point.
+        low, high, method = bounds.accuracy_interval(acc.estimate, acc.n_problems, low, high, method, settings.ci_level)
         nll_est = inference.crossed_estimate(nll, None, strata)
         nll_low, nll_high, _ = _interval(
             nll_est, boot[pool], column["nll", init], settings.ci_level, inference.NLL_RANGE
@@ -215,6 +217,8 @@ def _comparison_row(
     a_better, b_better = int(np.sum(diff > 0)), int(np.sum(diff < 0))
     mcnemar_p = mcnemar_exact(a_better, b_better)
     acc_a, acc_b = float(np.mean(mean_a[paired])), float(np.mean(mean_b[paired]))
+    # Nothing varied (e.g. both arms all 0): Newcombe's interval over the problems, never a point.
+    low, high, method = bounds.difference_interval(acc_a, acc_b, acc.n_problems, low, high, method, settings.ci_level)
     tost_lower, tost_upper, tost_p = inference.tost(acc, settings.margin)
 
     na, nb = design.nll[a][:, mask], design.nll[b][:, mask]
@@ -224,7 +228,7 @@ def _comparison_row(
     nll_paired = ~np.isnan(nll_mean_a) & ~np.isnan(nll_mean_b)
     nll_diff = nll_mean_a[nll_paired] - nll_mean_b[nll_paired]
     w_stat, w_p, w_note = wilcoxon_test(nll_diff)
-    seed_t = method == SEED_T
+    seed_t = acc.method == inference.SEEDS_AND_PROBLEMS
     return {
         "comparison": name,
         "init_a": a,
@@ -283,8 +287,12 @@ def _across_row(
     strata = design.strata[mask]
     for prefix, matrices in (("acc", design.correct), ("nll", design.nll)):
         est = inference.task_random_estimate(matrices[a][:, mask], matrices[b][:, mask], strata)
-        bounds = inference.DIFFERENCE_RANGE if prefix == "acc" else inference.UNBOUNDED
-        low, high = inference.t_interval(est, settings.ci_level, bounds) if est.n_problems else (math.nan, math.nan)
+        limits = inference.DIFFERENCE_RANGE if prefix == "acc" else inference.UNBOUNDED
+        low, high = inference.t_interval(est, settings.ci_level, limits) if est.n_problems else (math.nan, math.nan)
+        if prefix == "acc" and bounds.is_point(low, high):  # nothing varied: Newcombe's, never a point
+            macro = [np.nanmean([np.nanmean(matrices[i][:, mask][:, strata == t]) for t in np.unique(strata)])
+                     for i in (a, b)]  # fmt: skip
+            low, high, _ = bounds.difference_interval(*macro, est.n_problems, low, high, "", settings.ci_level)
         diffs = task_rows[f"{prefix}_diff"].to_numpy(dtype=np.float64)
         finite = diffs[~np.isnan(diffs)]
         stat, p, note = wilcoxon_test(finite, alpha=settings.alpha)
@@ -424,6 +432,19 @@ def _finish_comparisons(comparisons: pd.DataFrame, settings: StatsSettings) -> p
     ]
     comparisons["tost_can_reach_alpha"] = comparisons["tost_min_p_holm"] < alpha
     comparisons["equivalent"] = comparisons["tost_p_holm"] < alpha
+    # Simultaneous (Bonferroni at the family size) beside the Holm verdicts: one excludes 0 only where Holm rejects.
+    sizes = comparisons["family_size"]
+    comparisons["acc_diff_sci_level"] = [bounds.simultaneous_level(settings.ci_level, m) for m in sizes]
+    simultaneous = [
+        bounds.simultaneous_difference(*cells, settings.ci_level, int(m))
+        for *cells, m in zip(
+            comparisons["acc_diff"], comparisons["acc_diff_se"], comparisons["acc_diff_df"], comparisons["acc_a"],
+            comparisons["acc_b"], comparisons["n_problems"], comparisons["ci_method"], comparisons["family_size"],
+            strict=True,
+        )
+    ]  # fmt: skip
+    comparisons["acc_diff_sci_low"] = [low for low, _ in simultaneous]
+    comparisons["acc_diff_sci_high"] = [high for _, high in simultaneous]
     comparisons["verdict"] = comparisons.apply(_verdict, axis=1)
     # Power at the threshold the test must pass as the family's smallest p (alpha / m, Holm's first step), with
     # the t quantiles of the test's own df; n/a (NaN) where se = 0 (nothing varied, no test).
@@ -491,7 +512,8 @@ def compute_tables(
     return {
         "accuracy.tsv": accuracy,
         "comparisons.tsv": comparisons,
-        "primary.tsv": primary_table(experiments, settings),
+        # Nothing varied (both arms all 0, e.g.): Newcombe's interval, never a point (analysis.bounds).
+        "primary.tsv": bounds.widen_point_differences(primary_table(experiments, settings), settings.ci_level),
         "per_shot.tsv": comparisons[comparisons["family"] == "per_shot"].reset_index(drop=True),
         "planted.tsv": planted_table(experiments, settings),
         "across_tasks.tsv": across,

@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from fomaml_math.analysis.calibration import load_calibration
+from fomaml_math.analysis.calibration import edge_runs, load_calibration
 from fomaml_math.analysis.labels import init_label, task_label
 from fomaml_math.analysis.tables import (
     ALL_SEEDS,
@@ -79,12 +79,38 @@ def fmt_p(p: float, stars: str = "") -> str:
     return f"{text} {stars}".rstrip()
 
 
+def fmt_pct(value: float, fmt: Formatter = fmt_percent) -> str:
+    """A share with its % sign, or "n/a" alone (never "n/a%")."""
+    text = fmt(value)
+    return text if text == "n/a" else f"{text}%"
+
+
+def fmt_power(value: float) -> str:
+    """Power in %, or why there is none: a standard error of 0 (nothing varied) leaves no test to have power."""
+    return fmt_pct(value) if math.isfinite(value) else "not computable (nothing varied: no test)"
+
+
 def fmt_shots(value: float) -> str:
     return "n/a" if math.isnan(value) else ("> max" if math.isinf(value) else f"{value:.1f}")
 
 
 def _interval(fmt: Formatter, value: float, low: float, high: float) -> str:
     return f"{fmt(value)} [{fmt(low)}, {fmt(high)}]"
+
+
+def _family_interval(row: Any) -> str:
+    """A comparison's difference beside its Holm verdict: the Bonferroni-simultaneous interval at its family's size
+    (``acc_diff_sci_*``: it excludes 0 only where Holm rejects); where a table lacks it, the marginal interval
+    labelled unadjusted."""
+    low, high = getattr(row, "acc_diff_sci_low", math.nan), getattr(row, "acc_diff_sci_high", math.nan)
+    if math.isfinite(low) and math.isfinite(high):
+        return _interval(fmt_points, row.acc_diff, low, high)
+    return _interval(fmt_points, row.acc_diff, row.acc_diff_ci_low, row.acc_diff_ci_high) + " (unadjusted)"
+
+
+def _unadjusted(family_size: float) -> str:
+    """The label of a marginal interval shown beside a Holm-adjusted p of a family of more than one test."""
+    return " (interval unadjusted)" if family_size > 1 else ""
 
 
 def _comparison_label(name: str) -> str:
@@ -157,9 +183,9 @@ def _answer_lines(primary: pd.DataFrame | None, planted: pd.DataFrame | None, se
         lines.append(
             f"- `{row.experiment}` ({pool}, {int(row.n_problems)} problems, k = {row.shots}, "
             f"{int(row.n_seeds_a)}/{int(row.n_seeds_b)} {'training runs' if pooled else 'seeds'}): {label} = "
-            f"{_interval(fmt_points, row.diff, row.ci_low, row.ci_high)} pp, "
+            f"{_interval(fmt_points, row.diff, row.ci_low, row.ci_high)} pp{_unadjusted(row.family_size)}, "
             f"Holm p {fmt_p(row.p_holm)} over {int(row.family_size)} confirmatory test(s): {verdict}. "
-            f"Power at the target {settings.target_effect_pp:g} pp: {fmt_percent(row.power_at_target)}%; "
+            f"Power at the target {settings.target_effect_pp:g} pp: {fmt_power(row.power_at_target)}; "
             f"MDE (80%) {_mde_text(row.mde)} pp" + "".join(f"; {r}" for r in reach) + "."
         )
     if len(folds):
@@ -178,7 +204,7 @@ def _answer_lines(primary: pd.DataFrame | None, planted: pd.DataFrame | None, se
             f"The folds of `{settings.loso_pooled}` one by one (secondary: Holm over the {len(folds)} folds; one "
             "subject each, so each alone has a fraction of the pooled row's power):",
             "",
-            *_table(["Fold", f"{label} (pp)", "Holm p", "MDE (80%, pp)", "Verdict"], fold_rows),
+            *_table(["Fold", f"{label} (pp, unadjusted)", "Holm p", "MDE (80%, pp)", "Verdict"], fold_rows),
         ]
     if planted is not None and not planted.empty:
         lines += ["", "The analysis checked on this study's own outcomes (planted-effect check, `planted.tsv`):", ""]
@@ -191,7 +217,7 @@ def _answer_lines(primary: pd.DataFrame | None, planted: pd.DataFrame | None, se
                 f"{fmt_percent(row.false_positive_rate_mc_se)} (nominal {100 * row.alpha:.2g}%); with "
                 f"{100 * row.target_effect:g} pp planted: power {fmt_percent(row.power)}% ± "
                 f"{fmt_percent(row.power_mc_se)} "
-                f"(closed form from the observed se: {fmt_percent(row.closed_form_power)}%)."
+                f"(closed form from the observed se: {fmt_power(row.closed_form_power)})."
             )
     lines += [
         "",
@@ -234,7 +260,10 @@ def _primary_section(accuracy: pd.DataFrame, primary: pd.DataFrame, settings: St
         f"MDE: the smallest true difference detectable with 80% power at alpha/m (m = family size), from the "
         f"observed standard error and the t quantiles of the test's own df (n/a where nothing varied); power: "
         f"that test's power at the target effect of {settings.target_effect_pp:g} pp. Accuracy in %, "
-        f"{settings.ci_level:.0%} intervals (truncated to the possible range), differences in percentage points (pp).",
+        f"{settings.ci_level:.0%} intervals (truncated to the possible range; exact Clopper–Pearson over the problems "
+        "where every outcome is 0 or 1), differences in percentage points (pp) with intervals simultaneous over the "
+        f"family (Bonferroni: each at 1 − {1 - settings.ci_level:.2g}/m, so one excludes 0 only where Holm rejects; "
+        "Newcombe's interval where nothing varied).",
         "",
     ]
     if primary.empty:
@@ -253,7 +282,7 @@ def _primary_section(accuracy: pd.DataFrame, primary: pd.DataFrame, settings: St
                 [
                     str(int(row.shots)),
                     _comparison_label(row.comparison),
-                    _interval(fmt_points, row.acc_diff, row.acc_diff_ci_low, row.acc_diff_ci_high),
+                    _family_interval(row),
                     fmt_p(row.acc_p_holm, row.acc_stars),
                     fmt_p(row.tost_p_holm),
                     verdict,
@@ -262,7 +291,8 @@ def _primary_section(accuracy: pd.DataFrame, primary: pd.DataFrame, settings: St
                     f"{row.ci_method} ({int(row.n_seeds_a)}/{int(row.n_seeds_b)} seeds)",
                 ]
             )
-        header = ["Shots", "Comparison", "Difference (pp)", "p (Holm)", "TOST p (Holm)", "Verdict", "MDE (pp)"]
+        header = ["Shots", "Comparison", "Difference (pp, simultaneous)", "p (Holm)", "TOST p (Holm)", "Verdict",
+                  "MDE (pp)"]  # fmt: skip
         lines += [*_table([*header, f"Power at {settings.target_effect_pp:g} pp (%)", "Interval"], body), ""]
         notes = []
         blocked = rows[~rows["acc_can_reach_alpha"].astype(bool)]
@@ -299,7 +329,8 @@ def _rule_adoption_lines(table: pd.DataFrame | None, settings: StatsSettings) ->
     lines += [
         "Share of answers that use the evaluated task's own hidden rule: the extracted answer is an integer whose "
         "units digit is the task's digit (a missing answer counts as not following it). Against the base model's "
-        f"0-shot share on the same problems: seed-aware t-test, {settings.ci_level:.0%} intervals, Holm over the "
+        f"0-shot share on the same problems: seed-aware t-test, {settings.ci_level:.0%} intervals (unadjusted; exact "
+        "Clopper–Pearson where every answer follows or none does, Newcombe's for such a difference), Holm over the "
         "pool's (init, k > 0) comparisons; detected: Holm p < "
         f"{settings.alpha:g} and a higher share. Shares in %, differences in pp.",
         "",
@@ -358,7 +389,7 @@ def _positive_control_lines(table: pd.DataFrame | None, settings: StatsSettings)
         "Secondary to rule adoption (above): accuracy also needs the arithmetic, and 0-shot accuracy can be 0 for "
         "reasons unrelated to the rule (e.g. no answer written). Gain in accuracy at the largest shot count over "
         "the same initialisation's 0-shot accuracy, paired by problem within training seeds (seed-aware "
-        "t-interval), Holm-adjusted over the rows.",
+        "t-interval, unadjusted; Newcombe's where nothing varied), Holm-adjusted over the rows.",
         "",
         "| Experiment | Tasks | Init | Shots | 0-shot | k-shot | Gain (pp) | p (Holm) | Detected |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -453,11 +484,9 @@ def _halves_text(row: pd.Series) -> str:
 def _share_text(row: Any) -> str:
     """'2 of all 35 splits reject (5.7%)', with the Monte Carlo SE when the splits were sampled."""
     if row.exhaustive:
-        return (
-            f"{int(row.n_rejected)} of all {int(row.n_splits)} splits reject ({fmt_percent(row.false_positive_rate)}%)"
-        )
+        return f"{int(row.n_rejected)} of all {int(row.n_splits)} splits reject ({fmt_pct(row.false_positive_rate)})"
     return (
-        f"{int(row.n_rejected)} of {int(row.n_splits)} random splits reject ({fmt_percent(row.false_positive_rate)}% "
+        f"{int(row.n_rejected)} of {int(row.n_splits)} random splits reject ({fmt_pct(row.false_positive_rate)} "
         f"± {fmt_percent(row.false_positive_rate_mc_se)})"
     )
 
@@ -481,7 +510,7 @@ def _held_out_lines(accuracy: pd.DataFrame, comparisons: pd.DataFrame) -> list[s
         for row in cmp.sort_values(["task", "shots"]).itertuples(index=False):
             lines.append(
                 f"- {task_label(row.task)}, {row.shots} shots, {_comparison_label(row.comparison)}: "
-                f"{_interval(fmt_points, row.acc_diff, row.acc_diff_ci_low, row.acc_diff_ci_high)} pp, "
+                f"{_family_interval(row)} pp (simultaneous), "
                 f"p (Holm, secondary) {fmt_p(row.acc_p_holm, row.acc_stars)}"
             )
         lines.append("")
@@ -508,13 +537,14 @@ def _metaloop_lines(comparisons: pd.DataFrame) -> list[str]:
             row.experiment,
             "held-out tasks pooled" if row.task == META_TEST_POOL else task_label(row.task),
             str(int(row.shots)),
-            _interval(fmt_points, row.acc_diff, row.acc_diff_ci_low, row.acc_diff_ci_high),
+            _family_interval(row),
             fmt_p(row.acc_p_holm, row.acc_stars),
             row.verdict,
         ]
         for row in rows.itertuples(index=False)
     ]
-    return [*lines, *_table(["Experiment", "Pool", "Shots", "Difference (pp)", "p (Holm)", "Verdict"], body), ""]
+    header = ["Experiment", "Pool", "Shots", "Difference (pp, simultaneous)", "p (Holm)", "Verdict"]
+    return [*lines, *_table(header, body), ""]
 
 
 def _generation_lines(generation: pd.DataFrame | None) -> list[str]:
@@ -559,7 +589,7 @@ def _adaptation_lines(adaptation: pd.DataFrame | None) -> list[str]:
                 str(int(row.shots)),
                 _text(row.adapt_choices),
                 f"{fmt_nll(row.support_loss_before)} → {fmt_nll(row.support_loss_after)}",
-                f"{fmt_nll_diff(row.nll_change)} ({fmt_points(row.nll_change_rel)}%)",
+                f"{fmt_nll_diff(row.nll_change)} ({fmt_pct(row.nll_change_rel, fmt_points)})",
                 "n/a" if not math.isfinite(row.weight_change) else f"{row.weight_change:.2e}",
                 fmt_percent(row.outputs_changed) + (" ⚠" if row.low_change else ""),
             ]
@@ -579,7 +609,7 @@ def _adaptation_lines(adaptation: pd.DataFrame | None) -> list[str]:
     for row in flagged.itertuples(index=False):
         lines.append(
             f"- **Near no-op adaptation**: {init_label(row.init)} at {row.shots} shots (`{row.experiment}`) "
-            f"changed {fmt_percent(row.outputs_changed)}% of outputs (< 1%)."
+            f"changed {fmt_pct(row.outputs_changed)} of outputs (< 1%)."
         )
     return [*lines, ""] if len(flagged) else lines
 
@@ -589,11 +619,43 @@ def _seed_text(seed: int) -> str:
 
 
 def _criterion_text(criterion: str, value: float) -> str:
-    return f"{criterion} {fmt_percent(value)}%" if criterion == "accuracy" else f"{criterion} {fmt_nll(value)}"
+    return f"{criterion} {fmt_pct(value)}" if criterion == "accuracy" else f"{criterion} {fmt_nll(value)}"
 
 
 def _rho(value: float) -> str:
     return "n/a" if not math.isfinite(value) else f"{value:.2f}"
+
+
+_EDGE_WORDS = {"lr": "rate", "num_steps": "step count"}
+
+
+def _grid_edge_lines(
+    calibration: dict[str, pd.DataFrame] | None, primary: pd.DataFrame | None, settings: StatsSettings
+) -> list[str]:
+    """One line qualifying the Answer per experiment where a primary arm's tuned choices (k > 0) sit at an edge
+    of the tuning grid in more than half of its runs: its optimum may lie outside the grid ('' otherwise)."""
+    if calibration is None or calibration["chosen"].empty:
+        return []
+    arms = settings.primary_contrast.split("-")
+    # The primary's experiments and "" (a base tuned once for all of them); no primary table: every experiment.
+    experiments = None if primary is None or primary.empty else [*primary["experiment"].unique(), ""]
+    flagged = [r for r in edge_runs(calibration["chosen"], arms, experiments) if 2 * r.at_edge > r.runs]
+    lines = []
+    for experiment in experiment_order(list(dict.fromkeys(r.experiment for r in flagged))):
+        parts = []
+        for row in sorted((r for r in flagged if r.experiment == experiment), key=lambda r: arms.index(r.init)):
+            named = ", ".join(
+                f"{end} {_EDGE_WORDS.get(axis, axis)} in {count}"
+                for (axis, _, end), count in ((edge.partition(":"), count) for edge, count in row.edges.items())
+            )
+            cap = f"; {row.capped} stopped at the grid-extension cap" if row.capped else ""
+            parts.append(f"{init_label(row.init)} in {row.at_edge} of {row.runs} runs ({named}{cap})")
+        lines.append(
+            f"- **Tuned at a grid edge** (`{experiment or 'shared'}`): the adaptation the tuner chose sits at an edge "
+            f"of its grid for {'; '.join(parts)}. The best adaptation may lie outside the grid, so this contrast "
+            "compares arms that may be under-tuned by different amounts (see Tuning below)."
+        )
+    return [*lines, ""] if lines else []
 
 
 def _calibration_lines(calibration: dict[str, pd.DataFrame] | None) -> list[str]:
@@ -692,15 +754,16 @@ def _efficiency_lines(efficiency: pd.DataFrame | None) -> list[str]:
     lines = ["## Sample efficiency", ""]
     if efficiency is None or efficiency.empty:
         return [*lines, "Not computed (an initialisation with at least two shot counts and a reference needed).", ""]
+    lines += [
+        "Only evaluated shot counts are claimed: nothing below the first evaluated k > 0, and a value between two "
+        "evaluated k > 0 is marked interpolated, with the two beside it.",
+        "",
+    ]
     for row in efficiency.itertuples(index=False):
         lines.append(
             f"- `{row.experiment}`: {init_label(row.learner)} reaches {init_label(row.reference)}'s "
-            f"{row.reference_shots}-shot accuracy ({fmt_percent(row.target_accuracy)}%) at "
-            + (
-                f"{fmt_shots(row.shots_to_match)} shots"
-                if math.isfinite(row.shots_to_match)
-                else f"no measured shot count (> {row.learner_max_shots})"
-            )
+            f"{row.reference_shots}-shot accuracy ({fmt_pct(row.target_accuracy)}) "
+            + _reached_text(row)
             + f" [{fmt_shots(row.ci_low)}, {fmt_shots(row.ci_high)}] "
             f"(measured up to {row.learner_max_shots}; not reached in {100 * row.share_not_reached:.0f}% of bootstrap "
             "replicates)"
@@ -708,12 +771,30 @@ def _efficiency_lines(efficiency: pd.DataFrame | None) -> list[str]:
     return [*lines, ""]
 
 
+def _reached_text(row: Any) -> str:
+    """Where the learner reaches the target, in evaluated k (sample_efficiency.tsv; older tables: the point)."""
+    if not math.isfinite(row.shots_to_match):
+        return f"at no measured shot count (> {row.learner_max_shots})"
+    reached = getattr(row, "shots_reached", math.nan)
+    if not math.isfinite(reached):
+        return f"at {fmt_shots(row.shots_to_match)} shots"
+    if bool(getattr(row, "interpolated", False)):
+        return (
+            f"between the evaluated k = {row.shots_before:g} and {reached:g} (interpolated "
+            f"{fmt_shots(row.shots_to_match)} shots)"
+        )
+    if reached == 0:
+        return "already at 0 shots"
+    before = "" if not math.isfinite(row.shots_before) else f", not yet at k = {row.shots_before:g}"
+    return f"by the evaluated k = {reached:g}{before}"
+
+
 def _exploratory_lines(comparisons: pd.DataFrame, across: pd.DataFrame, settings: StatsSettings) -> list[str]:
     lines = [
         "## Exploratory: per task (secondary family)",
         "",
         "Not confirmatory: every per-task and non-primary comparison, Holm-adjusted within its experiment's "
-        "secondary family.",
+        "secondary family; each interval simultaneous over that family (Bonferroni at its size m).",
         "",
     ]
     rows = comparisons[(comparisons["family"] == "secondary") & ~comparisons["task"].isin([POOLED, META_TEST_POOL])]
@@ -723,17 +804,18 @@ def _exploratory_lines(comparisons: pd.DataFrame, across: pd.DataFrame, settings
             task_label(row.task),
             str(int(row.shots)),
             _comparison_label(row.comparison),
-            _interval(fmt_points, row.acc_diff, row.acc_diff_ci_low, row.acc_diff_ci_high),
+            _family_interval(row),
             fmt_p(row.acc_p_holm, row.acc_stars),
             "" if row.acc_can_reach_alpha else "cannot reach alpha",
         ]
         for row in rows.itertuples(index=False)
     ]
-    lines += [*_table(["Experiment", "Task", "Shots", "Comparison", "Difference (pp)", "p (Holm)", "Note"], body), ""]
+    header = ["Experiment", "Task", "Shots", "Comparison", "Difference (pp, simultaneous)", "p (Holm)", "Note"]
+    lines += [*_table(header, body), ""]
     if len(across):
         lines += [
             "Cross-task analysis (tasks a random sample of subjects: t-test over the per-task differences plus the "
-            "seed spread, Holm within the experiment):",
+            "seed spread, Holm within the experiment; intervals unadjusted):",
             "",
         ]
         for row in across.itertuples(index=False):
@@ -778,6 +860,7 @@ def render_summary(
     if len(seeds) and seeds.max() < 2:
         lines += ["One training seed: intervals and tests cover test-problem sampling only, not training variance.", ""]
     lines += _answer_lines(tables.get("primary.tsv"), tables.get("planted.tsv"), settings)
+    lines += _grid_edge_lines(calibration, tables.get("primary.tsv"), settings)  # qualifies the Answer
     lines += _primary_section(accuracy, per_shot, settings)
     lines += _rule_adoption_lines(tables.get("rule_adoption.tsv"), settings)
     lines += _positive_control_lines(tables.get("positive_control.tsv"), settings)
@@ -801,6 +884,9 @@ def render_summary(
         f"df; with one seed: percentile bootstrap over problems ({settings.bootstrap_samples} resamples, seed "
         f"{settings.seed}) and the exact McNemar test.",
         f"- Equivalence: TOST within ±{settings.equivalence_margin_pp:g} pp with the same standard error.",
+        "- Where nothing varied (every outcome 0, or every outcome 1): Clopper–Pearson over the problems for an "
+        "accuracy, Newcombe's hybrid score for a difference, and no test. A difference beside a Holm verdict: its "
+        "interval simultaneous over the family (Bonferroni at the family size); elsewhere labelled unadjusted.",
         "- Families: the primary contrast (one test per experiment, Holm over the experiments); per-shot (pooled, per "
         "experiment) and secondary (everything else), both exploratory; cross-task, the negative control, the "
         "rule-adoption control (per experiment and pool) and the accuracy-gain control; each Holm-adjusted on its own.",

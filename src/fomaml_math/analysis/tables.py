@@ -34,6 +34,8 @@ SECONDARY_COMPARISONS: tuple[tuple[str, str], ...] = ((METALOOP, "fomaml"),)
 # ``ci_method`` values.
 SEED_T = "seed-t"  # t-interval over training seeds and problems (crossed design, inference.crossed_estimate)
 PROBLEM_BOOTSTRAP = "problem-bootstrap"  # one training seed: percentile bootstrap over problems
+# Where nothing varied (analysis.bounds): "clopper-pearson" (an accuracy all 0 or all 1), "wilson" (an accuracy
+# constant inside (0, 1)), "newcombe" (a difference whose seed-aware interval was a point).
 
 
 def comparison_name(a: str, b: str) -> str:
@@ -205,6 +207,9 @@ COMPARISON_COLUMNS = [
     "acc_diff_ci_low",
     "acc_diff_ci_high",
     "ci_method",
+    "acc_diff_sci_level",
+    "acc_diff_sci_low",
+    "acc_diff_sci_high",
     "seed_note",
     "acc_test",
     "acc_p",
@@ -351,6 +356,9 @@ SAMPLE_EFFICIENCY_COLUMNS = [
     "learner_max_shots",
     "learner_accuracy_at_max",
     "shots_to_match",
+    "shots_reached",  # the first evaluated k at which the learner is at the target (NaN: not within max k)
+    "shots_before",  # the evaluated k before it (NaN when reached at the smallest k)
+    "interpolated",  # shots_to_match lies strictly between shots_before and shots_reached (both > 0)
     "ci_low",
     "ci_high",
     "share_not_reached",
