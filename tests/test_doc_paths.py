@@ -1,7 +1,7 @@
 """Every ``results/...`` path that README.md and docs/ name is one the workflow writes.
 
 The rules' outputs, logs, benchmarks and output folders are read from the parsed workflow (Snakemake's API, under
-the paper, demo and test configs, the tuner on and off); a documented path must be one of them or a folder above
+the paper, demo, test and pilot configs, the tuner on and off); a documented path must be one of them or a folder above
 one.  Placeholders in the docs (``<experiment>``, ``<k>``, ``{a,b}``, ``*``) stand for any one path component.
 A docs example that writes to a stand-alone folder on purpose (a hand-run stage) says so in the line it is on,
 with the words "stand-alone folder", and is exempt.
@@ -83,7 +83,7 @@ def rule_paths() -> set[str]:
 
     paths: set[str] = set()
     untuned = 0
-    for name in ("config.yaml", "demo.yaml", "test.yaml"):
+    for name in ("config.yaml", "demo.yaml", "test.yaml", "pilot.yaml"):
         paths.update(_rule_paths(REPO_ROOT / "config" / name, {}))
         try:  # the untuned base's folder; refused where an experiment has meta_val tasks (only the tuner reads them)
             paths.update(_rule_paths(REPO_ROOT / "config" / name, {"calibration": {"enabled": False}}))
