@@ -113,7 +113,14 @@ def planted_check(
         else 1.0,
         "power": power,
         "power_mc_se": math.sqrt(smoothed * (1 - smoothed) / replicates),
-        "note": "" if draws >= 2 else "one shot draw per run: the draw SD is not estimable and is set to 0",
+        "note": "; ".join(
+            note
+            for note, applies in (
+                ("one shot draw per run: the draw SD is not estimable and is set to 0", draws < 2),
+                ("fewer than 475 studies: the Monte Carlo se of a 5% rate exceeds 1 pp", replicates < 475),
+            )
+            if applies
+        ),
     }
 
 
