@@ -10,7 +10,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from fomaml_math.analysis import simulate
-from fomaml_math.analysis.inference import minimum_detectable_effect, power
+from fomaml_math.analysis.inference import crossed_estimate, minimum_detectable_effect, power, t_test_p
 from fomaml_math.analysis.planted import analyse, planted_check, rejects
 from fomaml_math.analysis.power import (
     Design,
@@ -24,11 +24,43 @@ from fomaml_math.analysis.power import (
 def test_contrast_se_matches_the_hand_computation() -> None:
     components = VarianceComponents.from_pp(1.0, 2.0, 0.05)
     se, df = contrast_se(components, Design(seeds=3, draws=3, shot_counts=4, problems=500))
-    seed_part = 2 * (0.01**2 + 0.02**2 / 12) / 3  # 8.888…e-5, 4 df
+    seed_part = 2 * (0.01**2 + 0.02**2 / 12) / 3  # 8.888…e-5: two arms' parts, 2 df each
     problem_part = 0.05 / 500  # 1e-4, 499 df
     variance = seed_part + problem_part
     assert se == pytest.approx(math.sqrt(variance), rel=1e-12)
-    assert df == pytest.approx(variance**2 / (seed_part**2 / 4 + problem_part**2 / 499), rel=1e-12)
+    # The analysis's df are Welch-Satterthwaite from *estimated* parts: a typical study has fewer than the df of
+    # the true parts (which would be its maximum when the estimates happen to be in proportion).
+    assert 2.0 < df < variance**2 / ((seed_part / 2) ** 2 / 2 * 2 + problem_part**2 / 499)
+
+
+def _normal_studies(rng: np.random.Generator, count: int, effect: float, seeds: int, n: int) -> list:
+    """Seed-level score matrices of the plan's model: seed SD 3 pp (draws folded in), per-problem difference SD
+    5 pp, a small seed x problem residual (SD 2 pp per cell: the analysis's floor never binds)."""
+    studies = []
+    for _ in range(count):
+        x = rng.normal(0.0, 0.05, n)
+        a = effect + rng.normal(0.0, 0.03, (seeds, 1)) + x + rng.normal(0.0, 0.02, (seeds, n))
+        b = rng.normal(0.0, 0.03, (seeds, 1)) + rng.normal(0.0, 0.02, (seeds, n))
+        studies.append((a, b))
+    return studies
+
+
+@pytest.mark.parametrize("seeds", [3, 5])
+def test_planned_df_and_power_match_a_simulation_of_the_primary_estimator(seeds: int) -> None:
+    """Issue 29: the plan's df and power are the analysis's. 2,000 studies of the plan's model through
+    crossed_estimate: their median df is the plan's, and their rejection rate at the plan's MDE is its 80%."""
+    n = 200
+    components = VarianceComponents(0.03, 0.0, 0.05**2 + 2 * 0.02**2 / seeds)
+    design = Design(seeds=seeds, draws=1, shot_counts=1, problems=n)
+    planned = plan_contrast(components, design, alpha=0.05, family_size=1, target=0.03)
+    rng = np.random.default_rng(seeds)
+    estimates = [crossed_estimate(a, b, np.zeros(n)) for a, b in _normal_studies(rng, 2000, planned.mde, seeds, n)]
+    assert np.median([e.df for e in estimates]) == pytest.approx(planned.df, rel=0.1)
+    assert np.mean([e.se for e in estimates]) == pytest.approx(planned.se, rel=0.1)
+    rejected = np.mean([t_test_p(e) < 0.05 for e in estimates])
+    assert rejected == pytest.approx(0.8, abs=3 * math.sqrt(0.8 * 0.2 / 2000) + 0.01)
+    # the pooled 2(S - 1) df of the old plan promised more: at its own MDE this analysis has less than 80%
+    assert power(planned.mde, planned.se, 2 * (seeds - 1), 0.05) > 0.8
 
 
 def test_one_seed_with_seed_variance_has_no_t_test() -> None:
