@@ -10,6 +10,7 @@ plus three Monte Carlo standard errors at the nominal rate, sqrt(α(1 − α)/R)
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -40,15 +41,17 @@ def _simulate(seed_sd: float, target: float = 0.0) -> dict[str, np.ndarray]:
     out: dict[str, list] = {"reject": [], "agree": [], "task_reject": [], "task_agree": [], "welch": []}
     rng = np.random.default_rng([28, int(seed_sd * 100), int(target * 100)])
     for chunk in _generator(seed_sd).studies(STUDIES, 3, 2, rng, target=target):
-        scores = chunk.mean(axis=4).mean(axis=3)  # draws, then k: [study, arm, seed, problem]
-        for a, b in zip(scores[:, 0], scores[:, 1], strict=True):
+        per_k = chunk.mean(axis=4)  # draws averaged: [study, arm, seed, k, problem]
+        scores = per_k.mean(axis=3)  # then k: the primary score [study, arm, seed, problem]
+        for study, (a, b) in enumerate(zip(scores[:, 0], scores[:, 1], strict=True)):
             est = inference.crossed_estimate(a, b, TASKS)
             out["reject"].append(inference.t_test_p(est) < ALPHA)
             out["agree"].append(est.seed_means_agree)
             out["welch"].append(scipy_stats.ttest_ind(a.mean(axis=1), b.mean(axis=1), equal_var=False).pvalue < ALPHA)
-            for start in range(0, TASKS.size, 30):  # the tasks' 30 problems each
+            for k, start in itertools.product(range(2), range(0, TASKS.size, 30)):  # comparisons.tsv: task x k
                 cols = slice(start, start + 30)
-                row = inference.crossed_estimate(a[:, cols], b[:, cols], TASKS[cols])
+                x, y = per_k[study, 0, :, k, cols], per_k[study, 1, :, k, cols]
+                row = inference.crossed_estimate(x, y, TASKS[cols])
                 out["task_reject"].append(inference.t_test_p(row) < ALPHA)
                 out["task_agree"].append(row.seed_means_agree)
     return {key: np.asarray(value, dtype=bool) for key, value in out.items()}
@@ -76,8 +79,8 @@ def test_primary_holds_alpha_overall_and_where_seed_means_agree(null_studies) ->
 
 
 def test_per_task_rows_hold_alpha(null_studies) -> None:
-    """The per-task FOMAML - SFT rows (30 problems each, the same estimator): the old switch fired unflagged in 6
-    of 30 of the demo's rows."""
+    """The per-task FOMAML - SFT rows of comparisons.tsv (one task and one k, 30 problems, the same estimator): the
+    old switch fired unflagged in 6 of 30 of the demo's rows."""
     _, sim = null_studies
     count = sim["task_reject"].size
     assert sim["task_reject"].mean() <= _mc_bound(ALPHA, count)
