@@ -8,6 +8,7 @@ the base model evaluated once for both (as the shared base evaluation writes it)
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -591,8 +592,46 @@ def test_planted_table_is_computed_on_the_studys_outcomes(stats_dir: Path) -> No
     for row in planted.itertuples():
         assert 0.0 <= row.false_positive_rate <= 1.0 and 0.0 <= row.power <= 1.0
         n = row.replicates
-        assert row.power_mc_se == pytest.approx(math.sqrt(row.power * (1 - row.power) / n))
+        assert row.false_positive_rate_mc_se == pytest.approx(math.sqrt(row.alpha * (1 - row.alpha) / n))
+        smoothed = (round(row.power * n) + 0.5) / (n + 1)
+        assert row.power_mc_se == pytest.approx(math.sqrt(smoothed * (1 - smoothed) / n))
         assert row.n_seeds == len(SEEDS) and row.n_shot_counts == len([k for k in SHOTS if k > 0])
+        assert "crossed_estimate" in row.estimator and "fewer than 475" in row.note  # 40 replicates here
+
+
+def test_primary_permutation_p_and_seed_sd_by_hand(stats_dir: Path, tmp_path: Path) -> None:
+    """primary.tsv's perm_p: the share of the C(6, 3) = 20 whole-run relabelings whose |t| reaches the observed
+    one (floor 2/20: a relabeling and its mirror); the seed SD pooled within arms with its chi-square interval;
+    3 seeds per arm is below the default 5 for a confirmatory verdict."""
+    primary = read_table(stats_dir, "primary.tsv").set_index("experiment")
+    evals = load_eval(write_synthetic_eval(tmp_path / "eval"))
+    for name, held_out in EXPERIMENTS.items():
+        rows = evals[(evals.experiment == name) & (evals.shots > 0) & evals.init.isin(["fomaml", "sft"])]
+        if held_out:
+            rows = rows[rows.task.isin(held_out)]
+        cell = rows.groupby(["init", "train_seed", "task", "problem_id", "shots"])["correct"].mean()
+        cell = cell.groupby(["init", "train_seed", "task", "problem_id"]).mean()
+        runs = np.concatenate([cell.loc[i].unstack(["task", "problem_id"]).sort_index(axis=1).to_numpy()
+                               for i in ("fomaml", "sft")])  # fmt: skip
+        strata = cell.loc["fomaml"].unstack(["task", "problem_id"]).sort_index(axis=1).columns.get_level_values(0)
+        strata = strata.to_numpy()
+
+        def t_of(chosen: tuple[int, ...], runs: np.ndarray = runs, strata: np.ndarray = strata) -> float:
+            rest = [i for i in range(6) if i not in chosen]
+            est = inference.crossed_estimate(runs[list(chosen)], runs[rest], strata)
+            return abs(est.estimate) / est.se
+
+        observed = t_of((0, 1, 2))
+        hits = [t_of(c) >= observed * (1 - 1e-9) for c in itertools.combinations(range(6), 3)]
+        row = primary.loc[name]
+        assert row["perm_p"] == pytest.approx(np.mean(hits)) and row["perm_p"] >= 0.1
+        assert row["perm_p_floor"] == pytest.approx(0.1) and row["perm_relabelings"] == 20
+        means = runs.mean(axis=1)
+        squares = ((means[:3] - means[:3].mean()) ** 2).sum() + ((means[3:] - means[3:].mean()) ** 2).sum()
+        assert row["seed_sd"] == pytest.approx(math.sqrt(squares / 4))
+        assert row["seed_sd_ci_low"] == pytest.approx(math.sqrt(squares / scipy_stats.chi2.ppf(0.975, 4)))
+        assert row["seed_sd_ci_low"] < row["seed_sd"] < row["seed_sd_ci_high"]
+        assert not row["confirmatory"]
 
 
 def metaloop_rows(frame: pd.DataFrame) -> pd.DataFrame:

@@ -480,3 +480,27 @@ def test_the_metaloop_row_in_the_summary_and_the_figure(tmp_path: Path) -> None:
     (line,) = [line for line in ax.get_lines() if line.get_gid() == "acc:fomaml_metaloop"]
     assert line.get_linestyle() == "--" and line.get_color() == style.INIT_STYLE["fomaml"]["color"]
     assert list(line.get_xdata()) == [5, 10]
+
+
+def test_the_answer_is_exploratory_below_the_confirmatory_seed_count(stats_dir: Path, tmp_path: Path) -> None:
+    """3 seeds per arm (< the default 5): the Answer's first words say so, and it gives estimate, interval,
+    direction and the permutation p with its floor, but no bold verdict. At a minimum of 3 the verdicts return."""
+    answer = _summarise(stats_dir, tmp_path).split("## Answer\n\n")[1].split("\n## ")[0]
+    assert answer.startswith("Exploratory: ")
+    assert "fewer than the 5 a confirmatory verdict needs" in answer
+    for bold in ("**FOMAML is better**", "**FOMAML is worse**", "**equivalent", "**inconclusive**"):
+        assert bold not in answer
+    primary = read_table(stats_dir, "primary.tsv")
+    for row in primary.itertuples():
+        assert f"`{row.experiment}` (" in answer and "exploratory: FOMAML − SFT = " in answer
+        direction = "higher" if row.diff > 0 else "lower"
+        assert f"direction: FOMAML scored {direction} than SFT" in answer
+        assert f"the smallest it can be here: {summary.fmt_p(row.perm_p_floor)}" in answer
+    out = tmp_path / "confirmatory.md"
+    settings = {**SETTINGS, "stats": {**SETTINGS["stats"], "primary": {**SETTINGS["stats"]["primary"],
+                                                                      "min_seeds_confirmatory": 3}}}  # fmt: skip
+    argv = ["--settings", json.dumps(settings), "--stats-dir", str(stats_dir), "--output", str(out),
+            "--per-task-output", str(tmp_path / "per_task.md")]  # fmt: skip
+    assert summary.main(argv) == 0
+    confirmatory = out.read_text().split("## Answer\n\n")[1].split("\n## ")[0]
+    assert not confirmatory.startswith("Exploratory") and "confirmatory test(s): **" in confirmatory

@@ -12,12 +12,14 @@ problem part:
 
     Var = Σ_init σ²_cluster,init / S_init  +  Σ_strata (Σ_{i∈t} w_i²) · s²_t
 
-where ``σ²_cluster / S`` is estimated by the variance of the per-cluster weighted means over ``S``, and ``s²_t``
-is the sample variance, within task ``t``, of the per-problem (differences of) cluster means, less the
-cluster × problem residual share that the cluster part already holds (truncated at 0). Degrees of freedom by
-Welch–Satterthwaite: about ``S − 1`` when the cluster part dominates (the t-interval over seed means), about
-``N − T`` when the problem part dominates (the paired t-test over problems). With one cluster per initialisation
-the cluster part is zero and this is the paired t-test over problems.
+where ``σ²_cluster / S`` is estimated by the variance of the per-cluster weighted means over ``S``, bounded
+below by the cluster × problem residual share that every cluster mean holds (``max(raw, share)``, always with
+the ``S − 1`` df of the cluster means: no switch, docs/statistics.md "Seed-aware uncertainty"), and ``s²_t`` is
+the sample variance, within task ``t``, of the per-problem (differences of) cluster means, less that residual
+share (truncated at 0). Degrees of freedom by Welch–Satterthwaite: about ``S − 1`` when the cluster part
+dominates (the t-interval over seed means), about ``N − T`` when the problem part dominates (the paired t-test
+over problems). With one cluster per initialisation the cluster part is zero and this is the paired t-test over
+problems.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ class Estimate:
     n_clusters_b: int  # 0 for a single initialisation
     cluster_var: float  # the cluster part of se² (both initialisations)
     problem_var: float  # the problem part of se²
+    # The raw cluster variances plus the problem part fell below the cluster × problem residual share: the cluster
+    # means agree by chance (the regime the residual floor acts in; tests/test_null_simulation.py).
+    seed_means_agree: bool = False
 
     @property
     def method(self) -> str:
@@ -149,8 +154,11 @@ def crossed_estimate(
     if b_matrix is not None:
         clusters.append((b_matrix, _cluster_part(b_matrix, w)))
     # The cluster × problem residual is in both the spread of the cluster means and the spread over problems;
-    # it is counted once, with the cluster part (S − 1 df): the conservative split (coverage in docs).
-    parts = [(raw, x.shape[0] - 1) for x, (raw, _) in clusters]
+    # it is counted once, with the cluster part (S − 1 df): the conservative split (coverage in docs). A cluster
+    # mean's variance is at least the residual share it holds, so the cluster part is bounded below by it; its df
+    # stay the S − 1 of the cluster means whatever the data (when the means agree by chance, they say no more
+    # about the seed variance than S − 1 values can: simulated null studies in tests/test_null_simulation.py).
+    parts = [(max(raw, share), x.shape[0] - 1) for x, (raw, share) in clusters]
     problem_var, problem_df = 0.0, 0
     for label in np.unique(strata):
         in_stratum = strata == label
@@ -159,15 +167,11 @@ def crossed_estimate(
             problem_df += int(in_stratum.sum()) - 1
     residual_share = sum(share for _, (_, share) in clusters)
     problem_var = max(0.0, problem_var - residual_share)
-    if sum(v for v, _ in parts) + problem_var < residual_share:
-        # The cluster means agree by chance (e.g. two seeds with equal accuracy that disagree on problems): the
-        # moment estimate fell below one of its own non-negative components, the residual. Use that component as
-        # the cluster part (its df: the residual's), so se is never 0 while the data vary.
-        parts = [(share, (x.shape[0] - 1) * (n - 1)) for x, (_, share) in clusters]
+    agree = sum(raw for _, (raw, _) in clusters) + problem_var < residual_share
     parts.append((problem_var, problem_df))
     variance, df = welch_satterthwaite(parts)
     cluster_var = sum(v for v, _ in parts[:-1])
-    return Estimate(estimate, math.sqrt(variance), df, n, a.shape[0], n_b, cluster_var, problem_var)
+    return Estimate(estimate, math.sqrt(variance), df, n, a.shape[0], n_b, cluster_var, problem_var, agree)
 
 
 def task_random_estimate(a: np.ndarray, b: np.ndarray, strata: Sequence[str] | np.ndarray) -> Estimate:

@@ -10,20 +10,29 @@ same ``N`` test problems. With variance components (proportions, not percentage 
 * ``σ²_problem``: variance over test problems of the per-problem method difference (the problem × method
   interaction; problems are a sample of the problems one could have asked, Miller 2024),
 
-the contrast's variance and its Welch–Satterthwaite degrees of freedom are
+the contrast's variance has three independent parts, as the analysis (``inference.crossed_estimate``) estimates it:
 
-    Var = 2 (σ²_seed + σ²_draw / (R K)) / S   [2(S − 1) df: the seed-level means of both methods]
+    Var = (σ²_seed + σ²_draw / (R K)) / S     [S − 1 df: the seed-level means of method a]
+        + (σ²_seed + σ²_draw / (R K)) / S     [S − 1 df: those of method b]
         + σ²_problem / N                       [N − 1 df]
 
 The problem part is not divided by K: a problem's difference is strongly correlated over k, and counting
-it once is the conservative choice. Power is that of the two-sided level-``alpha`` t-test at those df
-(noncentral t); the MDE is the smallest effect with the requested power, solved from the same function, so
-the two always agree. A family of ``m`` primary contrasts (one per experiment) is planned at ``alpha / m``,
-Holm's first step, which bounds every later step.
+it once is the conservative choice. The analysis estimates each part (a scaled chi-square on its df) and tests
+with Welch–Satterthwaite df computed from the *estimates*, so its df vary from study to study (at S = 3 between
+2 and 4, never the 2(S − 1) = 4 of equal estimates) and its test is not a noncentral t at fixed df. Power is
+therefore that of the analysis's own statistic, averaged over the distribution of its variance estimate
+(``ESTIMATOR_DRAWS`` fixed draws of the parts, the normal tails Rao–Blackwellised); ``df`` is the median of the
+analysis's df over those draws (the df of a typical study). The MDE is the smallest effect with the requested
+power, solved from the same function, so the two always agree. A family of ``m`` primary contrasts (one per
+experiment) is planned at ``alpha / m``, Holm's first step, which bounds every later step. Not modelled: the
+analysis's floor of each seed part at its seed × problem residual share (a component the plan does not have);
+where it binds (seed variance near that share) the analysis is more conservative than planned
+(tests/test_null_simulation.py).
 
 Leave-one-subject-out folds pooled into one row (the mean of F fold contrasts, each on its held-out subject's N_f
 problems, from separate trainings): Var = Σ_f Var_f / F², i.e. the seed part divided by F and the problem part
-σ²_problem Σ_f (1/N_f) / F², df by Welch–Satterthwaite over the folds' (Var_f / F², df_f).
+σ²_problem Σ_f (1/N_f) / F²: the analysis pools the folds' (se_f, df_f) by Welch–Satterthwaite
+(``inference.mean_se``), and the plan simulates every fold's parts, scaled by 1 / F², the same way.
 """
 
 from __future__ import annotations
@@ -34,11 +43,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from scipy import optimize
+from scipy import stats as scipy_stats
 
 from fomaml_math.analysis.evaldata import primary_pool, split_experiments, task_roles
-from fomaml_math.analysis.inference import mean_se, minimum_detectable_effect, power, welch_satterthwaite
 from fomaml_math.analysis.tables import META_TEST_POOL
 from fomaml_math.errors import ConfigError
+
+# Draws of the analysis's variance estimate per planned contrast (fixed seed: the plan is deterministic); the
+# power's Monte Carlo error is then about 0.3 pp.
+ESTIMATOR_DRAWS = 20_000
 
 
 @dataclass(frozen=True)
@@ -73,18 +87,70 @@ class ContrastPlan:
     target: float  # the target effect, as a proportion
 
 
-def contrast_se(components: VarianceComponents, design: Design) -> tuple[float, float]:
-    """(standard error, Welch–Satterthwaite df) of the primary contrast under ``design``."""
+def contrast_parts(components: VarianceComponents, design: Design) -> list[tuple[float, int]]:
+    """The contrast's independent variance parts ``(variance, df)`` as the analysis estimates them: each arm's
+    seed part (S − 1 df) and the problem part (N − 1 df)."""
     if min(design.seeds, design.draws, design.shot_counts, design.problems) < 1:
         raise ValueError(f"design: every count must be >= 1, got {design}")
     s, r, k, n = design.seeds, design.draws, design.shot_counts, design.problems
-    seed_part = 2.0 * (components.seed_sd**2 + components.draw_sd**2 / (r * k)) / s
-    problem_part = components.problem_var / n
-    parts = [(seed_part, 2 * (s - 1)), (problem_part, n - 1)]
-    variance, df = welch_satterthwaite(parts)
-    if any(v > 0 and d <= 0 for v, d in parts):
-        return math.sqrt(variance), 0.0  # a part with variance but no df (one seed): no t-test exists
-    return math.sqrt(variance), df
+    arm = (components.seed_sd**2 + components.draw_sd**2 / (r * k)) / s
+    return [(arm, s - 1), (arm, s - 1), (components.problem_var / n, n - 1)]
+
+
+@dataclass(frozen=True)
+class _Sampled:
+    """The analysis's variance estimate V̂ and df over ``ESTIMATOR_DRAWS`` draws of its parts."""
+
+    se: float  # the true standard error
+    estimated_se: np.ndarray  # sqrt(V̂) per draw
+    df: np.ndarray  # Welch–Satterthwaite df of each draw's estimated parts
+
+    @classmethod
+    def of(cls, parts: list[tuple[float, int]]) -> _Sampled | None:
+        """None where no t-test exists (a part with variance but no df: one seed) or nothing varies."""
+        if any(v > 0 and d < 1 for v, d in parts) or not any(v > 0 for v, _ in parts):
+            return None
+        rng = np.random.default_rng(0x5EED)
+        estimated = [v * rng.chisquare(d, ESTIMATOR_DRAWS) / d for v, d in parts if v > 0]
+        dfs = [d for v, d in parts if v > 0]
+        total = np.sum(estimated, axis=0)
+        df = total**2 / np.sum([e * e / d for e, d in zip(estimated, dfs, strict=True)], axis=0)
+        return cls(math.sqrt(sum(v for v, _ in parts)), np.sqrt(total), df)
+
+    def threshold(self, alpha: float) -> np.ndarray:
+        """Per draw: the critical |effect + se·Z| / se, t_{1 − α/2, df̂} · sqrt(V̂) / se (cached per alpha)."""
+        cache = self.__dict__.setdefault("_thresholds", {})
+        if alpha not in cache:
+            cache[alpha] = scipy_stats.t.ppf(1 - alpha / 2, self.df) * self.estimated_se / self.se
+        return cache[alpha]
+
+    def power(self, effect: float, alpha: float) -> float:
+        """P(|effect + se·Z| / sqrt(V̂) > t_{1 − α/2, df̂}), Z standard normal independent of V̂."""
+        threshold = self.threshold(alpha)
+        shift = effect / self.se
+        return float(np.mean(scipy_stats.norm.sf(threshold - shift) + scipy_stats.norm.cdf(-threshold - shift)))
+
+    def mde(self, alpha: float, target_power: float) -> float:
+        upper = self.se
+        while self.power(upper, alpha) < target_power:
+            upper *= 2.0
+        return float(optimize.brentq(lambda d: self.power(d, alpha) - target_power, 0.0, upper, xtol=1e-9 * self.se))
+
+
+def _parts(components: VarianceComponents, design: Design | Sequence[Design]) -> list[tuple[float, int]]:
+    if isinstance(design, Design):
+        return contrast_parts(components, design)
+    count = len(design)
+    return [(v / count**2, d) for fold in design for v, d in contrast_parts(components, fold)]
+
+
+def contrast_se(components: VarianceComponents, design: Design | Sequence[Design]) -> tuple[float, float]:
+    """(standard error, the analysis's median df) of the primary contrast under ``design`` (a sequence: the pooled
+    row of leave-one-subject-out folds); df 0 where no t-test exists (one seed with seed variance)."""
+    parts = _parts(components, design)
+    sampled = _Sampled.of(parts)
+    se = math.sqrt(sum(v for v, _ in parts))
+    return se, (float(np.median(sampled.df)) if sampled is not None else 0.0 if se > 0 else math.nan)
 
 
 def plan_contrast(
@@ -96,22 +162,21 @@ def plan_contrast(
     target: float,
     target_power: float = 0.8,
 ) -> ContrastPlan:
-    """The primary contrast's se, df, MDE and power at ``target`` (proportions) at ``alpha / family_size``.
+    """The primary contrast's se, df, MDE and power at ``target`` (proportions) at ``alpha / family_size``, for the
+    analysis's own test (module docstring).
 
     A sequence of designs is leave-one-subject-out folds pooled as the stats stage pools them: the equal-weight
-    mean of the folds' contrasts, independent trainings on disjoint problems (``inference.mean_se``).
+    mean of the folds' contrasts, independent trainings on disjoint problems.
     """
-    if isinstance(design, Design):
-        se, df = contrast_se(components, design)
-    else:
-        se, df = mean_se([contrast_se(components, fold) for fold in design])
+    se, df = contrast_se(components, design)
+    sampled = _Sampled.of(_parts(components, design))
     level = alpha / max(1, family_size)
     return ContrastPlan(
         se=se,
         df=df,
         alpha=level,
-        mde=minimum_detectable_effect(se, df, level, target_power),
-        power_at_target=power(target, se, df, level),
+        mde=sampled.mde(level, target_power) if sampled is not None else math.nan,
+        power_at_target=sampled.power(target, level) if sampled is not None else math.nan,
         target=target,
     )
 

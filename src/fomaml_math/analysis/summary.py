@@ -168,11 +168,18 @@ def _answer_lines(primary: pd.DataFrame | None, planted: pd.DataFrame | None, se
         return [*lines, f"The primary contrast ({label}, averaged over k > 0) could not be computed.", ""]
     margin = f"±{settings.equivalence_margin_pp:g} pp"
     folds = primary[primary["family"] == FOLD_FAMILY]
-    for row in primary[primary["family"] == PRIMARY_FAMILY].itertuples(index=False):
+    confirmatory = primary[primary["family"] == PRIMARY_FAMILY]
+    exploratory = _exploratory(confirmatory, settings)
+    if exploratory.any():
+        lines += [_exploratory_note(confirmatory[exploratory], settings), ""]
+    for row, below in zip(confirmatory.itertuples(index=False), exploratory, strict=True):
         pooled = row.experiment == settings.loso_pooled
         pool = "its held-out tasks" if row.pool == META_TEST_POOL else "all its tasks"
         if pooled:
             pool = f"the mean over {len(folds)} leave-one-subject-out folds, each on its held-out subject"
+        if below:
+            lines.append(_exploratory_row(row, pool, label, pooled, settings))
+            continue
         verdict = {
             "better": f"**{init_label(a)} is better**",
             "worse": f"**{init_label(a)} is worse**",
@@ -195,9 +202,9 @@ def _answer_lines(primary: pd.DataFrame | None, planted: pd.DataFrame | None, se
                 _interval(fmt_points, r.diff, r.ci_low, r.ci_high),
                 fmt_p(r.p_holm),
                 _mde_text(r.mde),
-                VERDICTS.get(r.verdict, r.verdict),
+                "exploratory" if below else VERDICTS.get(r.verdict, r.verdict),
             ]
-            for r in folds.itertuples(index=False)
+            for r, below in zip(folds.itertuples(index=False), _exploratory(folds, settings), strict=True)
         ]
         lines += [
             "",
@@ -207,14 +214,15 @@ def _answer_lines(primary: pd.DataFrame | None, planted: pd.DataFrame | None, se
             *_table(["Fold", f"{label} (pp, unadjusted)", "Holm p", "MDE (80%, pp)", "Verdict"], fold_rows),
         ]
     if planted is not None and not planted.empty:
-        lines += ["", "The analysis checked on this study's own outcomes (planted-effect check, `planted.tsv`):", ""]
+        lines += ["", "The analysis checked on studies like this one (planted-effect check, `planted.tsv`):", ""]
         for row in planted.itertuples(index=False):
             lines.append(
-                f"- `{row.experiment}`: the observed difference taken out, then the arm labels of whole training runs "
-                f"permuted ({int(row.n_seeds)} seeds per "
-                f"arm: {math.comb(2 * int(row.n_seeds), int(row.n_seeds))} relabelings), {int(row.replicates)} "
-                f"re-analyses: false-positive rate {fmt_percent(row.false_positive_rate)}% ± "
-                f"{fmt_percent(row.false_positive_rate_mc_se)} (nominal {100 * row.alpha:.2g}%); with "
+                f"- `{row.experiment}`: {int(row.replicates)} whole studies simulated at its design "
+                f"({int(row.n_seeds)} seeds per arm, {int(row.n_shot_counts)} k × {int(row.n_draws)} draws, "
+                f"{int(row.n_problems)} problems) from a model fitted to its outcomes, each analysed as the Answer "
+                f"is: false-positive rate {fmt_percent(row.false_positive_rate)}% (Monte Carlo se "
+                f"{fmt_percent(row.false_positive_rate_mc_se)}, 95% upper bound "
+                f"{fmt_percent(row.false_positive_rate_ci_high)}%; nominal {100 * row.alpha:.2g}%); with "
                 f"{100 * row.target_effect:g} pp planted: power {fmt_percent(row.power)}% ± "
                 f"{fmt_percent(row.power_mc_se)} "
                 f"(closed form from the observed se: {fmt_power(row.closed_form_power)})."
@@ -227,6 +235,41 @@ def _answer_lines(primary: pd.DataFrame | None, planted: pd.DataFrame | None, se
         "",
     ]
     return lines
+
+
+def _exploratory(rows: pd.DataFrame, settings: StatsSettings) -> pd.Series:
+    """Per primary row: fewer training runs per arm than ``stats.primary.min_seeds_confirmatory``."""
+    return rows[["n_seeds_a", "n_seeds_b"]].min(axis=1) < settings.min_seeds_confirmatory
+
+
+def _exploratory_note(rows: pd.DataFrame, settings: StatsSettings) -> str:
+    """The Answer's first words where a primary row has fewer training runs per arm than a verdict needs."""
+    seeds = sorted({int(min(a, b)) for a, b in zip(rows["n_seeds_a"], rows["n_seeds_b"], strict=True)})
+    names = ", ".join(f"`{name}`" for name in rows["experiment"])
+    return (
+        f"Exploratory: {names} rest on {'/'.join(str(s) for s in seeds)} training run(s) per arm, fewer than the "
+        f"{settings.min_seeds_confirmatory} a confirmatory verdict needs (`stats.primary.min_seeds_confirmatory`; "
+        "docs/statistics.md): with so few runs the seed variance, and with it the standard error, is itself "
+        "barely estimated, so the estimate, interval and direction below are given without a verdict."
+    )
+
+
+def _exploratory_row(row: Any, pool: str, label: str, pooled: bool, settings: StatsSettings) -> str:
+    """One exploratory primary row: estimate, interval, direction; no verdict."""
+    a, b = (init_label(x) for x in settings.primary_contrast.split("-"))
+    direction = f"{a} scored {'higher' if row.diff > 0 else 'lower'} than {b}" if row.diff != 0 else "no difference"
+    excludes = row.ci_low > 0 or row.ci_high < 0
+    runs = "training runs" if pooled else "seeds"
+    return (
+        f"- `{row.experiment}` ({pool}, {int(row.n_problems)} problems, k = {row.shots}, "
+        f"{int(row.n_seeds_a)}/{int(row.n_seeds_b)} {runs}), exploratory: {label} = "
+        f"{_interval(fmt_points, row.diff, row.ci_low, row.ci_high)} pp ({settings.ci_level:.0%} seed-aware "
+        f"interval, {row.df:.1f} df, {'excluding' if excludes else 'including'} 0); direction: {direction}. "
+        f"Whole-run permutation p {fmt_p(row.perm_p)} (the smallest it can be here: {fmt_p(row.perm_p_floor)}); "
+        f"seed SD {fmt_percent(row.seed_sd)} pp [{fmt_percent(row.seed_sd_ci_low)}, "
+        f"{fmt_percent(row.seed_sd_ci_high)}]; power at {settings.target_effect_pp:g} pp "
+        f"{fmt_percent(row.power_at_target)}%, MDE (80%) {_mde_text(row.mde)} pp."
+    )
 
 
 def _pooled_note(primary: pd.DataFrame, settings: StatsSettings) -> str:

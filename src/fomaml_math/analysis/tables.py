@@ -94,6 +94,8 @@ class StatsSettings:
     # Generated leave-one-subject-out folds (config.loso_group): the pooled row's name and the fold experiments.
     loso_pooled: str | None
     loso_folds: tuple[str, ...]
+    # Training seeds per arm below which the Answer is exploratory (stats.primary.min_seeds_confirmatory).
+    min_seeds_confirmatory: int = 5
 
     @property
     def margin(self) -> float:
@@ -124,6 +126,7 @@ class StatsSettings:
                 aa_splits=int(stats["aa"]["splits"]),
                 loso_pooled=None if loso is None else str(loso["pooled"]),
                 loso_folds=() if loso is None else tuple(loso["folds"]),
+                min_seeds_confirmatory=int(stats["primary"].get("min_seeds_confirmatory", 5)),
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(
@@ -148,6 +151,10 @@ class StatsSettings:
             raise ConfigError(
                 f"stats.per_shot.comparisons: expected a non-empty list of {', '.join(sorted(known))}, got "
                 f"{list(made.per_shot_comparisons)}"
+            )
+        if made.min_seeds_confirmatory < 2:
+            raise ConfigError(
+                f"stats.primary.min_seeds_confirmatory: expected an integer >= 2, got {made.min_seeds_confirmatory}"
             )
         if made.primary_contrast not in known:
             raise ConfigError(
@@ -438,23 +445,38 @@ PRIMARY_COLUMNS = [
     "mde",
     "power_at_target",
     "verdict",
+    "confirmatory",
+    "perm_p",
+    "perm_p_floor",
+    "perm_relabelings",
+    "seed_sd",
+    "seed_sd_ci_low",
+    "seed_sd_ci_high",
 ]
 # planted.tsv: the planted-effect check of the primary analysis, one row per experiment (analysis.planted).
 PLANTED_COLUMNS = [
     "experiment",
     "contrast",
+    "estimator",
+    "generator",
     "n_seeds",
     "n_shot_counts",
     "n_draws",
     "n_problems",
+    "gen_seed_sd",
+    "gen_draw_sd",
+    "gen_draw_corr",
+    "gen_problem_sd",
     "replicates",
     "alpha",
     "target_effect",
     "false_positive_rate",
     "false_positive_rate_mc_se",
+    "false_positive_rate_ci_high",
     "power",
     "power_mc_se",
     "closed_form_power",
+    "note",
 ]
 # aa_control.tsv: the A/A split re-analyses (analysis.negative_control), one row per control: ``draws`` (the negative
 # control's shot draws of one model split into halves, the draw-clustered test of control.tsv) per k, and ``seeds``
