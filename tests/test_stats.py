@@ -676,3 +676,22 @@ def test_the_metaloop_row_is_secondary_and_changes_no_main_number(tmp_path: Path
     means = cells.set_index(["init", "task", "problem_id"]).correct.unstack("init")
     assert pooled.acc_diff == pytest.approx(float((means[METALOOP] - means["fomaml"]).mean()))
     assert not without["comparisons.tsv"].comparison.str.contains(METALOOP).any()
+
+
+def test_seed_sd_interval_is_never_a_point_and_follows_the_chi_square_by_hand() -> None:
+    """Pooled within-arm SD of the runs' means with its chi-square interval; runs that all scored the same get the
+    upper bound of one run one answer off (1 / problems), not the point [0, 0]."""
+    from fomaml_math.analysis.primary import Arms, seed_sd
+
+    a = np.array([[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])  # run means 0.75, 0.5, 1.0
+    b = np.array([[0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])  # 0.25, 0.5, 0.0
+    strata = np.zeros(4)
+    squares = sum((m - 0.75) ** 2 for m in (0.75, 0.5, 1.0)) + sum((m - 0.25) ** 2 for m in (0.25, 0.5, 0.0))
+    sd, low, high = seed_sd([Arms(a, b, strata)], 0.95)
+    assert sd == pytest.approx(math.sqrt(squares / 4))
+    assert low == pytest.approx(math.sqrt(squares / scipy_stats.chi2.ppf(0.975, 4)))
+    assert high == pytest.approx(math.sqrt(squares / scipy_stats.chi2.ppf(0.025, 4)))
+    same = np.ones((3, 4))
+    sd, low, high = seed_sd([Arms(same, same * 0, strata)], 0.95)
+    assert sd == 0 and low == 0
+    assert high == pytest.approx(math.sqrt((1 / 4) ** 2 / 2 / scipy_stats.chi2.ppf(0.025, 4)))

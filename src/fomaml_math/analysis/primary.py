@@ -101,7 +101,7 @@ def permutation_p(folds: Sequence[Arms], rng: np.random.Generator) -> tuple[floa
 def seed_sd(folds: Sequence[Arms], ci_level: float) -> tuple[float, float, float]:
     """(SD, low, high): the SD of one training run's primary score (its mean over the primary pool's problems)
     around its arm's mean, pooled over both arms (and folds), with the chi-square interval on its df
-    (S_a + S_b − 2 per fold)."""
+    (S_a + S_b − 2 per fold); where every run scored the same, the upper bound is that of one run one answer off."""
     squares, df = 0.0, 0
     for fold in folds:
         for arm in (fold.a, fold.b):
@@ -112,7 +112,12 @@ def seed_sd(folds: Sequence[Arms], ci_level: float) -> tuple[float, float, float
         return math.nan, math.nan, math.nan
     tail = (1 - ci_level) / 2
     low = math.sqrt(squares / scipy_stats.chi2.ppf(1 - tail, df))
-    high = math.sqrt(squares / scipy_stats.chi2.ppf(tail, df))
+    # Every run scored the same: the interval would be the point [0, 0]. A run's mean moves by at least one
+    # answer over its problems, so the bound uses the squares of one run one answer off (the coarsest step,
+    # 1 / problems; conservative): an SD below that cannot be told from 0 by these runs.
+    problems = max(int(arm.shape[1]) for fold in folds for arm in (fold.a, fold.b))
+    resolved = squares if squares > 0 else (1.0 / problems) ** 2 / 2
+    high = math.sqrt(resolved / scipy_stats.chi2.ppf(tail, df))
     return math.sqrt(squares / df), low, high
 
 

@@ -193,7 +193,7 @@ def _answer_lines(primary: pd.DataFrame | None, planted: pd.DataFrame | None, se
             f"{_interval(fmt_points, row.diff, row.ci_low, row.ci_high)} pp{_unadjusted(row.family_size)}, "
             f"Holm p {fmt_p(row.p_holm)} over {int(row.family_size)} confirmatory test(s): {verdict}. "
             f"Power at the target {settings.target_effect_pp:g} pp: {fmt_power(row.power_at_target)}; "
-            f"MDE (80%) {_mde_text(row.mde)} pp" + "".join(f"; {r}" for r in reach) + "."
+            f"MDE (80%) {_mde_phrase(row.mde)}" + "".join(f"; {r}" for r in reach) + "."
         )
     if len(folds):
         fold_rows = [
@@ -268,7 +268,7 @@ def _exploratory_row(row: Any, pool: str, label: str, pooled: bool, settings: St
         f"Whole-run permutation p {fmt_p(row.perm_p)} (the smallest it can be here: {fmt_p(row.perm_p_floor)}); "
         f"seed SD {fmt_percent(row.seed_sd)} pp [{fmt_percent(row.seed_sd_ci_low)}, "
         f"{fmt_percent(row.seed_sd_ci_high)}]; power at {settings.target_effect_pp:g} pp "
-        f"{fmt_percent(row.power_at_target)}%, MDE (80%) {_mde_text(row.mde)} pp."
+        f"{fmt_power(row.power_at_target)}, MDE (80%) {_mde_phrase(row.mde)}."
     )
 
 
@@ -285,9 +285,15 @@ def _pooled_note(primary: pd.DataFrame, settings: StatsSettings) -> str:
 
 
 def _mde_text(mde: float) -> str:
+    """The MDE in pp (a table cell), or "not computable" (nothing varied: no test has an MDE)."""
     if not math.isfinite(mde):
-        return "n/a"
+        return "not computable"
     return f"{100 * mde:.1f}" if mde <= 1.0 else "> 100"  # beyond any possible difference of accuracies
+
+
+def _mde_phrase(mde: float) -> str:
+    """The MDE in a sentence: "<x> pp", or why there is none."""
+    return f"{_mde_text(mde)} pp" if math.isfinite(mde) else "not computable (nothing varied: no test)"
 
 
 def _primary_section(accuracy: pd.DataFrame, primary: pd.DataFrame, settings: StatsSettings) -> list[str]:
