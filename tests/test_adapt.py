@@ -197,7 +197,7 @@ def test_micro_batched_step_accumulates_in_place_bitwise_as_the_tuple_path(tiny:
 
 def test_chunked_loss_equals_the_full_loss_within_float32_rounding(tiny: tuple) -> None:
     """The chunked loss sums the same terms in another order: loss and gradients within float32 tolerance
-    (rtol 1e-5: a sum of ~100 float32 terms carries a relative error of ~100 x 2^-24 at worst), never bitwise promised."""
+    (rtol 1e-5: a sum of ~100 float32 terms carries a relative error of ~100 x 2^-24 at worst); not bitwise."""
     from fomaml_math.adapt import chunked_sft_loss
 
     model, _, batches = tiny

@@ -108,8 +108,9 @@ def chunked_sft_loss(
 
     picked = labels[rows, cols]
     total = sum(
-        torch.utils.checkpoint.checkpoint(chunk_sum, targets[i : i + chunk_tokens], picked[i : i + chunk_tokens],
-                                          use_reentrant=False)  # fmt: skip
+        torch.utils.checkpoint.checkpoint(
+            chunk_sum, targets[i : i + chunk_tokens], picked[i : i + chunk_tokens], use_reentrant=False
+        )
         for i in range(0, count, chunk_tokens)
     )
     denominator = normalizer if normalizer is not None else max(count, 1)

@@ -48,6 +48,7 @@ from typing import Any
 
 import pandas as pd
 
+from fomaml_math import memory
 from fomaml_math.analysis.evaldata import load_eval
 from fomaml_math.analysis.power import Design, VarianceComponents, estimate_components, plan_contrast
 from fomaml_math.analysis.primary import planned_family_size
@@ -294,6 +295,7 @@ def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: P
         "data + env (ingest, split_tasks, check_env)": 3,
     }  # fmt: skip
     return {
+        **memory.summary(config, memory.Shape.of(arch, params)),
         "model": config["model"]["name_or_path"],
         "parameters": params,
         "experiments": {e: meta_test_tasks(dict(config), e) for e in experiments},
@@ -559,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     plan["power"] = power_section(config, tasks_dir, components, source)
     plan["designs"] = alternative_designs(config, assumptions, tasks_dir, components)
     gpus = int(config["compute"]["gpus"])
-    text = render(plan, gpus) + "\n" + render_power(plan["power"], plan["designs"])
+    text = render(plan, gpus) + "\n" + memory.render(plan) + "\n" + render_power(plan["power"], plan["designs"])
     print(json.dumps(plan, indent=2) if args.json else text, end="")
     return 0
 
