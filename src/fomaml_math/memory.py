@@ -17,9 +17,10 @@ head_dim, n rows x T tokens of one micro-batch):
   with checkpointing ``h`` per layer (the layer input) plus one layer recomputed in the backward pass.
   Under autocast the linear layers' inputs are saved as extra half-precision copies (``5h`` x 2 bytes per
   layer, an upper-bound reading; unmeasured).
-* logits and loss: the float32 selected logits, their log-softmax and its gradient alive together at the start of
-  the backward pass: ``3 x targets x V x 4`` (targets up to n x (T - 1)); a chunk's instead of all targets with
-  ``compute.loss_chunk_tokens``.
+* logits and loss: the log-softmax of the selected logits and its gradient at the start of the backward pass,
+  ``2 x targets x V x 4`` in float32 (targets up to n x (T - 1)), ``3 x`` under autocast (the float32 copy of
+  the half-precision logits); with ``compute.loss_chunk_tokens`` one chunk's plus the output layer's
+  weight-gradient transient (:func:`logits_bytes`).
 * KV cache of the HF generation: ``gen_batch_size x (prompt + max_new_tokens) x 2 L kv x bytes``, the prompt
   taken at ``model.max_seq_len`` (the longest a row may be); generation runs with the casts cached (2N).
 * the vLLM engine: ``eval.vllm.gpu_memory_utilization x card`` while awake beside the adapting model; ~0 while
@@ -84,11 +85,17 @@ def activation_bytes(s: Shape, rows: int, tokens: int, *, checkpointing: bool, h
     return n * (s.layers * per_layer + 2 * s.hidden * 4)
 
 
-def logits_bytes(s: Shape, targets: int, chunk: int | None) -> int:
-    """Selected float32 logits, log-softmax and gradient at the backward's start (per chunk when chunked)."""
-    alive = min(targets, chunk) if chunk else targets
-    extra = targets * s.hidden * 4 if chunk else 0  # the gathered hidden states at the targets
-    return 3 * alive * s.vocab * 4 + extra
+def logits_bytes(s: Shape, targets: int, chunk: int | None, *, half: bool = True) -> int:
+    """The loss part's peak at the backward's start.
+
+    Whole (float32, measured on CPU within 15%): the log-softmax and its gradient, ``2 x targets x V x 4``;
+    under autocast also the float32 copy of the half-precision logits (``3 x``, unmeasured).  Chunked: one
+    chunk's, plus the gathered hidden states and the output layer's weight-gradient transient of each chunk's
+    recomputation (``V x h x 4``; the CPU measures more than this sum at tiny shapes: unvalidated, docs/gpu.md).
+    """
+    if chunk:
+        return 3 * min(targets, chunk) * s.vocab * 4 + targets * s.hidden * 4 + s.vocab * s.hidden * 4
+    return (3 if half else 2) * targets * s.vocab * 4
 
 
 def kv_cache_bytes(s: Shape, batch: int, tokens: int, *, half: bool) -> int:
@@ -140,7 +147,7 @@ def adaptation_parts(
         "snapshot": 4 * n if snapshot_same else 0,
         "weight casts": casts if half else 0,
         "activations": activation_bytes(s, rows, tokens, checkpointing=checkpointing, half=half),
-        "logits and loss": logits_bytes(s, rows * (tokens - 1), chunk),
+        "logits and loss": logits_bytes(s, rows * (tokens - 1), chunk, half=half),
     }
 
 
@@ -238,7 +245,7 @@ def _training(config: Mapping[str, Any], s: Shape, *, half: bool, ckpt: bool, se
             # gradients; unsharded with accelerate's autocast: every cast until the forward ends
             "weight casts": (2 * 2 * (s.vocab * s.hidden + 2 * s.layer_params) if sharded else 2 * n) if half else 0,
             "activations": activation_bytes(s, rows, seq, checkpointing=ckpt, half=half),
-            "logits and loss": logits_bytes(s, rows * (seq - 1), None),
+            "logits and loss": logits_bytes(s, rows * (seq - 1), None, half=half),
         }
         out.append(JobEstimate(f"train {method}", _gib(parts), "meta-step" if method == "fomaml" else "step",
                                "compute.accelerate_config"))  # fmt: skip
