@@ -161,3 +161,42 @@ def test_config_check_refuses_a_card_too_small_for_the_paper_config() -> None:
     ) as e:
         validate_config(small)
     assert "\n" not in str(e.value) and "change " in str(e.value)
+
+
+def test_plan_json_carries_the_memory_section(tmp_path) -> None:
+    """``plan --json``'s memory numbers: memory_gib per job kind (the worst over backends), the card, host RAM and the
+    per-part rows, each row's total the sum of its parts."""
+    from fomaml_math.config import REPO_ROOT, load_config
+    from fomaml_math.plan import Assumptions, build_plan
+
+    config = load_config(REPO_ROOT / "config" / "config.yaml")
+    plan = build_plan(config, Assumptions(), tmp_path / "no-split-data")
+    assert plan["gpu_memory_gib"] == 79.0
+    kinds = {"evaluate", "negative control", "meta-training inner loop row", "calibrate", "train fomaml", "train sft"}
+    assert set(plan["memory_gib"]) == kinds
+    parts = ("weights", "gradients", "optimizer state", "snapshot", "weight casts", "activations", "logits and loss",
+             "kv cache", "vllm engine")  # fmt: skip
+    for row in plan["memory_parts_gib"]:
+        assert row["total"] == pytest.approx(sum(row.get(p, 0.0) for p in parts), abs=0.05)
+        assert plan["memory_gib"][row["job"]] >= row["total"] - 1e-9
+    assert 0 < plan["host_ram_gib_per_node"] < 1024
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_decoder_backward_peak(shape: tuple[int, ...], checkpointing: bool) -> None:
+    """The decoder's forward + backward peak above its start (torch.profiler's timeline): the saved activations
+    without checkpointing; each layer's input plus one recomputed layer with it."""
+    model, s = _model(shape)
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+    model.model.embed_tokens.weight.requires_grad_(False)  # no V x h embedding gradient in this measurement
+    rows, tokens = 4, 64
+    batch = _batch(rows, tokens, s.vocab)
+
+    def step() -> None:
+        model.model(input_ids=batch.input_ids, use_cache=False).last_hidden_state.sum().backward()
+
+    step()  # the layers' .grad exist before the measurement, as from an adaptation's second micro-batch on
+    _close(_peak_above_start(step), memory.activation_bytes(s, rows, tokens, checkpointing=checkpointing, half=False))

@@ -14,7 +14,8 @@ head_dim, n rows x T tokens of one micro-batch):
   layer's copy stays (2Vh), or none with the chunked loss, which recomputes it per chunk.
 * activations saved for backward, counted from the tensors Qwen3's decoder layer saves (float32, SDPA):
   per token and layer ``6h + 4i + 4q + 4kv + 2 heads + kv heads + 2`` elements, plus ``2h`` for the final norm;
-  with checkpointing ``h`` per layer (the layer input) plus one layer recomputed in the backward pass.
+  with checkpointing ``h`` per layer (the layer input) plus one layer recomputed in the backward pass.  The
+  backward's peak over these (gradient temporaries included) is within 15% of them on CPU, in float32.
   Under autocast the linear layers' inputs are saved as extra half-precision copies (``5h`` x 2 bytes per
   layer, an upper-bound reading; unmeasured).
 * logits and loss: the log-softmax of the selected logits and its gradient at the start of the backward pass,
@@ -80,8 +81,8 @@ def activation_bytes(s: Shape, rows: int, tokens: int, *, checkpointing: bool, h
     """Saved activations of one forward over ``rows x tokens`` (the decoder's, not the logits)."""
     per_layer = layer_activation_elements(s) * 4 + (5 * s.hidden * 2 if half else 0)
     n = rows * tokens
-    if checkpointing:  # each layer's input, and one layer recomputed (with its gradient temporaries) in the backward
-        return n * (s.layers * s.hidden * 4 + 2 * per_layer + 2 * s.hidden * 4)
+    if checkpointing:  # each layer's input, and one layer's activations recomputed in the backward
+        return n * (s.layers * s.hidden * 4 + per_layer + 2 * s.hidden * 4)
     return n * (s.layers * per_layer + 2 * s.hidden * 4)
 
 
