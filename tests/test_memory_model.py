@@ -10,6 +10,8 @@ cache's bf16 layout, the vLLM engine and its sleep mode; bench/gpu_check.py's ev
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import transformers
@@ -200,3 +202,29 @@ def test_decoder_backward_peak(shape: tuple[int, ...], checkpointing: bool) -> N
 
     step()  # the layers' .grad exist before the measurement, as from an adaptation's second micro-batch on
     _close(_peak_above_start(step), memory.activation_bytes(s, rows, tokens, checkpointing=checkpointing, half=False))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "job", "setting"),
+    [
+        ("compute.loss_chunk_tokens", None, "evaluate (hf, adaptation)", "compute.loss_chunk_tokens"),
+        ("calibration.gen_batch_size", None, "calibrate (hf, generation)", "calibration.gen_batch_size"),
+        ("eval.backend", "vllm", "evaluate (vllm, adaptation)", "eval.vllm_sleep"),
+    ],
+)
+def test_each_paper_lever_is_needed_and_named_when_removed(key: str, value: object, job: str, setting: str) -> None:
+    """Without one of the paper config's levers a job no longer fits the 79 GiB card (the vLLM engine awake beside
+    the adaptation: eval.vllm_sleep), and the refusal names the setting that governs the largest part."""
+    import copy
+
+    import yaml
+
+    from fomaml_math.config import REPO_ROOT, ConfigError, validate_config
+
+    config = yaml.safe_load((REPO_ROOT / "config" / "config.yaml").read_text())
+    changed = copy.deepcopy(config)
+    section, name = key.split(".")
+    changed[section][name] = value
+    changed["eval"].pop("vllm_sleep", None)  # the engine awake (the default)
+    with pytest.raises(ConfigError, match=rf"{re.escape(job)} needs about [\d.]+ GiB .* change {re.escape(setting)}"):
+        validate_config(changed)

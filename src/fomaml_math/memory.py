@@ -34,7 +34,7 @@ Worst case over the configured k (every k > inner_batch_size accumulates the sam
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -110,13 +110,28 @@ class JobEstimate:
     kind: str
     parts: dict[str, float]  # GiB
     phase: str
-    setting: str  # the setting to change when it does not fit
     backend: str = "hf"
-    notes: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> float:
         return sum(self.parts.values())
+
+    def setting(self, limit: float) -> str:
+        """The setting of the largest part that can shrink, or the card when that part is smaller than the excess
+        over ``limit`` (GiB)."""
+        if self.kind.startswith("train"):
+            return "compute.accelerate_config (FSDP over more processes) or compute.gradient_checkpointing"
+        levers = {
+            "activations": "compute.gradient_checkpointing or eval.inner_batch_size",
+            "logits and loss": "compute.loss_chunk_tokens",
+            "weight casts": "compute.gradient_checkpointing",
+            "kv cache": "calibration.gen_batch_size" if self.kind == "calibrate" else "eval.gen_batch_size",
+            "vllm engine": "eval.vllm_sleep or eval.vllm.gpu_memory_utilization",
+        }
+        largest = max(levers, key=lambda part: self.parts.get(part, 0.0))
+        if self.parts.get(largest, 0.0) < self.total - limit:
+            return "compute.gpu_memory_gib (a larger card) or eval.optimizer sgd (no moments)"
+        return levers[largest]
 
 
 def _gib(parts: Mapping[str, float]) -> dict[str, float]:
@@ -191,14 +206,12 @@ def estimate(config: Mapping[str, Any], s: Shape) -> list[JobEstimate]:
             gen = generation_parts(s, batch=int(ev["gen_batch_size"]), tokens=gen_tokens, half=half,
                                    optimizer_state=False)  # fmt: skip
             parts, phase = max((step, "adaptation"), (gen, "generation"), key=lambda x: sum(x[0].values()))
-            setting = "eval.gen_batch_size" if phase == "generation" else "compute.loss_chunk_tokens"
         else:
             asleep = bool(ev.get("vllm_sleep", False))
             share = float((ev.get("vllm") or {}).get("gpu_memory_utilization", 0.3)) * card
             parts, phase = {**step, "vllm engine": 0.0 if asleep else share}, "adaptation"
-            setting = "eval.vllm_sleep" if not asleep else "compute.loss_chunk_tokens"
         for kind in ("evaluate", "negative control"):
-            out.append(JobEstimate(kind, _gib(parts), phase, setting, backend))
+            out.append(JobEstimate(kind, _gib(parts), phase, backend))
         if config.get("eval", {}).get("metaloop_row"):
             fo = config["fomaml"]
             loop = adapt_or_zero(rows=min(int(fo["inner_batch_size"]), max(shots, default=1)),
@@ -207,7 +220,7 @@ def estimate(config: Mapping[str, Any], s: Shape) -> list[JobEstimate]:
                 loop_parts = max(loop, gen, key=lambda x: sum(x.values()))
             else:
                 loop_parts = {**loop, "vllm engine": parts["vllm engine"]}
-            out.append(JobEstimate("meta-training inner loop row", _gib(loop_parts), phase, setting, backend))
+            out.append(JobEstimate("meta-training inner loop row", _gib(loop_parts), phase, backend))
     # calibrate (the tuner): HF generation between the adaptation's steps, beside Adam's moments
     cal = config["calibration"]
     if cal["enabled"] and finetune:
@@ -216,8 +229,7 @@ def estimate(config: Mapping[str, Any], s: Shape) -> list[JobEstimate]:
         gen = generation_parts(s, batch=cal_batch, tokens=gen_tokens, half=half,
                                optimizer_state=str(ev["optimizer"]) == "adam")  # fmt: skip
         parts, phase = max((step, "adaptation"), (gen, "generation"), key=lambda x: sum(x[0].values()))
-        setting = "calibration.gen_batch_size" if phase == "generation" else "compute.loss_chunk_tokens"
-        out.append(JobEstimate("calibrate", _gib(parts), phase, setting))
+        out.append(JobEstimate("calibrate", _gib(parts), phase))
     out += _training(config, s, half=half, ckpt=ckpt, seq=seq)
     return out
 
@@ -248,8 +260,7 @@ def _training(config: Mapping[str, Any], s: Shape, *, half: bool, ckpt: bool, se
             "activations": activation_bytes(s, rows, seq, checkpointing=ckpt, half=half),
             "logits and loss": logits_bytes(s, rows * (seq - 1), None, half=half),
         }
-        out.append(JobEstimate(f"train {method}", _gib(parts), "meta-step" if method == "fomaml" else "step",
-                               "compute.accelerate_config"))  # fmt: skip
+        out.append(JobEstimate(f"train {method}", _gib(parts), "meta-step" if method == "fomaml" else "step"))
     return out
 
 
@@ -298,11 +309,11 @@ def problems(config: Mapping[str, Any], s: Shape) -> tuple[list[str], list[str]]
         where = f"{job.kind} ({job.backend}, {job.phase})"
         if job.total > card and job.backend == backend:
             errors.append(f"compute.gpu_memory_gib: {where} needs about {job.total:.1f} GiB per GPU, more than the "
-                          f"card's {card:g}; change {job.setting} (docs/gpu.md)")  # fmt: skip
+                          f"card's {card:g}; change {job.setting(card)} (docs/gpu.md)")  # fmt: skip
         elif job.total > MARGIN * card:
             other = "" if job.backend == backend else f" with eval.backend {job.backend}"
             warnings.append(f"memory: {where} needs about {job.total:.1f} GiB{other}, over {MARGIN:.0%} of the "
-                            f"{card:g} GiB card; change {job.setting} (docs/gpu.md)")  # fmt: skip
+                            f"{card:g} GiB card; change {job.setting(MARGIN * card)} (docs/gpu.md)")  # fmt: skip
     return errors, warnings
 
 
