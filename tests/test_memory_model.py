@@ -228,3 +228,27 @@ def test_each_paper_lever_is_needed_and_named_when_removed(key: str, value: obje
     changed["eval"].pop("vllm_sleep", None)  # the engine awake (the default)
     with pytest.raises(ConfigError, match=rf"{re.escape(job)} needs about [\d.]+ GiB .* change {re.escape(setting)}"):
         validate_config(changed)
+
+
+def test_a_config_the_model_cannot_judge_gets_a_warning_not_a_refusal(capsys) -> None:
+    """In-context prompts have no length setting (k worked examples of assumed length): over the card is a warning.
+    A model with no architecture offline is not estimated at all, with a warning."""
+    import copy
+
+    import yaml
+
+    from fomaml_math.config import REPO_ROOT, validate_config
+
+    paper = yaml.safe_load((REPO_ROOT / "config" / "config.yaml").read_text())
+    in_context = copy.deepcopy(paper)
+    in_context["eval"]["mode"] = "in_context"
+    in_context["calibration"]["enabled"] = False
+    for experiment in in_context["experiments"]:
+        experiment.pop("meta_val", None)
+    validate_config(in_context)
+    assert "(in_context prompts of assumed length)" in capsys.readouterr().err
+    unknown = copy.deepcopy(paper)
+    unknown["model"]["name_or_path"] = "someone/unknown-model"
+    unknown["model"]["revision"] = None
+    validate_config(unknown)
+    assert "warning: memory: cannot estimate GPU memory for this model" in capsys.readouterr().err

@@ -23,7 +23,8 @@ head_dim, n rows x T tokens of one micro-batch):
   the half-precision logits); with ``compute.loss_chunk_tokens`` one chunk's plus the output layer's
   weight-gradient transient (:func:`logits_bytes`).
 * KV cache of the HF generation: ``gen_batch_size x (prompt + max_new_tokens) x 2 L kv x bytes``, the prompt
-  taken at ``model.max_seq_len`` (the longest a row may be); generation runs with the casts cached (2N).
+  taken at ``model.max_seq_len`` (the longest a row may be; ``in_context`` adds k assumed 350-token worked
+  examples); generation runs with the casts cached (2N).
 * the vLLM engine: ``eval.vllm.gpu_memory_utilization x card`` while awake beside the adapting model; ~0 while
   asleep (``eval.vllm_sleep``; vLLM's level-1 sleep, unmeasured here).
 
@@ -42,6 +43,7 @@ import yaml
 
 GiB = 1024**3
 MARGIN = 0.9  # the share of the card a job may plan to use (allocator fragmentation, CUDA context, kernels)
+IN_CONTEXT_EXAMPLE_TOKENS = 350  # plan.DEFAULT_EXAMPLE_TOKENS (an assumption; plan imports this module)
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,7 @@ class JobEstimate:
     parts: dict[str, float]  # GiB
     phase: str
     backend: str = "hf"
+    assumed: bool = False  # rests on an assumed length (in_context prompts): a warning, never a refusal
 
     @property
     def total(self) -> float:
@@ -191,7 +194,11 @@ def estimate(config: Mapping[str, Any], s: Shape) -> list[JobEstimate]:
     shots = [int(k) for k in ev["shots"] if int(k) > 0]
     finetune = ev["mode"] == "finetune" and bool(shots)
     rows = min(int(ev["inner_batch_size"]), max(shots, default=1))
-    gen_tokens = seq + int(ev["max_new_tokens"])
+    # The prompt: at most a row (finetune); in_context adds k worked examples, whose length no setting bounds
+    # (assumed at plan's 350 tokens per MATH example).
+    in_context = ev["mode"] != "finetune"
+    demonstrations = max(shots, default=0) * IN_CONTEXT_EXAMPLE_TOKENS if in_context else 0
+    gen_tokens = seq + demonstrations + int(ev["max_new_tokens"])
     adapt = dict(rows=rows, tokens=seq, optimizer=str(ev["optimizer"]), checkpointing=ckpt, half=half, chunk=chunk,
                  snapshot_same=False)  # fmt: skip
     out: list[JobEstimate] = []
@@ -211,8 +218,8 @@ def estimate(config: Mapping[str, Any], s: Shape) -> list[JobEstimate]:
             share = float((ev.get("vllm") or {}).get("gpu_memory_utilization", 0.3)) * card
             parts, phase = {**step, "vllm engine": 0.0 if asleep else share}, "adaptation"
         for kind in ("evaluate", "negative control"):
-            out.append(JobEstimate(kind, _gib(parts), phase, backend))
-        if config.get("eval", {}).get("metaloop_row"):
+            out.append(JobEstimate(kind, _gib(parts), phase, backend, assumed=phase == "generation" and in_context))
+        if ev.get("metaloop_row") and finetune:  # the secondary row exists in finetune mode only
             fo = config["fomaml"]
             loop = adapt_or_zero(rows=min(int(fo["inner_batch_size"]), max(shots, default=1)),
                                  optimizer=str(fo["inner_optimizer"]), chunk=chunk)  # fmt: skip
@@ -307,11 +314,12 @@ def problems(config: Mapping[str, Any], s: Shape) -> tuple[list[str], list[str]]
     errors, warnings = [], []
     for job in estimate(config, s):
         where = f"{job.kind} ({job.backend}, {job.phase})"
-        if job.total > card and job.backend == backend:
+        if job.total > card and job.backend == backend and not job.assumed:
             errors.append(f"compute.gpu_memory_gib: {where} needs about {job.total:.1f} GiB per GPU, more than the "
                           f"card's {card:g}; change {job.setting(card)} (docs/gpu.md)")  # fmt: skip
         elif job.total > MARGIN * card:
             other = "" if job.backend == backend else f" with eval.backend {job.backend}"
+            other += " (in_context prompts of assumed length)" if job.assumed else ""
             warnings.append(f"memory: {where} needs about {job.total:.1f} GiB{other}, over {MARGIN:.0%} of the "
                             f"{card:g} GiB card; change {job.setting(MARGIN * card)} (docs/gpu.md)")  # fmt: skip
     return errors, warnings
