@@ -1402,6 +1402,10 @@ def section_eval_memory(ctx: Context, sec: Section, deadline: Deadline) -> None:
     sec.results["config"] = {"file": str(ctx.args.config), **cfg}
     full = ctx.cuda and ctx.sizes.run_4b
     if full:
+        if not deadline.has(90):
+            raise SkipSection(
+                f"budget ({deadline.left():.0f} s left; the 4B build, adaptation and generation need 90+)"
+            )
         shape = {k: int(v) for k, v in SHAPE_4B.items() if not k.startswith("_") and k != "tie_word_embeddings"}
         tokens, prompt_len = cfg["max_seq_len"], ctx.sizes.prompt_len
     else:
