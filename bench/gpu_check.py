@@ -35,6 +35,13 @@ Sections (README "Performance: the GPU check" says how to read them):
    MATH-like rows of one task): the relative weight change ``||dw|| / ||w||``, the largest per-weight change,
    and the support and held-out NLL before and after the inner loop, beside the other optimizer at the same
    rate for contrast; the evidence for choosing the paper's inner loop (``--quick``: the tiny shape).
+8. Evaluation memory (issue 27): one evaluation adaptation as ``evaluate`` runs it, with the config's settings
+   (``eval.optimizer``, ``inner_batch_size``, ``compute.gradient_checkpointing``, ``loss_chunk_tokens``,
+   ``mixed_precision``) at k = 50 on rows of ``model.max_seq_len`` tokens at Qwen3-4B's shape (random weights),
+   then one generation batch of ``eval.gen_batch_size``: the measured CUDA peak beside ``fomaml_math.memory``'s
+   estimate, part by part.  At most 3 minutes: one inner step (the peak is reached at the first step's second
+   micro-batch; Adam's moments exist from the start) and as many new tokens as the budget allows (the estimate is
+   taken at the same length).  ``--quick`` / CPU: the tiny shape, the code path only (no CUDA peak to read).
 
 FLOPs (model FLOPs, as in MFU; gradient-checkpointing recompute is not counted): a training pass over a row of
 ``s`` tokens costs ``6 * N * s + 6 * L * H * d_head * s**2``.  ``N`` counts the weights of every matrix
@@ -115,7 +122,9 @@ SECTIONS: list[tuple[str, str, float]] = [
     ("5_fsdp2_single", "Single-process FSDP2 smoke", 0.10),
     ("6_slot_allocator", "GPU slot allocator", 0.05),
     ("7_inner_loop", "FOMAML inner loop: weight and NLL change", 0.10),
+    ("8_eval_memory", "Evaluation memory: measured peak vs plan's estimate", 0.30),
 ]
+EVAL_MEMORY_MAX_S = 180.0  # issue 27: at most 3 of the lent machine's 15 minutes
 
 
 # --------------------------------------------------------------------------------------- sizes
@@ -1363,6 +1372,113 @@ def section_inner_loop(ctx: Context, sec: Section, deadline: Deadline) -> None:
     free_memory()
 
 
+def eval_memory_config(path: Path) -> dict[str, Any]:
+    """The settings an evaluation's memory depends on, from a config file (plain YAML; the schema's defaults)."""
+    import yaml  # as inner_loop_config
+
+    raw = yaml.safe_load(path.read_text())
+    ev, compute, model = raw.get("eval", {}), raw.get("compute", {}), raw.get("model", {})
+    return {
+        "optimizer": str(ev.get("optimizer", "sgd")),
+        "inner_lr": float(ev.get("inner_lr", 1e-4)),
+        "num_inner_steps": int(ev.get("num_inner_steps", 5)),
+        "inner_batch_size": int(ev.get("inner_batch_size", 4)),
+        "gen_batch_size": int(ev.get("gen_batch_size", 32)),
+        "max_new_tokens": int(ev.get("max_new_tokens", 4096)),
+        "gradient_checkpointing": bool(compute.get("gradient_checkpointing", False)),
+        "loss_chunk_tokens": compute.get("loss_chunk_tokens"),
+        "mixed_precision": str(compute.get("mixed_precision", "no")),
+        "max_seq_len": int(model.get("max_seq_len", 2048)),
+    }
+
+
+def section_eval_memory(ctx: Context, sec: Section, deadline: Deadline) -> None:
+    from fomaml_math import memory
+    from fomaml_math.evaluation.job import JobModel
+    from fomaml_math.training.optim import enable_gradient_checkpointing
+
+    deadline = Deadline(min(deadline.end, time.perf_counter() + EVAL_MEMORY_MAX_S))
+    cfg = eval_memory_config(ctx.args.config)
+    sec.results["config"] = {"file": str(ctx.args.config), **cfg}
+    full = ctx.cuda and ctx.sizes.run_4b
+    if full:
+        if not deadline.has(90):
+            raise SkipSection(
+                f"budget ({deadline.left():.0f} s left; the 4B build, adaptation and generation need 90+)"
+            )
+        shape = {k: int(v) for k, v in SHAPE_4B.items() if not k.startswith("_") and k != "tie_word_embeddings"}
+        tokens, prompt_len = cfg["max_seq_len"], ctx.sizes.prompt_len
+    else:
+        shape, tokens, prompt_len = dict(ctx.sizes.small), ctx.sizes.seq_len, ctx.sizes.prompt_len
+        sec.skip("Qwen3-4B shape", "needs CUDA" if not ctx.cuda else "disabled (--quick or --no-4b)")
+    shots = 50
+    half = ctx.cuda and cfg["mixed_precision"] != "no"
+    free_memory()
+    model, tokenizer = build_model(shape, ctx.device, max(tokens, 64) + cfg["max_new_tokens"])
+    if cfg["gradient_checkpointing"]:
+        enable_gradient_checkpointing(model)
+    model.eval()  # as load_job_model: checkpointing acts in the gradient steps only
+    job = JobModel(model, tokenizer, ctx.device, cfg["mixed_precision"] if half else "no", cfg["loss_chunk_tokens"])
+    s = memory.Shape.of({**shape, "tie_word_embeddings": True}, total_params(shape))
+    rows = random_rows(torch.Generator().manual_seed(5), shots, tokens, prompt_len, shape["vocab_size"])
+    pad, size = int(tokenizer.pad_token_id), cfg["inner_batch_size"]
+    micro = MicroBatches([collate(rows[i : i + size], pad) for i in range(0, shots, size)])
+    estimate = memory.adaptation_parts(
+        s, rows=min(size, shots), tokens=tokens, optimizer=cfg["optimizer"],
+        checkpointing=cfg["gradient_checkpointing"], half=half, chunk=cfg["loss_chunk_tokens"], snapshot_same=False,
+    )  # fmt: skip
+    sec.results["model"] = {"shape": shape, "parameters": s.params, "shots": shots, "tokens_per_row": tokens,
+                            "micro_batches": len(micro.batches)}  # fmt: skip
+    started = time.perf_counter()
+    with peak_memory(ctx.device) as mem:
+        with adapted(model, [micro], inner_lr=cfg["inner_lr"], num_steps=1, snapshot=WeightSnapshot(model, "cpu"),
+                     loss_fn=job.loss_fn(), optimizer=cfg["optimizer"]) as result:  # type: ignore[arg-type]  # fmt: skip
+            pass
+        synchronize(ctx.device)
+    sec.results["adaptation"] = {
+        "seconds": time.perf_counter() - started,
+        "estimate_gib": {k: v / GiB for k, v in estimate.items()},
+        "estimate_total_gib": sum(estimate.values()) / GiB,
+        "measured_peak_gib": (mem["start"] + mem["peak"]) / GiB if mem else None,
+        "support_loss": result.support_losses,
+    }
+    sec.check("adaptation: support loss finite", result.finite, result.support_losses)
+    if mem:
+        measured, estimated = (mem["start"] + mem["peak"]) / GiB, sum(estimate.values()) / GiB
+        sec.check("adaptation: measured peak within the estimate", measured <= estimated, measured,
+                  f"estimate {estimated:.1f} GiB")  # fmt: skip
+    # Generation: eval.gen_batch_size prompts, as many new tokens as the budget allows (at most max_new_tokens).
+    batch = cfg["gen_batch_size"]
+    new_tokens = min(cfg["max_new_tokens"], ctx.sizes.gen_new_tokens if not full else cfg["max_new_tokens"])
+    if full:  # a decode step of the 4B model at batch 32 takes ~30 ms on an H100 with the HF loop (section 4)
+        new_tokens = max(16, min(new_tokens, int(deadline.left() * 0.8 / 0.035)))
+    prompts = [list(r.input_ids[:prompt_len]) for r in rows[:batch]]
+    gen_est = memory.generation_parts(s, batch=len(prompts), tokens=prompt_len + new_tokens, half=half,
+                                      optimizer_state=False)  # fmt: skip
+    free_memory()
+    started = time.perf_counter()
+    with peak_memory(ctx.device) as gmem, torch.no_grad(), job.autocast():
+        out = generate_greedy(model, tokenizer, prompt_ids=prompts, max_new_tokens=new_tokens, batch_size=batch)
+    sec.results["generation"] = {
+        "seconds": time.perf_counter() - started,
+        "batch": len(prompts),
+        "new_tokens": new_tokens,
+        "max_new_tokens_configured": cfg["max_new_tokens"],
+        "generated_tokens": int(sum(out.num_tokens)),
+        "estimate_gib": {k: v / GiB for k, v in gen_est.items()},
+        "estimate_total_gib": sum(gen_est.values()) / GiB,
+        "measured_peak_gib": (gmem["start"] + gmem["peak"]) / GiB if gmem else None,
+    }
+    if gmem:
+        measured, estimated = (gmem["start"] + gmem["peak"]) / GiB, sum(gen_est.values()) / GiB
+        sec.check("generation: measured peak within the estimate", measured <= estimated, measured,
+                  f"estimate {estimated:.1f} GiB")  # fmt: skip
+    else:
+        sec.notes.append("CPU: the code path ran; no CUDA allocator peak to compare with the estimate")
+    del model, job
+    free_memory()
+
+
 SECTION_FUNCS: dict[str, Callable[[Context, Section, Deadline], None]] = {
     "1_bf16_adaptation": section_bf16,
     "2_meta_step_vs_sft": section_meta_step,
@@ -1371,6 +1487,7 @@ SECTION_FUNCS: dict[str, Callable[[Context, Section, Deadline], None]] = {
     "5_fsdp2_single": section_fsdp,
     "6_slot_allocator": section_slots,
     "7_inner_loop": section_inner_loop,
+    "8_eval_memory": section_eval_memory,
 }
 
 
@@ -1499,7 +1616,7 @@ def main(argv: list[str] | None = None) -> int:
         "--config",
         type=Path,
         default=ROOT / "config" / "config.yaml",
-        help="section 7: the config whose fomaml inner loop is measured (default: the paper config)",
+        help="sections 7 and 8: the config whose inner loop and evaluation are measured (default: the paper config)",
     )
     parser.add_argument(
         "--dtype",

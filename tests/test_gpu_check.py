@@ -29,6 +29,7 @@ SECTIONS = (
     "5_fsdp2_single",
     "6_slot_allocator",
     "7_inner_loop",
+    "8_eval_memory",
 )
 
 HIDE = textwrap.dedent(
@@ -103,6 +104,40 @@ def test_cpu_quick_mode_writes_every_section_without_errors(quick_run) -> None:
     assert any("needs CUDA" in s for s in skipped["6_slot_allocator"])
     assert not skipped["1_bf16_adaptation"] and not skipped["4_generation"] and not skipped["5_fsdp2_single"]
     assert skipped["7_inner_loop"] == ["Qwen3-4B shape: needs CUDA"]
+    assert skipped["8_eval_memory"] == ["Qwen3-4B shape: needs CUDA"]
+
+
+def test_eval_memory_section_runs_the_configured_evaluation_and_states_the_estimate(quick_run) -> None:
+    """Section 8 adapts on k = 50 rows in micro-batches of eval.inner_batch_size with the paper config's levers,
+    then generates a batch of eval.gen_batch_size; its estimate is fomaml_math.memory's for that shape."""
+    from fomaml_math import memory
+    from fomaml_math.config import load_config
+
+    config = load_config(ROOT / "config" / "config.yaml")
+    section = quick_run[0]["sections"]["8_eval_memory"]
+    results = section["results"]
+    cfg = results["config"]
+    assert (
+        cfg["inner_batch_size"],
+        cfg["gen_batch_size"],
+        cfg["loss_chunk_tokens"],
+        cfg["gradient_checkpointing"],
+    ) == (
+        config["eval"]["inner_batch_size"],
+        config["eval"]["gen_batch_size"],
+        config["compute"]["loss_chunk_tokens"],
+        config["compute"]["gradient_checkpointing"],
+    )
+    model = results["model"]
+    assert model["shots"] == 50 and model["micro_batches"] == -(-50 // cfg["inner_batch_size"])
+    adaptation = results["adaptation"]
+    assert adaptation["measured_peak_gib"] is None  # CPU: no allocator peak; the GPU run fills it
+    parameters = model["parameters"]
+    assert adaptation["estimate_gib"]["weights"] * memory.GiB == pytest.approx(4 * parameters)
+    assert adaptation["estimate_gib"]["optimizer state"] * memory.GiB == pytest.approx(8 * parameters)  # adam
+    assert math.isfinite(adaptation["support_loss"][0])
+    generation = results["generation"]
+    assert generation["batch"] == cfg["gen_batch_size"] and generation["generated_tokens"] > 0
 
 
 def test_inner_loop_section_measures_the_configured_inner_loop(quick_run) -> None:

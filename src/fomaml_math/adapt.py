@@ -11,6 +11,16 @@ accumulates its meta-gradient, is never touched.  Under FSDP that is impossible 
 parameters are not in the autograd graph), so ``grad_mode="backward"`` moves ``.grad`` aside,
 lets FSDP reduce-scatter each inner gradient into ``.grad``, applies it, and puts the original
 ``.grad`` back before the body runs: from the caller's side ``.grad`` is again untouched.
+A step over several micro-batches accumulates in ``.grad`` the same way in either mode: ``autograd.grad``
+would return a second weight-sized gradient tuple next to the accumulated one (16 GB at 4B parameters),
+while backward adds each parameter's gradient in place as it is produced.  The sum is the same
+``g1 + g2 + ...`` in the same order, so the result is bitwise that of the tuple path (tests/test_adapt.py).
+
+Memory levers of an adaptation (docs/gpu.md): gradient checkpointing acts in the gradient steps even
+when the model is in ``eval()`` mode (:func:`checkpointing_active`: the decoder layers, and only they,
+are flagged as training for the forward and backward of a step; dropout modules stay off); the loss
+may be computed over chunks of target tokens (:func:`chunked_sft_loss`) so the full
+``rows x tokens x vocab`` logits never exist.
 
 Mixed precision: open autocast per forward pass (inside ``loss_fn``; :func:`sft_loss_fn` builds
 such a loss for training and evaluation alike), not around the ``with`` block.  Autocast caches
@@ -31,8 +41,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+import torch.utils.checkpoint
 
-from fomaml_math.batching import SFTBatch, sft_loss
+from fomaml_math.batching import IGNORE_INDEX, SFTBatch, sft_loss
 
 LossFn = Callable[[Any, Any], tuple[torch.Tensor, int]]
 GradMode = Literal["autograd", "backward"]
@@ -46,12 +57,15 @@ def sft_loss_fn(
     device: torch.device | str,
     autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
     rows: Callable[[SFTBatch], tuple[SFTBatch, float | None]] | None = None,
+    chunk_tokens: int | None = None,
 ) -> LossFn:
     """``loss_fn(model, batch)`` for :func:`adapted`: the SFT loss with autocast opened per forward pass.
 
     ``autocast`` makes a fresh mixed-precision context for every call (training: accelerate's,
     evaluation: ``torch.autocast``); ``rows`` optionally picks this process's rows of a batch and
-    the normaliser that keeps the reduced gradient exact (training's multi-process split).
+    the normaliser that keeps the reduced gradient exact (training's multi-process split);
+    ``chunk_tokens`` computes the loss by :func:`chunked_sft_loss` (not under FSDP: it calls the
+    decoder and the output layer separately).
     """
 
     def loss_fn(model: Any, batch: SFTBatch) -> tuple[torch.Tensor, int]:
@@ -59,9 +73,74 @@ def sft_loss_fn(
         if rows is not None:
             batch, normalizer = rows(batch)
         with autocast():
+            if chunk_tokens:
+                return chunked_sft_loss(model, batch.to(device), chunk_tokens, normalizer=normalizer)
             return sft_loss(model, batch.to(device), normalizer=normalizer)
 
     return loss_fn
+
+
+def chunked_sft_loss(
+    model: Any, batch: SFTBatch, chunk_tokens: int, *, normalizer: float | None = None
+) -> tuple[torch.Tensor, int]:
+    """:func:`~fomaml_math.batching.sft_loss` with the logits of at most ``chunk_tokens`` targets alive at a time.
+
+    The decoder's hidden states at the target positions go through the output layer and the
+    cross-entropy one chunk at a time, each chunk checkpointed (its logits are recomputed in the
+    backward pass), so the ``targets x vocab`` logits, their float32 copy, log-softmax and gradient
+    (about 3.4 x targets x vocab x 4 bytes at the peak) shrink to one chunk's.  The loss is the sum of
+    the chunks' sums instead of one sum, and the output layer multiplies a gathered matrix: the
+    same arithmetic in another order, equal to :func:`sft_loss` within float32 rounding (tests/test_adapt.py).
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"loss_chunk_tokens: expected a positive number of tokens, got {chunk_tokens}")
+    labels = batch.labels[:, 1:]
+    rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)
+    count = int(rows.numel())
+    if count == 0:
+        return sft_loss(model, batch, normalizer=normalizer)  # its zero loss still depends on the parameters
+    hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    targets = hidden.last_hidden_state[:, :-1][rows, cols]
+    head = model.get_output_embeddings()
+
+    def chunk_sum(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(head(h).float(), y, reduction="sum")
+
+    picked = labels[rows, cols]
+    total = sum(
+        torch.utils.checkpoint.checkpoint(
+            chunk_sum, targets[i : i + chunk_tokens], picked[i : i + chunk_tokens], use_reentrant=False
+        )
+        for i in range(0, count, chunk_tokens)
+    )
+    denominator = normalizer if normalizer is not None else max(count, 1)
+    return total / denominator, count  # type: ignore[return-value]
+
+
+@contextmanager
+def checkpointing_active(model: torch.nn.Module) -> Iterator[None]:
+    """Let gradient checkpointing act in a model kept in ``eval()`` mode, for the duration of the block.
+
+    transformers checkpoints a decoder layer only when ``layer.gradient_checkpointing and
+    layer.training``; the evaluation keeps its model in ``eval()`` (no dropout).  This flags the
+    checkpointing layers themselves as training, not their submodules (attention dropout reads its
+    own module's flag), so the arithmetic is unchanged: the layers' activations are recomputed in the
+    backward pass instead of stored.  Not around generation: a checkpointing layer drops the KV cache.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer  # lazy: adapt.py needs no transformers
+
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing and not m.training
+    ]
+    for layer in layers:
+        layer.training = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.training = False
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -199,27 +278,24 @@ def _step_gradients(
     parts = list(batch.batches) if isinstance(batch, MicroBatches) else [batch]
     # One part is a plain batch: no rescaling (the loss function may normalise a row split itself).
     total_tokens = max(batch.num_tokens, 1) if isinstance(batch, MicroBatches) and len(parts) > 1 else None
+    # Several parts accumulate in place in .grad (moved aside by the caller): see the module docstring.
+    in_place = grad_mode == "backward" or len(parts) > 1
     step_loss: torch.Tensor | None = None
     step_count = 0
     grads: list[torch.Tensor | None] | None = None
-    for part in parts:
-        loss, count = loss_fn(model, part)
-        if total_tokens is not None:
-            loss = loss * (count / total_tokens)
-        if grad_mode == "autograd":
-            part_grads = torch.autograd.grad(loss, params, allow_unused=True)
-            if grads is None:
-                grads = list(part_grads)
+    with checkpointing_active(model):
+        for part in parts:
+            loss, count = loss_fn(model, part)
+            if total_tokens is not None:
+                loss = loss * (count / total_tokens)
+            if in_place:
+                loss.backward()  # accumulates into .grad across micro-batches: g1, then g1 += g2, ...
             else:
-                for i, g in enumerate(part_grads):
-                    if g is not None:
-                        grads[i] = g if grads[i] is None else grads[i].add_(g)
-        else:
-            loss.backward()  # accumulates into .grad across micro-batches
-        # Start from the first loss: a CPU zero moved to the GPU would be a blocking copy (a sync) every step.
-        step_loss = loss.detach().float() if step_loss is None else step_loss + loss.detach()
-        step_count += count
-    if grad_mode == "backward":
+                grads = list(torch.autograd.grad(loss, params, allow_unused=True))
+            # Start from the first loss: a CPU zero moved to the GPU would be a blocking copy (a sync) every step.
+            step_loss = loss.detach().float() if step_loss is None else step_loss + loss.detach()
+            step_count += count
+    if in_place:
         grads = [p.grad for p in params]
     assert grads is not None and step_loss is not None
     return step_loss, step_count, grads
@@ -276,11 +352,11 @@ def _inner_loop(
 ) -> None:
     losses: list[torch.Tensor] = []
     adam = _Adam(params, inner_lr) if optimizer == "adam" else None
-    stashed = [p.grad for p in params] if grad_mode == "backward" else None
+    # .grad is moved aside for the whole loop (a micro-batched step accumulates there in either mode) and put back.
+    stashed = [p.grad for p in params]
     try:
-        if stashed is not None:
-            for p in params:
-                p.grad = None
+        for p in params:
+            p.grad = None
         for step in range(num_steps):
             batch = support_batches[step % len(support_batches)]
             loss, count, grads = _step_gradients(model, params, batch, loss_fn, grad_mode)
@@ -288,18 +364,16 @@ def _inner_loop(
                 adam.step(params, grads)
             else:
                 _sgd_step(params, grads, inner_lr)
-            if stashed is not None:
-                for p in params:
-                    p.grad = None
+            for p in params:
+                p.grad = None
             losses.append(loss)
             result.support_tokens.append(count)
             del loss, grads
             if on_step is not None:
                 on_step(step + 1)  # e.g. a held-out loss after each update (adaptation speed)
     finally:
-        if stashed is not None:
-            for p, g in zip(params, stashed, strict=True):
-                p.grad = g
+        for p, g in zip(params, stashed, strict=True):
+            p.grad = g
     result.losses = torch.stack(losses).float() if losses else None  # no host sync here (see AdaptationResult)
     result.num_steps = num_steps
 

@@ -217,7 +217,29 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     _expand_generated_experiments(config)  # the folds are built from the task names checked above
     for message in _iter_semantic_errors(config):
         raise ConfigError(f"config error at {message}")
+    _check_memory(config)
     return config
+
+
+def _check_memory(config: dict[str, Any]) -> None:
+    """Refuse a job whose estimated GPU memory exceeds ``compute.gpu_memory_gib`` (fomaml_math.memory); a model the
+    estimate cannot size (no architecture offline) is a warning, not a refusal."""
+    import sys
+
+    from fomaml_math import memory
+    from fomaml_math.plan import architecture, parameter_count  # lazy: plan imports this module
+
+    try:
+        arch = architecture(config)
+        shape = memory.Shape.of(arch, parameter_count(arch))
+    except (ConfigError, KeyError, ValueError, OSError) as exc:
+        print(f"warning: memory: cannot estimate GPU memory for this model ({exc}); not checked", file=sys.stderr)
+        return
+    errors, warnings = memory.problems(config, shape)
+    for message in warnings:
+        print(f"warning: {message}", file=sys.stderr)
+    for message in errors:
+        raise ConfigError(f"config error at {message}")
 
 
 def _loso_folds(tasks: list[str], prefix: str) -> list[dict[str, Any]]:
@@ -463,6 +485,24 @@ def _train_settings(
     }
 
 
+def tuner_generation(config: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation's generation settings as the tuner uses them (``calibration.gen_batch_size`` when set)."""
+    generation = {k: config["eval"][k] for k in ("max_new_tokens", "gen_batch_size", "grade_timeout_s")}
+    if config["calibration"].get("gen_batch_size"):
+        generation["gen_batch_size"] = int(config["calibration"]["gen_batch_size"])
+    return generation
+
+
+def adapt_memory(config: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation's and tuner's adaptation memory levers (docs/gpu.md), only when set: a config without them
+    keeps its settings (gradient checkpointing and in-place accumulation leave float32 results bitwise equal)."""
+    compute = config["compute"]
+    memory = {"gradient_checkpointing": True} if compute["gradient_checkpointing"] else {}
+    if compute.get("loss_chunk_tokens"):
+        memory["loss_chunk_tokens"] = int(compute["loss_chunk_tokens"])
+    return {"adapt_memory": memory} if memory else {}
+
+
 def tuned_shot_counts(config: dict[str, Any]) -> list[int]:
     """The shot counts the tuner chooses for: ``calibration.shots`` (bands), or every evaluated k > 0; and 0
     whenever 0 shots are evaluated (its choice is the checkpoint alone: nothing is adapted)."""
@@ -528,6 +568,7 @@ def stage_settings(
             "model": _model_settings(config),
             "mixed_precision": config["compute"]["mixed_precision"],
             "prompt": {"instruction": instruction(config)},
+            **adapt_memory(config),
         }
     if stage == "calibrate":
         return {
@@ -538,10 +579,11 @@ def stage_settings(
             # the tuned shot counts (not the evaluated ones: with bands, adding an evaluated k reruns no
             # tuner) and the evaluation's generation, which the accuracy criterion uses as the evaluation does
             "tuned_shots": tuned_shot_counts(config),
-            "generation": {k: config["eval"][k] for k in ("max_new_tokens", "gen_batch_size", "grade_timeout_s")},
+            "generation": tuner_generation(config),
             "model": _model_settings(config),
             "mixed_precision": config["compute"]["mixed_precision"],
             "prompt": {"instruction": instruction(config)},
+            **adapt_memory(config),
         }
     if stage in ("stats", "figures", "summary"):
         # The folds to pool appear only when generated, so a study without them keeps its settings (and tables).

@@ -53,7 +53,7 @@ from typing import Any
 
 import pandas as pd
 
-from fomaml_math import hardware, pilot, sizing
+from fomaml_math import hardware, memory, pilot, sizing
 from fomaml_math.analysis.evaldata import load_eval
 from fomaml_math.analysis.power import Design, VarianceComponents, plan_contrast
 from fomaml_math.analysis.primary import planned_family_size
@@ -345,6 +345,7 @@ def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: P
         "data + env (ingest, split_tasks, check_env)": 3,
     }  # fmt: skip
     return {
+        **memory.summary(config, memory.Shape.of(arch, params)),
         "model": config["model"]["name_or_path"],
         "parameters": params,
         "experiments": {e: meta_test_tasks(dict(config), e) for e in experiments},
@@ -647,6 +648,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(
         [
             render(plan, gpus),
+            memory.render(plan),
             sizing.render_backends(plan["gpu_hours_by_backend"], backend, gpu),
             *([sizing.render_pilot(measured, bound)] if measured is not None else []),
             render_power(plan["power"], plan["designs"]),

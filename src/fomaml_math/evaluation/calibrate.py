@@ -48,7 +48,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from fomaml_math.adapt import WeightSnapshot, sft_loss_fn
+from fomaml_math.adapt import WeightSnapshot
 from fomaml_math.config import add_settings_arguments, settings_from_args
 from fomaml_math.errors import ConfigError
 from fomaml_math.evaluation.criteria import (
@@ -161,7 +161,7 @@ def _measure_candidate(
     job: JobModel, candidate: Candidate, tasks: Mapping[str, tuple[pd.DataFrame, pd.DataFrame]],
     cal: CalibrationSettings, records: Records, grader: Grader, *, snapshot_device: str, bar: Any,
 ) -> None:  # fmt: skip
-    loss_fn = sft_loss_fn(job.device, job.autocast)
+    loss_fn = job.loss_fn()
     snapshot = WeightSnapshot(job.model, snapshot_device)
     generation = Generation(cal.max_new_tokens, cal.gen_batch_size,
                             context_length(job.model) or cal.model.max_seq_len)  # fmt: skip
@@ -337,6 +337,7 @@ def tune(
     device: str = "auto",
     snapshot_device: str = "cpu",
     show_progress: bool = False,
+    memory: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Measure the grid for every candidate on ``tasks`` (name -> (dev_pool, dev_monitor)); the report."""
     _check_inputs(tasks, cal)
@@ -346,7 +347,8 @@ def tune(
     with tqdm(total=work, desc="calibrate", disable=not show_progress, file=sys.stderr) as bar, \
             Grader(timeout_s=cal.grade_timeout_s) as grader:  # fmt: skip
         for candidate in candidates:
-            job = load_job_model(candidate.path, cal.model, device=device, mixed_precision=cal.mixed_precision)
+            job = load_job_model(candidate.path, cal.model, device=device, mixed_precision=cal.mixed_precision,
+                                 memory=memory)  # fmt: skip
             _measure_candidate(job, candidate, tasks, cal, records, grader, snapshot_device=snapshot_device, bar=bar)
             del job
     return _report(records, candidates, list(tasks), cal)
@@ -397,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("--candidate: two candidates share a step")
     tasks = load_dev_tasks(args.tasks_dir, args.tasks)
     report = tune(candidates, tasks, cal, device=args.device,
-                  show_progress=not args.no_progress)  # fmt: skip
+                  show_progress=not args.no_progress, memory=settings.get("adapt_memory"))  # fmt: skip
     report = {
         "init": args.init,
         "experiment": args.experiment,

@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     if spec.optimizer not in OPTIMIZERS:
         raise ConfigError(f"eval.optimizer: expected sgd or adam, got {spec.optimizer!r}")
 
-    job = load_job_model(args.model, settings.model, device=args.device, mixed_precision=settings.mixed_precision)
+    job = load_job_model(args.model, settings.model, device=args.device, mixed_precision=settings.mixed_precision,
+                         memory=raw.get("adapt_memory"))  # fmt: skip
     torch.manual_seed(settings.seed)
     ctx = EvalContext(
         job=job,

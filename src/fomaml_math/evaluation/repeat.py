@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from fomaml_math.adapt import WeightSnapshot, sft_loss_fn
+from fomaml_math.adapt import WeightSnapshot
 from fomaml_math.batching import collate, encode_example, example_nll
 from fomaml_math.evaluation.generate import HFBackend, check_context, encode_prompts, engine_follows
 from fomaml_math.evaluation.job import JobModel
@@ -73,8 +73,8 @@ class EvalContext:
         return int(self.settings.seed if self.shot_seed is None else self.shot_seed)
 
     def loss_fn(self) -> Any:
-        """The adaptation loss: autocast opened per forward pass, exactly as training's."""
-        return sft_loss_fn(self.job.device, self.job.autocast)
+        """The adaptation loss: autocast opened per forward pass, exactly as training's (chunked if configured)."""
+        return self.job.loss_fn()
 
     def initialisation_snapshot(self) -> WeightSnapshot:
         """The job's :class:`~fomaml_math.adapt.WeightSnapshot` (every adaptation restores to it)."""
