@@ -227,7 +227,7 @@ def _check_memory(config: dict[str, Any]) -> None:
     import sys
 
     from fomaml_math import memory
-    from fomaml_math.plan import architecture, parameter_count  # lazy: plan imports this module
+    from fomaml_math.architecture import architecture, parameter_count
 
     try:
         arch = architecture(config)

@@ -58,6 +58,7 @@ from fomaml_math.analysis.evaldata import load_eval
 from fomaml_math.analysis.power import Design, VarianceComponents, plan_contrast
 from fomaml_math.analysis.primary import planned_family_size
 from fomaml_math.analysis.tables import FOLD_FAMILY, PRIMARY_FAMILY
+from fomaml_math.architecture import PAPER_MODELS, architecture, parameter_count  # noqa: F401 (plan's API)
 from fomaml_math.config import (
     control_shot_counts,
     control_tasks,
@@ -74,9 +75,7 @@ from fomaml_math.config import (
 )
 from fomaml_math.errors import ConfigError
 
-RESOURCES = Path(__file__).resolve().parent / "resources"
 ASSUMED_SOURCE = "assumed: stats.assumed, placeholders until a pilot (docs/plan.md)"
-PAPER_MODELS = {"Qwen/Qwen3-4B-Instruct-2507": RESOURCES / "qwen3_4b_instruct_2507.json"}
 # MATH: problem + worked solution is ~1,200 characters on average; ~3.5 characters per Qwen token.
 DEFAULT_CHARS_PER_TOKEN = 3.5
 DEFAULT_EXAMPLE_TOKENS = 350
@@ -99,33 +98,6 @@ def resolved(config: Mapping[str, Any], assumptions: Assumptions) -> tuple[float
     peak = assumptions.peak_tflops or hardware.gpu(name).peak_bf16_tflops
     backend = str(config["eval"].get("backend", "hf"))
     return peak, assumptions.decode_tokens_per_s or hardware.decode_assumption(name, backend).tokens_per_s
-
-
-def architecture(config: Mapping[str, Any]) -> dict[str, int]:
-    """Layer shape of the configured model (tiny mapping, local folder, or a shipped paper model)."""
-    model = config["model"]
-    if model["tiny"]:
-        return {**model["tiny"], "tie_word_embeddings": True}
-    name = str(model["name_or_path"])
-    local = Path(name) / "config.json"
-    if local.is_file():
-        return json.loads(local.read_text())
-    if name in PAPER_MODELS:
-        return json.loads(PAPER_MODELS[name].read_text())
-    raise ConfigError(f"model.name_or_path: no architecture known offline for {name!r} (give a local folder)")
-
-
-def parameter_count(arch: Mapping[str, Any]) -> int:
-    """Parameters of a Qwen3-style decoder (GQA attention with q/k norms, SwiGLU MLP, RMSNorms)."""
-    hidden, layers = int(arch["hidden_size"]), int(arch["num_hidden_layers"])
-    heads, kv_heads = int(arch["num_attention_heads"]), int(arch["num_key_value_heads"])
-    head_dim = int(arch.get("head_dim") or hidden // heads)
-    inter, vocab = int(arch["intermediate_size"]), int(arch["vocab_size"])
-    attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2 + 2 * head_dim
-    mlp = 3 * hidden * inter
-    per_layer = attention + mlp + 2 * hidden
-    embeddings = vocab * hidden * (1 if arch.get("tie_word_embeddings", True) else 2)
-    return layers * per_layer + embeddings + hidden
 
 
 def train_flops_per_token(arch: Mapping[str, Any], params: int, seq_len: float) -> float:
