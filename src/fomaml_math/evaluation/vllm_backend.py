@@ -139,6 +139,15 @@ def vllm_settings(ev: Mapping[str, Any]) -> dict[str, Any]:
     return {**DEFAULTS, **given}
 
 
+def check_sleep(sleep: bool, on_gpu: bool, device: str) -> None:
+    """``eval.vllm.sleep`` needs vLLM's sleep mode, which exists on CUDA (and ROCm) only: elsewhere a one-line error."""
+    if sleep and not on_gpu:
+        raise ConfigError(
+            f"eval.vllm.sleep: vLLM's sleep mode needs a CUDA (or ROCm) GPU, this engine would run on {device}; "
+            "set eval.vllm.sleep: false"
+        )
+
+
 def engine_dtype(choice: str, mixed_precision: str) -> str:
     """``auto``: float32 when the evaluation runs in float32 (token-identical to ``hf``), else the autocast dtype."""
     if choice == "auto":
@@ -191,11 +200,7 @@ class VLLMBackend:
             self.max_model_len = min(self.max_model_len, int(context_limit))
         on_cpu = current_platform.is_cpu()
         self.sleeps = bool(options["sleep"])
-        if self.sleeps and not current_platform.is_cuda_alike():
-            raise ConfigError(
-                f"eval.vllm.sleep: vLLM's sleep mode needs a CUDA (or ROCm) GPU, this engine runs on "
-                f"{current_platform.device_type or 'cpu'}; set eval.vllm.sleep: false"
-            )
+        check_sleep(self.sleeps, current_platform.is_cuda_alike(), current_platform.device_type or "cpu")
         eager = on_cpu if options["enforce_eager"] is None else bool(options["enforce_eager"])
         self.engine = vllm.LLM(
             model=str(model_path),
