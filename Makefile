@@ -36,11 +36,11 @@ setup-vllm: $(VLLM_BIN)/.installed
 
 # CI runs this after `make test` (.ci/run). Under this environment's transformers 5.19.0 (the version the one GPU
 # environment, README "GPU install", resolves to): the vLLM backend's tests (none skip here), the evaluation's, and
-# the training tests, the 2-process accelerate launches (DDP and FSDP2) included. The engine's tests run last: once
+# the training steps' tests with the 2-process accelerate launches (DDP and FSDP2). Resume and candidate-keeping
+# tests run in `make test` only (about 10 min more here; docs/vllm.md "CI"). The engine's tests run last: once
 # started, vLLM pins torch's CPU threads for the rest of the process.
 VLLM_TESTS := tests/test_adapt.py tests/test_fomaml.py tests/test_sft.py tests/test_accelerate_launch.py \
-	tests/test_modeling.py tests/test_training_resume.py tests/test_training_candidates.py \
-	tests/test_training_data_roles.py tests/test_training_threads.py \
+	tests/test_modeling.py tests/test_training_threads.py \
 	tests/test_generate.py tests/test_fewshot.py tests/test_generation_backend.py tests/test_vllm_backend.py
 test-vllm: setup-vllm
 	$(OFFLINE) VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/python -m pytest $(VLLM_TESTS)
