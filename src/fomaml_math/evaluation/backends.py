@@ -8,21 +8,24 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from fomaml_math.errors import ConfigError
 from fomaml_math.evaluation.generate import HFBackend
 from fomaml_math.evaluation.job import JobModel
 from fomaml_math.evaluation.settings import EvalSettings
-from fomaml_math.evaluation.vllm_backend import VLLMBackend, vllm_settings
+from fomaml_math.evaluation.vllm_backend import VLLMBackend, check_sleep, vllm_settings
 
 BACKENDS: tuple[str, ...] = ("hf", "vllm")  # eval.backend: who generates (hf: the reference loop)
 
 
 def check_backend(settings: EvalSettings) -> None:
-    """Fail on an unknown backend or unknown ``eval.vllm`` keys before any model is loaded."""
+    """Fail on an unknown backend, unknown ``eval.vllm`` keys or sleep mode off a GPU before any model is loaded."""
     if settings.backend not in BACKENDS:
         raise ConfigError(f"eval.backend: expected one of {list(BACKENDS)}, got {settings.backend!r}")
     if settings.backend == "vllm":
-        vllm_settings(settings.eval)
+        on_gpu = torch.cuda.is_available()  # also ROCm's torch; the engine repeats the check on vLLM's platform
+        check_sleep(bool(vllm_settings(settings.eval)["sleep"]), on_gpu, "cuda" if on_gpu else "cpu")
 
 
 def make_backend(settings: EvalSettings, job: JobModel, model_path: str, *, context_limit: int | None) -> Any:

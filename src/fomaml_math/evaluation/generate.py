@@ -243,31 +243,35 @@ class HFBackend:
                 on_batch=on_batch,
             )
 
-    def load_weights_from(self, model: Any) -> None:
+    def load_weights_from(self, model: Any, where: str = "") -> None:
         """Nothing to copy: this backend generates with ``model`` itself."""
+
+    def sleep(self) -> None:
+        """Nothing to free while the model adapts."""
 
     def close(self) -> None:
         """Nothing to release."""
 
 
 @contextmanager
-def engine_follows(backend: Any, model: Any) -> Iterator[Callable[[], None]]:
+def engine_follows(backend: Any, model: Any, where: str = "") -> Iterator[Callable[[], None]]:
     """Keep a backend's copy of the weights in step with ``model`` for one (task, repeat).
 
     Yields ``sync()``, which copies ``model``'s current (adapted) weights into the backend. On exit, if
     ``sync`` was called, the weights are copied once more: enter this block *before* the adaptation's,
     so that it exits *after* it, when ``model`` holds the initialisation again (bitwise), and the
-    engine ends the block with the initialisation too, even on error.
+    engine ends the block with the initialisation too, even on error. ``where`` (job, task, repeat)
+    names the push in the backend's errors.
     """
     synced = False
 
     def sync() -> None:
         nonlocal synced
         synced = True  # set first: a sync that fails half-way must still be undone
-        backend.load_weights_from(model)
+        backend.load_weights_from(model, where)
 
     try:
         yield sync
     finally:
         if synced:
-            backend.load_weights_from(model)
+            backend.load_weights_from(model, f"{where}, restoring the initialisation" if where else "")

@@ -104,10 +104,13 @@ def evaluate_task_repeat(
     with contextlib.ExitStack() as stack:
         # Entered first, so it exits after the adaptation's restore: a backend with its own copy of the
         # weights (vllm) gets the initialisation back too.
-        sync_engine = stack.enter_context(engine_follows(backend, ctx.model))
+        job = f"job {ctx.init} k={ctx.shots} ({ctx.experiment}, train seed {ctx.train_seed})"
+        where = f"{job}, task {task.name}, repeat {repeat}"
+        sync_engine = stack.enter_context(engine_follows(backend, ctx.model, where))
         if ctx.finetune:
+            backend.sleep()  # eval.vllm.sleep: the engine frees its GPU memory while the model adapts
             effect = _adapt(ctx, stack, shots, info, f"{task.name} repeat {repeat}")
-            sync_engine()
+            sync_engine()  # wakes the engine, pushes the adapted weights, checks that it serves them
         info.update(effect)
         info["adapt_s"] = time.perf_counter() - started
         started = time.perf_counter()
