@@ -157,7 +157,7 @@ def test_checkpointing_acts_in_eval_mode_bitwise_and_only_in_gradient_steps(tiny
     with adapted(model, batches, inner_lr=0.1, num_steps=2) as plain:
         expected = _weights(model)
     checkpointed = copy.deepcopy(model).eval()
-    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable_gradient_checkpointing(checkpointed)
     checkpointed.eval()
     calls = _count_layer_forwards(checkpointed)
     seen_training: list[bool] = []

@@ -19,8 +19,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from fomaml_math import memory
 from fomaml_math.adapt import MicroBatches, _Adam, adapted, trainable_parameters
+from fomaml_math.architecture import parameter_count
 from fomaml_math.batching import SFTBatch, sft_loss
-from fomaml_math.plan import parameter_count
+from fomaml_math.training.optim import enable_gradient_checkpointing
 
 SHAPES = [  # scaled Qwen3 shapes: (hidden, intermediate, layers, heads, kv heads, head_dim, vocab)
     (128, 352, 2, 8, 2, 32, 1000),
@@ -110,7 +111,7 @@ def test_saved_activations_with_and_without_checkpointing(shape: tuple[int, ...]
     run, seen = _saved_bytes(lambda: model.model(input_ids=batch.input_ids, use_cache=False))
     run(model)
     _close(sum(seen.values()), memory.activation_bytes(s, rows, tokens, checkpointing=False, half=False))
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable_gradient_checkpointing(model)
     model.train()  # checkpointing acts (no dropout in these configs)
     run, seen = _saved_bytes(lambda: model.model(input_ids=batch.input_ids, use_cache=False))
     run(model)
@@ -191,7 +192,7 @@ def test_decoder_backward_peak(shape: tuple[int, ...], checkpointing: bool) -> N
     without checkpointing; each layer's input plus one recomputed layer with it."""
     model, s = _model(shape)
     if checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
         model.train()
     model.model.embed_tokens.weight.requires_grad_(False)  # no V x h embedding gradient in this measurement
     rows, tokens = 4, 64
@@ -209,12 +210,12 @@ def test_decoder_backward_peak(shape: tuple[int, ...], checkpointing: bool) -> N
     [
         ("compute.loss_chunk_tokens", None, "evaluate (hf, adaptation)", "compute.loss_chunk_tokens"),
         ("calibration.gen_batch_size", None, "calibrate (hf, generation)", "calibration.gen_batch_size"),
-        ("eval.backend", "vllm", "evaluate (vllm, adaptation)", "eval.vllm_sleep"),
+        ("eval.backend", "vllm", "evaluate (vllm, adaptation)", "eval.vllm.sleep"),
     ],
 )
 def test_each_paper_lever_is_needed_and_named_when_removed(key: str, value: object, job: str, setting: str) -> None:
     """Without one of the paper config's levers a job no longer fits the 79 GiB card (the vLLM engine awake beside
-    the adaptation: eval.vllm_sleep), and the refusal names the setting that governs the largest part."""
+    the adaptation: eval.vllm.sleep), and the refusal names the setting that governs the largest part."""
     import copy
 
     import yaml
@@ -225,7 +226,7 @@ def test_each_paper_lever_is_needed_and_named_when_removed(key: str, value: obje
     changed = copy.deepcopy(config)
     section, name = key.split(".")
     changed[section][name] = value
-    changed["eval"].pop("vllm_sleep", None)  # the engine awake (the default)
+    changed["eval"]["vllm"]["sleep"] = False  # the engine awake (the default)
     with pytest.raises(ConfigError, match=rf"{re.escape(job)} needs about [\d.]+ GiB .* change {re.escape(setting)}"):
         validate_config(changed)
 

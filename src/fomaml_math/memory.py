@@ -25,8 +25,8 @@ head_dim, n rows x T tokens of one micro-batch):
 * KV cache of the HF generation: ``gen_batch_size x (prompt + max_new_tokens) x 2 L kv x bytes``, the prompt
   taken at ``model.max_seq_len`` (the longest a row may be; ``in_context`` adds k assumed 350-token worked
   examples); generation runs with the casts cached (2N).
-* the vLLM engine: ``eval.vllm.gpu_memory_utilization x card`` while awake beside the adapting model; ~0 while
-  asleep (``eval.vllm_sleep``; vLLM's level-1 sleep, unmeasured here).
+* the vLLM engine: ``eval.vllm.gpu_memory_utilization x card`` while awake beside the adapting model; 2 GiB while
+  asleep (``eval.vllm.sleep``; vLLM's level-1 sleep: an assumed residual of ``ASLEEP_ENGINE_GIB``, unmeasured).
 
 Worst case over the configured k (every k > inner_batch_size accumulates the same micro-batch), rows of
 ``model.max_seq_len`` tokens, and both generation backends.
@@ -43,6 +43,9 @@ import yaml
 
 GiB = 1024**3
 MARGIN = 0.9  # the share of the card a job may plan to use (allocator fragmentation, CUDA context, kernels)
+# What a vLLM engine asleep at level 1 still holds (weights offloaded, KV cache freed): its CUDA context, CUDA graph
+# pools and buffers. Assumed, not measured (no GPU was lent); vLLM documents what is freed, not what remains.
+ASLEEP_ENGINE_GIB = 2.0
 IN_CONTEXT_EXAMPLE_TOKENS = 350  # plan.DEFAULT_EXAMPLE_TOKENS (an assumption; plan imports this module)
 
 
@@ -129,7 +132,7 @@ class JobEstimate:
             "logits and loss": "compute.loss_chunk_tokens",
             "weight casts": "compute.gradient_checkpointing",
             "kv cache": "calibration.gen_batch_size" if self.kind == "calibrate" else "eval.gen_batch_size",
-            "vllm engine": "eval.vllm_sleep or eval.vllm.gpu_memory_utilization",
+            "vllm engine": "eval.vllm.sleep or eval.vllm.gpu_memory_utilization",
         }
         largest = max(levers, key=lambda part: self.parts.get(part, 0.0))
         if self.parts.get(largest, 0.0) < self.total - limit:
@@ -214,9 +217,10 @@ def estimate(config: Mapping[str, Any], s: Shape) -> list[JobEstimate]:
                                    optimizer_state=False)  # fmt: skip
             parts, phase = max((step, "adaptation"), (gen, "generation"), key=lambda x: sum(x[0].values()))
         else:
-            asleep = bool(ev.get("vllm_sleep", False))
-            share = float((ev.get("vllm") or {}).get("gpu_memory_utilization", 0.3)) * card
-            parts, phase = {**step, "vllm engine": 0.0 if asleep else share}, "adaptation"
+            engine = ev.get("vllm") or {}
+            asleep = bool(engine.get("sleep", False))
+            share = float(engine.get("gpu_memory_utilization", 0.3)) * card
+            parts, phase = {**step, "vllm engine": ASLEEP_ENGINE_GIB * GiB if asleep else share}, "adaptation"
         for kind in ("evaluate", "negative control"):
             out.append(JobEstimate(kind, _gib(parts), phase, backend, assumed=phase == "generation" and in_context))
         if ev.get("metaloop_row") and finetune:  # the secondary row exists in finetune mode only
