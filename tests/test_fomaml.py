@@ -155,7 +155,12 @@ def test_main_writes_outputs(tmp_path: Path) -> None:
     trained = AutoModelForCausalLM.from_pretrained(out / "model")
     base = AutoModelForCausalLM.from_pretrained(shared_workspace() / "model")
     assert not torch.equal(trained.model.embed_tokens.weight, base.model.embed_tokens.weight)
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if not p.name.startswith(".")) == [
+    # The finished run's resumable checkpoints (save_freq 3: steps 3 and 6) are gone once its outputs exist
+    # (compute.keep_finished_checkpoints false); kept, both are there.
+    assert not [p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith("step-")]
+    settings["compute"]["keep_finished_checkpoints"] = True
+    assert _run(settings, tmp_path / "kept", tmp_path / "kept-ckpt") == 0
+    assert sorted(p.name for p in (tmp_path / "kept-ckpt").iterdir() if not p.name.startswith(".")) == [
         "step-00000003",
         "step-00000006",
     ]
