@@ -19,6 +19,7 @@ TRAINERS = {"fomaml": fomaml, "sft": sft}
 def _train(method: str, tasks: Path, tmp_path: Path, **select: object) -> dict:
     settings = train_settings(shared_workspace() / "model", method=method)
     settings["select"] |= select
+    settings["compute"]["keep_finished_checkpoints"] = True  # the best-dev slot is read below
     argv = ["--settings", json.dumps(settings), "--tasks-dir", str(tasks)]
     assert TRAINERS[method].main([*argv, "--output-dir", str(tmp_path / "out"), "--checkpoint-dir",
                                   str(tmp_path / "ckpt")]) == 0  # fmt: skip
