@@ -1,0 +1,153 @@
+"""The tuner's grid of (rate, steps) per tuned k: its ends, how it is extended past one, and what it costs.
+
+Standard library only: ``plan`` prices the tuner from it without loading the model code.
+
+* **Edges.** A choice sits at an *edge* when its rate is the lowest or highest of a grid of several rates, or
+  its step count the highest, or the lowest when 0 (not adapting) is not in the grid and the lowest is above 1.
+  Not adapting is an option, not an edge (there is nothing below 0 steps, and its rate means nothing), and 1
+  step is the floor.
+* **Extension.** Past a rate edge the grid gains one rate at the grid's own ratio on that side (the ratio of
+  its two outermost rates there); past the highest step count the step counts double (one new count, twice
+  the largest); past the lowest they halve.
+* **Resolution.** Whether an edge is worth extending past is for the tuner to say (it compares the choice with
+  its interior neighbour against ``calibration.edge_margin`` dev problems: docs/evaluation.md, "Tuning").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+AXES: tuple[str, ...] = ("lr", "num_steps")
+
+
+def _round_rate(value: float) -> float:
+    """Three significant digits, so an extended rate prints (and names its flag file) as the grid's rates do."""
+    return float(f"{value:.3g}")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """One tuned k's rates and step counts, both ascending."""
+
+    lrs: tuple[float, ...]
+    steps: tuple[int, ...]
+
+    @classmethod
+    def of(cls, lrs: Sequence[float], steps: Sequence[int]) -> Grid:
+        return cls(tuple(sorted({float(x) for x in lrs})), tuple(sorted({int(s) for s in steps})))
+
+    def axis(self, axis: str) -> tuple[float, ...] | tuple[int, ...]:
+        return self.lrs if axis == "lr" else self.steps
+
+    def edges(self, lr: float, num_steps: int) -> list[str]:
+        """The edges (``"lr:highest"``, ``"num_steps:lowest"``, ...) a point at (lr, num_steps) sits on."""
+        if num_steps == 0:
+            return []
+        out = []
+        if len(self.lrs) > 1 and lr in (self.lrs[0], self.lrs[-1]):
+            out.append(f"lr:{'lowest' if lr == self.lrs[0] else 'highest'}")
+        positive = [s for s in self.steps if s > 0]
+        if len(positive) > 1 or (positive and 0 not in self.steps):
+            if num_steps == positive[-1] and len(self.steps) > 1:
+                out.append("num_steps:highest")
+            elif num_steps == positive[0] and 0 not in self.steps and num_steps > 1:
+                out.append("num_steps:lowest")
+        return out
+
+    def inward(self, edge: str, lr: float, num_steps: int) -> tuple[float, int] | None:
+        """The grid point next to (lr, num_steps) away from ``edge`` on its axis (None if the axis has one value)."""
+        axis, end = edge.split(":")
+        values = self.axis(axis)
+        here = values.index(lr if axis == "lr" else num_steps)  # type: ignore[arg-type]
+        other = here + 1 if end == "lowest" else here - 1
+        if not 0 <= other < len(values):
+            return None
+        return (float(values[other]), num_steps) if axis == "lr" else (lr, int(values[other]))
+
+    def beyond(self, edge: str) -> float | int | None:
+        """The value one extension past ``edge`` adds (None where nothing lies beyond: 1 step halved)."""
+        axis, end = edge.split(":")
+        if axis == "lr":
+            lo, hi = (self.lrs[0], self.lrs[1]) if end == "lowest" else (self.lrs[-2], self.lrs[-1])
+            return _round_rate(lo / (hi / lo)) if end == "lowest" else _round_rate(hi * (hi / lo))
+        positive = [s for s in self.steps if s > 0]
+        if end == "highest":
+            return 2 * positive[-1]
+        return positive[0] // 2 if positive[0] > 1 else None
+
+    def extended(self, edges: Sequence[str]) -> Grid:
+        """The grid with one value added past each of ``edges``."""
+        lrs, steps = list(self.lrs), list(self.steps)
+        for edge in edges:
+            value = self.beyond(edge)
+            if value is None:
+                continue
+            (lrs if edge.startswith("lr:") else steps).append(value)  # type: ignore[arg-type]
+        return Grid.of(lrs, steps)
+
+    def to_json(self) -> dict[str, list[Any]]:
+        return {"lr_grid": list(self.lrs), "steps_grid": list(self.steps)}
+
+
+def worst_case_grids(grid: Grid, max_extensions: int) -> list[Grid]:
+    """The grids of a tuned k that extends ``max_extensions`` times past its highest rate and step count (the
+    dearer directions): round 0 is ``grid`` itself.  ``plan`` prices the tuner at this cap."""
+    grids = [grid]
+    for _ in range(max_extensions):
+        last = grids[-1]
+        edges = [e for e in ("lr:highest", "num_steps:highest") if len(last.axis(e.split(":")[0])) > 1]
+        grids.append(last.extended(edges))
+    return grids
+
+
+@dataclass(frozen=True)
+class TunerWork:
+    """What one candidate's tuning of one tuned k > 0 costs, in units ``plan`` prices: adaptation steps (each
+    on k shots), dev NLL passes (one forward over the tuning examples) and generation passes (greedy answers
+    to the tuning examples); per draw and task."""
+
+    adapt_steps: int
+    nll_passes: int
+    generation_passes: int
+
+
+def tuner_work(grid: Grid, *, max_extensions: int, screen: int | None) -> TunerWork:
+    """The work of one tuned k at the cap (every round extends both axes upwards), as :mod:`calibrate` does it:
+
+    * every round adapts each rate of its grid from scratch to the round's largest step count, measuring the
+      dev NLL at the grid's step counts it has not measured yet (round 0: all of them);
+    * exhaustive (``screen`` None): every grid point is generated and graded in the pass that measures it;
+    * screened: the ``screen`` best points by answer NLL, plus the choice's inward neighbours (two at most)
+      and, per extension, the choice's continuation past each edge (three at most: either axis and both), are
+      generated; each is priced as one more adaptation of its rate to its step count.
+    The unadapted pass (step 0) is the candidate's, not k's: priced by the caller.
+    """
+    adapt = nll = generated = 0
+    measured: set[tuple[float, int]] = set()
+    for grid_r in worst_case_grids(grid, max_extensions):
+        positive = [s for s in grid_r.steps if s > 0]
+        new = [(lr, s) for lr in grid_r.lrs for s in positive if (lr, s) not in measured]
+        runs = {lr for lr, _ in new}
+        adapt += sum(max(s for lr2, s in new if lr2 == lr) for lr in runs)
+        nll += len(new)
+        if screen is None:
+            generated += len(new)
+        measured |= set(new)
+    if screen is not None:
+        top_steps = max(s for s in worst_case_grids(grid, max_extensions)[-1].steps)
+        graded = screen + 2 + 3 * max_extensions
+        generated += graded
+        adapt += graded * top_steps
+    return TunerWork(adapt, nll, generated)
+
+
+def rounds_summary(extensions: Sequence[Mapping[str, Any]]) -> str:
+    """``"num_steps:highest -> 64; lr:highest -> 0.0333"``: the extensions of one choice, for a report line."""
+    return "; ".join(f"{e['edge']} -> {e['added']:g}" for e in extensions)
+
+
+def is_rate_close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
