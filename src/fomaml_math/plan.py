@@ -67,6 +67,7 @@ from fomaml_math.config import (
     tuning_tasks,
 )
 from fomaml_math.errors import ConfigError
+from fomaml_math.evaluation.grid import Grid, tuner_work
 
 RESOURCES = Path(__file__).resolve().parent / "resources"
 PAPER_MODELS = {"Qwen/Qwen3-4B-Instruct-2507": RESOURCES / "qwen3_4b_instruct_2507.json"}
@@ -194,29 +195,14 @@ def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: P
 
     ev = config["eval"]
     adapt_steps = int(ev["num_inner_steps"])
-    cal = config["calibration"]
-    cal_steps = max(cal["steps_grid"] or [adapt_steps])
-    graded_points = len(set(cal["steps_grid"] or [adapt_steps]) - {0}) + 1  # the grid's step counts and step 0
-    lr_count = len(set(cal["lr_grid"]) | {fo["inner_lr"]})
-    monitor = cal["max_monitor_examples"]
-    evaluated = {int(k) for k in shots}
-    tuned = sorted({int(k) for k in (cal["shots"] or evaluated) if int(k) > 0})
     tuning_task_count = {e: len(tuning_tasks(dict(config), e)) for e in experiments}  # meta_val, else training
 
-    def tuning_hours(task_count: int) -> float:
-        """GPU-hours of the tuner on one candidate checkpoint."""
-        adapt = lr_count * task_count * cal["draws"] * sum(
-            6.0 * params * k * example_tokens * cal_steps + 2 * 2.0 * params * monitor * example_tokens * cal_steps
-            for k in tuned
-        )  # fmt: skip
-        decoded = task_count * monitor * ev["max_new_tokens"] * assumptions.mean_generated_fraction * (
-            1 + len(tuned) * cal["draws"] * lr_count * graded_points
-        )  # fmt: skip
-        return adapt / throughput / 3600 + decoded / assumptions.decode_tokens_per_s / 3600
-
     candidates = {m: candidate_count(config, m) for m in ("fomaml", "sft")}
-    tuning = sum(
-        tuning_hours(tuning_task_count[e]) * (1 + len(seeds) * sum(candidates.values())) for e in experiments
+    tuning = sum(  # per experiment: the base's tuner job (one candidate) and every trained run's
+        tuner_hours(config, assumptions, params=params, example_tokens=example_tokens, task_count=count, candidates=c)
+        * jobs
+        for count in (tuning_task_count[e] for e in experiments)
+        for c, jobs in [(1, 1)] + [(candidates[m], len(seeds)) for m in ("fomaml", "sft")]
     )  # fmt: skip
     sel = config["select"]
     checks = monitoring_steps(config, "fomaml") + monitoring_steps(config, "sft")
@@ -320,6 +306,35 @@ def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: P
             "sft_tokens_per_run": sft_tokens,
         },
     }
+
+
+def tuner_hours(
+    config: Mapping[str, Any],
+    assumptions: Assumptions,
+    *,
+    params: int,
+    example_tokens: float,
+    task_count: int,
+    candidates: int,
+) -> float:
+    """GPU-hours of one tuner job (``candidates`` checkpoints), every tuned k > 0 extended to the cap
+    (:func:`fomaml_math.evaluation.grid.tuner_work`): adaptation steps on k shots, one dev forward per measured
+    grid point (both NLLs; measured at the grid's step counts only), and greedy answers to the tuning examples
+    for every generated point and once per candidate unadapted."""
+    cal, fo, ev = config["calibration"], config["fomaml"], config["eval"]
+    grid = Grid.of(set(cal["lr_grid"]) | {fo["inner_lr"]}, cal["steps_grid"] or [ev["num_inner_steps"]])
+    tuned = sorted({int(k) for k in (cal["shots"] or ev["shots"]) if int(k) > 0})
+    work = tuner_work(grid, candidates=candidates, max_extensions=int(cal["max_extensions"]), screen=cal["screen"])
+    monitor, per_task = cal["max_monitor_examples"], task_count * cal["draws"]
+    flops = per_task * sum(
+        6.0 * params * k * example_tokens * work.adapt_steps
+        + 2.0 * params * monitor * example_tokens * (work.nll_passes + work.generation_passes)
+        for k in tuned
+    )  # fmt: skip
+    answers = task_count * monitor * (candidates + len(tuned) * cal["draws"] * work.generation_passes)
+    decoded = answers * ev["max_new_tokens"] * assumptions.mean_generated_fraction
+    throughput = assumptions.peak_tflops * 1e12 * assumptions.mfu
+    return flops / throughput / 3600 + decoded / assumptions.decode_tokens_per_s / 3600
 
 
 def fold_cost(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: Path) -> dict[str, Any] | None:

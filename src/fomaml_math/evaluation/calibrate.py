@@ -6,29 +6,37 @@ for every candidate checkpoint of a trained run (``--candidate STEP=PATH``, writ
 (``calibration.shots``, or every evaluated k), every learning rate of ``calibration.lr_grid`` (FOMAML's
 inner rate included) and ``calibration.draws`` draws of k shots from each task's ``dev_pool`` (a draw
 stream of its own), the initialisation is adapted with the evaluation's optimizer for
-``max(steps_grid)`` steps.  Before adapting and after every step the two NLL criteria of the task's
-``dev_monitor`` examples are measured; at the step counts of ``steps_grid`` (and before adapting) the
-greedy answers are generated and graded too.  One run per rate serves every step count.
+``max(steps_grid)`` steps.  At the step counts of ``steps_grid`` the two NLL criteria of the task's
+``dev_monitor`` examples are measured (one run per rate serves every step count) and, exhaustive
+(``calibration.screen`` null), the greedy answers are generated and graded too.  Screened (``screen`` N),
+only the N points with the lowest final-answer NLL per tuned k, and the choice's inward neighbours on its
+edges, are generated (their rates adapted once more).  The unadapted answers are always generated.
 
-The tasks are the experiment's *training* tasks only (``--tasks``): a held-out task's dev data, whose
+The grid is a starting point (:mod:`fomaml_math.evaluation.grid`): a choice on an edge that beats its inward
+neighbour by ``calibration.edge_margin`` dev problems gets one value past that edge (the grid's ratio for a
+rate, twice the steps), searched from the chosen checkpoint, and k is re-tuned, until the choice is interior,
+within the resolution, or ``calibration.max_extensions`` rounds (the cap) were spent.
+
+The tasks are the experiment's tuning tasks only (``--tasks``): a held-out task's dev data, whose
 labelled examples beyond the k shots a true few-shot learner does not have, is never read, nor is any
 test file (Perez, Kiela & Cho 2021; tests/test_true_few_shot.py).  The same grid, draws, examples and
 criterion serve every initialisation: each gets the same tuning budget.
 
 A point's value is the mean over tasks of each task's value (draws pooled within a task).  Per tuned k
-the best point by ``calibration.criterion`` wins (accuracy: highest; NLLs: lowest); ties go to the lower
-final-answer NLL (accuracy criterion; else to the higher accuracy), then to the smaller rate, fewer
+the best generated point by ``calibration.criterion`` wins (accuracy: highest; NLLs: lowest); ties go to the
+lower final-answer NLL (accuracy criterion; else to the higher accuracy), then to the smaller rate, fewer
 steps and the later checkpoint.  A point whose criterion is not finite (divergence) cannot win.  At
 0 shots only the checkpoint is chosen (nothing is adapted).  The report also gives, over the grid,
 Spearman's rank correlation of every criterion with dev accuracy, and the split-half agreement of dev
 accuracy itself (even- against odd-indexed examples): how far the criterion's optimum is the accuracy's.
 
 Output (``--output``, JSON): ``init``, ``experiment``, ``train_seed``, ``shot_seed``, ``optimizer``, ``criterion``,
-``tasks``, ``candidates``, ``lr_grid``, ``steps_grid``, ``shots`` (tuned; an evaluated k uses its band,
-:func:`fomaml_math.evaluation.choice.band_of`),
+``tasks``, ``candidates``, ``lr_grid``, ``steps_grid`` (the starting grid), ``shots`` (tuned; an evaluated k uses
+its band, :func:`fomaml_math.evaluation.choice.band_of`), ``screen``, ``max_extensions``, ``edge_margin``,
 ``chosen`` (per tuned k: ``shots``, ``checkpoint``, ``lr``, ``num_steps``, the criteria there, ``edges``,
-``edge_note``), ``grid``, ``curve`` (per checkpoint, k, rate and step 0..max), ``agreement``,
-``per_task`` and the settings.
+``edge_note``, ``extensions``, ``at_cap``, ``open_edges``, its final ``lr_grid``/``steps_grid``,
+``graded_points``/``grid_points``), ``grid`` (accuracy null where not generated), ``curve`` (per checkpoint, k
+and rate: step 0 and the measured step counts), ``agreement``, ``per_task``, ``work`` and the settings.
 """
 
 from __future__ import annotations
@@ -62,8 +70,8 @@ from fomaml_math.evaluation.criteria import (
     spearman,
 )
 from fomaml_math.evaluation.generate import context_length
-from fomaml_math.evaluation.grid import Grid, rounds_summary
 from fomaml_math.evaluation.grade import Grader
+from fomaml_math.evaluation.grid import Grid, rounds_summary
 from fomaml_math.evaluation.job import DEVICES, JobModel, load_job_model
 from fomaml_math.evaluation.settings import CalibrationSettings
 from fomaml_math.evaluation.tasks import load_dev_tasks, shot_examples
@@ -215,7 +223,8 @@ class _Measurer:
                                         max_seq_len=cal.model.max_seq_len, instruction=cal.instruction,
                                         chunk_size=cal.inner_batch_size)  # fmt: skip
                 if need_unadapted:
-                    self.records.add(unadapted, task, 0, score(job, examples, grader=self.grader, generation=generation))
+                    value = score(job, examples, grader=self.grader, generation=generation)
+                    self.records.add(unadapted, task, 0, value)
                     self.generations += 1
                 for k in sorted({k for k, _ in mine}):
                     for draw in range(cal.draws):
@@ -412,8 +421,7 @@ def _settle(measurer: _Measurer, tuned: Sequence[_Tuned], candidates: Sequence[C
                         want.append((best["checkpoint"], *inward))
             for checkpoint, lr, step in want:
                 if step > 0 and not records.graded(_key(int(checkpoint), entry.shots, float(lr), int(step))):
-                    nll, gen = requests.setdefault((int(checkpoint), entry.shots, float(lr)), (set(), set()))
-                    gen.add(int(step))
+                    requests.setdefault((int(checkpoint), entry.shots, float(lr)), (set(), set()))[1].add(int(step))
         if not requests:
             return
         measurer.run(requests)
@@ -425,8 +433,10 @@ def _graded_points(records: Records, points: Sequence[Mapping[str, Any]]) -> lis
 
 
 def _extend(measurer: _Measurer, tuned: Sequence[_Tuned], candidates: Sequence[Candidate]) -> Requests:
-    """One extension round: every tuned k whose choice sits on a resolved edge, below the cap, gets one value
-    past that edge; the requests measure the new points (screened: their NLLs, and the choice's continuation)."""
+    """One extension round: every tuned k whose choice sits on a resolved edge, below the cap, gets one value past
+    that edge, searched from the choice (its checkpoint): a new rate's whole step column, a new step count at the
+    choice's rate.  The requests measure the new points' NLLs (exhaustive: their answers too) and generate the
+    choice's continuation past its edge(s) in the same adaptation."""
     cal, records = measurer.cal, measurer.records
     requests: Requests = {}
     for entry in tuned:
@@ -439,18 +449,17 @@ def _extend(measurer: _Measurer, tuned: Sequence[_Tuned], candidates: Sequence[C
         old = entry.grid
         entry.grid = old.extended(resolved)
         round_ = len({e["round"] for e in entry.extensions}) + 1
+        origin = {n: best[n] for n in ("checkpoint", "lr", "num_steps", cal.criterion)}
         for edge in resolved:
-            entry.extensions.append({"round": round_, "edge": edge, "added": old.beyond(edge),
-                                     "from": {"checkpoint": best["checkpoint"], "lr": best["lr"],
-                                              "num_steps": best["num_steps"], cal.criterion: best[cal.criterion]}})  # fmt: skip
-        new = [(lr, s) for lr in entry.grid.lrs for s in entry.grid.steps
-               if s > 0 and (lr not in old.lrs or s not in old.steps)]  # fmt: skip
-        _requests_for(candidates, entry.shots, new, graded=cal.screen is None, into=requests)
-        lrs = {float(best["lr"])} | {float(old.beyond(e)) for e in resolved if e.startswith("lr:")}  # type: ignore[arg-type]
-        steps = {int(best["num_steps"])} | {int(old.beyond(e)) for e in resolved if e.startswith("num_steps:")}  # type: ignore[arg-type]
-        continuation = [(lr, s) for lr in lrs for s in steps if (lr, s) in new]
-        ckpt = [c for c in candidates if c.step == int(best["checkpoint"])]
-        _requests_for(ckpt, entry.shots, continuation, graded=True, into=requests)
+            entry.extensions.append({"round": round_, "edge": edge, "added": old.beyond(edge), "from": origin})
+        new_lrs = {float(old.beyond(e)) for e in resolved if e.startswith("lr:")}  # type: ignore[arg-type]
+        new_steps = {int(old.beyond(e)) for e in resolved if e.startswith("num_steps:")}  # type: ignore[arg-type]
+        lr, steps = float(best["lr"]), int(best["num_steps"])
+        new = [(r, s) for r in new_lrs for s in entry.grid.steps if s > 0] + [(lr, s) for s in new_steps]
+        mine = [c for c in candidates if c.step == int(best["checkpoint"])]
+        _requests_for(mine, entry.shots, new, graded=cal.screen is None, into=requests)
+        continuation = [(r, s) for r in new_lrs | {lr} for s in new_steps | {steps} if (r, s) != (lr, steps)]
+        _requests_for(mine, entry.shots, continuation, graded=True, into=requests)
     return requests
 
 
@@ -492,8 +501,8 @@ def _report(records: Records, candidates: Sequence[Candidate], tasks: Sequence[s
             "grid_points": len(points),
         }
         chosen.append(best)
-    curve = [{n: c[n] for n in ("checkpoint", "shots", "lr", "nll", "answer_nll", "accuracy")} | {"step": c["num_steps"]}
-             for c in curve]  # fmt: skip
+    names = ("checkpoint", "shots", "lr", "nll", "answer_nll", "accuracy")
+    curve = [{n: c[n] for n in names} | {"step": c["num_steps"]} for c in curve]
     return {
         "optimizer": cal.optimizer,
         "criterion": cal.criterion,

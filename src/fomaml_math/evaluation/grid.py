@@ -105,42 +105,44 @@ def worst_case_grids(grid: Grid, max_extensions: int) -> list[Grid]:
 
 @dataclass(frozen=True)
 class TunerWork:
-    """What one candidate's tuning of one tuned k > 0 costs, in units ``plan`` prices: adaptation steps (each
-    on k shots), dev NLL passes (one forward over the tuning examples) and generation passes (greedy answers
-    to the tuning examples); per draw and task."""
+    """What one tuner job (all its candidates) costs for one tuned k > 0, in units ``plan`` prices, per task and
+    draw: adaptation steps (each on k shots), dev NLL passes (one forward over the tuning examples) and generation
+    passes (greedy answers to the tuning examples).  The unadapted pass is per candidate, not per k: the caller's."""
 
     adapt_steps: int
     nll_passes: int
     generation_passes: int
 
 
-def tuner_work(grid: Grid, *, max_extensions: int, screen: int | None) -> TunerWork:
+def tuner_work(grid: Grid, *, candidates: int, max_extensions: int, screen: int | None) -> TunerWork:
     """The work of one tuned k at the cap (every round extends both axes upwards), as :mod:`calibrate` does it:
 
-    * every round adapts each rate of its grid from scratch to the round's largest step count, measuring the
-      dev NLL at the grid's step counts it has not measured yet (round 0: all of them);
-    * exhaustive (``screen`` None): every grid point is generated and graded in the pass that measures it;
-    * screened: the ``screen`` best points by answer NLL, plus the choice's inward neighbours (two at most)
-      and, per extension, the choice's continuation past each edge (three at most: either axis and both), are
-      generated; each is priced as one more adaptation of its rate to its step count.
-    The unadapted pass (step 0) is the candidate's, not k's: priced by the caller.
+    * round 0: every candidate adapts with each rate to the grid's largest step count, measuring the dev NLL at
+      every step count of the grid (exhaustive: and generating there);
+    * screened: the ``screen`` best points by answer NLL and the choice's two inward neighbours are generated,
+      each distinct rate among them adapted once more (at most one run per rate);
+    * each round: the new rate's column and the choice's rate at the doubled step count (two runs to the new
+      largest step count, from the chosen checkpoint only), the choice's three continuations generated in them
+      (exhaustive: every new point), and (screened) two more runs for the new choice's inward neighbours.
     """
-    adapt = nll = generated = 0
-    measured: set[tuple[float, int]] = set()
-    for grid_r in worst_case_grids(grid, max_extensions):
-        positive = [s for s in grid_r.steps if s > 0]
-        new = [(lr, s) for lr in grid_r.lrs for s in positive if (lr, s) not in measured]
-        runs = {lr for lr, _ in new}
-        adapt += sum(max(s for lr2, s in new if lr2 == lr) for lr in runs)
-        nll += len(new)
-        if screen is None:
-            generated += len(new)
-        measured |= set(new)
-    if screen is not None:
-        top_steps = max(s for s in worst_case_grids(grid, max_extensions)[-1].steps)
-        graded = screen + 2 + 3 * max_extensions
-        generated += graded
-        adapt += graded * top_steps
+    positive = [s for s in grid.steps if s > 0]
+    top = max(positive, default=0)
+    adapt = candidates * len(grid.lrs) * top
+    nll = generated = candidates * len(grid.lrs) * len(positive)
+    if screen is None:
+        generated = nll
+    else:
+        generated = screen + 2
+        adapt += min(screen + 2, len(grid.lrs)) * top
+    for extended in worst_case_grids(grid, max_extensions)[1:]:
+        positive = [s for s in extended.steps if s > 0]
+        top = max(positive)
+        adapt += 2 * top
+        nll += len(positive) + 1
+        generated += len(positive) + 1 if screen is None else 3
+        if screen is not None:
+            adapt += 2 * top
+            generated += 2
     return TunerWork(adapt, nll, generated)
 
 
