@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -14,7 +15,7 @@ import torch
 from scipy import stats
 
 from fomaml_math.batching import IGNORE_INDEX, collate, encode_example, summed_nll
-from fomaml_math.config import stage_settings
+from fomaml_math.config import load_config, stage_settings
 from fomaml_math.errors import ConfigError
 from fomaml_math.evaluation.calibrate import _edge_note, _verdicts, choose, main
 from fomaml_math.evaluation.choice import AdaptationChoice, band_of, read_choice, read_chosen_model
@@ -23,6 +24,7 @@ from fomaml_math.evaluation.grid import Grid, TunerWork, tuner_work
 from fomaml_math.evaluation.job import JobModel
 from fomaml_math.evaluation.settings import lr_grid, steps_grid, tuned_shots
 from fomaml_math.modeling import load_model_and_tokenizer
+from fomaml_math.plan import Assumptions, build_plan
 from tests.fixtures_tiny import TASKS, make_rows, shared_workspace
 
 
@@ -288,3 +290,16 @@ def test_the_screened_tuner_generates_only_its_best_points(settings: dict[str, A
         assert match["accuracy"] == point["accuracy"]
         assert match["answer_nll"] == pytest.approx(point["answer_nll"], rel=1e-5)
     assert screened_["work"]["generation_passes"] < exhaustive["work"]["generation_passes"]
+
+
+def test_the_paper_tuner_costs_at_most_a_third_of_the_exhaustive_one(repo_root: Path) -> None:
+    """`plan` prices the paper's screened tuner at the cap (every tuned k extended twice on both axes) at no more
+    than a third of the exhaustive tuner it replaced (192.2 GPU-h: 4 rates x {5, 20, 50, 100}, the dev NLL at
+    every step, every point generated), and the same grid tuned exhaustively (no extension) above it."""
+    config = load_config(repo_root / "config" / "config.yaml")
+    assert config["calibration"]["screen"] and config["calibration"]["max_extensions"] >= 1
+    hours = build_plan(config, Assumptions(), repo_root / "no-split-data")["gpu_hours"]["calibrate"]
+    assert hours <= 192.2 / 3
+    exhaustive = copy.deepcopy(config)
+    exhaustive["calibration"].update(screen=None, max_extensions=0)
+    assert build_plan(exhaustive, Assumptions(), repo_root / "no-split-data")["gpu_hours"]["calibrate"] > hours

@@ -60,9 +60,9 @@ BAD_CONFIGS = [
     ("tasks.split.dev_monitor", 0, "tasks.split.dev_monitor: expected a number >= 1, got 0"),
     (
         "tasks.split.dev_pool",
-        39,
-        "tasks.split.dev_pool: 39 problems per task, but eval.shots goes up to 20; the shot pool must hold "
-        "at least 2 x 20 = 40",
+        99,
+        "tasks.split.dev_pool: 99 problems per task, but eval.shots goes up to 50; the shot pool must hold "
+        "at least 2 x 50 = 100",
     ),
     (
         "tasks.split.test_subset",
