@@ -10,12 +10,13 @@ and an estimate of GPU-hours and disk, with every assumption beside the number i
   matched``).  GPU-hours = FLOPs / (peak x MFU) / 3600.
 * **Dev monitoring** every ``test_freq`` steps: forward passes over the monitoring slice before and
   after a k-shot adaptation per task (small next to training; counted).
-* **Tuning** (stage ``calibrate``; docs/evaluation.md, "Tuning"): per candidate checkpoint (the base: one
-  per experiment; a trained run: one per dev-monitoring step with ``select.criterion: tuned``) x the
-  experiment's training tasks x draws x tuned k > 0 x rates: one adaptation of ``max(steps_grid)`` steps
-  (6 x N x k x tokens per step), two dev NLL forwards (solution, final answer) of the monitoring examples
-  before and after every step, and greedy generation of those examples at every step count of the grid
-  and before adapting (decode throughput, as the evaluation).
+* **Tuning** (stage ``calibrate``; docs/evaluation.md, "Tuning" and "Cost"): per tuner job (the base: one
+  per experiment, one candidate; a trained run: its candidates, one per dev-monitoring step with
+  ``select.criterion: tuned``), on the experiment's tuning tasks x draws x tuned k > 0, priced at the cap
+  (``calibration.max_extensions`` rounds, each past the highest rate and step count): the adaptation steps
+  (6 x N x k x tokens each), one dev forward per measured grid point and the greedy answers of every
+  generated point (exhaustive: all; ``calibration.screen`` N: N + neighbours + continuations) and of
+  every candidate unadapted (decode throughput, as the evaluation); :func:`tuner_hours`.
 * **Evaluation**: per (initialisation, task, shots, repeat) the adaptation (as above) and the
   generation: test problems x generated tokens / decode throughput (a per-GPU tokens/s assumption),
   plus the gold-NLL forward.  The secondary row (``eval.metaloop_row``, ``evaluate_metaloop``): every FOMAML
