@@ -228,11 +228,12 @@ def test_tuner_work_counts_by_hand() -> None:
     # exhaustive: round 0 runs 2 rates to 2 steps (4 steps), 4 points measured and generated; round 1 runs the
     # new rate's column and the choice's rate to 4 steps (8), the new column's 3 points and the choice's new one
     assert tuner_work(grid, candidates=1, max_extensions=1, screen=None) == TunerWork(12, 8, 8)
-    # screened (1 point): round 0 adds one rerun per rate of the 3 generated points (2 rates x 2 steps) and
-    # generates 1 + 2; round 1 adds two reruns (to 4 steps) for the new choice's neighbours, 3 + 2 generated
-    assert tuner_work(grid, candidates=1, max_extensions=1, screen=1) == TunerWork(24, 8, 8)
+    # screened (1 point): round 0 adds one rerun per rate (2 rates x 2 steps) for the generated points: the screened
+    # one and a hill-climb of two moves of four neighbours (1 + 8); round 1 adds two reruns (to 4 steps) for the new
+    # choice's neighbours, the 3 continuations and 2 neighbours generated
+    assert tuner_work(grid, candidates=1, max_extensions=1, screen=1) == TunerWork(24, 8, 14)
     # candidates multiply round 0's NLL pass only: the screen and the extensions follow the chosen checkpoint
-    assert tuner_work(grid, candidates=3, max_extensions=0, screen=1) == TunerWork(3 * 4 + 4, 12, 3)
+    assert tuner_work(grid, candidates=3, max_extensions=0, screen=1) == TunerWork(3 * 4 + 4, 12, 9)
 
 
 def test_an_edge_within_the_resolution_is_no_edge() -> None:
@@ -273,14 +274,15 @@ def test_the_tuner_extends_past_a_resolved_edge_up_to_the_cap(settings: dict[str
 
 
 def test_the_screened_tuner_generates_only_its_best_points(settings: dict[str, Any], tmp_path: Path) -> None:
-    """Screened, only the best points by answer NLL (and the choice's neighbours) are generated, and their dev
-    accuracies are those the exhaustive tuner measures there (a rerun adaptation reaches the same weights)."""
+    """Screened, only the best points by answer NLL and the choice's neighbours (until it beats them all) are
+    generated, and their dev accuracies are those the exhaustive tuner measures there (a rerun adaptation reaches
+    the same weights)."""
     settings["calibration"].update(lr_grid=[0.01, 0.1, 0.3], steps_grid=[1, 2, 3], draws=1, max_extensions=0)
     exhaustive = _run(settings, shared_workspace() / "tasks", tmp_path / "all.json")
     settings["calibration"]["screen"] = 1
     screened_ = _run(settings, shared_workspace() / "tasks", tmp_path / "screened.json")
     entry = next(e for e in screened_["chosen"] if e["shots"] == 3)
-    assert entry["grid_points"] == 9 and 1 <= entry["graded_points"] <= 3  # the best and its inward neighbours
+    assert entry["grid_points"] == 9 and 1 <= entry["graded_points"] < 9  # the best and its neighbours, climbing
     graded = [p for p in screened_["grid"] if p["shots"] == 3 and p["accuracy"] is not None]
     best_nll = min((p for p in screened_["grid"] if p["shots"] == 3), key=lambda p: p["answer_nll"])
     assert (best_nll["lr"], best_nll["num_steps"]) in {(p["lr"], p["num_steps"]) for p in graded}
@@ -290,6 +292,10 @@ def test_the_screened_tuner_generates_only_its_best_points(settings: dict[str, A
         assert match["accuracy"] == point["accuracy"]
         assert match["answer_nll"] == pytest.approx(point["answer_nll"], rel=1e-5)
     assert screened_["work"]["generation_passes"] < exhaustive["work"]["generation_passes"]
+    best = next(p for p in graded if (p["lr"], p["num_steps"]) == (entry["lr"], entry["num_steps"]))
+    around = Grid.of([0.01, 0.1, 0.3], [1, 2, 3]).neighbours(entry["lr"], entry["num_steps"])
+    assert {(p["lr"], p["num_steps"]) for p in graded} >= set(around)  # the choice beat every neighbour it has
+    assert all(best["accuracy"] >= p["accuracy"] for p in graded)
 
 
 def test_the_paper_tuner_costs_at_most_a_third_of_the_exhaustive_one(repo_root: Path) -> None:

@@ -403,8 +403,9 @@ def _requests_for(candidates: Sequence[Candidate], k: int, pairs: Any, *, graded
 
 
 def _settle(measurer: _Measurer, tuned: Sequence[_Tuned], candidates: Sequence[Candidate]) -> None:
-    """Generate what the choice needs until it stands: (screened) the best points by answer NLL, and the choice's
-    inward neighbour on each of its edges, so that an edge is judged on two graded points."""
+    """Generate what the choice needs until it stands: (screened) the best points by answer NLL and the choice's
+    measured neighbours on both axes, again for each new choice (a hill-climb on accuracy from the screen), and the
+    choice's inward neighbour on each of its edges, so that an edge is judged on two graded points."""
     cal, records = measurer.cal, measurer.records
     while True:
         requests: Requests = {}
@@ -419,6 +420,11 @@ def _settle(measurer: _Measurer, tuned: Sequence[_Tuned], candidates: Sequence[C
                     inward = entry.grid.inward(edge, float(best["lr"]), int(best["num_steps"]))
                     if inward is not None:
                         want.append((best["checkpoint"], *inward))
+                if cal.screen is not None:  # hill-climb: the choice stands when it beats its measured neighbours
+                    measured = {(float(p["lr"]), int(p["num_steps"])) for p in points
+                                if int(p["checkpoint"]) == int(best["checkpoint"])}  # fmt: skip
+                    around = entry.grid.neighbours(float(best["lr"]), int(best["num_steps"]))
+                    want += [(best["checkpoint"], lr, step) for lr, step in around if (lr, step) in measured]
             for checkpoint, lr, step in want:
                 if step > 0 and not records.graded(_key(int(checkpoint), entry.shots, float(lr), int(step))):
                     requests.setdefault((int(checkpoint), entry.shots, float(lr)), (set(), set()))[1].add(int(step))

@@ -67,6 +67,14 @@ class Grid:
             return None
         return (float(values[other]), num_steps) if axis == "lr" else (lr, int(values[other]))
 
+    def neighbours(self, lr: float, num_steps: int) -> list[tuple[float, int]]:
+        """The adapted grid points next to (lr, num_steps) on either axis (not adapting is not one: always graded)."""
+        if num_steps == 0:
+            return []
+        i, j = self.lrs.index(lr), self.steps.index(num_steps)
+        out = [(self.lrs[a], num_steps) for a in (i - 1, i + 1) if 0 <= a < len(self.lrs)]
+        return out + [(lr, self.steps[b]) for b in (j - 1, j + 1) if 0 <= b < len(self.steps) and self.steps[b] > 0]
+
     def beyond(self, edge: str) -> float | int | None:
         """The value one extension past ``edge`` adds (None where nothing lies beyond: 1 step halved)."""
         axis, end = edge.split(":")
@@ -119,8 +127,8 @@ def tuner_work(grid: Grid, *, candidates: int, max_extensions: int, screen: int 
 
     * round 0: every candidate adapts with each rate to the grid's largest step count, measuring the dev NLL at
       every step count of the grid (exhaustive: and generating there);
-    * screened: the ``screen`` best points by answer NLL and the choice's two inward neighbours are generated,
-      each distinct rate among them adapted once more (at most one run per rate);
+    * screened: the ``screen`` best points by answer NLL and, for a hill-climb of two moves, the choice's four
+      neighbours twice are generated, each distinct rate among them adapted once more (at most one run per rate);
     * each round: the new rate's column and the choice's rate at the doubled step count (two runs to the new
       largest step count, from the chosen checkpoint only), the choice's three continuations generated in them
       (exhaustive: every new point), and (screened) two more runs for the new choice's inward neighbours.
@@ -131,9 +139,9 @@ def tuner_work(grid: Grid, *, candidates: int, max_extensions: int, screen: int 
     nll = generated = candidates * len(grid.lrs) * len(positive)
     if screen is None:
         generated = nll
-    else:
-        generated = screen + 2
-        adapt += min(screen + 2, len(grid.lrs)) * top
+    else:  # the screen, then a hill-climb priced as two steps of four neighbours each
+        generated = screen + 8
+        adapt += min(screen + 8, len(grid.lrs)) * top
     for extended in worst_case_grids(grid, max_extensions)[1:]:
         positive = [s for s in extended.steps if s > 0]
         top = max(positive)
