@@ -266,9 +266,11 @@ def test_the_tuner_extends_past_a_resolved_edge_up_to_the_cap(settings: dict[str
     assert {(9e-4, 1), (9e-4, 2), (9e-4, 4), (3e-4, 4), (2.7e-3, 8), (9e-4, 8)} <= measured
     settings["calibration"].update(lr_grid=[1e-4, 3e-4, 9e-4], steps_grid=[1, 2, 4], max_extensions=0)
     direct = _run(settings, shared_workspace() / "tasks", tmp_path / "direct.json")
-    for point in (p for p in direct["grid"] if p["shots"] == 3 and p["num_steps"] > 0):
-        match = next(p for p in report["grid"] if p["shots"] == 3 and p["num_steps"] == point["num_steps"]
-                     and p["lr"] == pytest.approx(point["lr"]))  # fmt: skip
+    by_point = {(round(p["lr"], 9), p["num_steps"]): p for p in report["grid"] if p["shots"] == 3}
+    shared = [p for p in direct["grid"] if p["shots"] == 3 and (round(p["lr"], 9), p["num_steps"]) in by_point]
+    assert len(shared) == 8  # all of the direct grid but (1e-4, 4): the extension searched from the choice's rate
+    for point in shared:
+        match = by_point[(round(point["lr"], 9), point["num_steps"])]
         assert match["answer_nll"] == pytest.approx(point["answer_nll"], rel=1e-5)
     assert next(e for e in direct["chosen"] if e["shots"] == 3)["at_cap"]  # no extension allowed: capped at once
 
