@@ -60,9 +60,9 @@ BAD_CONFIGS = [
     ("tasks.split.dev_monitor", 0, "tasks.split.dev_monitor: expected a number >= 1, got 0"),
     (
         "tasks.split.dev_pool",
-        39,
-        "tasks.split.dev_pool: 39 problems per task, but eval.shots goes up to 20; the shot pool must hold "
-        "at least 2 x 20 = 40",
+        99,
+        "tasks.split.dev_pool: 99 problems per task, but eval.shots goes up to 50; the shot pool must hold "
+        "at least 2 x 50 = 100",
     ),
     (
         "tasks.split.test_subset",
@@ -82,7 +82,7 @@ BAD_CONFIGS = [
     ("compute.mixed_precision", "fp8", "compute.mixed_precision: expected one of"),
     ("eval.repeats", 0, "eval.repeats: expected a number >= 1, got 0"),
     ("replicates.control_draws", 3, "replicates.control_draws: expected a number >= 4, got 3"),
-    ("replicates.control_shots", [5, 10], "replicates.control_shots: [10] are not evaluated (eval.shots [0, 5, 20])"),
+    ("replicates.control_shots", [5, 20], "replicates.control_shots: [20] are not evaluated (eval.shots [0, 5, 10, "),
     ("stats.ci_level", 1.0, "stats.ci_level: expected a number < 1, got 1.0"),
     ("seed", _DELETE, "'seed' is a required property"),
     ("fomaml.inner_optimizer", "rmsprop", "fomaml.inner_optimizer: expected one of ['sgd', 'adam']"),
@@ -398,7 +398,7 @@ def test_the_negative_control_runs_many_draws_on_the_primary_pool_only(demo_conf
     default = _set(demo_config, "replicates", {"seeds": [0]})
     validate_config(default)
     assert default["replicates"]["control_draws"] == 8 and default["replicates"]["control_shots"] is None
-    assert control_shot_counts(default) == [5, 20]
+    assert control_shot_counts(default) == [5, 10, 25, 50]
     in_domain = _set(default, "experiments", [{"name": "main", "meta_test": []}])
     assert control_tasks(validate_config(in_domain), "main") == demo_config["tasks"]["names"]
 

@@ -181,7 +181,7 @@ def test_the_metaloop_row_is_priced(demo_config: dict, tmp_path: Path) -> None:
     decoded = problems * conditions * ev["max_new_tokens"] * assumptions.mean_generated_fraction
     expected = flops / (100e12 * 0.5) / 3600 + decoded / assumptions.decode_tokens_per_s / 3600
     assert on["gpu_hours"]["evaluate_metaloop"] == pytest.approx(expected)
-    assert on["jobs"]["evaluate_metaloop"] == runs * len(adapted) == 6
+    assert on["jobs"]["evaluate_metaloop"] == runs * len(adapted) == 12
     assert off["jobs"]["evaluate_metaloop"] == 0 and off["gpu_hours"]["evaluate_metaloop"] == 0
     assert on["gpu_hours_total"] == pytest.approx(off["gpu_hours_total"] + expected)
 

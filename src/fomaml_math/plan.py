@@ -10,12 +10,13 @@ and an estimate of GPU-hours and disk, with every assumption beside the number i
   matched``).  GPU-hours = FLOPs / (peak x MFU) / 3600.
 * **Dev monitoring** every ``test_freq`` steps: forward passes over the monitoring slice before and
   after a k-shot adaptation per task (small next to training; counted).
-* **Tuning** (stage ``calibrate``; docs/evaluation.md, "Tuning"): per candidate checkpoint (the base: one
-  per experiment; a trained run: one per dev-monitoring step with ``select.criterion: tuned``) x the
-  experiment's training tasks x draws x tuned k > 0 x rates: one adaptation of ``max(steps_grid)`` steps
-  (6 x N x k x tokens per step), two dev NLL forwards (solution, final answer) of the monitoring examples
-  before and after every step, and greedy generation of those examples at every step count of the grid
-  and before adapting (decode throughput, as the evaluation).
+* **Tuning** (stage ``calibrate``; docs/evaluation.md, "Tuning" and "Cost"): per tuner job (the base: one
+  per experiment, one candidate; a trained run: its candidates, one per dev-monitoring step with
+  ``select.criterion: tuned``), on the experiment's tuning tasks x draws x tuned k > 0, priced at the cap
+  (``calibration.max_extensions`` rounds, each past the highest rate and step count): the adaptation steps
+  (6 x N x k x tokens each), one dev forward per measured grid point and the greedy answers of every
+  generated point (exhaustive: all; ``calibration.screen`` N: N + neighbours + continuations) and of
+  every candidate unadapted (decode throughput, as the evaluation); :func:`tuner_hours`.
 * **Evaluation**: per (initialisation, task, shots, repeat) the adaptation (as above) and the
   generation: test problems x generated tokens / decode throughput (a per-GPU tokens/s assumption),
   plus the gold-NLL forward.  The secondary row (``eval.metaloop_row``, ``evaluate_metaloop``): every FOMAML
@@ -74,6 +75,7 @@ from fomaml_math.config import (
     tuning_tasks,
 )
 from fomaml_math.errors import ConfigError
+from fomaml_math.evaluation.grid import Grid, tuner_work
 
 ASSUMED_SOURCE = "assumed: stats.assumed, placeholders until a pilot (docs/plan.md)"
 # MATH: problem + worked solution is ~1,200 characters on average; ~3.5 characters per Qwen token.
@@ -223,29 +225,15 @@ def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: P
 
     ev = config["eval"]
     adapt_steps = int(ev["num_inner_steps"])
-    cal = config["calibration"]
-    cal_steps = max(cal["steps_grid"] or [adapt_steps])
-    graded_points = len(set(cal["steps_grid"] or [adapt_steps]) - {0}) + 1  # the grid's step counts and step 0
-    lr_count = len(set(cal["lr_grid"]) | {fo["inner_lr"]})
-    monitor = cal["max_monitor_examples"]
-    evaluated = {int(k) for k in shots}
-    tuned = sorted({int(k) for k in (cal["shots"] or evaluated) if int(k) > 0})
     tuning_task_count = {e: len(tuning_tasks(dict(config), e)) for e in experiments}  # meta_val, else training
 
-    def tuning_hours(task_count: int) -> float:
-        """GPU-hours of the tuner on one candidate checkpoint."""
-        adapt = lr_count * task_count * cal["draws"] * sum(
-            6.0 * params * k * example_tokens * cal_steps + 2 * 2.0 * params * monitor * example_tokens * cal_steps
-            for k in tuned
-        )  # fmt: skip
-        decoded = task_count * monitor * ev["max_new_tokens"] * assumptions.mean_generated_fraction * (
-            1 + len(tuned) * cal["draws"] * lr_count * graded_points
-        )  # fmt: skip
-        return adapt / throughput / 3600 + decoded / decode_tokens_per_s / 3600
-
     candidates = {m: candidate_count(config, m) for m in ("fomaml", "sft")}
-    tuning = sum(
-        tuning_hours(tuning_task_count[e]) * (1 + len(seeds) * sum(candidates.values())) for e in experiments
+    priced = replace(assumptions, peak_tflops=peak_tflops, decode_tokens_per_s=decode_tokens_per_s)
+    tuning = sum(  # per experiment: the base's tuner job (one candidate) and every trained run's
+        tuner_hours(config, priced, params=params, example_tokens=example_tokens, task_count=count, candidates=c)
+        * jobs
+        for count in (tuning_task_count[e] for e in experiments)
+        for c, jobs in [(1, 1)] + [(candidates[m], len(seeds)) for m in ("fomaml", "sft")]
     )  # fmt: skip
     sel = config["select"]
     checks = monitoring_steps(config, "fomaml") + monitoring_steps(config, "sft")
@@ -351,6 +339,35 @@ def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: P
 def train_seconds(flops: float, tokens: float, throughput: float, assumptions: Assumptions) -> float:
     """GPU-seconds of one training run: at a pilot's measured tokens/s per GPU, else its FLOPs at peak x MFU."""
     return tokens / assumptions.train_tokens_per_s if assumptions.train_tokens_per_s else flops / throughput
+
+
+def tuner_hours(
+    config: Mapping[str, Any],
+    assumptions: Assumptions,
+    *,
+    params: int,
+    example_tokens: float,
+    task_count: int,
+    candidates: int,
+) -> float:
+    """GPU-hours of one tuner job (``candidates`` checkpoints), every tuned k > 0 extended to the cap
+    (:func:`fomaml_math.evaluation.grid.tuner_work`): adaptation steps on k shots, one dev forward per measured
+    grid point (both NLLs; measured at the grid's step counts only), and greedy answers to the tuning examples
+    for every generated point and once per candidate unadapted."""
+    cal, fo, ev = config["calibration"], config["fomaml"], config["eval"]
+    grid = Grid.of(set(cal["lr_grid"]) | {fo["inner_lr"]}, cal["steps_grid"] or [ev["num_inner_steps"]])
+    tuned = sorted({int(k) for k in (cal["shots"] or ev["shots"]) if int(k) > 0})
+    work = tuner_work(grid, candidates=candidates, max_extensions=int(cal["max_extensions"]), screen=cal["screen"])
+    monitor, per_task = cal["max_monitor_examples"], task_count * cal["draws"]
+    flops = per_task * sum(
+        6.0 * params * k * example_tokens * work.adapt_steps
+        + 2.0 * params * monitor * example_tokens * (work.nll_passes + work.generation_passes)
+        for k in tuned
+    )  # fmt: skip
+    answers = task_count * monitor * (candidates + len(tuned) * cal["draws"] * work.generation_passes)
+    decoded = answers * ev["max_new_tokens"] * assumptions.mean_generated_fraction
+    peak, decode = resolved(config, assumptions)
+    return flops / (peak * 1e12 * assumptions.mfu) / 3600 + decoded / decode / 3600
 
 
 def fold_cost(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: Path) -> dict[str, Any] | None:

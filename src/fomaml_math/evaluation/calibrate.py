@@ -6,29 +6,37 @@ for every candidate checkpoint of a trained run (``--candidate STEP=PATH``, writ
 (``calibration.shots``, or every evaluated k), every learning rate of ``calibration.lr_grid`` (FOMAML's
 inner rate included) and ``calibration.draws`` draws of k shots from each task's ``dev_pool`` (a draw
 stream of its own), the initialisation is adapted with the evaluation's optimizer for
-``max(steps_grid)`` steps.  Before adapting and after every step the two NLL criteria of the task's
-``dev_monitor`` examples are measured; at the step counts of ``steps_grid`` (and before adapting) the
-greedy answers are generated and graded too.  One run per rate serves every step count.
+``max(steps_grid)`` steps.  At the step counts of ``steps_grid`` the two NLL criteria of the task's
+``dev_monitor`` examples are measured (one run per rate serves every step count) and, exhaustive
+(``calibration.screen`` null), the greedy answers are generated and graded too.  Screened (``screen`` N),
+only the N points with the lowest final-answer NLL per tuned k, and the choice's inward neighbours on its
+edges, are generated (their rates adapted once more).  The unadapted answers are always generated.
 
-The tasks are the experiment's *training* tasks only (``--tasks``): a held-out task's dev data, whose
+The grid is a starting point (:mod:`fomaml_math.evaluation.grid`): a choice on an edge that beats its inward
+neighbour by ``calibration.edge_margin`` dev problems gets one value past that edge (the grid's ratio for a
+rate, twice the steps), searched from the chosen checkpoint, and k is re-tuned, until the choice is interior,
+within the resolution, or ``calibration.max_extensions`` rounds (the cap) were spent.
+
+The tasks are the experiment's tuning tasks only (``--tasks``): a held-out task's dev data, whose
 labelled examples beyond the k shots a true few-shot learner does not have, is never read, nor is any
 test file (Perez, Kiela & Cho 2021; tests/test_true_few_shot.py).  The same grid, draws, examples and
 criterion serve every initialisation: each gets the same tuning budget.
 
 A point's value is the mean over tasks of each task's value (draws pooled within a task).  Per tuned k
-the best point by ``calibration.criterion`` wins (accuracy: highest; NLLs: lowest); ties go to the lower
-final-answer NLL (accuracy criterion; else to the higher accuracy), then to the smaller rate, fewer
+the best generated point by ``calibration.criterion`` wins (accuracy: highest; NLLs: lowest); ties go to the
+lower final-answer NLL (accuracy criterion; else to the higher accuracy), then to the smaller rate, fewer
 steps and the later checkpoint.  A point whose criterion is not finite (divergence) cannot win.  At
 0 shots only the checkpoint is chosen (nothing is adapted).  The report also gives, over the grid,
 Spearman's rank correlation of every criterion with dev accuracy, and the split-half agreement of dev
 accuracy itself (even- against odd-indexed examples): how far the criterion's optimum is the accuracy's.
 
 Output (``--output``, JSON): ``init``, ``experiment``, ``train_seed``, ``shot_seed``, ``optimizer``, ``criterion``,
-``tasks``, ``candidates``, ``lr_grid``, ``steps_grid``, ``shots`` (tuned; an evaluated k uses its band,
-:func:`fomaml_math.evaluation.choice.band_of`),
+``tasks``, ``candidates``, ``lr_grid``, ``steps_grid`` (the starting grid), ``shots`` (tuned; an evaluated k uses
+its band, :func:`fomaml_math.evaluation.choice.band_of`), ``screen``, ``max_extensions``, ``edge_margin``,
 ``chosen`` (per tuned k: ``shots``, ``checkpoint``, ``lr``, ``num_steps``, the criteria there, ``edges``,
-``edge_note``), ``grid``, ``curve`` (per checkpoint, k, rate and step 0..max), ``agreement``,
-``per_task`` and the settings.
+``edge_note``, ``extensions``, ``at_cap``, ``open_edges``, its final ``lr_grid``/``steps_grid``,
+``graded_points``/``grid_points``), ``grid`` (accuracy null where not generated), ``curve`` (per checkpoint, k
+and rate: step 0 and the measured step counts), ``agreement``, ``per_task``, ``work`` and the settings.
 """
 
 from __future__ import annotations
@@ -63,6 +71,7 @@ from fomaml_math.evaluation.criteria import (
 )
 from fomaml_math.evaluation.generate import context_length
 from fomaml_math.evaluation.grade import Grader
+from fomaml_math.evaluation.grid import Grid, rounds_summary
 from fomaml_math.evaluation.job import DEVICES, JobModel, load_job_model
 from fomaml_math.evaluation.settings import CalibrationSettings
 from fomaml_math.evaluation.tasks import load_dev_tasks, shot_examples
@@ -102,21 +111,44 @@ def summary_candidates(train_summary: Path) -> list[Candidate]:
 # ------------------------------------------------------------------------------------------ measuring
 
 
-Key = tuple[int, int, float, int]  # (checkpoint, shots, lr, step)
+Key = tuple[int, int, float, int]  # (checkpoint, shots, lr, step); step 0 (unadapted) is one key per checkpoint
+Requests = dict[tuple[int, int, float], tuple[set[int], set[int]]]  # (checkpoint, k, lr) -> (NLL steps, graded)
+
+
+def _key(checkpoint: int, shots: int, lr: float, step: int) -> Key:
+    """The measurement's key: every (k, rate) shares its checkpoint's unadapted weights at step 0."""
+    return (checkpoint, 0, NO_LR, 0) if step == 0 else (checkpoint, shots, lr, step)
 
 
 class Records:
-    """Every measurement, per (checkpoint, shots, lr, step) and task: sums, so draws pool exactly."""
+    """Every measurement, per (checkpoint, shots, lr, step), task and draw: sums, so draws pool exactly.  A point
+    measured again (screened: first its NLLs, later its answers) keeps the answers it has."""
 
     def __init__(self) -> None:
-        self.scores: dict[Key, dict[str, list[Score]]] = defaultdict(lambda: defaultdict(list))
+        self.scores: dict[Key, dict[tuple[str, int], Score]] = defaultdict(dict)
 
-    def add(self, key: Key, task: str, value: Score) -> None:
-        self.scores[key][task].append(value)
+    def add(self, key: Key, task: str, draw: int, value: Score) -> None:
+        old = self.scores[key].get((task, draw))
+        if old is not None and value.correct is None:
+            value = replace(value, correct=old.correct)
+        self.scores[key][(task, draw)] = value
+
+    def measured(self, key: Key) -> bool:
+        return key in self.scores
+
+    def graded(self, key: Key) -> bool:
+        return key in self.scores and all(s.correct is not None for s in self.scores[key].values())
+
+    def answers(self, key: Key) -> int:
+        """Graded answers behind the point's accuracy (tasks x examples x draws)."""
+        return sum(len(s.correct) for s in self.scores.get(key, {}).values() if s.correct is not None)
 
     def task_values(self, key: Key) -> dict[str, dict[str, float]]:
+        by_task: dict[str, list[Score]] = defaultdict(list)
+        for (task, _), value in sorted(self.scores[key].items()):
+            by_task[task].append(value)
         out = {}
-        for task, scores in self.scores[key].items():
+        for task, scores in by_task.items():
             nll_tokens = sum(s.nll_tokens for s in scores)
             answer_tokens = sum(s.answer_tokens for s in scores)
             measured = [s.correct for s in scores if s.correct is not None]
@@ -132,10 +164,10 @@ class Records:
             }
         return out
 
-    def point(self, key: Key) -> dict[str, Any]:
-        """The mean over tasks of every criterion at ``key`` (non-finite where any task diverged)."""
-        values = self.task_values(key)
-        checkpoint, shots, lr, step = key
+    def point(self, checkpoint: int, shots: int, lr: float, step: int) -> dict[str, Any]:
+        """The mean over tasks of every criterion (non-finite where any task diverged; accuracy null where the
+        point was not generated)."""
+        values = self.task_values(_key(checkpoint, shots, lr, step))
         out: dict[str, Any] = {"checkpoint": checkpoint, "shots": shots, "lr": lr, "num_steps": step}
         for name in ("nll", "answer_nll", "accuracy", "accuracy_half_a", "accuracy_half_b"):
             column = [v[name] for v in values.values()]
@@ -157,46 +189,75 @@ def _check_inputs(tasks: Mapping[str, tuple[pd.DataFrame, pd.DataFrame]], cal: C
             raise ConfigError(f"calibration: task {task!r} has no dev_monitor examples")
 
 
-def _measure_candidate(
-    job: JobModel, candidate: Candidate, tasks: Mapping[str, tuple[pd.DataFrame, pd.DataFrame]],
-    cal: CalibrationSettings, records: Records, grader: Grader, *, snapshot_device: str, bar: Any,
-) -> None:  # fmt: skip
-    loss_fn = job.loss_fn()
-    snapshot = WeightSnapshot(job.model, snapshot_device)
-    generation = Generation(cal.max_new_tokens, cal.gen_batch_size,
-                            context_length(job.model) or cal.model.max_seq_len)  # fmt: skip
-    max_steps = max(cal.steps_grid)
-    graded_steps = set(cal.steps_grid)
-    for task, (pool, monitor) in tasks.items():
-        examples: DevExamples = dev_examples(job.tokenizer, task, monitor, max_examples=cal.max_monitor_examples,
-                                             max_seq_len=cal.model.max_seq_len, instruction=cal.instruction,
-                                             chunk_size=cal.inner_batch_size)  # fmt: skip
-        unadapted = score(job, examples, grader=grader, generation=generation)
-        for k in cal.shots:
-            for lr in cal.lr_grid if k > 0 else [NO_LR]:
-                records.add((candidate.step, k, lr, 0), task, unadapted)
-        bar.update(1)
-        for k in (k for k in cal.shots if k > 0 and max_steps > 0):
-            for draw in range(cal.draws):
-                ids = draw_shots(pool["id"].tolist(), k, seed=cal.seed, task=task, repeat=draw,
-                                 stream=STREAM_CALIBRATION)  # fmt: skip
-                batches = shot_batches(job.tokenizer, shot_examples(pool, ids), max_seq_len=cal.model.max_seq_len,
-                                       batch_size=cal.inner_batch_size, instruction=cal.instruction)  # fmt: skip
-                for lr in cal.lr_grid:
+@dataclass
+class _Measurer:
+    """Runs requested measurements: per candidate (loaded once per call), task, k, draw and rate, one adaptation
+    to the largest requested step, scoring the NLLs at the requested steps and generating at the graded ones."""
 
-                    def measure(step: int, lr: float = lr, k: int = k, task: str = task,
-                                examples: DevExamples = examples) -> None:  # fmt: skip
-                        graded = generation if step in graded_steps else None
-                        records.add((candidate.step, k, lr, step), task,
-                                    score(job, examples, grader=grader, generation=graded))  # fmt: skip
+    candidates: Sequence[Candidate]
+    tasks: Mapping[str, tuple[pd.DataFrame, pd.DataFrame]]
+    cal: CalibrationSettings
+    records: Records
+    grader: Grader
+    device: str
+    snapshot_device: str
+    bar: Any
+    memory: Mapping[str, Any] | None = None  # the adaptation's memory levers (config.adapt_memory), if set
+    adaptations: int = 0  # counts for the report: what the tuner did
+    generations: int = 0
 
-                    spec = AdaptSpec(cal.optimizer, lr, max_steps, cal.inner_batch_size)
-                    with adapted_on_shots(job.model, batches, spec, loss_fn=loss_fn, snapshot=snapshot,
-                                          on_step=measure):  # fmt: skip
-                        pass
-                    bar.update(1)
-    if not snapshot.matches():
-        raise RuntimeError("calibrate: the initialisation was not restored (a bug in adapt-then-restore)")
+    def run(self, requests: Requests) -> None:
+        cal = self.cal
+        for candidate in self.candidates:
+            mine = {(k, lr): req for (c, k, lr), req in requests.items() if c == candidate.step}
+            unadapted = _key(candidate.step, 0, NO_LR, 0)
+            if not mine and self.records.graded(unadapted):
+                continue
+            job = load_job_model(candidate.path, cal.model, device=self.device, mixed_precision=cal.mixed_precision,
+                                 memory=self.memory)  # fmt: skip
+            loss_fn = job.loss_fn()
+            snapshot = WeightSnapshot(job.model, self.snapshot_device)
+            generation = Generation(cal.max_new_tokens, cal.gen_batch_size,
+                                    context_length(job.model) or cal.model.max_seq_len)  # fmt: skip
+            need_unadapted = not self.records.graded(unadapted)  # always generated: the accuracy before adapting
+            for task, (pool, monitor) in self.tasks.items():
+                examples = dev_examples(job.tokenizer, task, monitor, max_examples=cal.max_monitor_examples,
+                                        max_seq_len=cal.model.max_seq_len, instruction=cal.instruction,
+                                        chunk_size=cal.inner_batch_size)  # fmt: skip
+                if need_unadapted:
+                    value = score(job, examples, grader=self.grader, generation=generation)
+                    self.records.add(unadapted, task, 0, value)
+                    self.generations += 1
+                for k in sorted({k for k, _ in mine}):
+                    for draw in range(cal.draws):
+                        ids = draw_shots(pool["id"].tolist(), k, seed=cal.seed, task=task, repeat=draw,
+                                         stream=STREAM_CALIBRATION)  # fmt: skip
+                        batches = shot_batches(job.tokenizer, shot_examples(pool, ids),
+                                               max_seq_len=cal.model.max_seq_len, batch_size=cal.inner_batch_size,
+                                               instruction=cal.instruction)  # fmt: skip
+                        for lr in sorted(lr for k2, lr in mine if k2 == k):
+                            nll_steps, graded_steps = mine[(k, lr)]
+                            self._adapt(job, candidate, task, draw, k, lr, nll_steps, graded_steps, examples,
+                                        batches, loss_fn, snapshot, generation)  # fmt: skip
+                self.bar.update(1)
+            if not snapshot.matches():
+                raise RuntimeError("calibrate: the initialisation was not restored (a bug in adapt-then-restore)")
+            del job
+
+    def _adapt(self, job: JobModel, candidate: Candidate, task: str, draw: int, k: int, lr: float,
+               nll_steps: set[int], graded_steps: set[int], examples: DevExamples, batches: Any, loss_fn: Any,
+               snapshot: WeightSnapshot, generation: Generation) -> None:  # fmt: skip
+        def measure(step: int) -> None:
+            if step in graded_steps or step in nll_steps:
+                graded = generation if step in graded_steps else None
+                self.generations += graded is not None
+                self.records.add(_key(candidate.step, k, lr, step), task, draw,
+                                 score(job, examples, grader=self.grader, generation=graded))  # fmt: skip
+
+        spec = AdaptSpec(self.cal.optimizer, lr, max(nll_steps | graded_steps), self.cal.inner_batch_size)
+        with adapted_on_shots(job.model, batches, spec, loss_fn=loss_fn, snapshot=snapshot, on_step=measure):
+            pass
+        self.adaptations += 1
 
 
 # ------------------------------------------------------------------------------------------ choosing
@@ -226,46 +287,97 @@ def choose(points: Sequence[Mapping[str, Any]], criterion: str) -> Mapping[str, 
     )  # fmt: skip
 
 
-def _edges(best: Mapping[str, Any], points: Sequence[Mapping[str, Any]], cal: CalibrationSettings) -> list[str]:
-    """Where the choice sits at an end of a grid of several values (the optimum may lie beyond it).
-
-    Not adapting (0 steps, when the grid holds 0) is no edge: fewer steps than none do not exist, and the rate
-    means nothing there."""
-    if int(best["shots"]) == 0 or int(best["num_steps"]) == 0:
-        return []
-    edges = []
-    for axis, grid, value in (("lr", cal.lr_grid, float(best["lr"])), ("num_steps", cal.steps_grid,
-                                                                        int(best["num_steps"]))):  # fmt: skip
-        if len(grid) > 1 and value in (min(grid), max(grid)):
-            edges.append(f"{axis}:{'lowest' if value == min(grid) else 'highest'}")
-    return edges
+def screened(points: Sequence[Mapping[str, Any]], count: int) -> list[Mapping[str, Any]]:
+    """The first pass of the screened tuner: the ``count`` adapted points with the lowest final-answer NLL (ties:
+    smaller rate, fewer steps, later checkpoint, as :func:`choose`)."""
+    adapted = [p for p in points if int(p["num_steps"]) > 0 and math.isfinite(_oriented(p, "answer_nll"))]
+    adapted.sort(key=lambda p: (_oriented(p, "answer_nll"), float(p["lr"]), int(p["num_steps"]),
+                                -int(p["checkpoint"])))  # fmt: skip
+    return adapted[:count]
 
 
-def _edge_note(best: Mapping[str, Any], points: Sequence[Mapping[str, Any]], edges: Sequence[str],
-               criterion: str) -> str:  # fmt: skip
-    """Why an edge won: its neighbour on that axis (all else equal) and both values of the criterion."""
+@dataclass
+class _Tuned:
+    """One tuned k > 0 while the tuner works on it: its grid (extended in place) and its extensions."""
+
+    shots: int
+    grid: Grid
+    extensions: list[dict[str, Any]]
+
+
+def _grid_points(records: Records, candidates: Sequence[Candidate], k: int, grid: Grid) -> list[dict[str, Any]]:
+    """The measured points of k's grid (not adapting once per checkpoint, with rate 0, when 0 is in the grid)."""
+    points = []
+    for candidate in candidates:
+        if k == 0:
+            points.append(records.point(candidate.step, 0, NO_LR, 0))
+            continue
+        if 0 in grid.steps:
+            points.append(records.point(candidate.step, k, NO_LR, 0))
+        points += [records.point(candidate.step, k, lr, s) for lr in grid.lrs for s in grid.steps
+                   if s > 0 and records.measured(_key(candidate.step, k, lr, s))]  # fmt: skip
+    return points
+
+
+def _best(points: Sequence[Mapping[str, Any]], criterion: str) -> dict[str, Any] | None:
+    try:
+        return dict(choose(points, criterion))
+    except ConfigError:
+        return None
+
+
+def _margin(records: Records, best: Mapping[str, Any], cal: CalibrationSettings) -> float:
+    """The smallest difference of the criterion the tuner resolves: ``edge_margin`` dev problems of the point's
+    graded answers (accuracy); any difference for the NLL criteria, which have no such quantum."""
+    if cal.criterion != "accuracy":
+        return 0.0
+    answers = records.answers(_key(int(best["checkpoint"]), int(best["shots"]), float(best["lr"]),
+                                   int(best["num_steps"])))  # fmt: skip
+    return cal.edge_margin / answers if answers else math.inf
+
+
+def _verdicts(best: Mapping[str, Any], grid: Grid, points: Sequence[Mapping[str, Any]], margin: float,
+              criterion: str) -> list[dict[str, Any]]:  # fmt: skip
+    """Per edge of the choice: its inward neighbour and whether the choice beats it by the resolution."""
+    out = []
+    for edge in grid.edges(float(best["lr"]), int(best["num_steps"])):
+        inward = grid.inward(edge, float(best["lr"]), int(best["num_steps"]))
+        at = None if inward is None else (NO_LR if inward[1] == 0 else inward[0], inward[1])
+        neighbour = next((p for p in points if at is not None and int(p["checkpoint"]) == int(best["checkpoint"])
+                          and (float(p["lr"]), int(p["num_steps"])) == at), None)  # fmt: skip
+        gain = math.inf if neighbour is None else _oriented(neighbour, criterion) - _oriented(best, criterion)
+        out.append({"edge": edge, "neighbour": neighbour, "inward": inward, "gain": gain,
+                    "resolved": gain > 0 and gain >= margin})  # fmt: skip
+    return out
+
+
+def _edge_note(best: Mapping[str, Any], verdicts: Sequence[Mapping[str, Any]], criterion: str, margin: float,
+               *, at_cap: bool, cap: int) -> str:  # fmt: skip
+    """Why an edge won and what the tuner did about it: its neighbour on that axis and both values."""
     notes = []
-    for edge in edges:
-        axis, end = edge.split(":")
-        others = [p for p in points if all(p[a] == best[a] for a in ("checkpoint", "lr", "num_steps") if a != axis)]
-        values = sorted({float(p[axis]) for p in others})
-        here = values.index(float(best[axis]))
-        neighbour_value = values[here + 1] if end == "lowest" else values[here - 1]
-        neighbour = next(p for p in others if float(p[axis]) == neighbour_value)
-        mine, theirs = best.get(criterion), neighbour.get(criterion)
+    for verdict in verdicts:
+        axis, end = str(verdict["edge"]).split(":")
         name = "rate" if axis == "lr" else "step count"
-        if mine == theirs:
-            notes.append(f"{end} {name} {best[axis]:g} tied with {neighbour_value:g} on {criterion} ({mine:.4g}); "
-                         "the tie-break chose it")  # fmt: skip
+        neighbour = verdict["neighbour"]
+        if neighbour is None:
+            notes.append(f"{end} {name} {best[axis]:g}: its neighbour was not measured")
+            continue
+        mine, theirs = best.get(criterion), neighbour.get(criterion)
+        text = f"{end} {name} {best[axis]:g}: {criterion} {mine:.4g} against {theirs:.4g} at {neighbour[axis]:g}"
+        if not verdict["resolved"]:
+            resolution = "" if criterion != "accuracy" else f" ({margin * 100:.1f} pp)"
+            notes.append(f"{text}, within the tuner's resolution{resolution}: no edge, not extended")
+        elif at_cap:
+            notes.append(f"{text}: the optimum may lie beyond the grid; the cap of {cap} extension(s) was reached")
         else:
-            notes.append(f"{end} {name} {best[axis]:g}: {criterion} {mine:.4g} against {theirs:.4g} at "
-                         f"{neighbour_value:g}, so the optimum may lie beyond the grid")  # fmt: skip
+            notes.append(f"{text}: the optimum may lie beyond the grid")
     return "; ".join(notes)
 
 
 def _agreement(grid: Sequence[Mapping[str, Any]], shots: Sequence[int]) -> dict[str, dict[str, float]]:
     """Spearman's ρ of each criterion (oriented: higher is better) with dev accuracy over the grid points
-    (pooled and per tuned k > 0), and dev accuracy's split-half ρ (even- vs odd-indexed examples)."""
+    (pooled and per tuned k > 0), and dev accuracy's split-half ρ (even- vs odd-indexed examples); screened,
+    over the generated points only."""
     out: dict[str, dict[str, float]] = {}
     groups = {"all": [p for p in grid if int(p["shots"]) > 0]}
     groups |= {str(k): [p for p in grid if int(p["shots"]) == k] for k in shots if k > 0}
@@ -282,37 +394,123 @@ def _agreement(grid: Sequence[Mapping[str, Any]], shots: Sequence[int]) -> dict[
     return out
 
 
-def _report(
-    records: Records, candidates: Sequence[Candidate], tasks: Sequence[str], cal: CalibrationSettings
-) -> dict[str, Any]:
-    max_steps = max(cal.steps_grid)
-    curve, grid, per_task = [], [], []
+def _requests_for(candidates: Sequence[Candidate], k: int, pairs: Any, *, graded: bool, into: Requests) -> None:
+    """Add (lr, step) ``pairs`` of k for every candidate: their NLLs, and their answers when ``graded``."""
     for candidate in candidates:
-        for k in cal.shots:
-            for lr in cal.lr_grid if k > 0 else [NO_LR]:
-                for step in range(0, (max_steps if k > 0 else 0) + 1):
-                    key = (candidate.step, k, lr, step)
-                    if key not in records.scores:
-                        continue
-                    point = records.point(key)
-                    curve.append({n: point[n] for n in ("checkpoint", "shots", "lr", "num_steps", "nll",
-                                                        "answer_nll", "accuracy")})  # fmt: skip
-                    if k == 0 or step in cal.steps_grid:
-                        grid.append(point)
-                        per_task += [{"task": t, **{n: point[n] for n in ("checkpoint", "shots", "lr", "num_steps")},
-                                      **v} for t, v in records.task_values(key).items()]  # fmt: skip
-    chosen = []
+        for lr, step in pairs:
+            if step == 0:
+                continue
+            nll, gen = into.setdefault((candidate.step, k, float(lr)), (set(), set()))
+            (gen if graded else nll).add(int(step))
+
+
+def _settle(measurer: _Measurer, tuned: Sequence[_Tuned], candidates: Sequence[Candidate]) -> None:
+    """Generate what the choice needs until it stands: (screened) the best points by answer NLL and the choice's
+    measured neighbours on both axes, again for each new choice (a hill-climb on accuracy from the screen), and the
+    choice's inward neighbour on each of its edges, so that an edge is judged on two graded points."""
+    cal, records = measurer.cal, measurer.records
+    while True:
+        requests: Requests = {}
+        for entry in tuned:
+            points = _grid_points(records, candidates, entry.shots, entry.grid)
+            want = [] if cal.screen is None else [(p["checkpoint"], p["lr"], p["num_steps"])
+                                                   for p in screened(points, cal.screen)]  # fmt: skip
+            best = _best([p for p in points if records.graded(_key(p["checkpoint"], entry.shots, p["lr"],
+                                                                      p["num_steps"]))], cal.criterion)  # fmt: skip
+            if best is not None:
+                for edge in entry.grid.edges(float(best["lr"]), int(best["num_steps"])):
+                    inward = entry.grid.inward(edge, float(best["lr"]), int(best["num_steps"]))
+                    if inward is not None:
+                        want.append((best["checkpoint"], *inward))
+                if cal.screen is not None:  # hill-climb: the choice stands when it beats its measured neighbours
+                    measured = {(float(p["lr"]), int(p["num_steps"])) for p in points
+                                if int(p["checkpoint"]) == int(best["checkpoint"])}  # fmt: skip
+                    around = entry.grid.neighbours(float(best["lr"]), int(best["num_steps"]))
+                    want += [(best["checkpoint"], lr, step) for lr, step in around if (lr, step) in measured]
+            for checkpoint, lr, step in want:
+                if step > 0 and not records.graded(_key(int(checkpoint), entry.shots, float(lr), int(step))):
+                    requests.setdefault((int(checkpoint), entry.shots, float(lr)), (set(), set()))[1].add(int(step))
+        if not requests:
+            return
+        measurer.run(requests)
+
+
+def _graded_points(records: Records, points: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [p for p in points if records.graded(_key(int(p["checkpoint"]), int(p["shots"]), float(p["lr"]),
+                                                     int(p["num_steps"])))]  # fmt: skip
+
+
+def _extend(measurer: _Measurer, tuned: Sequence[_Tuned], candidates: Sequence[Candidate]) -> Requests:
+    """One extension round: every tuned k whose choice sits on a resolved edge, below the cap, gets one value past
+    that edge, searched from the choice (its checkpoint): a new rate's whole step column, a new step count at the
+    choice's rate.  The requests measure the new points' NLLs (exhaustive: their answers too) and generate the
+    choice's continuation past its edge(s) in the same adaptation."""
+    cal, records = measurer.cal, measurer.records
+    requests: Requests = {}
+    for entry in tuned:
+        points = _grid_points(records, candidates, entry.shots, entry.grid)
+        best = choose(_graded_points(records, points), cal.criterion)
+        verdicts = _verdicts(best, entry.grid, points, _margin(records, best, cal), cal.criterion)
+        resolved = [v["edge"] for v in verdicts if v["resolved"] and entry.grid.beyond(v["edge"]) is not None]
+        if not resolved or len({e["round"] for e in entry.extensions}) >= cal.max_extensions:
+            continue
+        old = entry.grid
+        entry.grid = old.extended(resolved)
+        round_ = len({e["round"] for e in entry.extensions}) + 1
+        origin = {n: best[n] for n in ("checkpoint", "lr", "num_steps", cal.criterion)}
+        for edge in resolved:
+            entry.extensions.append({"round": round_, "edge": edge, "added": old.beyond(edge), "from": origin})
+        new_lrs = {float(old.beyond(e)) for e in resolved if e.startswith("lr:")}  # type: ignore[arg-type]
+        new_steps = {int(old.beyond(e)) for e in resolved if e.startswith("num_steps:")}  # type: ignore[arg-type]
+        lr, steps = float(best["lr"]), int(best["num_steps"])
+        new = [(r, s) for r in new_lrs for s in entry.grid.steps if s > 0] + [(lr, s) for s in new_steps]
+        mine = [c for c in candidates if c.step == int(best["checkpoint"])]
+        _requests_for(mine, entry.shots, new, graded=cal.screen is None, into=requests)
+        continuation = [(r, s) for r in new_lrs | {lr} for s in new_steps | {steps} if (r, s) != (lr, steps)]
+        _requests_for(mine, entry.shots, continuation, graded=True, into=requests)
+    return requests
+
+
+def _report(records: Records, candidates: Sequence[Candidate], tasks: Sequence[str], cal: CalibrationSettings,
+            tuned: Mapping[int, _Tuned]) -> dict[str, Any]:  # fmt: skip
+    curve, grid, per_task, chosen = [], [], [], []
+    start = Grid.of(cal.lr_grid, cal.steps_grid)
     for k in cal.shots:
-        points = [p for p in grid if int(p["shots"]) == k]
-        best = dict(choose(points, cal.criterion))
-        if int(best["num_steps"]) == 0:
-            best["lr"] = NO_LR  # not adapting: every rate's step-0 point is the same model
-        edges = _edges(best, points, cal)
-        best |= {"edges": edges, "edge_note": _edge_note(best, points, edges, cal.criterion),
-                 "criterion_value": best[cal.criterion]}  # fmt: skip
+        entry = tuned.get(k)
+        k_grid = entry.grid if entry is not None else start
+        points = _grid_points(records, candidates, k, k_grid)
+        for point in points:
+            grid.append(point)
+            values = records.task_values(_key(point["checkpoint"], k, point["lr"], point["num_steps"]))
+            per_task += [{"task": t, **{n: point[n] for n in ("checkpoint", "shots", "lr", "num_steps")}, **v}
+                         for t, v in values.items()]  # fmt: skip
+        if k > 0:
+            for candidate in candidates:
+                for lr in k_grid.lrs:
+                    steps = [0] + [s for s in range(1, max(k_grid.steps) + 1)
+                                   if records.measured(_key(candidate.step, k, lr, s))]  # fmt: skip
+                    curve += [records.point(candidate.step, k, lr, s) for s in steps]
+        graded = _graded_points(records, points)
+        best = dict(choose(graded, cal.criterion))
+        extensions = entry.extensions if entry is not None else []
+        margin = _margin(records, best, cal)
+        verdicts = _verdicts(best, k_grid, points, margin, cal.criterion) if k > 0 else []
+        open_edges = [v["edge"] for v in verdicts if v["resolved"]]
+        at_cap = bool(open_edges)  # a resolved edge left: only the cap stops the tuner there
+        best |= {
+            "edges": [v["edge"] for v in verdicts],
+            "edge_note": _edge_note(best, verdicts, cal.criterion, margin, at_cap=at_cap, cap=cal.max_extensions),
+            "criterion_value": best[cal.criterion],
+            "extensions": extensions,
+            "at_cap": at_cap,
+            "open_edges": open_edges,
+            **k_grid.to_json(),
+            "graded_points": len(graded),
+            "grid_points": len(points),
+        }
         chosen.append(best)
-    for entry in curve:  # "step" is the curve's name for the step count
-        entry["step"] = entry.pop("num_steps")
+    names = ("checkpoint", "shots", "lr", "nll", "answer_nll", "accuracy")
+    curve = [{n: c[n] for n in names} | {"step": c["num_steps"]} for c in curve]
     return {
         "optimizer": cal.optimizer,
         "criterion": cal.criterion,
@@ -321,6 +519,9 @@ def _report(
         "lr_grid": list(cal.lr_grid),
         "steps_grid": list(cal.steps_grid),
         "shots": list(cal.shots),
+        "screen": cal.screen,
+        "max_extensions": cal.max_extensions,
+        "edge_margin": cal.edge_margin,
         "chosen": chosen,
         "grid": grid,
         "curve": curve,
@@ -339,19 +540,30 @@ def tune(
     show_progress: bool = False,
     memory: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Measure the grid for every candidate on ``tasks`` (name -> (dev_pool, dev_monitor)); the report."""
+    """Tune every candidate on ``tasks`` (name -> (dev_pool, dev_monitor)); the report.
+
+    Round 0 measures the starting grid (screened: the NLLs only); then, until every choice stands: generate what
+    the choice needs (:func:`_settle`), extend past resolved edges below the cap (:func:`_extend`), measure the new
+    points."""
     _check_inputs(tasks, cal)
     records = Records()
-    positive = [k for k in cal.shots if k > 0]
-    work = len(candidates) * len(tasks) * (1 + len(positive) * cal.draws * len(cal.lr_grid))
-    with tqdm(total=work, desc="calibrate", disable=not show_progress, file=sys.stderr) as bar, \
+    tuned = {k: _Tuned(k, Grid.of(cal.lr_grid, cal.steps_grid), []) for k in cal.shots if k > 0}
+    with tqdm(desc="calibrate", disable=not show_progress, file=sys.stderr, unit="task") as bar, \
             Grader(timeout_s=cal.grade_timeout_s) as grader:  # fmt: skip
-        for candidate in candidates:
-            job = load_job_model(candidate.path, cal.model, device=device, mixed_precision=cal.mixed_precision,
-                                 memory=memory)  # fmt: skip
-            _measure_candidate(job, candidate, tasks, cal, records, grader, snapshot_device=snapshot_device, bar=bar)
-            del job
-    return _report(records, candidates, list(tasks), cal)
+        measurer = _Measurer(candidates, tasks, cal, records, grader, device, snapshot_device, bar, memory)
+        requests: Requests = {}
+        for entry in tuned.values():
+            pairs = [(lr, s) for lr in entry.grid.lrs for s in entry.grid.steps]
+            _requests_for(candidates, entry.shots, pairs, graded=cal.screen is None, into=requests)
+        while True:
+            measurer.run(requests)
+            _settle(measurer, list(tuned.values()), candidates)
+            requests = _extend(measurer, list(tuned.values()), candidates)
+            if not requests:
+                break
+    report = _report(records, candidates, list(tasks), cal, tuned)
+    report["work"] = {"adaptations": measurer.adaptations, "generation_passes": measurer.generations}
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -411,9 +623,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     write_json(args.output, report)
     for entry in report["chosen"]:
+        extended = f", extended {rounds_summary(entry['extensions'])}" if entry["extensions"] else ""
         print(
             f"calibrate {args.init} k={entry['shots']}: checkpoint {entry['checkpoint']}, {report['optimizer']} "
             f"lr {entry['lr']:g}, {entry['num_steps']} step(s), {cal.criterion} {entry['criterion_value']:.4g}"
+            f"{extended}{' (at the cap)' if entry['at_cap'] else ''}"
         )
     print(f"-> {args.output}")
     return 0

@@ -90,6 +90,9 @@ class CalibrationSettings:
     shots: tuple[int, ...]  # the tuned shot counts (0 included when 0 shots are evaluated)
     draws: int
     max_monitor_examples: int
+    screen: int | None  # None: every grid point generated; N: the N best by answer NLL per tuned k (and neighbours)
+    max_extensions: int  # the cap: extension rounds per tuned k past a resolved edge
+    edge_margin: float  # dev problems a choice must beat its inward neighbour by for its edge to count
     optimizer: str
     inner_batch_size: int
     max_new_tokens: int
@@ -110,6 +113,9 @@ class CalibrationSettings:
             shots=tuple(tuned_shots(settings)),
             draws=int(cal["draws"]),
             max_monitor_examples=int(cal["max_monitor_examples"]),
+            screen=None if cal["screen"] is None else int(cal["screen"]),
+            max_extensions=int(cal["max_extensions"]),
+            edge_margin=float(cal["edge_margin"]),
             optimizer=str(adaptation["optimizer"]),
             inner_batch_size=int(adaptation["inner_batch_size"]),
             max_new_tokens=int(generation["max_new_tokens"]),
