@@ -428,6 +428,22 @@ def test_grid_edges_qualify_the_answer_when_most_of_an_arms_runs_sit_there(tmp_p
     assert calibration_cap({"edges": ["lr:highest"], "edge_note": "stopped at the cap of 4 extensions"}) == "cap"
     assert calibration_cap({"edges": ["lr:highest"], "edge_note": "capacity"}) == ""
     assert calibration_cap({"edges": [], "edge_note": "", "cap": "lr 0.1"}) == "lr 0.1"
+    # A self-extending tuner (open_edges in every choice): an end of the final grid within the dev noise is no edge,
+    # so SFT's one run no longer qualifies the Answer; an edge it resolves at its cap does, and names the cap.
+    for path in paths:
+        record = json.loads(path.read_text())
+        for entry in record["chosen"]:
+            entry |= {"open_edges": [], "at_cap": False, "cap": False}
+        path.write_text(json.dumps(record))
+    assert summary._grid_edge_lines(load_calibration(paths), None, settings) == []
+    (sft_path,) = [path for path in paths if json.loads(path.read_text())["init"] == "sft"]
+    record = json.loads(sft_path.read_text())
+    for entry in record["chosen"]:
+        if entry["shots"] > 0:
+            entry |= {"open_edges": ["lr:highest"], "at_cap": True, "edge_note": "still on an edge at the cap"}
+    sft_path.write_text(json.dumps(record))
+    (line, _) = summary._grid_edge_lines(load_calibration(paths), None, settings)
+    assert "(highest rate in 1; 1 stopped at the grid-extension cap)" in line
 
 
 def test_the_grid_edge_line_sits_in_the_answer(stats_dir: Path, tmp_path: Path) -> None:

@@ -63,6 +63,7 @@ CHOSEN_COLUMNS = [
     "edges",  # ";"-joined, e.g. "lr:lowest;num_steps:highest": the choice is an end of that grid
     "edge_note",
     "cap",  # "" or the tuner's flag that the choice stopped at its grid-extension cap (older files: none, "")
+    "open_edges",  # ";"-joined edges the tuner resolves (beyond calibration.edge_margin); None: a tuner without them
     "tasks",  # ","-joined: the tasks whose dev data was tuned on (meta_val, else the training tasks)
 ]
 GRID_COLUMNS = [*KEY_COLUMNS, "checkpoint", "shots", "lr", "num_steps", "nll", "answer_nll", "accuracy",
@@ -211,6 +212,9 @@ def _chosen_row(record: Mapping[str, Any], entry: Mapping[str, Any]) -> dict[str
         "steps_to_90": steps_to_fraction([c["step"] for c in on_curve], [c["nll"] for c in on_curve], nll_before),
         "curve_steps": max((c["step"] for c in on_curve), default=0),
         "edges": ";".join(entry["edges"]),
+        # the edges the tuner resolves (beyond calibration.edge_margin) and would extend past; None from a tuner
+        # that does not extend (every end of its grid then counts)
+        "open_edges": None if entry.get("open_edges") is None else ";".join(entry["open_edges"]),
         "edge_note": entry["edge_note"],
         "cap": cap_text(entry),
     }
@@ -249,8 +253,11 @@ def edge_runs(chosen: pd.DataFrame, inits: Sequence[str], experiments: Sequence[
         rows = rows[rows["experiment"].isin(list(experiments))]
     out = []
     for (experiment, init), group in rows.groupby(["experiment", "init"], sort=False):
+        # A self-extending tuner's choice counts only on an edge it resolves (it extends past those, so after tuning
+        # that means at the cap); an end of its final grid within the dev noise is no edge. Older files: every end.
+        column = "open_edges" if "open_edges" in group and group["open_edges"].notna().all() else "edges"
         per_run = [
-            ({e for cell in run["edges"] for e in str(cell).split(";") if e}, any(str(c) for c in run["cap"]))
+            ({e for cell in run[column] for e in str(cell).split(";") if e}, any(str(c) for c in run["cap"]))
             for _, run in group.groupby("train_seed")
         ]
         edges: dict[str, int] = {}
