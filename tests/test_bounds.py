@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_stats import SETTINGS, synthetic_eval_frame
+from test_stats import SETTINGS, synthetic_eval_frame, write_eval_frame
 
 from fomaml_math.analysis import bounds, stats
 from fomaml_math.analysis.tables import read_table
@@ -100,13 +100,7 @@ def _study_with_empty_cells(directory: Path) -> list[Path]:
     frame.loc[(frame["task"] == "number_theory") & (frame["shots"] == 10) & (frame["init"] == "fomaml"), "correct"] = (
         True
     )
-    paths = []
-    for (experiment, init, seed, shots), group in frame.groupby(["experiment", "init", "train_seed", "shots"]):
-        path = directory / experiment / init / f"seed-{seed}" / f"shots-{shots}.parquet"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        group.to_parquet(path, index=False)
-        paths.append(path)
-    return paths
+    return write_eval_frame(directory, frame)
 
 
 @pytest.fixture(scope="module")

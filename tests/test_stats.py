@@ -122,7 +122,11 @@ def synthetic_eval_frame(
 
 def write_synthetic_eval(directory: Path, inits: tuple[str, ...] = INITS, **kwargs) -> list[Path]:
     """Write ``<directory>/<experiment>/<init>/seed-<s>/shots-<K>.parquet`` files; returns their paths."""
-    frame = synthetic_eval_frame(inits, **kwargs)
+    return write_eval_frame(directory, synthetic_eval_frame(inits, **kwargs))
+
+
+def write_eval_frame(directory: Path, frame: pd.DataFrame) -> list[Path]:
+    """Write ``frame`` as ``<directory>/<experiment>/<init>/seed-<s>/shots-<K>.parquet`` files; returns their paths."""
     paths = []
     for (experiment, init, seed, shots), group in frame.groupby(["experiment", "init", "train_seed", "shots"]):
         path = directory / experiment / init / f"seed-{seed}" / f"shots-{shots}.parquet"
@@ -547,6 +551,19 @@ def test_bad_inputs_give_one_line_errors(tmp_path: Path) -> None:
         load_eval([role])
 
 
+def _primary_matrices(evals: pd.DataFrame, name: str, held_out: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """By hand: FOMAML's and SFT's seeds × problems matrices of the primary score (repeats, then k > 0 averaged, so
+    every (init, seed, problem) weighs each k equally) on the experiment's primary pool, and each column's task."""
+    rows = evals[(evals.experiment == name) & (evals.shots > 0) & evals.init.isin(["fomaml", "sft"])]
+    if held_out:
+        rows = rows[rows.task.isin(held_out)]
+    cell = rows.groupby(["init", "train_seed", "task", "problem_id", "shots"])["correct"].mean()
+    cell = cell.groupby(["init", "train_seed", "task", "problem_id"]).mean()
+    matrices = {i: cell.loc[i].unstack(["task", "problem_id"]).sort_index(axis=1) for i in ("fomaml", "sft")}
+    strata = matrices["fomaml"].columns.get_level_values("task").to_numpy()
+    return matrices["fomaml"].to_numpy(), matrices["sft"].to_numpy(), strata
+
+
 def test_primary_contrast_averages_over_k_and_adjusts_over_experiments(stats_dir: Path, tmp_path: Path) -> None:
     """primary.tsv: one row per experiment, the seed-aware estimate on the mean over k > 0 (by hand from the
     per-problem rows), Holm over the experiments, verdicts and planned power at alpha / m."""
@@ -555,15 +572,8 @@ def test_primary_contrast_averages_over_k_and_adjusts_over_experiments(stats_dir
     assert (primary["contrast"] == "fomaml-sft").all() and (primary["family_size"] == len(EXPERIMENTS)).all()
     evals = load_eval(write_synthetic_eval(tmp_path / "eval"))
     for name, held_out in EXPERIMENTS.items():
-        rows = evals[(evals.experiment == name) & (evals.shots > 0) & evals.init.isin(["fomaml", "sft"])]
-        if held_out:
-            rows = rows[rows.task.isin(held_out)]
-        # Repeats, then k: every (init, seed, problem) weighs each k equally.
-        cell = rows.groupby(["init", "train_seed", "task", "problem_id", "shots"])["correct"].mean()
-        cell = cell.groupby(["init", "train_seed", "task", "problem_id"]).mean()
-        matrices = {i: cell.loc[i].unstack(["task", "problem_id"]).sort_index(axis=1) for i in ("fomaml", "sft")}
-        strata = matrices["fomaml"].columns.get_level_values("task").to_numpy()
-        est = inference.crossed_estimate(matrices["fomaml"].to_numpy(), matrices["sft"].to_numpy(), strata)
+        fomaml, sft, strata = _primary_matrices(evals, name, held_out)
+        est = inference.crossed_estimate(fomaml, sft, strata)
         row = primary.loc[name]
         assert row["diff"] == pytest.approx(est.estimate)
         assert row["se"] == pytest.approx(est.se)
@@ -606,15 +616,8 @@ def test_primary_permutation_p_and_seed_sd_by_hand(stats_dir: Path, tmp_path: Pa
     primary = read_table(stats_dir, "primary.tsv").set_index("experiment")
     evals = load_eval(write_synthetic_eval(tmp_path / "eval"))
     for name, held_out in EXPERIMENTS.items():
-        rows = evals[(evals.experiment == name) & (evals.shots > 0) & evals.init.isin(["fomaml", "sft"])]
-        if held_out:
-            rows = rows[rows.task.isin(held_out)]
-        cell = rows.groupby(["init", "train_seed", "task", "problem_id", "shots"])["correct"].mean()
-        cell = cell.groupby(["init", "train_seed", "task", "problem_id"]).mean()
-        runs = np.concatenate([cell.loc[i].unstack(["task", "problem_id"]).sort_index(axis=1).to_numpy()
-                               for i in ("fomaml", "sft")])  # fmt: skip
-        strata = cell.loc["fomaml"].unstack(["task", "problem_id"]).sort_index(axis=1).columns.get_level_values(0)
-        strata = strata.to_numpy()
+        fomaml, sft, strata = _primary_matrices(evals, name, held_out)
+        runs = np.concatenate([fomaml, sft])
 
         def t_of(chosen: tuple[int, ...], runs: np.ndarray = runs, strata: np.ndarray = strata) -> float:
             rest = [i for i in range(6) if i not in chosen]
