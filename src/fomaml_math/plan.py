@@ -228,9 +228,9 @@ def build_plan(config: Mapping[str, Any], assumptions: Assumptions, tasks_dir: P
     tuning_task_count = {e: len(tuning_tasks(dict(config), e)) for e in experiments}  # meta_val, else training
 
     candidates = {m: candidate_count(config, m) for m in ("fomaml", "sft")}
-    priced = replace(assumptions, peak_tflops=peak_tflops, decode_tokens_per_s=decode_tokens_per_s)
-    tuning = sum(  # per experiment: the base's tuner job (one candidate) and every trained run's
-        tuner_hours(config, priced, params=params, example_tokens=example_tokens, task_count=count, candidates=c)
+    tuning = sum(  # per experiment: the base's tuner job (one candidate) and every trained run's; priced at the
+        # same resolved peak and decode rate as the rest (tuner_hours resolves them as build_plan does)
+        tuner_hours(config, assumptions, params=params, example_tokens=example_tokens, task_count=count, candidates=c)
         * jobs
         for count in (tuning_task_count[e] for e in experiments)
         for c, jobs in [(1, 1)] + [(candidates[m], len(seeds)) for m in ("fomaml", "sft")]
