@@ -178,7 +178,8 @@ class TrainingRun:
         return [s for s in range(1, self.total_steps + 1) if self.candidate_due(s)]
 
     def keep_candidate(self, step: int, tokenizer: Any) -> None:
-        """With ``tuned``, at a dev-monitoring step: the weights as a Hugging Face folder in the checkpoint dir.
+        """With ``tuned``, at a candidate step (``candidate_due``): the weights as a Hugging Face folder in the
+        checkpoint dir.
 
         Called before the step's checkpoint, so a resumed run never lacks a candidate of a step it skips.
         """
@@ -282,6 +283,7 @@ class TrainingRun:
             assert selected_step is not None
             candidates = self._write_candidates(output_dir, [selected_step], {selected_step: output_dir / "model"})
         model_step = self.total_steps if selected_step is None else selected_step
+        wall_time = self.wall_time()  # one reading: the summary's wall time and its measured throughput agree
         summary = {
             "method": self.method,
             "steps": self.total_steps,
@@ -293,7 +295,7 @@ class TrainingRun:
             "tokens": int(self.state["tokens"]),
             "examples": int(self.state["examples"]),
             "truncated_rows": int(self.state["truncated_rows"]),
-            "wall_time_s": self.wall_time(),
+            "wall_time_s": wall_time,
             "resumed_from": self.state["resumed_from"],
             "selection": {
                 "criterion": self.criterion,
@@ -316,7 +318,7 @@ class TrainingRun:
             "measured": measured.training(
                 model=self.settings["model"]["name_or_path"],
                 tokens=self.state["tokens"],
-                seconds=self.wall_time(),
+                seconds=wall_time,
                 processes=self.runtime.world,
                 device=self.runtime.device,
             ),
