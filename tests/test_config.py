@@ -435,3 +435,19 @@ def test_shipped_configs_are_complete(name):
     merged = copy.deepcopy(paper)
     update_config(merged, copy.deepcopy(alone))
     assert validate_config(merged) == validate_config(alone)
+
+
+def test_without_in_domain_rows_only_the_held_out_tasks_are_evaluated(demo_config):
+    """``in_domain_rows: false``: the same trainings and tuning, the evaluation reads the meta_test tasks only; an
+    experiment without meta_test would evaluate nothing and is refused in one line."""
+    experiment = {"name": "fold", "meta_test": ["algebra_v1"], "meta_val": ["number_theory_v1"]}
+    lean = validate_config(_set(demo_config, "experiments", [{**experiment, "in_domain_rows": False}]))
+    every = validate_config(_set(demo_config, "experiments", [experiment]))
+    assert evaluated_tasks(lean, "fold") == ["algebra_v1"] == control_tasks(lean, "fold")
+    assert len(evaluated_tasks(every, "fold")) == len(every["tasks"]["names"]) - 1
+    for fn in (training_tasks, tuning_tasks):
+        assert fn(lean, "fold") == fn(every, "fold")
+    with pytest.raises(ConfigError, match=r"^config error at experiments\.main\.in_domain_rows: false evaluates the "
+                       r"meta_test tasks only, and the experiment has none") as info:  # fmt: skip
+        validate_config(_set(demo_config, "experiments", [{"name": "main", "in_domain_rows": False}]))
+    assert "\n" not in str(info.value)

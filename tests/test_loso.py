@@ -23,6 +23,7 @@ from fomaml_math.analysis.primary import primary_table
 from fomaml_math.analysis.tables import FOLD_FAMILY, PRIMARY_FAMILY, StatsSettings, read_table
 from fomaml_math.config import (
     LEAVE_ONE_SUBJECT_OUT,
+    evaluated_tasks,
     experiment_names,
     loso_group,
     meta_test_tasks,
@@ -32,7 +33,7 @@ from fomaml_math.config import (
 )
 from fomaml_math.errors import ConfigError
 from fomaml_math.subjects import MATH_TASKS
-from tests.workflow_utils import make_workspace, planned_jobs, planned_outputs
+from tests.workflow_utils import make_workspace, planned_jobs, planned_outputs, snakemake
 
 GENERATOR = {"generate": LEAVE_ONE_SUBJECT_OUT}
 
@@ -272,3 +273,28 @@ def test_the_dag_trains_and_evaluates_every_fold(tmp_path: Path) -> None:
         for method in ("fomaml", "sft"):
             assert f"results/loso-{subject}/{method}/seed-0/train_summary.json" in outputs
         assert f"results/loso-{subject}/base/eval/shots-5.parquet" in outputs
+
+
+def test_folds_without_in_domain_rows_evaluate_their_held_out_subject_only(repo_root: Path, tmp_path: Path) -> None:
+    """``in_domain_rows: false`` on the generator: each fold evaluates only what it holds out (its trainings are the
+    same), so the plan prices a seventh of the folds' evaluation problems, and the DAG passes the fold's tasks."""
+    rows = {**GENERATOR, "in_domain_rows": False}
+    config = validate_config(_raw(repo_root, "config.yaml", [{"name": "in_domain"}, rows]))
+    assert validate_config(copy.deepcopy(config))["experiments"] == config["experiments"]  # idempotent
+    for subject in MATH_TASKS:
+        assert evaluated_tasks(config, f"loso-{subject}") == [subject]
+        assert training_tasks(config, f"loso-{subject}") == [t for t in MATH_TASKS if t != subject]
+    assert evaluated_tasks(config, "in_domain") == list(MATH_TASKS)
+    full = validate_config(_raw(repo_root, "config.yaml", [{"name": "in_domain"}, GENERATOR]))
+    lean, every = (plan.build_plan(c, plan.Assumptions(), Path("/nonexistent"))["gpu_hours"] for c in (config, full))
+    alone = plan.build_plan(validate_config(_raw(repo_root, "config.yaml", [{"name": "in_domain"}])),
+                            plan.Assumptions(), Path("/nonexistent"))["gpu_hours"]  # fmt: skip
+    # the untuned base is shared; each fold's own generation: 1 task instead of 7 (its in-domain 6 dropped)
+    assert every["train_fomaml"] == pytest.approx(lean["train_fomaml"])
+    folds_every = every["evaluate_generation"] - alone["evaluate_generation"]
+    folds_lean = lean["evaluate_generation"] - alone["evaluate_generation"]
+    assert folds_lean == pytest.approx(folds_every / len(MATH_TASKS), rel=0.05)
+    root = make_workspace(tmp_path, experiments=[rows])
+    result = snakemake(root, "--dry-run", "--printshellcmds", "results/loso-algebra/sft/seed-0/eval/shots-5.parquet")
+    command = next(line for line in (result.stdout + result.stderr).splitlines() if " evaluate " in line)
+    assert "--tasks algebra " in command and "--meta-test algebra" in command

@@ -145,6 +145,11 @@ def _iter_semantic_errors(config: dict[str, Any]) -> Iterator[str]:
             )
         if set(names) <= set(experiment.get("meta_test", [])) | set(experiment.get("meta_val", [])):
             yield f"experiments.{name}.meta_test/meta_val: at least one task must stay in meta-training"
+        if not experiment.get("in_domain_rows", True) and not experiment.get("meta_test", []):
+            yield (
+                f"experiments.{name}.in_domain_rows: false evaluates the meta_test tasks only, and the experiment has "
+                "none; set meta_test or in_domain_rows: true"
+            )
     data = config["data"]
     if data["source"] == "local" and not data["local"].get("path"):
         yield "data.local.path: required when data.source is 'local' (MATH archive folder, .jsonl or .parquet)"
@@ -242,10 +247,11 @@ def _check_memory(config: dict[str, Any]) -> None:
         raise ConfigError(f"config error at {message}")
 
 
-def _loso_folds(tasks: list[str], prefix: str) -> list[dict[str, Any]]:
+def _loso_folds(tasks: list[str], prefix: str, in_domain_rows: bool = True) -> list[dict[str, Any]]:
     """The leave-one-subject-out folds of ``tasks``: one plain experiment per subject, holding out its tasks."""
     return [
-        {"name": f"{prefix}-{subject}", "meta_test": held_out, "meta_val": [], "loso_group": prefix}
+        {"name": f"{prefix}-{subject}", "meta_test": held_out, "meta_val": [], "in_domain_rows": in_domain_rows,
+         "loso_group": prefix}  # fmt: skip
         for subject, held_out in subjects_of(tasks).items()
     ]
 
@@ -270,7 +276,8 @@ def _expand_generated_experiments(config: dict[str, Any]) -> None:
             f"{len(groups)} expanded set(s) of folds (name_prefix {', '.join(prefixes)})"
         )
     prefix = prefixes[0]
-    folds = _loso_folds(config["tasks"]["names"], prefix)
+    in_domain_rows = bool((generators or expanded)[0].get("in_domain_rows", True))
+    folds = _loso_folds(config["tasks"]["names"], prefix, in_domain_rows)
     if len(folds) < 2:
         raise ConfigError(
             f"{where}: generate: {LEAVE_ONE_SUBJECT_OUT} needs at least 2 subjects in tasks.names, got "
@@ -379,7 +386,10 @@ def tuning_tasks(config: dict[str, Any], experiment: str) -> list[str]:
 
 
 def evaluated_tasks(config: dict[str, Any], experiment: str) -> list[str]:
-    """The tasks an evaluation reads (dev_pool and test): every task but the experiment's meta_val ones."""
+    """The tasks an evaluation reads (dev_pool and test): every task but the experiment's meta_val ones, or only its
+    meta_test ones with ``in_domain_rows: false`` (no row of a task it trains on)."""
+    if not _experiment(config, experiment).get("in_domain_rows", True):
+        return meta_test_tasks(config, experiment)
     tuned_only = set(meta_val_tasks(config, experiment))
     return [t for t in config["tasks"]["names"] if t not in tuned_only]
 

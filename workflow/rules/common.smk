@@ -17,7 +17,6 @@ from fomaml_math.config import (
     control_tasks,
     evaluated_tasks,
     meta_test_tasks,
-    meta_val_tasks,
     metaloop_row,
     shot_seed,
     stage_settings,
@@ -196,9 +195,10 @@ def eval_settings(wildcards):
 
 def evaluated_task_args(experiment, tasks=None):
     """--meta-test <the experiment's held-out tasks> (none: an empty list), and --tasks: ``tasks`` if given (the
-    negative control's pool), else every task but its meta_val ones where it has any (never read by evaluation)."""
+    negative control's pool), else the experiment's evaluated tasks where they are not all of them (meta_val ones
+    are never read by evaluation; with in_domain_rows false, only meta_test ones are)."""
     held_out = meta_test_tasks(config, experiment)
-    if tasks is None and meta_val_tasks(config, experiment):
+    if tasks is None and evaluated_tasks(config, experiment) != TASKS:
         tasks = evaluated_tasks(config, experiment)
     args = []
     if held_out:
