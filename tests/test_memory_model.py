@@ -166,6 +166,50 @@ def test_config_check_refuses_a_card_too_small_for_the_paper_config() -> None:
     assert "\n" not in str(e.value) and "change " in str(e.value)
 
 
+def test_the_card_follows_compute_gpu_unless_gpu_memory_gib_is_set() -> None:
+    """compute.gpu_memory_gib null: the catalog card's memory as torch reports it, rounded down to a whole GiB (an
+    80 GB card's 79.2 -> 79, the old default); a number overrides it; an unknown card is a one-line error."""
+    from fomaml_math import hardware
+    from fomaml_math.config import ConfigError
+
+    assert hardware.usable_memory_gib({"gpu": "a100-80gb", "gpu_memory_gib": None}) == 79.0
+    assert hardware.usable_memory_gib({"gpu": "a100-40gb"}) == 39.0  # torch reports 39.4
+    assert hardware.usable_memory_gib({"gpu": "h200", "gpu_memory_gib": None}) == 139.0  # 139.8
+    assert hardware.usable_memory_gib({}) == 79.0  # compute.gpu's default, the A100 80 GB
+    assert hardware.usable_memory_gib({"gpu": "a100-40gb", "gpu_memory_gib": 60}) == 60.0
+    with pytest.raises(ConfigError, match=r"^compute\.gpu: unknown GPU 'v100'; expected one of a100-40gb, "):
+        hardware.usable_memory_gib({"gpu": "v100"})
+
+
+def test_the_paper_config_on_a_40_gb_card_is_refused_naming_compute_gpu(tmp_path) -> None:
+    """The paper config with compute.gpu a100-40gb and no gpu_memory_gib: its evaluation (67.8 GiB) does not fit
+    the 39 GiB card, refused in one line naming compute.gpu; an explicit gpu_memory_gib 79 overrides the card; an
+    h200 gives plan a 139 GiB card."""
+    import copy
+
+    import yaml
+
+    from fomaml_math.config import REPO_ROOT, ConfigError, validate_config
+    from fomaml_math.plan import Assumptions, build_plan
+
+    paper = yaml.safe_load((REPO_ROOT / "config" / "config.yaml").read_text())
+    small = copy.deepcopy(paper)
+    small["compute"]["gpu"] = "a100-40gb"
+    small["compute"].pop("gpu_memory_gib", None)
+    with pytest.raises(ConfigError) as e:
+        validate_config(copy.deepcopy(small))
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith("config error at compute.gpu: evaluate (hf, adaptation) needs about 67.8 GiB per GPU")
+    assert "more than the card's 39;" in message
+    small["compute"]["gpu_memory_gib"] = 79
+    assert validate_config(small)["compute"]["gpu_memory_gib"] == 79
+    large = copy.deepcopy(paper)
+    large["compute"]["gpu"] = "h200"
+    large["compute"]["gpu_memory_gib"] = None
+    assert build_plan(validate_config(large), Assumptions(), tmp_path / "no-split-data")["gpu_memory_gib"] == 139.0
+
+
 def test_plan_json_carries_the_memory_section(tmp_path) -> None:
     """``plan --json``'s memory numbers: memory_gib per job kind (the worst over backends), the card, host RAM and the
     per-part rows, each row's total the sum of its parts."""

@@ -9,6 +9,11 @@ Peak: dense (no 2:4 sparsity) bf16 tensor-core FLOP/s from NVIDIA's datasheets. 
 the driver's reserve: about 79.2 GiB on an 80 GB A100 or H100; the lent H100 here reports about 79 GiB, its H200
 about 139.8 GiB).
 
+Usable memory (:func:`usable_memory_gib`, what ``plan`` and the config check size every job against): the card's
+memory as torch reports it rounded down to a whole GiB (79.2 -> 79 on an 80 GB card, the old fixed default; 39.4 ->
+39; 139.8 -> 139), the rest left to what torch's total counts but its allocator cannot hand out (the CUDA context);
+an explicit ``compute.gpu_memory_gib`` overrides it.
+
 Decode throughput, a ~4B model, batched greedy decoding of MATH answers (docs/plan.md, "Throughput"):
 
 * **vllm**: one public offline benchmark of vLLM on one A100 80 GB with a long-answer (reasoning) model of the
@@ -25,7 +30,10 @@ Decode throughput, a ~4B model, batched greedy decoding of MATH answers (docs/pl
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from fomaml_math.errors import ConfigError
 
@@ -73,6 +81,15 @@ def gpu(name: str) -> GPU:
     if name not in GPUS:
         raise ConfigError(f"compute.gpu: unknown GPU {name!r}; expected one of {', '.join(GPUS)}")
     return GPUS[name]
+
+
+def usable_memory_gib(compute: Mapping[str, Any]) -> float:
+    """One GPU's memory in GiB for the memory estimate and check: ``compute.gpu_memory_gib`` when set, else
+    ``compute.gpu``'s memory as torch reports it rounded down to a whole GiB (module docstring)."""
+    explicit = compute.get("gpu_memory_gib")
+    if explicit is not None:
+        return float(explicit)
+    return float(math.floor(gpu(str(compute.get("gpu", DEFAULT_GPU))).memory_gib))
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Peak GPU memory per process of every job kind of a configured study, part by part, before it runs.
 
-An estimate (``plan`` prints it, the config check refuses a job that exceeds ``compute.gpu_memory_gib``), not a
+An estimate (``plan`` prints it, the config check refuses a job that exceeds the card's usable memory,
+``hardware.usable_memory_gib``: ``compute.gpu_memory_gib``, else ``compute.gpu``'s), not a
 measurement: tests/test_memory_model.py checks the parts a CPU can measure against torch's allocations of
 scaled Qwen3 shapes (within 15%); docs/gpu.md lists what only a GPU can measure.
 
@@ -40,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from fomaml_math import hardware
 
 GiB = 1024**3
 MARGIN = 0.9  # the share of the card a job may plan to use (allocator fragmentation, CUDA context, kernels)
@@ -136,7 +139,7 @@ class JobEstimate:
         }
         largest = max(levers, key=lambda part: self.parts.get(part, 0.0))
         if self.parts.get(largest, 0.0) < self.total - limit:
-            return "compute.gpu_memory_gib (a larger card) or eval.optimizer sgd (no moments)"
+            return "compute.gpu or compute.gpu_memory_gib (a larger card) or eval.optimizer sgd (no moments)"
         return levers[largest]
 
 
@@ -193,7 +196,7 @@ def estimate(config: Mapping[str, Any], s: Shape) -> list[JobEstimate]:
     ckpt = bool(compute["gradient_checkpointing"])
     chunk = compute.get("loss_chunk_tokens")
     seq = int(model["max_seq_len"])
-    card = float(compute.get("gpu_memory_gib", 79)) * GiB
+    card = hardware.usable_memory_gib(compute) * GiB
     shots = [int(k) for k in ev["shots"] if int(k) > 0]
     finetune = ev["mode"] == "finetune" and bool(shots)
     rows = min(int(ev["inner_batch_size"]), max(shots, default=1))
@@ -295,7 +298,7 @@ def summary(config: Mapping[str, Any], s: Shape) -> dict[str, Any]:
             worst[job.kind] = job
     return {
         "memory_gib": {kind: round(job.total, 2) for kind, job in worst.items()},
-        "gpu_memory_gib": float(config["compute"].get("gpu_memory_gib", 79)),
+        "gpu_memory_gib": hardware.usable_memory_gib(config["compute"]),
         "host_ram_gib_per_node": round(host_ram_gib(config, s), 1),
         "memory_parts_gib": [
             {
@@ -313,14 +316,16 @@ def summary(config: Mapping[str, Any], s: Shape) -> dict[str, Any]:
 def problems(config: Mapping[str, Any], s: Shape) -> tuple[list[str], list[str]]:
     """(errors, warnings): a job of the configured backend over the card is an error; over the margin, or over the
     card only with the other backend, a warning."""
-    card = float(config["compute"].get("gpu_memory_gib", 79))
+    card = hardware.usable_memory_gib(config["compute"])
+    # the setting the card's size comes from: compute.gpu's catalog entry unless compute.gpu_memory_gib is set
+    source = "compute.gpu" if config["compute"].get("gpu_memory_gib") is None else "compute.gpu_memory_gib"
     backend = str(config["eval"].get("backend", "hf"))
     errors, warnings = [], []
     for job in estimate(config, s):
         where = f"{job.kind} ({job.backend}, {job.phase})"
         if job.total > card and job.backend == backend and not job.assumed:
-            errors.append(f"compute.gpu_memory_gib: {where} needs about {job.total:.1f} GiB per GPU, more than the "
-                          f"card's {card:g}; change {job.setting(card)} (docs/gpu.md)")  # fmt: skip
+            errors.append(f"{source}: {where} needs about {job.total:.1f} GiB per GPU, more than the card's "
+                          f"{card:g}; change {job.setting(card)} (docs/gpu.md)")  # fmt: skip
         elif job.total > MARGIN * card:
             other = "" if job.backend == backend else f" with eval.backend {job.backend}"
             other += " (in_context prompts of assumed length)" if job.assumed else ""

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -76,6 +78,11 @@ TRAINING_PANELS: tuple[tuple[str, str, tuple[Series, ...], str], ...] = (
     ),
     ("sft", "SFT gradient norm", ((("sft/grad_norm",), "grad norm"),), "SFT step"),
 )
+# The legend titles above the panels (the marks explained): small, and wrapped to the figure's width.
+CAPTION_FONTSIZE = 6
+# Mean glyph width of the style's sans-serif font (DejaVu Sans: ~0.55 em for lower case and digits) in ems, rounded
+# up so a wrapped line stays inside the canvas (tests/test_figure_layout.py measures the drawn text).
+_GLYPH_EM = 0.6
 _SERIES_COLOURS = {  # as many colours per run as its longest panel has series (zip would drop the rest)
     "fomaml": (style.OKABE_ITO["vermillion"], style.OKABE_ITO["sky_blue"], style.OKABE_ITO["bluish_green"]),
     "sft": (style.OKABE_ITO["blue"], style.OKABE_ITO["orange"], style.OKABE_ITO["reddish_purple"]),
@@ -153,6 +160,21 @@ def _mark_significance(
         )
 
 
+def _wrap_caption(fig: Figure, text: str) -> str:
+    """``text`` in lines as wide as the figure, broken after a ``;`` where it can (one clause a line), else at a
+    space: a legend title is one line unless broken, and a long one centred above a single-column figure would run
+    past both of its edges."""
+    characters = int(fig.get_figwidth() * 72 / (CAPTION_FONTSIZE * _GLYPH_EM))  # 72 points per inch
+    parts = re.split(r"(?<=;)(\s+)", text)  # clause, separator, clause, ...
+    lines = textwrap.wrap(parts[0], characters, break_on_hyphens=False)
+    for separator, clause in zip(parts[1::2], parts[2::2], strict=True):
+        if len(lines[-1]) + len(separator) + len(clause) <= characters:
+            lines[-1] += separator + clause
+        else:
+            lines += textwrap.wrap(clause, characters, break_on_hyphens=False)
+    return "\n".join(lines)
+
+
 def _legend(fig: Figure, ax: Axes, ci_level: float) -> None:
     """One legend above the panels (inside an axes it would hide lines), with the marks explained."""
     a, b = (init_label(i) for i in HEADLINE.split("-"))
@@ -162,10 +184,11 @@ def _legend(fig: Figure, ax: Axes, ci_level: float) -> None:
         labels,
         loc="outside upper center",
         ncols=min(len(labels), 2),  # 4 inits in one row run past a one-panel figure's edges
-        title=(
-            f"shaded: {ci_level:.0%} CI per line (unadjusted); thin: one training seed;  *: {a} vs {b}, Holm-adjusted"
+        title=_wrap_caption(
+            fig,
+            f"shaded: {ci_level:.0%} CI per line (unadjusted); thin: one training seed;  *: {a} vs {b}, Holm-adjusted",
         ),
-        title_fontsize=6,
+        title_fontsize=CAPTION_FONTSIZE,
     )
 
 
@@ -521,8 +544,10 @@ def rule_adoption_vs_shots_figure(table: pd.DataFrame | None, ci_level: float) -
             labels,
             loc="outside upper center",
             ncols=len(labels),
-            title=f"shaded: {ci_level:.0%} CI per line (unadjusted); dashed: the base model's 0-shot share",
-            title_fontsize=6,
+            title=_wrap_caption(
+                fig, f"shaded: {ci_level:.0%} CI per line (unadjusted); dashed: the base model's 0-shot share"
+            ),
+            title_fontsize=CAPTION_FONTSIZE,
         )
     return fig
 
