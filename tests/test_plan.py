@@ -167,8 +167,8 @@ def test_the_metaloop_row_is_priced(demo_config: dict, tmp_path: Path) -> None:
     fo, ev = demo_config["fomaml"], demo_config["eval"]
     names = demo_config["tasks"]["names"]
     (experiment,) = demo_config["experiments"]
-    evaluated = evaluated_tasks(demo_config, experiment["name"])  # not the meta_val tasks: never evaluated
-    assert len(evaluated) == len(names) - len(experiment["meta_val"]) > 0
+    evaluated = evaluated_tasks(demo_config, experiment["name"])  # the demo: its held-out rows only
+    assert evaluated == experiment["meta_test"] and len(evaluated) < len(names) - len(experiment["meta_val"])
     params = on["parameters"]
     problems = on["assumptions"]["test_problems"] * len(evaluated) / len(names)  # assumed: equal per task
     runs = len(demo_config["experiments"]) * len(demo_config["replicates"]["seeds"])

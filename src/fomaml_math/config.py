@@ -249,11 +249,9 @@ def _check_memory(config: dict[str, Any]) -> None:
 
 def _loso_folds(tasks: list[str], prefix: str, in_domain_rows: bool = True) -> list[dict[str, Any]]:
     """The leave-one-subject-out folds of ``tasks``: one plain experiment per subject, holding out its tasks."""
-    return [
-        {"name": f"{prefix}-{subject}", "meta_test": held_out, "meta_val": [], "in_domain_rows": in_domain_rows,
-         "loso_group": prefix}  # fmt: skip
-        for subject, held_out in subjects_of(tasks).items()
-    ]
+    common = {"meta_val": [], "in_domain_rows": in_domain_rows, "loso_group": prefix}
+    folds = subjects_of(tasks).items()
+    return [{"name": f"{prefix}-{subject}", "meta_test": held_out, **common} for subject, held_out in folds]
 
 
 def _expand_generated_experiments(config: dict[str, Any]) -> None:
