@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 from matplotlib.ticker import NullFormatter
 
 from fomaml_math.analysis import style, tables
@@ -43,6 +44,14 @@ OUTPUT_FILES: tuple[str, ...] = tuple(f"{stem}.{ext}" for stem in FIGURES for ex
 # The comparison the significance marks and the heatmap show.
 HEADLINE = "fomaml-sft"
 PERCENT = 100.0
+# Every pooled row a stats table may hold (a ``task`` value).
+POOLS = frozenset({POOLED, META_TEST_POOL, IN_DOMAIN_POOL})
+# Gain heatmap: the height of a row (two lines of cell label), the largest cell font size and the share of its cell
+# a label may span (both ways; the rest keeps neighbouring labels apart), and where a task name wraps.
+HEATMAP_ROW_IN = 0.3
+CELL_FONTSIZE = 6.5
+CELL_FILL = 0.9
+HEATMAP_LABEL_CHARS = 16
 
 # Panels of the training-curves figure: (run, title, series, x label). A series is (candidate metric
 # columns, legend label): the first candidate the run logged is plotted, so both the names of
@@ -277,7 +286,7 @@ def accuracy_vs_shots_by_task_figure(accuracy: pd.DataFrame, comparisons: pd.Dat
     experiment = experiments_of(accuracy)[0]
     accuracy = _of_experiment(accuracy, experiment)
     comparisons = _of_experiment(comparisons, experiment)
-    tasks = [t for t in task_order(list(accuracy["task"].unique())) if t not in (POOLED, META_TEST_POOL)]
+    tasks = [t for t in task_order(list(accuracy["task"].unique())) if t not in POOLS]
     ncols = min(4, max(1, len(tasks)))
     nrows = max(1, math.ceil(len(tasks) / ncols))
     inits = _inits(accuracy)
@@ -301,24 +310,45 @@ def accuracy_vs_shots_by_task_figure(accuracy: pd.DataFrame, comparisons: pd.Dat
     return fig
 
 
+def _cell_label(value: float, stars: str) -> str:
+    """The value with one decimal, its stars (if any) on a second line: one line would be wider than a cell."""
+    return f"{value:+.1f}" + (f"\n{stars}" if stars else "")
+
+
+def _fit_cell_labels(fig: Figure, ax: Axes, labels: Sequence[Text], shape: tuple[int, int]) -> None:
+    """Give every cell label one font size, the largest up to :data:`CELL_FONTSIZE` at which each label fits
+    inside :data:`CELL_FILL` of its cell. Both are measured on the laid-out figure in display units, so the ratio
+    holds at any dpi (a text's extent scales with the font size, up to glyph hinting, which the margin absorbs)."""
+    if not labels:
+        return
+    for label in labels:
+        label.set_fontsize(CELL_FONTSIZE)
+    fig.draw_without_rendering()  # runs the constrained layout: the axes' final size
+    rows, columns = shape
+    width, height = ax.bbox.width / columns, ax.bbox.height / rows
+    boxes = [label.get_window_extent() for label in labels]
+    scale = min(min(CELL_FILL * width / box.width, CELL_FILL * height / box.height) for box in boxes)
+    for label in labels:
+        label.set_fontsize(min(CELL_FONTSIZE, CELL_FONTSIZE * scale))
+
+
 def gain_heatmap_figure(comparisons: pd.DataFrame, comparison: str = HEADLINE) -> Figure:
-    """Accuracy difference (percentage points) per task × shots, pooled row last, with stars.
+    """Accuracy difference (percentage points) per task × shots, pooled rows last, with stars.
 
     The image array (``AxesImage`` with gid ``heatmap``) holds ``acc_diff * 100``; rows follow
-    :func:`heatmap_rows`, columns the sorted shot counts.
+    :func:`distinct_rows`, columns the sorted shot counts. Each cell's label (gid ``cell:<task>:<shots>``) fits
+    inside its cell at the saved size.
     """
     comparisons = _of_experiment(comparisons, experiments_of(comparisons)[0]) if len(comparisons) else comparisons
     rows = comparisons[comparisons["comparison"] == comparison]
+    tasks = distinct_rows(rows)
     with style.context():
-        fig = Figure(
-            figsize=(style.SINGLE_COLUMN_IN, 0.9 + 0.28 * max(1, rows["task"].nunique())), layout="constrained"
-        )
+        fig = Figure(figsize=(style.SINGLE_COLUMN_IN, 0.9 + HEATMAP_ROW_IN * max(1, len(tasks))), layout="constrained")
         ax = fig.add_subplot()
         if rows.empty:
             ax.text(0.5, 0.5, f"{comparison}: not available", ha="center", va="center", gid="missing")
             ax.set_axis_off()
             return fig
-        tasks = heatmap_rows(rows)
         shots = sorted(int(s) for s in rows["shots"].unique())
         grid = rows.pivot(index="task", columns="shots", values="acc_diff").reindex(index=tasks, columns=shots)
         stars = rows.pivot(index="task", columns="shots", values="acc_stars").reindex(index=tasks, columns=shots)
@@ -328,37 +358,69 @@ def gain_heatmap_figure(comparisons: pd.DataFrame, comparison: str = HEADLINE) -
         cmap = matplotlib.colormaps[style.DIVERGING_CMAP].with_extremes(bad="#DDDDDD")
         image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=-limit, vmax=limit, aspect="auto")
         image.set_gid("heatmap")
+        labels = []
         for i, task in enumerate(tasks):
             for j, shot in enumerate(shots):
                 value = values[i, j]
                 if not np.isfinite(value):
                     continue
                 mark = stars.iloc[i, j] if isinstance(stars.iloc[i, j], str) else ""
-                ax.text(
-                    j,
-                    i,
-                    f"{value:+.1f}{mark}",
-                    ha="center",
-                    va="center",
-                    fontsize=6.5,
-                    color="white" if abs(value) > 0.6 * limit else "black",
-                    gid=f"cell:{task}:{shot}",
+                labels.append(
+                    ax.text(
+                        j,
+                        i,
+                        _cell_label(value, mark),
+                        ha="center",
+                        va="center",
+                        multialignment="center",
+                        color="white" if abs(value) > 0.6 * limit else "black",
+                        gid=f"cell:{task}:{shot}",
+                    )
                 )
-        pools = sum(t in (POOLED, META_TEST_POOL) for t in tasks)
+        pools = sum(t in POOLS for t in tasks)
         if pools and len(tasks) > pools:
             ax.axhline(len(tasks) - pools - 0.5, color="white", linewidth=2.0)
         ax.set_xticks(range(len(shots)), [str(s) for s in shots])
-        ax.set_yticks(range(len(tasks)), [task_label(t) for t in tasks])
+        # long task names on two lines: the width they leave goes to the cells
+        ax.set_yticks(range(len(tasks)), [textwrap.fill(task_label(t), HEATMAP_LABEL_CHARS) for t in tasks])
         ax.set_xlabel("Shots (k)")
         ax.grid(False)
         a, _, b = comparison.partition("-")
         colorbar = fig.colorbar(image, ax=ax, shrink=0.9)
         colorbar.set_label(f"{init_label(a)} − {init_label(b)} accuracy (pp)")
+        _fit_cell_labels(fig, ax, labels, values.shape)
     return fig
 
 
-def heatmap_rows(rows: pd.DataFrame) -> list[str]:
-    return task_order(list(rows["task"].unique()))
+def pool_tasks(table: pd.DataFrame) -> dict[str, frozenset[str]]:
+    """The tasks each pooled row of a stats table (``task`` and ``task_role`` columns, one experiment) covers,
+    read from its per-task rows' roles: the held-out pool its ``meta_test`` tasks, the in-domain pool its ``train``
+    tasks, ``all`` every task."""
+    roles = table[~table["task"].isin(POOLS)].groupby("task")["task_role"].first()
+    return {
+        POOLED: frozenset(roles.index),
+        META_TEST_POOL: frozenset(roles.index[roles == "meta_test"]),
+        IN_DOMAIN_POOL: frozenset(roles.index[roles == "train"]),
+    }
+
+
+def distinct_rows(table: pd.DataFrame) -> list[str]:
+    """The task and pool rows of a stats table (one experiment) in :func:`task_order`, a pool dropped when it covers
+    the same tasks as a pool before it: with ``in_domain_rows: false`` (docs/evaluation.md) ``all`` is the held-out
+    pool again, the same numbers, and the held-out row (the primary pool, its per-shot family's stars) is kept."""
+    tasks = task_order(list(table["task"].unique()))
+    if "task_role" not in table.columns:
+        return tasks
+    covered = pool_tasks(table)
+    shown: list[frozenset[str]] = []
+    rows = []
+    for task in tasks:
+        if task in POOLS:
+            if covered[task] in shown:
+                continue
+            shown.append(covered[task])
+        rows.append(task)
+    return rows
 
 
 def load_metrics(path: str | Path | None, flag: str) -> pd.DataFrame | None:
