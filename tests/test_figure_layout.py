@@ -162,8 +162,10 @@ def test_a_pool_with_the_tasks_of_the_pool_above_it_is_one_heatmap_row(
     held_out_only: pd.DataFrame, inputs: dict[str, pd.DataFrame]
 ) -> None:
     headline = held_out_only[held_out_only["comparison"] == figures.HEADLINE]
-    assert set(headline["task"]) == {"geometry", META_TEST_POOL, POOLED}  # the stats tables keep both pools
-    fig = figures.gain_heatmap_figure(held_out_only)
+    assert set(headline["task"]) == {"geometry", META_TEST_POOL}  # the stats leave the duplicate pool out
+    # tables written before they did: the figure still shows the pool once
+    older = pd.concat([held_out_only, held_out_only[held_out_only["task"] == META_TEST_POOL].assign(task=POOLED)])
+    fig = figures.gain_heatmap_figure(older)
     assert _heatmap_rows(fig) == ["geometry", META_TEST_POOL]
     pooled = headline[headline["task"] == META_TEST_POOL].sort_values("shots")
     (image,) = fig.findobj(lambda artist: artist.get_gid() == "heatmap")

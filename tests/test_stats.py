@@ -698,3 +698,23 @@ def test_seed_sd_interval_is_never_a_point_and_follows_the_chi_square_by_hand() 
     sd, low, high = seed_sd([Arms(same, same * 0, strata)], 0.95)
     assert sd == 0 and low == 0
     assert high == pytest.approx(math.sqrt((1 / 4) ** 2 / 2 / scipy_stats.chi2.ppf(0.025, 4)))
+
+
+def test_a_held_out_only_experiment_has_no_all_pool_beside_its_held_out_pool(tmp_path: Path) -> None:
+    """``in_domain_rows: false``: every evaluated task is held out, so ``all`` would be the ``meta_test`` pool again
+    (the same numbers twice, one more secondary test each); it is left out there and kept where tasks are mixed."""
+    experiments = {"lean": tuple(TASK_SIZES), "heldout_geometry": ("geometry",)}
+    out = run_stats(tmp_path, experiments=experiments)
+    for name in ("accuracy.tsv", "comparisons.tsv"):
+        table = read_table(out, name)
+        lean, mixed = (set(table.loc[table["experiment"] == e, "task"]) for e in experiments)
+        assert lean == {*TASK_SIZES, "meta_test"}, name
+        assert mixed == {*TASK_SIZES, "meta_test", "all"}, name
+    positive = read_table(out, "positive_control.tsv")
+    assert sorted(positive.loc[positive["experiment"] == "lean", "pool"].unique()) == ["meta_test"]
+    assert sorted(positive.loc[positive["experiment"] == "heldout_geometry", "pool"].unique()) == ["all", "meta_test"]
+    comparisons = read_table(out, "comparisons.tsv")
+    lean = comparisons[comparisons["experiment"] == "lean"]
+    # the secondary family holds each task's comparisons and the pool's non-primary ones, nothing twice
+    keys = lean[["task", "shots", "comparison"]].astype(str).agg("/".join, axis=1)
+    assert keys.is_unique

@@ -201,6 +201,14 @@ def primary_pool(roles: dict[str, str]) -> str:
     return META_TEST_POOL if "meta_test" in roles.values() else POOLED
 
 
+def pooled_groups(roles: dict[str, str]) -> list[str]:
+    """The pools over several tasks: the held-out tasks (if any), then all tasks unless those are the held-out ones
+    again (an experiment evaluated on its held-out tasks only, ``in_domain_rows: false``): a pool is a set of tasks,
+    and the same set twice would be the same numbers twice and one more test in the secondary family."""
+    held_out = "meta_test" in roles.values()
+    return [*([META_TEST_POOL] if held_out else []), *([POOLED] if set(roles.values()) != {"meta_test"} else [])]
+
+
 def pools(roles: dict[str, str]) -> list[str]:
-    """Every task, then the held-out pool (if any), then all tasks."""
-    return task_order([*roles, *([META_TEST_POOL] if "meta_test" in roles.values() else []), POOLED])
+    """Every task, then the pools over several tasks (:func:`pooled_groups`)."""
+    return task_order([*roles, *pooled_groups(roles)])

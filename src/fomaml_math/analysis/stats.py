@@ -41,6 +41,7 @@ from fomaml_math.analysis.evaldata import (
     load_eval,
     main_inits,
     per_problem,
+    pooled_groups,
     pools,
     primary_pool,
     split_experiments,
@@ -371,9 +372,9 @@ def _descriptive(frame: pd.DataFrame, name: str) -> pd.DataFrame:
         no_answer=(frame["grade_status"] == "no_answer").astype(np.float64),
         grade_failure=frame["grade_status"].isin(["timeout", "error"]).astype(np.float64),
     )
-    parts = [rows, rows.assign(task=POOLED)]
-    if "meta_test" in roles.values():
-        parts.append(rows[rows["task_role"] == "meta_test"].assign(task=META_TEST_POOL))
+    parts = [rows]
+    for pool in pooled_groups(roles):
+        parts.append((rows if pool == POOLED else rows[rows["task_role"] == "meta_test"]).assign(task=pool))
     both = pd.concat(parts, ignore_index=True)
     keys = ["init", "task", "shots"]
     per_repeat = both.groupby([*keys, "train_seed", "repeat"])["correct"].mean()
