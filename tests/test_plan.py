@@ -92,6 +92,8 @@ def test_plan_cli_prints_jobs_hours_and_assumptions(repo_root: Path, capsys: pyt
         "jobs per rule:",
         "GPU-hours (estimate):",
         "MFU 40% of 312 TFLOP/s",
+        "NLL; MFU assumed; peak: datasheet",
+        "vllm engine asleep while adapting (eval.vllm.sleep): 2 GiB, an assumed residual, unmeasured",
         "tokens per example (assumed",
         "disk:",
     )

@@ -300,6 +300,7 @@ def summary(config: Mapping[str, Any], s: Shape) -> dict[str, Any]:
         "memory_gib": {kind: round(job.total, 2) for kind, job in worst.items()},
         "gpu_memory_gib": hardware.usable_memory_gib(config["compute"]),
         "host_ram_gib_per_node": round(host_ram_gib(config, s), 1),
+        "vllm_asleep": bool((config["eval"].get("vllm") or {}).get("sleep", False)),
         "memory_parts_gib": [
             {
                 "job": j.kind,
@@ -350,5 +351,8 @@ def render(section: Mapping[str, Any]) -> str:
             + " ".join(f"{row.get(n, 0.0):>7.1f}" for n in names)
             + f" {row['total']:>7.1f}{flag}"
         )
+    if section.get("vllm_asleep"):
+        lines.append(f"  vllm engine asleep while adapting (eval.vllm.sleep): {ASLEEP_ENGINE_GIB:g} GiB, an assumed "
+                     "residual, unmeasured (docs/gpu.md)")  # fmt: skip
     lines.append(f"  host RAM per node: about {section['host_ram_gib_per_node']:.0f} GiB")
     return "\n".join(lines) + "\n"

@@ -553,7 +553,7 @@ def render(plan: Mapping[str, Any], gpus: int) -> str:
         "",
         "assumptions:",
         f"  {a['gpu']}: MFU {a['mfu']:.0%} of {a['peak_tflops_per_gpu']:g} TFLOP/s per GPU (training, adaptation, "
-        f"NLL; peak: {a.get('peak_tflops_source', 'given')})",
+        f"NLL; MFU assumed; peak: {a.get('peak_tflops_source', 'given')})",
         *([f"  training {a['train_tokens_per_s_per_gpu']:.4g} tokens/s per GPU (measured: {a['train_source']})"]
           if a.get("train_tokens_per_s_per_gpu") else []),
         f"  decoding {a['decode_tokens_per_s_per_gpu']:g} tokens/s per GPU ({a.get('decode_label', 'assumed')}), "
