@@ -189,6 +189,11 @@ def generation_parts(s: Shape, *, batch: int, tokens: int, half: bool, optimizer
     }
 
 
+def _asleep(ev: Mapping[str, Any]) -> bool:
+    """Whether the vLLM engine sleeps while the model adapts (``eval.vllm.sleep``)."""
+    return bool((ev.get("vllm") or {}).get("sleep", False))
+
+
 def estimate(config: Mapping[str, Any], s: Shape) -> list[JobEstimate]:
     """Every job kind's worst case (largest phase; both backends for the evaluation kinds)."""
     compute, ev, model = config["compute"], config["eval"], config["model"]
@@ -220,10 +225,8 @@ def estimate(config: Mapping[str, Any], s: Shape) -> list[JobEstimate]:
                                    optimizer_state=False)  # fmt: skip
             parts, phase = max((step, "adaptation"), (gen, "generation"), key=lambda x: sum(x[0].values()))
         else:
-            engine = ev.get("vllm") or {}
-            asleep = bool(engine.get("sleep", False))
-            share = float(engine.get("gpu_memory_utilization", 0.3)) * card
-            parts, phase = {**step, "vllm engine": ASLEEP_ENGINE_GIB * GiB if asleep else share}, "adaptation"
+            share = float((ev.get("vllm") or {}).get("gpu_memory_utilization", 0.3)) * card
+            parts, phase = {**step, "vllm engine": ASLEEP_ENGINE_GIB * GiB if _asleep(ev) else share}, "adaptation"
         for kind in ("evaluate", "negative control"):
             out.append(JobEstimate(kind, _gib(parts), phase, backend, assumed=phase == "generation" and in_context))
         if ev.get("metaloop_row") and finetune:  # the secondary row exists in finetune mode only
@@ -300,7 +303,7 @@ def summary(config: Mapping[str, Any], s: Shape) -> dict[str, Any]:
         "memory_gib": {kind: round(job.total, 2) for kind, job in worst.items()},
         "gpu_memory_gib": hardware.usable_memory_gib(config["compute"]),
         "host_ram_gib_per_node": round(host_ram_gib(config, s), 1),
-        "vllm_asleep": bool((config["eval"].get("vllm") or {}).get("sleep", False)),
+        "vllm_asleep": _asleep(config["eval"]),
         "memory_parts_gib": [
             {
                 "job": j.kind,
