@@ -16,9 +16,9 @@ import zlib
 import numpy as np
 import pandas as pd
 
-from fomaml_math.analysis.evaldata import per_problem, primary_pool, task_roles
+from fomaml_math.analysis.evaldata import per_problem, pool_tasks, primary_pool, task_roles
 from fomaml_math.analysis.resampling import BLOCK_ELEMENTS
-from fomaml_math.analysis.tables import POOLED, SAMPLE_EFFICIENCY_COLUMNS, StatsSettings
+from fomaml_math.analysis.tables import SAMPLE_EFFICIENCY_COLUMNS, StatsSettings
 
 # (learner, reference): the shots the learner needs to match the reference at the reference's largest k.
 PAIRS: tuple[tuple[str, str], ...] = (("fomaml", "sft"), ("sft", "fomaml"), ("fomaml", "base"), ("sft", "base"))
@@ -85,8 +85,7 @@ def sample_efficiency_table(experiments: dict[str, pd.DataFrame], settings: Stat
     for name, frame in experiments.items():
         roles = task_roles(frame)
         pool = primary_pool(roles)
-        tasks = {t for t, r in roles.items() if pool == POOLED or r == "meta_test"}
-        cells = per_problem(frame[frame["task"].isin(tasks)])
+        cells = per_problem(frame[frame["task"].isin(pool_tasks(pool, roles))])
         for learner, reference in PAIRS:
             if not {learner, reference} <= set(cells["init"]):
                 continue

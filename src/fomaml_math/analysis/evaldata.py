@@ -167,12 +167,7 @@ class Design:
 
     def mask(self, pool: str, roles: dict[str, str]) -> np.ndarray:
         """Problems of one task, of every task (``all``) or of the held-out tasks (``meta_test``)."""
-        tasks = self.problems["task"]
-        if pool == POOLED:
-            return np.ones(len(tasks), dtype=bool)
-        if pool == META_TEST_POOL:
-            return tasks.map(roles).eq("meta_test").to_numpy()
-        return tasks.eq(pool).to_numpy()
+        return self.problems["task"].isin(pool_tasks(pool, roles)).to_numpy()
 
 
 def build_design(cells: pd.DataFrame, cluster: str = "train_seed") -> Design:
@@ -199,6 +194,15 @@ def task_roles(frame: pd.DataFrame) -> dict[str, str]:
 def primary_pool(roles: dict[str, str]) -> str:
     """The primary family's pool: the held-out tasks when the experiment has any, else all its tasks."""
     return META_TEST_POOL if "meta_test" in roles.values() else POOLED
+
+
+def pool_tasks(pool: str, roles: dict[str, str]) -> set[str]:
+    """The tasks of ``pool``: every task (``all``), the held-out ones (``meta_test``), or the one task it names."""
+    if pool == POOLED:
+        return set(roles)
+    if pool == META_TEST_POOL:
+        return {t for t, r in roles.items() if r == "meta_test"}
+    return {pool}
 
 
 def pooled_groups(roles: dict[str, str]) -> list[str]:

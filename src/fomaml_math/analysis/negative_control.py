@@ -29,9 +29,9 @@ import pandas as pd
 
 from fomaml_math.analysis import inference
 from fomaml_math.analysis.bounds import difference_interval
-from fomaml_math.analysis.evaldata import build_design, primary_pool, task_roles
+from fomaml_math.analysis.evaldata import build_design, pool_tasks, primary_pool, task_roles
 from fomaml_math.analysis.planted import outcome_array, rejects, seed_scores
-from fomaml_math.analysis.tables import AA_COLUMNS, CONTROL_COLUMNS, POOLED, StatsSettings
+from fomaml_math.analysis.tables import AA_COLUMNS, CONTROL_COLUMNS, StatsSettings
 from fomaml_math.errors import ConfigError
 
 MIN_UNITS = 4  # each half needs >= 2 units (draws or seeds) for a cluster variance
@@ -61,8 +61,7 @@ def _control_setting(
         raise ConfigError(f"--control-eval: shot_seed {clash[0]} is also the main evaluation's: not independent draws")
     roles = task_roles(frame)
     pool = primary_pool(roles)
-    pool_tasks = {t for t, r in roles.items() if pool == POOLED or r == "meta_test"}
-    return str(experiment), str(init), int(seed), main, pool, pool_tasks
+    return str(experiment), str(init), int(seed), main, pool, pool_tasks(pool, roles)
 
 
 def _cells(rows: pd.DataFrame) -> pd.DataFrame:
@@ -75,12 +74,12 @@ def control_table(
     """One row per shot count k > 0 of the control, Holm-adjusted over its shot counts (its own family)."""
     if control is None or control.empty:
         return pd.DataFrame(columns=CONTROL_COLUMNS)
-    experiment, init, seed, main, pool, pool_tasks = _control_setting(experiments, control)
+    experiment, init, seed, main, pool, tasks_in_pool = _control_setting(experiments, control)
     rows = []
     for shots in sorted(k for k in control["shots"].unique() if k > 0):
         sides = {
-            "main": main[(main["shots"] == shots) & main["task"].isin(pool_tasks)],
-            "control": control[(control["shots"] == shots) & control["task"].isin(pool_tasks)],
+            "main": main[(main["shots"] == shots) & main["task"].isin(tasks_in_pool)],
+            "control": control[(control["shots"] == shots) & control["task"].isin(tasks_in_pool)],
         }
         if sides["main"].empty:
             raise ConfigError(f"--control-eval: the main evaluation has no {shots}-shot rows of {init} in {experiment}")
@@ -213,10 +212,10 @@ def _draw_rows(
     experiments: Mapping[str, pd.DataFrame], control: pd.DataFrame, settings: StatsSettings
 ) -> list[dict[str, object]]:
     """Per control k > 0: its draws of the one model split into halves, each pair tested as control.tsv tests."""
-    experiment, init, seed, _, pool, pool_tasks = _control_setting(experiments, control)
+    experiment, init, seed, _, pool, tasks_in_pool = _control_setting(experiments, control)
     rows = []
     for shots in sorted(int(k) for k in control["shots"].unique() if k > 0):
-        cells = _cells(control[(control["shots"] == shots) & control["task"].isin(pool_tasks)])
+        cells = _cells(control[(control["shots"] == shots) & control["task"].isin(tasks_in_pool)])
         design = build_design(cells, cluster="repeat")
         y = design.correct[init]  # [draw, problem]
         rng = np.random.default_rng([settings.seed, 0xAA, shots])

@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 
 from fomaml_math.analysis.bounds import difference_interval
-from fomaml_math.analysis.evaldata import per_problem, pooled_groups, split_experiments, task_roles
+from fomaml_math.analysis.evaldata import per_problem, pool_tasks, pooled_groups, split_experiments, task_roles
 from fomaml_math.analysis.inference import DIFFERENCE_RANGE, crossed_estimate, holm_adjust, t_interval, t_test_p
-from fomaml_math.analysis.tables import POOLED, POSITIVE_CONTROL_COLUMNS, StatsSettings
+from fomaml_math.analysis.tables import POSITIVE_CONTROL_COLUMNS, StatsSettings
 
 
 def _paired_differences(cells: pd.DataFrame, shots: int) -> tuple[np.ndarray, np.ndarray, float, float]:
@@ -45,7 +45,7 @@ def positive_control_table(evals: pd.DataFrame, settings: StatsSettings) -> pd.D
             continue
         for init, by_init in frame.groupby("init", sort=False):
             for pool in pooled_groups(roles):
-                chosen = by_init if pool == POOLED else by_init[by_init["task"].map(roles).eq("meta_test")]
+                chosen = by_init[by_init["task"].isin(pool_tasks(pool, roles))]
                 chosen = chosen[chosen["shots"].isin([0, largest])]
                 if chosen.empty:
                     continue

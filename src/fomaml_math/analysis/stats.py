@@ -41,6 +41,7 @@ from fomaml_math.analysis.evaldata import (
     load_eval,
     main_inits,
     per_problem,
+    pool_tasks,
     pooled_groups,
     pools,
     primary_pool,
@@ -372,9 +373,7 @@ def _descriptive(frame: pd.DataFrame, name: str) -> pd.DataFrame:
         no_answer=(frame["grade_status"] == "no_answer").astype(np.float64),
         grade_failure=frame["grade_status"].isin(["timeout", "error"]).astype(np.float64),
     )
-    parts = [rows]
-    for pool in pooled_groups(roles):
-        parts.append((rows if pool == POOLED else rows[rows["task_role"] == "meta_test"]).assign(task=pool))
+    parts = [rows, *(rows[rows["task"].isin(pool_tasks(p, roles))].assign(task=p) for p in pooled_groups(roles))]
     both = pd.concat(parts, ignore_index=True)
     keys = ["init", "task", "shots"]
     per_repeat = both.groupby([*keys, "train_seed", "repeat"])["correct"].mean()
