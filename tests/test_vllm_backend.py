@@ -112,6 +112,16 @@ def _context(model: Any, tokenizer: Any, settings: dict[str, Any], shots: int, b
     )
 
 
+def _answer_at_6_shots(model: Any, tokenizer: Any, settings: dict[str, Any], backend: Any, task: Any) -> Any:
+    """Repeat 1 of ``task`` at 6 shots through ``backend``: the evaluation's own adapt-then-answer."""
+    return evaluate_task_repeat(_context(model, tokenizer, settings, 6, backend), task, 1, InlineGrader())
+
+
+def _where(task: Any) -> str:
+    """Where a guard check at 6 shots, repeat 1, says it ran (its error and its record name it)."""
+    return f"job fomaml k=6 (default, train seed -1), task {task.name}, repeat 1"
+
+
 def _engine_logprobs(backend: VLLMBackend, prompt_ids: list[list[int]]) -> list[list[float]]:
     """The engine's log-probabilities of its greedy tokens: equal floats mean equal weights, not just equal argmaxes."""
     params = vllm.SamplingParams(temperature=0.0, max_tokens=8, logprobs=0, detokenize=False)
@@ -142,7 +152,7 @@ def test_engine_is_back_at_the_initialisation_after_k_shots(
     updates = backend.weight_updates
 
     zero, _ = evaluate_task_repeat(_context(model, tokenizer, settings, 0, backend), task, 0, InlineGrader())
-    adapted, info = evaluate_task_repeat(_context(model, tokenizer, settings, 6, backend), task, 1, InlineGrader())
+    adapted, info = _answer_at_6_shots(model, tokenizer, settings, backend, task)
     again, _ = evaluate_task_repeat(_context(model, tokenizer, settings, 0, backend), task, 0, InlineGrader())
 
     pd.testing.assert_frame_equal(again, zero)  # exactly the 0-shot outputs again
@@ -151,7 +161,7 @@ def test_engine_is_back_at_the_initialisation_after_k_shots(
     # The k-shot answers came from the adapted weights, and equal the HF loop's answers on them.
     assert info["support_loss_after"] < info["support_losses"][1] < info["support_losses"][0]  # adaptation works
     assert (adapted["generated"] != zero["generated"]).any()
-    hf_adapted, _ = evaluate_task_repeat(_context(model, tokenizer, settings, 6, HFBackend()), task, 1, InlineGrader())
+    hf_adapted, _ = _answer_at_6_shots(model, tokenizer, settings, HFBackend(), task)
     pd.testing.assert_frame_equal(adapted, hf_adapted)
     hf_zero, _ = evaluate_task_repeat(_context(model, tokenizer, settings, 0, HFBackend()), task, 0, InlineGrader())
     pd.testing.assert_frame_equal(zero, hf_zero)
@@ -182,8 +192,8 @@ def test_the_guard_passes_on_a_correct_reload_of_the_smallest_adaptation(
     task = load_task(workspace["tasks"], "algebra", 4)
     initial = pushed_checksum(model.state_dict().values(), torch.float32)
     checks = _checks(backend, monkeypatch)
-    evaluate_task_repeat(_context(model, tokenizer, settings, 6, backend), task, 1, InlineGrader())
-    where = f"job fomaml k=6 (default, train seed -1), task {task.name}, repeat 1"
+    _answer_at_6_shots(model, tokenizer, settings, backend, task)
+    where = _where(task)
     assert [when for when, _, _ in checks] == [
         f"after a weight push ({where})",
         f"after a weight push ({where}, restoring the initialisation)",
@@ -211,11 +221,11 @@ def test_the_guard_stops_a_stale_engine(
     generate = backend.generate
     answered: list[int] = []
     monkeypatch.setattr(backend, "generate", lambda *a, **k: answered.append(1) or generate(*a, **k))
-    where = r"job fomaml k=6 \(default, train seed -1\), task algebra, repeat 1"
+    where = re.escape(_where(task))
     with pytest.raises(
         StaleEngineError, match=rf"^eval\.backend vllm: .* pushed weights after a weight push \({where}\)"
     ):
-        evaluate_task_repeat(_context(model, tokenizer, settings, 6, backend), task, 1, InlineGrader())
+        _answer_at_6_shots(model, tokenizer, settings, backend, task)
     assert not answered  # stopped before a single answer came from the stale weights
 
 
@@ -235,8 +245,8 @@ def test_the_guard_checks_again_after_every_wake_up(
     slept: list[bool] = []
     sleep = backend.engine.sleep
     monkeypatch.setattr(backend.engine, "sleep", lambda level: slept.append(level == 1) or sleep(level=level))
-    evaluate_task_repeat(_context(model, tokenizer, settings, 6, backend), task, 1, InlineGrader())
-    where = f"job fomaml k=6 (default, train seed -1), task {task.name}, repeat 1"
+    _answer_at_6_shots(model, tokenizer, settings, backend, task)
+    where = _where(task)
     assert slept == [True] and not backend.asleep  # slept (level 1) while adapting; awake again
     assert [when for when, _, _ in checks][:2] == [f"after a wake-up ({where})", f"after a weight push ({where})"]
 
@@ -248,7 +258,7 @@ def test_the_guard_checks_again_after_every_wake_up(
 
     monkeypatch.setattr(worker, "wake_up", wake_to_other_weights)
     with pytest.raises(StaleEngineError, match=re.escape(f"pushed weights after a wake-up ({where})")):
-        evaluate_task_repeat(_context(model, tokenizer, settings, 6, backend), task, 1, InlineGrader())
+        _answer_at_6_shots(model, tokenizer, settings, backend, task)
     assert checks[-1][0].endswith("restoring the initialisation)")  # and the initialisation went back in, checked
     assert checks[-1][2] == [pushed_checksum(model.state_dict().values(), torch.float32)]
 
