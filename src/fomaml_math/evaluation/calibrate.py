@@ -415,8 +415,7 @@ def _settle(measurer: _Measurer, tuned: Sequence[_Tuned], candidates: Sequence[C
             points = _grid_points(records, candidates, entry.shots, entry.grid)
             want = [] if cal.screen is None else [(p["checkpoint"], p["lr"], p["num_steps"])
                                                    for p in screened(points, cal.screen)]  # fmt: skip
-            best = _best([p for p in points if records.graded(_key(p["checkpoint"], entry.shots, p["lr"],
-                                                                      p["num_steps"]))], cal.criterion)  # fmt: skip
+            best = _best(_graded_points(records, points), cal.criterion)
             if best is not None:
                 for edge in entry.grid.edges(float(best["lr"]), int(best["num_steps"])):
                     inward = entry.grid.inward(edge, float(best["lr"]), int(best["num_steps"]))

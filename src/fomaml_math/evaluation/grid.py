@@ -39,6 +39,11 @@ class Grid:
     def of(cls, lrs: Sequence[float], steps: Sequence[int]) -> Grid:
         return cls(tuple(sorted({float(x) for x in lrs})), tuple(sorted({int(s) for s in steps})))
 
+    @property
+    def adapted_steps(self) -> list[int]:
+        """The step counts that adapt (all but 0, not adapting)."""
+        return [s for s in self.steps if s > 0]
+
     def axis(self, axis: str) -> tuple[float, ...] | tuple[int, ...]:
         return self.lrs if axis == "lr" else self.steps
 
@@ -49,7 +54,7 @@ class Grid:
         out = []
         if len(self.lrs) > 1 and lr in (self.lrs[0], self.lrs[-1]):
             out.append(f"lr:{'lowest' if lr == self.lrs[0] else 'highest'}")
-        positive = [s for s in self.steps if s > 0]
+        positive = self.adapted_steps
         if len(positive) > 1 or (positive and 0 not in self.steps):
             if num_steps == positive[-1] and len(self.steps) > 1:
                 out.append("num_steps:highest")
@@ -81,7 +86,7 @@ class Grid:
         if axis == "lr":
             lo, hi = (self.lrs[0], self.lrs[1]) if end == "lowest" else (self.lrs[-2], self.lrs[-1])
             return _round_rate(lo / (hi / lo)) if end == "lowest" else _round_rate(hi * (hi / lo))
-        positive = [s for s in self.steps if s > 0]
+        positive = self.adapted_steps
         if end == "highest":
             return 2 * positive[-1]
         return positive[0] // 2 if positive[0] > 1 else None
@@ -133,17 +138,15 @@ def tuner_work(grid: Grid, *, candidates: int, max_extensions: int, screen: int 
       largest step count, from the chosen checkpoint only), the choice's three continuations generated in them
       (exhaustive: every new point), and (screened) two more runs for the new choice's inward neighbours.
     """
-    positive = [s for s in grid.steps if s > 0]
+    positive = grid.adapted_steps
     top = max(positive, default=0)
     adapt = candidates * len(grid.lrs) * top
-    nll = generated = candidates * len(grid.lrs) * len(positive)
-    if screen is None:
-        generated = nll
-    else:  # the screen, then a hill-climb priced as two steps of four neighbours each
+    nll = generated = candidates * len(grid.lrs) * len(positive)  # exhaustive: every measured point generated
+    if screen is not None:  # the screen, then a hill-climb priced as two steps of four neighbours each
         generated = screen + 8
         adapt += min(screen + 8, len(grid.lrs)) * top
     for extended in worst_case_grids(grid, max_extensions)[1:]:
-        positive = [s for s in extended.steps if s > 0]
+        positive = extended.adapted_steps
         top = max(positive)
         adapt += 2 * top
         nll += len(positive) + 1
